@@ -1,0 +1,75 @@
+"""`atlas bench`: each stage timed against its own lower bound, measured in the same run."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from .decode import default_chunk
+from .decode_core import Unembedding, bare_matmul_topk, decode_directions
+from .model import load_model
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def bench_decode(model: str = "default", device: str = "auto", dtype: str = "auto", layers: int = 6,
+                 repeats: int = 3, top_k: int = 20, bottom_k: int = 10) -> dict:
+    """Decode of every side of ``layers`` layers vs the bare matmul + top-k on the same shapes.
+
+    The two are interleaved and each keeps its fastest repeat, so drift in machine load
+    affects both alike.
+    """
+    lm = load_model(model, device, dtype)
+    m, a = lm.model, lm.adapter
+    n_layers = a.n_layers(m)
+    picked = list(range(n_layers)) if layers <= 0 else \
+        sorted({round(i * (n_layers - 1) / max(1, layers - 1)) for i in range(min(layers, n_layers))})
+    if lm.device.type == "cpu":
+        torch.set_flush_denormal(True)
+    U = Unembedding.build(a.W_U(m), a.final_gain(m), lm.device, next(m.parameters()).dtype)
+    chunk = default_chunk(lm.device, U.vocab, 0)
+    V = [a.direction(m, layer, side) for layer in picked for side in a.sides]  # each [d_mlp, d_model]
+
+    def run(fn) -> float:
+        start = time.perf_counter()
+        for v in V:
+            fn(v, U, top_k, bottom_k, chunk)
+        return time.perf_counter() - start
+
+    run(bare_matmul_topk)  # warm-up: first-touch allocations, kernel selection
+    bare, full = [], []
+    for _ in range(max(1, repeats)):
+        bare.append(run(bare_matmul_topk))
+        full.append(run(decode_directions))
+    n_dirs = sum(v.shape[0] for v in V)
+    per_dir = min(full) / n_dirs
+    all_dirs = n_layers * len(a.sides) * a.d_mlp(m)
+    return {
+        "stage": "decode", "model": lm.model_id, "device": _device_name(lm.device),
+        "dtype": str(U.W_c_T.dtype).removeprefix("torch."), "layers_timed": len(picked),
+        "sides": list(a.sides), "directions_timed": n_dirs, "vocab": U.vocab, "chunk_rows": chunk,
+        "decode_s": min(full), "bare_matmul_topk_s": min(bare), "ratio": min(full) / min(bare),
+        "directions_per_s": 1 / per_dir, "full_model_estimate_s": per_dir * all_dirs,
+        "repeats": len(full),
+    }
+
+
+def print_table(r: dict) -> None:
+    rows = [
+        ("model", r["model"]), ("device", f"{r['device']} ({r['dtype']})"),
+        ("timed", f"{r['layers_timed']} layers x {len(r['sides'])} sides = {r['directions_timed']:,} directions, "
+                  f"vocab {r['vocab']:,}, chunk {r['chunk_rows']} rows"),
+        ("decode", f"{r['decode_s']:.3f} s ({r['directions_per_s']:,.0f} directions/s)"),
+        ("bare matmul+topk", f"{r['bare_matmul_topk_s']:.3f} s"),
+        ("ratio", f"{r['ratio']:.3f} (target <= 1.3)"),
+        ("whole model, est.", f"{r['full_model_estimate_s']:.1f} s for every side of every neuron"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")

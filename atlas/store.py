@@ -1,0 +1,148 @@
+"""The DuckDB store: one file that holds every number an atlas shows.
+
+Table and column names in ``SCHEMA`` are a public API (see DESIGN.md): add, never rename.
+Every stage writes inside a transaction and records its progress in the same transaction,
+so a crash leaves either the old state or the new one, never a store that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from . import __version__
+from .errors import AtlasError
+
+SCHEMA_VERSION = 1
+SIDES = ("in", "gate", "out")
+SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
+
+_neuron_stat_cols = ",\n    ".join(f"{s}_{c} FLOAT" for s in SIDES for c in SIDE_STATS)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS atlas_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS stage_progress (stage VARCHAR, unit VARCHAR, fingerprint VARCHAR,
+    PRIMARY KEY (stage, unit));
+CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, token VARCHAR, piece VARCHAR);
+CREATE TABLE IF NOT EXISTS neurons (
+    layer SMALLINT NOT NULL,
+    neuron INTEGER NOT NULL,
+    label VARCHAR,
+    cluster_id INTEGER,
+    x FLOAT,
+    y FLOAT,
+    normaliser FLOAT,
+    {_neuron_stat_cols},
+    PRIMARY KEY (layer, neuron)
+);
+CREATE TABLE IF NOT EXISTS decoded_tokens (
+    layer SMALLINT NOT NULL,
+    neuron INTEGER NOT NULL,
+    side VARCHAR NOT NULL,
+    polarity VARCHAR NOT NULL,
+    rank SMALLINT NOT NULL,
+    token_id INTEGER NOT NULL,
+    token VARCHAR,
+    logit FLOAT,
+    prob FLOAT
+);
+CREATE TABLE IF NOT EXISTS clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR,
+    x FLOAT, y FLOAT);
+CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
+    token_ids INTEGER[]);
+CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,
+    rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT);
+CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SMALLINT,
+    token_id INTEGER, token VARCHAR, attribution FLOAT);
+"""
+
+
+class Store:
+    """An open ``atlas.duckdb``. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, path: str | Path, read_only: bool = False):
+        self.path = Path(path)
+        if read_only and not self.path.is_file():
+            raise AtlasError(f"no atlas store at {self.path}")
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            msg = str(e).splitlines()[0]
+            if "lock" in msg.lower():
+                raise AtlasError(f"{self.path} is in use by another atlas process") from None
+            raise AtlasError(f"cannot open store {self.path}: {msg}") from None
+        except duckdb.Error as e:
+            raise AtlasError(f"{self.path} is not an atlas store ({str(e).splitlines()[0]})") from None
+        if not read_only:
+            self.con.execute(SCHEMA)
+        self._check_version(read_only)
+
+    def _check_version(self, read_only: bool) -> None:
+        tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "atlas_meta" not in tables:
+            raise AtlasError(f"{self.path} is not an atlas store (no atlas_meta table)")
+        version = self.meta("schema_version")
+        if version is None and not read_only:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif version is not None and version != SCHEMA_VERSION:
+            raise AtlasError(f"{self.path} has store schema v{version}; this atlas {__version__} "
+                             f"reads v{SCHEMA_VERSION}: rebuild it into a new directory")
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- metadata ------------------------------------------------------------------
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.con.execute("SELECT value FROM atlas_meta WHERE key = ?", [key]).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def all_meta(self) -> dict[str, Any]:
+        rows = self.con.execute("SELECT key, value FROM atlas_meta ORDER BY key").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.con.execute("INSERT OR REPLACE INTO atlas_meta VALUES (?, ?)",
+                         [key, json.dumps(value, sort_keys=True)])
+
+    # -- stage bookkeeping -----------------------------------------------------------
+    def stage_status(self, stage: str) -> dict | None:
+        return self.meta(f"stage.{stage}")
+
+    def stage_done(self, stage: str, fingerprint: str) -> bool:
+        status = self.stage_status(stage)
+        return bool(status) and status.get("status") == "done" and status.get("fingerprint") == fingerprint
+
+    def units_done(self, stage: str, fingerprint: str) -> set[str]:
+        rows = self.con.execute("SELECT unit FROM stage_progress WHERE stage = ? AND fingerprint = ?",
+                                [stage, fingerprint]).fetchall()
+        return {r[0] for r in rows}
+
+    def mark_unit(self, stage: str, unit: str, fingerprint: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO stage_progress VALUES (?, ?, ?)", [stage, unit, fingerprint])
+
+    def reset_stage(self, stage: str) -> None:
+        self.con.execute("DELETE FROM stage_progress WHERE stage = ?", [stage])
+        self.con.execute("DELETE FROM atlas_meta WHERE key = ?", [f"stage.{stage}"])
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def count(self, table: str) -> int:
+        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
