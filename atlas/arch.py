@@ -25,7 +25,7 @@ class Adapter:
     mlp_out: str                # from a block: down projection / W_out; its input is the activation
     norm_pre_mlp: str           # from a block: the norm whose output the MLP reads
     norm_final: str             # from the model root
-    unembed: str                # from the model root
+    unembed: str                # from the model root; "a|b" tries a, then b (renamed across versions)
     conv1d: bool = False        # GPT-2 stores Conv1D weights as [d_in, d_out]
     norm_offset: float = 0.0    # Gemma norms scale by (1 + w): the effective gain is w + offset
 
@@ -71,7 +71,12 @@ class Adapter:
         return model.get_submodule(self.norm_final).weight.detach() + self.norm_offset  # [d_model]
 
     def W_U(self, model: nn.Module) -> torch.Tensor:
-        return model.get_submodule(self.unembed).weight.detach()      # [vocab, d_model]
+        for path in self.unembed.split("|"):
+            try:
+                return model.get_submodule(path).weight.detach()      # [vocab, d_model]
+            except AttributeError:
+                continue
+        raise AttributeError(f"no unembedding at {self.unembed}")
 
     def d_mlp(self, model: nn.Module) -> int:
         return self.W_out(model, 0).shape[1]
@@ -145,5 +150,5 @@ register(Adapter("gpt2", layers="transformer.h", mlp_in="mlp.c_fc", mlp_gate=Non
          "gpt2")
 register(Adapter("gpt_neox", layers="gpt_neox.layers", mlp_in="mlp.dense_h_to_4h", mlp_gate=None,
                  mlp_out="mlp.dense_4h_to_h", norm_pre_mlp="post_attention_layernorm",
-                 norm_final="gpt_neox.final_layer_norm", unembed="embed_out"),
+                 norm_final="gpt_neox.final_layer_norm", unembed="embed_out|lm_head"),
          "gpt_neox")

@@ -1,0 +1,101 @@
+"""Bad input gets one line naming the problem and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+
+
+def atlas(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atlas", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_path(tmp_path):
+    assert_one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", tmp_path / "nope"),
+                          "model path not found", "nope")
+
+
+def test_missing_gguf_and_truncated_gguf(tmp_path):
+    assert_one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", tmp_path / "x.gguf"),
+                          "model file not found")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)
+    assert_one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", bad), "could not load model")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", tmp_path / "m"),
+                          "not a Hugging Face model directory")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_config("opt")).save_pretrained(tmp_path / "opt")
+    assert_one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", tmp_path / "opt"),
+                          "unsupported architecture 'opt'")
+
+
+def test_output_that_is_a_file(tmp_path, tiny_model_dir):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(atlas("build", "--out", tmp_path / "file", "--model", tiny_model_dir("llama")),
+                          "is a file, not a directory")
+
+
+def test_unwritable_output(tmp_path, tiny_model_dir):
+    import os
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path under a regular file is unwritable for everyone.
+        (tmp_path / "f").write_text("x")
+        target = tmp_path / "f" / "sub"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = tmp_path / "ro" / "sub"
+    assert_one_line_error(atlas("build", "--out", target, "--model", tiny_model_dir("llama")),
+                          "cannot write to output directory")
+
+
+def test_info_and_render_without_a_store(tmp_path):
+    assert_one_line_error(atlas("info", tmp_path), "no atlas store")
+    assert_one_line_error(atlas("render", tmp_path), "no atlas store")
+
+
+def test_not_a_duckdb_file(tmp_path):
+    (tmp_path / "atlas.duckdb").write_text("hello")
+    assert_one_line_error(atlas("info", tmp_path), "atlas.duckdb")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = atlas("--debug", "decode", "--out", tmp_path / "o", "--model", tmp_path / "nope")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "decode", "render", "serve", "info", "bench"])
+def test_every_command_has_help_with_an_example(command):
+    proc = atlas(command, "--help")
+    assert proc.returncode == 0 and "Example" in proc.stdout
+
+
+def test_build_then_info_on_a_tiny_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "atlas"
+    proc = atlas("decode", "--out", out, "--model", tiny_model_dir("gpt_neox"), "--quiet", "--top-k", "3")
+    assert proc.returncode == 0, proc.stderr
+    info = atlas("info", out)
+    assert info.returncode == 0
+    assert "2 layers x 48 neurons" in info.stdout and "neurons: 96 rows" in info.stdout
+    assert "stage decode: done" in info.stdout
