@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .decode import DecodeConfig
 from .errors import AtlasError
+from .render import RenderConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -36,11 +37,6 @@ def config_options(cls):
 def config_from(cls, kwargs: dict):
     """Pop a config's fields out of click's kwargs and build the config."""
     return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
-
-
-def _render_config():
-    from .render import RenderConfig
-    return RenderConfig
 
 
 class AtlasGroup(click.Group):
@@ -100,6 +96,7 @@ def _print_summary(result: dict) -> None:
 @dtype_option
 @click.option("--force", is_flag=True, help="start from scratch, replacing a store of another model")
 @config_options(DecodeConfig)
+@config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
     """Run every stage: decode, then render the site. Reruns skip finished work.
@@ -110,8 +107,8 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
     """
     from .pipeline import build as run_build
-    decode = config_from(DecodeConfig, kw)
-    _print_summary(run_build(out, model, decode, None, device, dtype, force, not quiet))
+    decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
+    _print_summary(run_build(out, model, decode, render, device, dtype, force, not quiet))
 
 
 @main.command()
@@ -134,8 +131,10 @@ def decode(out, model, device, dtype, quiet, **kw):
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@config_options(RenderConfig)
+@click.option("--force", is_flag=True, help="render even if the site is up to date")
 @quiet_option
-def render(out, quiet):
+def render(out, force, quiet, **kw):
     """Render DIR/site from DIR/atlas.duckdb.
 
     \b
@@ -143,7 +142,7 @@ def render(out, quiet):
       atlas render out/smollm2
     """
     from .pipeline import render_site
-    _print_summary(render_site(out, None, not quiet))
+    _print_summary(render_site(out, config_from(RenderConfig, kw), not quiet, force))
 
 
 @main.command()

@@ -15,6 +15,7 @@ from . import __version__
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
 from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
+from .render import RenderConfig, render
 from .store import Store
 
 STORE_NAME = "atlas.duckdb"
@@ -94,19 +95,19 @@ class Build:
             record_model(store, self.lm, self.weights_hash)
             return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
 
-    def render(self, cfg=None) -> dict:
-        return render_site(self.out, cfg, self.progress)
+    def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
+        return render_site(self.out, cfg, self.progress, force)
 
 
-def render_site(out: str | Path, cfg=None, progress: bool = True) -> dict:
-    from .render import RenderConfig, render
+def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool = True,
+                force: bool = False) -> dict:
     out = Path(out)
-    return render(store_path(out), out / SITE_NAME, cfg or RenderConfig(), progress=progress)
+    return render(store_path(out), out / SITE_NAME, cfg or RenderConfig(), progress=progress, force=force)
 
 
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
-          render=None, device: str = "auto", dtype: str = "auto", force: bool = False,
+          render: RenderConfig | None = None, device: str = "auto", dtype: str = "auto", force: bool = False,
           progress: bool = True) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
     b = Build(out, model, device, dtype, force, progress)
-    return {"decode": b.decode(decode), "render": b.render(render)}
+    return {"decode": b.decode(decode), "render": b.render(render, force)}

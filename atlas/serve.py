@@ -1,0 +1,43 @@
+"""``atlas serve``: look at a built site locally with Python's own static file server.
+
+The site is plain files with relative links, so any static server works; this one needs
+nothing installed and serves the same bytes a publisher would upload.
+"""
+
+from __future__ import annotations
+
+import functools
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .errors import AtlasError
+
+
+def site_root(path: str | Path) -> Path:
+    """The directory to serve: ``path/site`` when a build directory is given, else ``path``."""
+    path = Path(path)
+    for candidate in (path / "site", path):
+        if (candidate / "index.html").is_file():
+            return candidate
+    raise AtlasError(f"no built site at {path} (expected {path / 'site' / 'index.html'} "
+                     f"or {path / 'index.html'}); run `atlas render` first")
+
+
+def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A server for the site under ``path``, bound but not yet serving (port 0: any free port)."""
+    root = site_root(path)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    try:
+        return ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise AtlasError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the site under ``path`` until interrupted (Ctrl-C)."""
+    with make_server(path, host, port) as server:
+        print(f"serving {site_root(path)} at http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass

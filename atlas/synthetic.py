@@ -1,0 +1,173 @@
+"""A synthetic store with the shape of a decoded model, for render tests and benchmarks.
+
+Rendering needs no model, only rows; this writes rows that look like the decode stage's
+output (sorted logits, softmax probabilities, per-side moments) for any shape, including
+Llama-3.1-8B's 32 x 14,336, in seconds. Some vocabulary entries and labels are hostile
+strings, so every test that renders this store also tests escaping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .store import SIDES, SIDE_STATS, Store
+
+# Token texts that break a page if any renderer forgets to escape them. They take the
+# first vocab ids and fill the top of layer 0 / neuron 0's `out` side, so the home page,
+# the layer-0 page and the first neuron page all show them.
+HOSTILE_TOKENS = (
+    "<script>alert(1)</script>",
+    "<img src=x onerror=\"document.title='pwned'\">",
+    "\" onmouseover=\"x",
+    "javascript:alert(1)",
+    "\u202eevil",
+    " </td></tr></table>",
+    "{{ 7*7 }}",
+    "*not emphasis*",
+    "&amp;",
+    "\n\n",
+    "  ",
+    "",
+)
+HOSTILE_LABELS = ("<script>alert(1)</script>", "a\nlabel with a newline & \"quotes\"")
+
+CREATED_AT = "2024-01-01T00:00:00Z"
+_SYLLABLES = np.array(["ka", "lo", "mi", "ne", "su", "ta", "ri", "do", "ve", "pa", "qu", "zo",
+                       "the", "ing", "ion", "er", "al", "an", "en", "or"])
+
+
+def _vocab(vocab_size: int, rng: np.random.Generator) -> list[str]:
+    """Hostile strings first, then distinct made-up words, half of them with a leading space."""
+    words = []
+    for i in range(vocab_size - len(HOSTILE_TOKENS)):
+        n, syllables = i // 2, []
+        while True:                      # i // 2 written in base len(_SYLLABLES), as syllables
+            n, d = divmod(n, len(_SYLLABLES))
+            syllables.append(_SYLLABLES[d])
+            if n == 0:
+                break
+        words.append((" " if i % 2 else "") + "".join(syllables))
+    rng.shuffle(words)
+    return list(HOSTILE_TOKENS) + words
+
+
+def _coprime_steps(vocab_size: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Strides coprime with the vocab size, so ``base + j*step`` never repeats a token in a row."""
+    candidates = np.arange(1, min(vocab_size, 4096))
+    candidates = candidates[np.gcd(candidates, vocab_size) == 1]
+    return rng.choice(candidates, size=n)
+
+
+def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, bottom_k: int,
+                   tokens: pa.Array, rng: np.random.Generator) -> pa.Table:
+    """All decoded_tokens rows of one layer, ordered by (neuron, side, polarity, rank)."""
+    V, S, K = len(tokens), len(sides), top_k + bottom_k
+    base = rng.integers(0, V, size=(d_mlp, S, 1))
+    step = _coprime_steps(V, d_mlp * S, rng).reshape(d_mlp, S, 1)
+    token_id = (base + np.arange(K) * step) % V                        # [d_mlp, S, K]
+    if layer == 0 and "out" in sides:
+        token_id[0, sides.index("out")] = np.arange(K) % V            # hostile tokens on top
+
+    # Top logits fall from ~8 and bottom logits rise from ~-8, like a decoded direction.
+    top = rng.normal(8, 1, (d_mlp, S, 1)) - np.cumsum(rng.exponential(0.3, (d_mlp, S, top_k)), -1)
+    bottom = rng.normal(-8, 1, (d_mlp, S, 1)) + np.cumsum(rng.exponential(0.3, (d_mlp, S, bottom_k)), -1)
+    logit = np.concatenate([top, bottom], -1).astype(np.float32)       # [d_mlp, S, K]
+    log_z = top[..., :1] + rng.lognormal(1.5, 0.3, (d_mlp, S, 1))      # log partition function
+    prob = np.exp(logit - log_z).astype(np.float32)
+
+    n_rows = d_mlp * S * K
+    polarity_idx = np.tile(np.r_[np.zeros(top_k, np.int8), np.ones(bottom_k, np.int8)], d_mlp * S)
+    rank = np.tile(np.r_[np.arange(top_k), np.arange(bottom_k)], d_mlp * S).astype(np.int16)
+    side_idx = np.tile(np.repeat(np.arange(S, dtype=np.int8), K), d_mlp)
+    flat_ids = pa.array(token_id.reshape(-1).astype(np.int32))
+    return pa.table({
+        "layer": pa.array(np.full(n_rows, layer, np.int16)),
+        "neuron": pa.array(np.repeat(np.arange(d_mlp, dtype=np.int32), S * K)),
+        "side": pa.DictionaryArray.from_arrays(pa.array(side_idx), pa.array(list(sides))),
+        "polarity": pa.DictionaryArray.from_arrays(pa.array(polarity_idx), pa.array(["top", "bottom"])),
+        "rank": pa.array(rank),
+        "token_id": flat_ids,
+        "token": tokens.take(flat_ids),
+        "logit": pa.array(logit.reshape(-1)),
+        "prob": pa.array(prob.reshape(-1)),
+    })
+
+
+def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[str],
+                   rng: np.random.Generator) -> pa.Table:
+    labels = [f"synthetic {words[i].strip()}" for i in rng.integers(len(HOSTILE_TOKENS), len(words), d_mlp)]
+    if layer == 0:
+        for i, label in enumerate(HOSTILE_LABELS[:d_mlp]):
+            labels[i] = label
+        if d_mlp > len(HOSTILE_LABELS):
+            labels[len(HOSTILE_LABELS)] = None       # a neuron with no label yet
+    cols = {"layer": pa.array(np.full(d_mlp, layer, np.int16)),
+            "neuron": pa.array(np.arange(d_mlp, dtype=np.int32)),
+            "label": pa.array(labels, pa.string())}
+    for side in SIDES:
+        draws = {"norm": rng.lognormal(0, 0.3, d_mlp), "logit_mean": rng.normal(0, 0.05, d_mlp),
+                 "logit_std": rng.lognormal(0, 0.3, d_mlp), "logit_skew": rng.normal(0, 0.3, d_mlp),
+                 "logit_kurtosis": rng.lognormal(0, 0.5, d_mlp)}
+        for stat in SIDE_STATS:
+            values = draws[stat].astype(np.float32) if side in sides else None
+            cols[f"{side}_{stat}"] = pa.array(values, pa.float32()) if values is not None \
+                else pa.nulls(d_mlp, pa.float32())
+    return pa.table(cols)
+
+
+def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
+                         top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
+                         d_model: int = 576) -> Path:
+    """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows."""
+    if vocab_size < top_k + bottom_k or vocab_size <= len(HOSTILE_TOKENS):
+        raise ValueError("vocab_size must exceed top_k + bottom_k and the hostile token list")
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; a synthetic store is always written to a new file")
+    rng = np.random.default_rng(seed)
+    sides = ("in", "gate", "out") if gated else ("in", "out")
+    words = _vocab(vocab_size, rng)
+    tokens = pa.array(words, pa.string())
+    pieces = [w.replace(" ", "\u0120") for w in words]     # GPT-2 style byte-level pieces
+
+    with Store(path) as store:
+        con = store.con
+        # One transaction per layer keeps memory flat at any size; the decode stage is marked
+        # done last, so an interrupted run leaves a store that render refuses.
+        with store.transaction():
+            vocab = pa.table({"token_id": pa.array(np.arange(vocab_size, dtype=np.int32)),
+                              "token": tokens, "piece": pa.array(pieces, pa.string())})
+            con.register("vocab_arrow", vocab)
+            con.execute("INSERT INTO vocab SELECT * FROM vocab_arrow")
+        for layer in range(n_layers):
+            with store.transaction():
+                con.register("neurons_arrow", _neurons_layer(layer, d_mlp, sides, words, rng))
+                con.execute("INSERT INTO neurons BY NAME SELECT * FROM neurons_arrow")
+                con.register("decoded_arrow", _decoded_layer(layer, d_mlp, sides, top_k, bottom_k, tokens, rng))
+                con.execute("INSERT INTO decoded_tokens SELECT layer, neuron, side::VARCHAR, "
+                            "polarity::VARCHAR, rank, token_id, token, logit, prob FROM decoded_arrow")
+        for name in ("vocab_arrow", "neurons_arrow", "decoded_arrow"):
+            con.unregister(name)
+
+        store.set_meta("model", {
+            "id": f"synthetic/{'gated' if gated else 'plain'}-{n_layers}x{d_mlp}",
+            "source": "atlas.synthetic", "adapter": "llama" if gated else "gpt2",
+            "architecture": "llama" if gated else "gpt2", "sides": list(sides),
+            "n_layers": n_layers, "d_mlp": d_mlp, "d_model": d_model, "vocab_size": vocab_size,
+            "dtype": "float32",
+            "config": {"architectures": ["SyntheticForCausalLM"], "num_hidden_layers": n_layers,
+                       "intermediate_size": d_mlp, "hidden_size": d_model, "vocab_size": vocab_size},
+        })
+        store.set_meta("weights_hash", f"sha256:{seed:064x}")
+        store.set_meta("tool_version", __version__)
+        store.set_meta("created_at", CREATED_AT)
+        store.set_meta("hook_point", "input of mlp.down_proj")
+        store.set_meta("stage.decode", {"status": "done", "fingerprint": f"synthetic-{seed}",
+                                        "config": {"top_k": top_k, "bottom_k": bottom_k,
+                                                   "sides": list(sides)},
+                                        "seconds": 0.0})
+    return path

