@@ -82,7 +82,7 @@ def test_site_has_a_page_per_neuron(default_atlas):
         page = site / "neurons" / str(layer) / str(neuron) / "index.html"
         data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
         html = page.read_text()
-        assert data["neuron"]["layer"] == layer and data["neuron"]["neuron"] == neuron
+        assert data["neurons"]["layer"] == layer and data["neurons"]["neuron"] == neuron
         top_out = next(r for r in data["decoded_tokens"]
                        if r["side"] == "out" and r["polarity"] == "top" and r["rank"] == 0)
         import html as html_mod
