@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cluster import ClusterConfig
 from .decode import DecodeConfig
 from .errors import AtlasError
 from .render import RenderConfig
@@ -96,6 +97,7 @@ def _print_summary(result: dict) -> None:
 @dtype_option
 @click.option("--force", is_flag=True, help="start from scratch, replacing a store of another model")
 @config_options(DecodeConfig)
+@config_options(ClusterConfig)
 @config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
@@ -108,7 +110,8 @@ def build(out, model, device, dtype, force, quiet, **kw):
     """
     from .pipeline import build as run_build
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
-    _print_summary(run_build(out, model, decode, render, device, dtype, force, not quiet))
+    _print_summary(run_build(out, model, decode, render, device, dtype, force, not quiet,
+                             cluster=config_from(ClusterConfig, kw)))
 
 
 @main.command()
@@ -127,6 +130,25 @@ def decode(out, model, device, dtype, quiet, **kw):
     """
     from .pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(config_from(DecodeConfig, kw)))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(ClusterConfig)
+@quiet_option
+def cluster(out, model, device, dtype, quiet, **kw):
+    """Cluster neurons by the cosine of their `out` directions; lay them out on a map; find neighbours.
+
+    \b
+    Example:
+      atlas cluster --out out/smollm2
+      atlas cluster --out out/smollm2 --n-clusters 300 --neighbours 20
+    """
+    from .pipeline import Build
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(config_from(ClusterConfig, kw)))
 
 
 @main.command()

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .cluster import ClusterConfig, run_cluster
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
 from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
@@ -95,6 +96,11 @@ class Build:
             record_model(store, self.lm, self.weights_hash)
             return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
 
+    def cluster(self, cfg: ClusterConfig = ClusterConfig()) -> dict:
+        # The model loads only if the geometry must be computed; relabelling needs the store alone.
+        with Store(store_path(self.out)) as store:
+            return run_cluster(store, lambda: self.lm, cfg, self.weights_hash, self.progress)
+
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
         return render_site(self.out, cfg, self.progress, force)
 
@@ -107,7 +113,7 @@ def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool
 
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
           render: RenderConfig | None = None, device: str = "auto", dtype: str = "auto", force: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, cluster: ClusterConfig = ClusterConfig()) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
     b = Build(out, model, device, dtype, force, progress)
-    return {"decode": b.decode(decode), "render": b.render(render, force)}
+    return {"decode": b.decode(decode), "cluster": b.cluster(cluster), "render": b.render(render, force)}

@@ -31,6 +31,7 @@ from markupsafe import Markup
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import site_map
 from .errors import AtlasError
 from .store import SIDE_STATS, SIDES, Store
 
@@ -148,6 +149,8 @@ def _render_block(job: dict, con=None) -> int:
         _worker["template"] = _env().get_template("neuron.html")
     template = _worker["template"]
     con = con or _worker["store"].con
+    clustering = site_map.cluster_sections(con, job["layer"], job["lo"], job["hi"], job["site"]) \
+        if job["has_clusters"] else {}
     layer, lo, hi = job["layer"], job["lo"], job["hi"]
     cur = con.execute(f"SELECT {job['neurons_sql']} FROM neurons WHERE layer = ? AND neuron >= ? "
                       "AND neuron < ? ORDER BY neuron", [layer, lo, hi])
@@ -179,9 +182,12 @@ def _render_block(job: dict, con=None) -> int:
         html = template.render(job["page"], layer=layer, neuron=n, row=row, sides=sides,
                                prev=_neighbour(job["layer_sizes"], layer, n, -1),
                                next=_neighbour(job["layer_sizes"], layer, n, +1),
-                               canonical=job["base_url"] and f"{job['base_url']}neurons/{layer}/{n}/")
+                               canonical=job["base_url"] and f"{job['base_url']}neurons/{layer}/{n}/",
+                               cluster_data=clustering.get(n))
         data = {"schema_version": job["schema_version"], "model": job["page"]["site"]["model_id"],
                 "neurons": row, "decoded_tokens": [dict(zip(dnames, r)) for r in rows]}
+        if n in clustering:
+            data.update(clustering[n]["rows"])
         page_dir = os.path.join(out_dir, str(n))
         os.mkdir(page_dir)
         _write(os.path.join(page_dir, "index.html"), html)
@@ -247,11 +253,12 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
             model=meta["model"], n_neurons=sum(layer_sizes), layers=list(enumerate(layer_sizes)),
             hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
             tool_version=meta.get("tool_version", ""), render_version=__version__,
-            schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages),
+            schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
+            clusters=site_map.summary(store.con)),
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
-            bottom_k=decode_cfg.get("bottom_k", "k")), encoding="utf-8")
+            bottom_k=decode_cfg.get("bottom_k", "k"), clusters=site_map.summary(store.con)), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(
@@ -412,12 +419,15 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                     "root": "../../../"}
             common = {"site": str(building), "layer_sizes": layer_sizes, "base_url": base_url, "page": page,
                       "schema_version": meta.get("schema_version"), "neurons_sql": _select(store.con, "neurons"),
-                      "decoded_sql": _select(store.con, "decoded_tokens")}
+                      "decoded_sql": _select(store.con, "decoded_tokens"),
+                      "has_clusters": site_map.has_clusters(store.con)}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
             pages_start = time.perf_counter()
             _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress)
             pages_s = time.perf_counter() - pages_start
+            if common["has_clusters"]:
+                site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
             (building / SITE_MARKER).write_text(_to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),

@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS decoded_tokens (
     prob FLOAT
 );
 CREATE TABLE IF NOT EXISTS clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR,
-    x FLOAT, y FLOAT);
+    x FLOAT, y FLOAT, cohesion FLOAT);
+CREATE TABLE IF NOT EXISTS neighbours (layer SMALLINT, neuron INTEGER, rank SMALLINT,
+    nb_layer SMALLINT, nb_neuron INTEGER, cosine FLOAT);
 CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
     token_ids INTEGER[]);
 CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,

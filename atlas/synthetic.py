@@ -121,8 +121,12 @@ def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[s
 
 def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
                          top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
-                         d_model: int = 576) -> Path:
-    """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows."""
+                         d_model: int = 576, clusters: bool = False) -> Path:
+    """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows.
+
+    With ``clusters`` the cluster stage runs too, on synthetic `out` directions that have
+    planted families (see ``synthetic_directions``).
+    """
     if vocab_size < top_k + bottom_k or vocab_size <= len(HOSTILE_TOKENS):
         raise ValueError("vocab_size must exceed top_k + bottom_k and the hostile token list")
     path = Path(path)
@@ -170,4 +174,27 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                                         "config": {"top_k": top_k, "bottom_k": bottom_k,
                                                    "sides": list(sides)},
                                         "seconds": 0.0})
+        if clusters:
+            from .cluster import ClusterConfig, cluster_store
+            cluster_store(store, lambda: synthetic_directions(n_layers, d_mlp, d_model, seed), ClusterConfig(),
+                          f"sha256:{seed:064x}", progress=False)
     return path
+
+
+def synthetic_directions(n_layers: int, d_mlp: int, d_model: int, seed: int = 0, families: int = 0):
+    """Per-layer `out` directions [d_mlp, d_model] drawn around ``families`` random centres.
+
+    Each direction is its family's centre plus isotropic noise of about the same norm, so
+    members of a family have a cosine near 0.5 and strangers near 0; one layer at a time,
+    so a Llama-sized set never needs more than the clustering's own copy.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    families = families or max(2, round((n_layers * d_mlp) ** 0.5))
+    centres = torch.randn(families, d_model, generator=g)
+    centres /= centres.norm(dim=1, keepdim=True)
+    for _ in range(n_layers):
+        family = torch.randint(0, families, (d_mlp,), generator=g)
+        noise = torch.randn(d_mlp, d_model, generator=g) / d_model ** 0.5
+        yield centres[family] + noise

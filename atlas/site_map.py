@@ -1,0 +1,162 @@
+"""The cluster stage on the site: a section on each neuron page, a page per cluster, the map.
+
+Called from ``render``; a store without a finished cluster stage renders without them.
+The map is one jinja page plus one small JSON file of points per layer, drawn with the
+plotly.js bundle that ships inside the ``plotly`` Python package (copied at render time,
+never committed): WebGL scatter keeps half a million points responsive.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+from .errors import AtlasError
+
+MAP_TOKENS = 3          # top `out` tokens listed per member on cluster pages
+_cache: dict = {}       # per process: cluster labels of the store being rendered
+
+
+def has_clusters(con) -> bool:
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "neighbours" not in tables:
+        return False
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.cluster'").fetchone()
+    return bool(row) and json.loads(row[0]).get("status") == "done"
+
+
+def visible(text: str | None) -> str:
+    """Label text on one line, with control and direction-changing characters shown as code points."""
+    if not text:
+        return ""
+    out = []
+    for ch in " ".join(text.split()):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(f"\u27e8U+{ord(ch):04X}\u27e9")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _clusters(con, key: str) -> dict[int, str]:
+    if _cache.get("key") != key:
+        _cache["labels"] = {c: visible(label) for c, label in
+                            con.execute("SELECT cluster_id, label FROM clusters").fetchall()}
+        _cache["key"] = key
+    return _cache["labels"]
+
+
+def cluster_sections(con, layer: int, lo: int, hi: int, key: str) -> dict[int, dict]:
+    """For neurons ``lo..hi-1`` of ``layer``: their cluster and neighbours, and the store rows shown."""
+    labels = _clusters(con, key)
+    sections = {n: {"cluster": c, "cluster_label": labels.get(c, ""), "neighbours": [],
+                    "rows": {"neighbours": []}}
+                for n, c in con.execute("SELECT neuron, cluster_id FROM neurons WHERE layer = ? AND neuron >= ? "
+                                        "AND neuron < ? AND cluster_id IS NOT NULL", [layer, lo, hi]).fetchall()}
+    # Floats as their shortest float32 decimal, like the rest of the neuron JSON.
+    for n, rank, nb_layer, nb_neuron, cosine, label in con.execute("""
+            SELECT g.neuron, g.rank, g.nb_layer, g.nb_neuron, CAST(CAST(g.cosine AS VARCHAR) AS DOUBLE), n.label
+            FROM neighbours g LEFT JOIN neurons n ON n.layer = g.nb_layer AND n.neuron = g.nb_neuron
+            WHERE g.layer = ? AND g.neuron >= ? AND g.neuron < ? ORDER BY g.neuron, g.rank""",
+            [layer, lo, hi]).fetchall():
+        if n not in sections:
+            continue
+        sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine, visible(label)))
+        sections[n]["rows"]["neighbours"].append({"layer": layer, "neuron": n, "rank": rank, "nb_layer": nb_layer,
+                                                  "nb_neuron": nb_neuron, "cosine": cosine})
+    return sections
+
+
+def summary(con) -> dict | None:
+    """What the home and method pages say about the clusters, or None without a cluster stage."""
+    if not has_clusters(con):
+        return None
+    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.cluster'").fetchone()[0])
+    stats = status.get("stats", {})
+    return {"n_clusters": con.execute("SELECT count(*) FROM clusters").fetchone()[0],
+            "within": stats.get("within_cosine"), "across": stats.get("across_cosine"),
+            "search": stats.get("neighbour_search", {}), "config": status.get("config", {}),
+            "exemplar_labels": bool(status.get("exemplar_labels"))}
+
+
+def _to_json(obj) -> str:
+    from .render import _to_json as to_json
+    return to_json(obj)
+
+
+def _plotly_bundle() -> Path:
+    try:
+        import plotly
+    except ImportError:
+        raise AtlasError("the map needs the `plotly` package (pip install plotly)") from None
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise AtlasError(f"plotly is installed but has no bundled plotly.min.js at {path}")
+    return path
+
+
+def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[int], templates: Path) -> dict:
+    """Write ``clusters/``, ``clusters/<id>/`` and ``map/`` into ``site``; returns counts."""
+    shutil.copyfile(_plotly_bundle(), site / "assets" / "plotly.min.js")
+    for name in ("atlas-map.js", "atlas-map.css"):
+        shutil.copyfile(templates / "assets" / name, site / "assets" / name)
+    clusters = con.execute("SELECT cluster_id, size, label, x, y, cohesion FROM clusters "
+                           "ORDER BY cluster_id").fetchall()
+    labels = [visible(c[2]) for c in clusters]
+
+    # One page per cluster, members streamed in cluster order so memory stays flat.
+    page = env.get_template("cluster.html")
+    cur = con.execute(f"""
+        SELECT n.cluster_id, n.layer, n.neuron, n.label, t.tokens FROM neurons n LEFT JOIN (
+            SELECT layer, neuron, list(token ORDER BY rank) AS tokens FROM decoded_tokens
+            WHERE side = 'out' AND polarity = 'top' AND rank < {MAP_TOKENS} GROUP BY ALL) t USING (layer, neuron)
+        WHERE n.cluster_id IS NOT NULL ORDER BY n.cluster_id, n.layer, n.neuron""")
+    members: list = []
+    current = None
+
+    def flush():
+        if current is None:
+            return
+        cid, size, _, _, _, cohesion = clusters[current]
+        out = site / "clusters" / str(cid)
+        out.mkdir(parents=True)
+        (out / "index.html").write_text(page.render(
+            site=page_site, root="../../", cluster=cid, label=labels[current], size=size, cohesion=cohesion,
+            members=[(layer, n, visible(label), tokens or []) for layer, n, label, tokens in members],
+            canonical=None), encoding="utf-8")
+
+    while rows := cur.fetchmany(4096):
+        for cid, layer, n, label, tokens in rows:
+            if cid != current:
+                flush()
+                current, members = cid, []
+            members.append((layer, n, label, tokens))
+    flush()
+    (site / "clusters" / "index.html").write_text(env.get_template("clusters.html").render(
+        site=page_site, root="../", canonical=None,
+        clusters=[(c[0], labels[i], c[1], c[5]) for i, c in enumerate(clusters)]), encoding="utf-8")
+
+    # The map: a page, and per layer parallel arrays (x, y, cluster id, neuron label).
+    points = site / "map" / "points"
+    points.mkdir(parents=True)
+    for layer, size in enumerate(layer_sizes):
+        rows = con.execute("SELECT x, y, cluster_id, label FROM neurons WHERE layer = ? ORDER BY neuron",
+                           [layer]).fetchall()
+        data = {"x": [round(r[0], 3) if r[0] is not None else None for r in rows],
+                "y": [round(r[1], 3) if r[1] is not None else None for r in rows],
+                "cluster": [r[2] for r in rows], "label": [visible(r[3]) for r in rows]}
+        (points / f"{layer}.json").write_text(_to_json(data), encoding="utf-8")
+    data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters]}}
+    (site / "map" / "index.html").write_text(env.get_template("map.html").render(
+        site=page_site, root="../", canonical=None, n_neurons=sum(layer_sizes), n_clusters=len(clusters),
+        n_layers=len(layer_sizes), data_json=_markup(_to_json(data))), encoding="utf-8")
+    return {"clusters": len(clusters)}
+
+
+def _markup(text: str):
+    # _to_json escapes <, > and &, so the JSON can sit inside a <script> element as it is.
+    from markupsafe import Markup
+    return Markup(text)
+
