@@ -9,6 +9,7 @@ import torch
 
 from .decode import default_chunk
 from .decode_core import Unembedding, bare_matmul_topk, decode_directions
+from .activations import PassState
 from .model import load_model
 
 
@@ -58,6 +59,59 @@ def bench_decode(model: str = "default", device: str = "auto", dtype: str = "aut
         "directions_per_s": 1 / per_dir, "full_model_estimate_s": per_dir * all_dirs,
         "repeats": len(full),
     }
+
+
+def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "auto", batches: int = 8,
+                 batch_size: int = 16, context: int = 128, repeats: int = 2) -> dict:
+    """The hooked corpus pass vs the same forward passes without statistics, interleaved."""
+    import resource
+
+    from .exemplars import ExemplarConfig, hooked_pass, read_rows
+
+    lm = load_model(model, device, dtype)
+    cfg = ExemplarConfig(max_tokens=batches * batch_size * context, context=context, batch_size=batch_size)
+    rows = read_rows(cfg, lm.tokenizer)
+    L, d = lm.adapter.n_layers(lm.model), lm.adapter.d_mlp(lm.model)
+
+    def run(hooked: bool) -> float:
+        state = PassState.empty(L, d, cfg.k, cfg.k, lm.device) if hooked else None
+        start = time.perf_counter()
+        hooked_pass(lm, rows, state, 0, batch_size, progress=False)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # The first batches of a pass update more exemplars than later ones; a warm-up pass
+    # of each kind keeps one-off costs (allocation, kernel choice) out of both.
+    run(False)
+    plain, hooked = [], []
+    for _ in range(max(1, repeats)):
+        plain.append(run(False))
+        hooked.append(run(True))
+    tokens = len(rows) * context
+    state_bytes = sum(t.numel() * t.element_size() for t in PassState.empty(L, d, cfg.k, cfg.k).state_dict().values())
+    return {
+        "stage": "corpus", "model": lm.model_id, "device": _device_name(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "tokens": tokens,
+        "batch": f"{batch_size} x {context}", "plain_s": min(plain), "hooked_s": min(hooked),
+        "plain_tokens_per_s": tokens / min(plain), "hooked_tokens_per_s": tokens / min(hooked),
+        "ratio": min(plain) / min(hooked), "state_mb": state_bytes / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def print_corpus_table(r: dict) -> None:
+    rows = [
+        ("model", r["model"]), ("device", f"{r['device']} ({r['dtype']})"),
+        ("timed", f"{r['tokens']:,} tokens in batches of {r['batch']}"),
+        ("plain forward", f"{r['plain_s']:.2f} s ({r['plain_tokens_per_s']:,.0f} tokens/s)"),
+        ("hooked pass", f"{r['hooked_s']:.2f} s ({r['hooked_tokens_per_s']:,.0f} tokens/s)"),
+        ("throughput ratio", f"{r['ratio']:.3f} (target >= 0.8)"),
+        ("memory", f"pass state {r['state_mb']:.0f} MiB (O(k x neurons)), process peak {r['peak_rss_mb']:,.0f} MiB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
 
 
 def print_table(r: dict) -> None:

@@ -15,6 +15,7 @@ from . import __version__
 from .cluster import ClusterConfig
 from .decode import DecodeConfig
 from .errors import AtlasError
+from .exemplars import ExemplarConfig
 from .render import RenderConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -97,6 +98,7 @@ def _print_summary(result: dict) -> None:
 @dtype_option
 @click.option("--force", is_flag=True, help="start from scratch, replacing a store of another model")
 @config_options(DecodeConfig)
+@config_options(ExemplarConfig)
 @config_options(ClusterConfig)
 @config_options(RenderConfig)
 @quiet_option
@@ -110,8 +112,8 @@ def build(out, model, device, dtype, force, quiet, **kw):
     """
     from .pipeline import build as run_build
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
-    _print_summary(run_build(out, model, decode, render, device, dtype, force, not quiet,
-                             cluster=config_from(ClusterConfig, kw)))
+    _print_summary(run_build(out, model, decode, render, config_from(ExemplarConfig, kw), device=device,
+                             dtype=dtype, force=force, progress=not quiet, cluster=config_from(ClusterConfig, kw)))
 
 
 @main.command()
@@ -130,6 +132,24 @@ def decode(out, model, device, dtype, quiet, **kw):
     """
     from .pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(config_from(DecodeConfig, kw)))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(ExemplarConfig)
+@quiet_option
+def exemplars(out, model, device, dtype, quiet, **kw):
+    """Run the model over a corpus: exemplars, activation quantiles, histograms, attribution.
+
+    \b
+    Example:
+      atlas exemplars --out out/smollm2 --corpus my_texts/ --max-tokens 1000000
+    """
+    from .pipeline import Build
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).exemplars(config_from(ExemplarConfig, kw)))
 
 
 @main.command()
@@ -214,7 +234,7 @@ def info(out, as_json):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["decode"]), default="decode")
+@click.argument("what", type=click.Choice(["decode", "corpus"]), default="decode")
 @model_option
 @device_option
 @dtype_option
@@ -229,10 +249,15 @@ def bench(what, model, device, dtype, layers, repeats, json_path):
     Example:
       atlas bench decode
       atlas bench decode --layers 0 --json bench.json
+      atlas bench corpus
     """
-    from .bench import bench_decode, print_table
-    result = bench_decode(model, device, dtype, layers, repeats)
-    print_table(result)
+    from .bench import bench_corpus, bench_decode, print_corpus_table, print_table
+    if what == "corpus":
+        result = bench_corpus(model, device, dtype, repeats=repeats)
+        print_corpus_table(result)
+    else:
+        result = bench_decode(model, device, dtype, layers, repeats)
+        print_table(result)
     if json_path:
         from .io import write_json_atomic
         write_json_atomic(json_path, result)

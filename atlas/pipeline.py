@@ -15,6 +15,7 @@ from . import __version__
 from .cluster import ClusterConfig, run_cluster
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
+from .exemplars import ExemplarConfig, run_exemplars
 from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
 from .render import RenderConfig, render
 from .store import Store
@@ -96,6 +97,12 @@ class Build:
             record_model(store, self.lm, self.weights_hash)
             return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
 
+    def exemplars(self, cfg: ExemplarConfig = ExemplarConfig()) -> dict:
+        with Store(store_path(self.out)) as store:
+            if store.stage_status("decode") is None or store.stage_status("decode").get("status") != "done":
+                raise AtlasError(f"{store.path} has no finished decode stage; run `atlas decode` first")
+            return run_exemplars(store, self.lm, cfg, self.weights_hash, self.progress)
+
     def cluster(self, cfg: ClusterConfig = ClusterConfig()) -> dict:
         # The model loads only if the geometry must be computed; relabelling needs the store alone.
         with Store(store_path(self.out)) as store:
@@ -112,8 +119,11 @@ def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool
 
 
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
-          render: RenderConfig | None = None, device: str = "auto", dtype: str = "auto", force: bool = False,
-          progress: bool = True, cluster: ClusterConfig = ClusterConfig()) -> dict:
+          render: RenderConfig | None = None, exemplars: ExemplarConfig = ExemplarConfig(),
+          device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
+          cluster: ClusterConfig = ClusterConfig()) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
     b = Build(out, model, device, dtype, force, progress)
-    return {"decode": b.decode(decode), "cluster": b.cluster(cluster), "render": b.render(render, force)}
+    # Clustering runs after the corpus pass so that cluster labels can use exemplar tokens.
+    return {"decode": b.decode(decode), "exemplars": b.exemplars(exemplars), "cluster": b.cluster(cluster),
+            "render": b.render(render, force)}

@@ -31,8 +31,9 @@ from markupsafe import Markup
 from tqdm.auto import tqdm
 
 from . import __version__
-from . import site_map
 from .errors import AtlasError
+from . import site_map
+from .render_corpus import corpus_sections, has_corpus, vocab_list
 from .store import SIDE_STATS, SIDES, Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +150,12 @@ def _render_block(job: dict, con=None) -> int:
         _worker["template"] = _env().get_template("neuron.html")
     template = _worker["template"]
     con = con or _worker["store"].con
+    corpus = {}
+    if job["has_corpus"]:
+        # One vocabulary per site being built (inline renders of several stores share _worker).
+        if _worker.get("vocab_for") != job["site"]:
+            _worker["vocab"], _worker["vocab_for"] = vocab_list(con), job["site"]
+        corpus = corpus_sections(con, job["layer"], job["lo"], job["hi"], _worker["vocab"])
     clustering = site_map.cluster_sections(con, job["layer"], job["lo"], job["hi"], job["site"]) \
         if job["has_clusters"] else {}
     layer, lo, hi = job["layer"], job["lo"], job["hi"]
@@ -183,9 +190,11 @@ def _render_block(job: dict, con=None) -> int:
                                prev=_neighbour(job["layer_sizes"], layer, n, -1),
                                next=_neighbour(job["layer_sizes"], layer, n, +1),
                                canonical=job["base_url"] and f"{job['base_url']}neurons/{layer}/{n}/",
-                               cluster_data=clustering.get(n))
+                               corpus_data=corpus.get(n), cluster_data=clustering.get(n))
         data = {"schema_version": job["schema_version"], "model": job["page"]["site"]["model_id"],
                 "neurons": row, "decoded_tokens": [dict(zip(dnames, r)) for r in rows]}
+        if n in corpus:
+            data.update(corpus[n]["rows"])
         if n in clustering:
             data.update(clustering[n]["rows"])
         page_dir = os.path.join(out_dir, str(n))
@@ -258,7 +267,8 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
-            bottom_k=decode_cfg.get("bottom_k", "k"), clusters=site_map.summary(store.con)), encoding="utf-8")
+            bottom_k=decode_cfg.get("bottom_k", "k"), clusters=site_map.summary(store.con),
+            corpus=meta.get("corpus") if has_corpus(store.con) else None), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(
@@ -419,7 +429,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                     "root": "../../../"}
             common = {"site": str(building), "layer_sizes": layer_sizes, "base_url": base_url, "page": page,
                       "schema_version": meta.get("schema_version"), "neurons_sql": _select(store.con, "neurons"),
-                      "decoded_sql": _select(store.con, "decoded_tokens"),
+                      "decoded_sql": _select(store.con, "decoded_tokens"), "has_corpus": has_corpus(store.con),
                       "has_clusters": site_map.has_clusters(store.con)}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]

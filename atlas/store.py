@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS neurons (
     x FLOAT,
     y FLOAT,
     normaliser FLOAT,
+    act_mean FLOAT,
+    act_std FLOAT,
+    act_max FLOAT,
+    act_min FLOAT,
+    density FLOAT,
+    attr_mean_abs FLOAT,
     {_neuron_stat_cols},
     PRIMARY KEY (layer, neuron)
 );
@@ -57,9 +63,12 @@ CREATE TABLE IF NOT EXISTS neighbours (layer SMALLINT, neuron INTEGER, rank SMAL
 CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
     token_ids INTEGER[]);
 CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,
-    rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT);
+    rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT,
+    window_start INTEGER, window_activations FLOAT[16]);
 CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SMALLINT,
-    token_id INTEGER, token VARCHAR, attribution FLOAT);
+    token_id INTEGER, token VARCHAR, attribution FLOAT, polarity VARCHAR, doc_id INTEGER,
+    token_pos INTEGER);
+CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BIGINT[64]);
 """
 
 

@@ -1,0 +1,276 @@
+"""Exemplars stage: one hooked pass over a corpus, then attribution on sampled positions.
+
+Every layer's MLP activation is captured in the same forward pass (hooks on the input of
+each down projection); the model stops after the last MLP, since the logits are not needed.
+The pass state is checkpointed every few batches, so an interrupted pass resumes from the
+last checkpoint and ends with exactly the state of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
+from .attribution import AttributionState, attribute_batch
+from .corpus import Row, corpus_hash, cut_rows, open_corpus
+from .errors import AtlasError
+from .io import write_bytes_atomic
+from .model import LoadedModel
+from .store import Store
+
+STAGE = "exemplars"
+
+
+@dataclass
+class ExemplarConfig:
+    corpus: str = field(default="default", metadata={
+        "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
+                "(Python's documentation topics and standard-library docstrings)"})
+    text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
+    max_tokens: int = field(default=65536, metadata={"help": "tokens of corpus to read (0: all)"})
+    context: int = field(default=128, metadata={"help": "tokens per model input"})
+    batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
+    k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
+    quantile: float = field(default=1e-5, metadata={"help": "upper quantile used as each neuron's normaliser"})
+    attribution_rows: int = field(default=64, metadata={
+        "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
+    attribution_seed: int = field(default=0, metadata={"help": "seed for the attribution positions"})
+    checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
+
+    def validate(self) -> None:
+        if self.max_tokens < 0:
+            raise AtlasError("--max-tokens must be 0 (no cap) or positive")
+        if self.max_tokens and self.max_tokens < self.context:
+            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
+        if self.context < 2 or self.batch_size < 1 or self.k < 1:
+            raise AtlasError("--context must be at least 2, --batch-size and --k at least 1")
+        if not 0 < self.quantile < 1:
+            raise AtlasError("--quantile must be between 0 and 1")
+
+
+class _StopForward(Exception):
+    """Raised after the last MLP: the rest of the model does not change any activation."""
+
+
+def read_rows(cfg: ExemplarConfig, tokenizer) -> list[Row]:
+    rows = list(cut_rows(open_corpus(cfg.corpus, cfg.text_column), tokenizer, cfg.context, cfg.max_tokens))
+    if not rows:
+        n = sum(len(tokenizer.encode(t, add_special_tokens=False)) for _, t in open_corpus(cfg.corpus, cfg.text_column))
+        what = cfg.corpus
+        if n == 0:
+            raise AtlasError(f"corpus {what} is empty (no text)")
+        raise AtlasError(f"corpus {what} has {n} tokens, fewer than one context of {cfg.context}")
+    return rows
+
+
+def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
+    # Batch size and checkpointing change the speed, not the numbers.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every", "corpus")}
+    inputs = {"weights": weights_hash, "corpus": rows_hash, **settings}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def k_tail(cfg: ExemplarConfig, n_tokens: int) -> int:
+    """Rows of top activations kept so that the upper quantile is exact."""
+    return max(cfg.k, math.floor(cfg.quantile * n_tokens) + 1)
+
+
+def hooked_pass(lm: LoadedModel, rows: list[Row], state: PassState | None, start_batch: int, batch_size: int,
+                on_batch=None, progress: bool = True) -> PassState | None:
+    """Fold batches ``start_batch..`` of ``rows`` into ``state`` with every layer hooked at once.
+
+    With ``state=None`` the same forward passes run with no statistics: the bound that
+    `atlas bench corpus` measures the hooked pass against.
+    """
+    model, adapter = lm.model, lm.adapter
+    n_layers, T = adapter.n_layers(model), len(rows[0].token_ids)
+    first = {"token": 0}
+
+    def capture(layer):
+        def hook(module, args):
+            state.update(layer, args[0], first["token"])
+        return hook
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    hooks = [] if state is None else \
+        [adapter.out_module(model, layer).register_forward_pre_hook(capture(layer)) for layer in range(n_layers)]
+    hooks.append(adapter.out_module(model, n_layers - 1).register_forward_hook(stop))
+    n_batches = math.ceil(len(rows) / batch_size)
+    try:
+        for b in tqdm(range(start_batch, n_batches), desc="corpus pass", unit="batch", disable=not progress,
+                      initial=start_batch, total=n_batches):
+            batch = rows[b * batch_size:(b + 1) * batch_size]
+            ids = torch.tensor([r.token_ids for r in batch], device=lm.device)      # [B, T]
+            first["token"] = batch[0].doc_id * T
+            try:
+                with torch.inference_mode():
+                    model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            if state is not None:
+                state.count_tokens(ids.numel())
+            if on_batch:
+                on_batch(b + 1, state)
+    finally:
+        for h in hooks:
+            h.remove()
+    return state
+
+
+def _checkpoint_path(store: Store) -> Path:
+    return store.path.with_name(f".{store.path.name}.{STAGE}.ckpt")
+
+
+def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_hash: str,
+                  progress: bool = True) -> dict:
+    cfg.validate()
+    rows = read_rows(cfg, lm.tokenizer)
+    fp = fingerprint(weights_hash, corpus_hash(rows), cfg)
+    if store.stage_done(STAGE, fp):
+        return {"skipped": True}
+    adapter, model = lm.adapter, lm.model
+    n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
+    n_tokens = len(rows) * cfg.context
+    ckpt = _checkpoint_path(store)
+    state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device), 0
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if saved.get("fingerprint") == fp:
+            state, start = PassState.from_state_dict(saved["state"]).to(lm.device), int(saved["batches"])
+    store.set_meta(f"stage.{STAGE}", {"status": "running", "fingerprint": fp, "config": asdict(cfg)})
+
+    def checkpoint(done: int, st: PassState) -> None:
+        if done % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, fp, done, st)
+
+    began = time.perf_counter()
+    hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, progress)
+    pass_s = time.perf_counter() - began
+    attr = None
+    if cfg.attribution_rows:
+        attr = attribute_rows(lm, rows, cfg, progress)
+    normaliser = state.normaliser(cfg.quantile).cpu()
+    with store.transaction() as con:
+        _write(con, lm, rows, state.to("cpu"), normaliser, attr, cfg)
+        store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
+                                  "tokens": n_tokens, "hash": corpus_hash(rows)})
+        store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
+        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg)})
+    ckpt.unlink(missing_ok=True)
+    return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1),
+            "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}
+
+
+def _save_checkpoint(path: Path, fp: str, batches: int, state: PassState) -> None:
+    import io
+    buf = io.BytesIO()
+    torch.save({"fingerprint": fp, "batches": batches, "state": state.state_dict()}, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def attribute_rows(lm: LoadedModel, rows: list[Row], cfg: ExemplarConfig, progress: bool) -> AttributionState:
+    """Attribution at one seeded position of each of ``attribution_rows`` evenly spaced inputs."""
+    n = min(cfg.attribution_rows, len(rows))
+    picked = [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
+    gen = torch.Generator().manual_seed(cfg.attribution_seed)
+    positions = torch.randint(0, cfg.context - 1, (n,), generator=gen)
+    adapter = lm.adapter
+    state = AttributionState.empty(adapter.n_layers(lm.model), adapter.d_mlp(lm.model), cfg.k)
+    bs = max(1, cfg.batch_size // 2)
+    for start in tqdm(range(0, n, bs), desc="attribution", unit="batch", disable=not progress):
+        chunk = picked[start:start + bs]
+        ids = torch.tensor([r.token_ids for r in chunk], device=lm.device)
+        pos = positions[start:start + bs].to(lm.device)
+        scores = attribute_batch(lm.model, adapter, ids, pos)                  # [L, b, d_mlp]
+        targets = ids[torch.arange(len(chunk)), pos + 1]
+        token_index = torch.tensor([r.doc_id for r in chunk], device=lm.device) * cfg.context + pos
+        state.update(scores.cpu(), targets.cpu(), token_index.cpu())
+    return state
+
+
+def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: torch.Tensor,
+           attr: AttributionState | None, cfg: ExemplarConfig) -> None:
+    T = cfg.context
+    con.execute("DELETE FROM corpus_docs")
+    con.execute("DELETE FROM exemplars")
+    con.execute("DELETE FROM attributions")
+    con.execute("DELETE FROM histograms")
+    texts = lm.tokenizer.batch_decode([r.token_ids for r in rows], clean_up_tokenization_spaces=False)
+    docs = pa.table({"doc_id": pa.array([r.doc_id for r in rows], pa.int32()),
+                     "source": pa.array([r.source for r in rows], pa.string()),
+                     "text": pa.array(texts, pa.string()),
+                     "token_ids": pa.array([r.token_ids for r in rows], pa.list_(pa.int32()))})
+    _insert(con, "corpus_docs", docs)
+    L, _, d = state.top_vals.shape
+    k = cfg.k
+    norm = normaliser.numpy()                                                  # [L, d]
+    parts = []
+    for polarity, vals, pos, wins in (("max", state.top_vals[:, :k], state.top_pos[:, :k], state.top_win),
+                                      ("min", state.bot_vals, state.bot_pos, state.bot_win)):
+        valid = (pos >= 0).numpy()                                             # [L, k, d]
+        layer, rank, neuron = np.nonzero(valid)
+        p = pos.numpy()[layer, rank, neuron]
+        n = norm[layer, neuron]
+        act = vals.numpy()[layer, rank, neuron]
+        w = wins.numpy()[layer, rank, neuron]                                  # [n, W]
+        parts.append(pa.table({
+            "layer": pa.array(layer.astype(np.int16)), "neuron": pa.array(neuron.astype(np.int32)),
+            "polarity": pa.array(np.full(len(p), polarity, object), pa.string()),
+            "rank": pa.array(rank.astype(np.int16)), "doc_id": pa.array((p // T).astype(np.int32)),
+            "token_pos": pa.array((p % T).astype(np.int32)), "activation": pa.array(act.astype(np.float32)),
+            "norm_activation": pa.array(np.where(n > 0, act / np.where(n > 0, n, 1), np.nan).astype(np.float32)),
+            "window_start": pa.array((p % T - WINDOW_BEFORE).astype(np.int32)),
+            "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1).astype(np.float32)), WINDOW),
+        }))
+    _insert(con, "exemplars", pa.concat_tables(parts), order="layer, neuron, polarity, rank")
+    n_tok = max(int(state.n_tokens), 1)
+    mean = (state.act_sum / n_tok)
+    std = (state.act_sumsq / n_tok - mean.square()).clamp_min(0).sqrt()
+    hist = state.hist.numpy()                                                  # [L, d, bins]
+    density = hist[:, :, hist.shape[2] // 2:].sum(-1) / np.maximum(hist.sum(-1), 1)
+    layer, neuron = np.meshgrid(np.arange(L), np.arange(d), indexing="ij")
+    stats = pa.table({
+        "layer": pa.array(layer.ravel().astype(np.int16)), "neuron": pa.array(neuron.ravel().astype(np.int32)),
+        "normaliser": pa.array(norm.ravel().astype(np.float32)),
+        "act_mean": pa.array(mean.numpy().ravel().astype(np.float32)),
+        "act_std": pa.array(std.numpy().ravel().astype(np.float32)),
+        "act_max": pa.array(state.top_vals[:, 0].numpy().ravel().astype(np.float32)),
+        "act_min": pa.array(state.bot_vals[:, 0].numpy().ravel().astype(np.float32)),
+        "density": pa.array(density.ravel().astype(np.float32)),
+        "attr_mean_abs": pa.array((attr.mean_abs().numpy().ravel() if attr else np.full(L * d, np.nan)).astype(np.float32)),
+    })
+    con.register("new_stats", stats)
+    con.execute("""UPDATE neurons SET normaliser = s.normaliser, act_mean = s.act_mean, act_std = s.act_std,
+                   act_max = s.act_max, act_min = s.act_min, density = s.density, attr_mean_abs = s.attr_mean_abs
+                   FROM new_stats s WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")
+    con.unregister("new_stats")
+    hists = pa.table({"layer": pa.array(layer.ravel().astype(np.int16)),
+                      "neuron": pa.array(neuron.ravel().astype(np.int32)),
+                      "counts": pa.FixedSizeListArray.from_arrays(
+                          pa.array(hist.reshape(-1).astype(np.int64)), hist.shape[2])})
+    _insert(con, "histograms", hists, order="layer, neuron")
+    if attr is not None:
+        _insert(con, "attributions", attr.table(T), order="layer, neuron, polarity DESC, rank",
+                select="t.layer, t.neuron, t.rank, t.token_id, v.token, t.attribution, t.polarity, "
+                       "t.doc_id, t.token_pos", join="JOIN vocab v USING (token_id)")
+
+
+def _insert(con, table: str, data: pa.Table, order: str | None = None, select: str = "*", join: str = "") -> None:
+    con.register("new_rows", data)
+    cols = ", ".join(data.column_names) if select == "*" else None
+    target = f"{table} ({cols})" if cols else table
+    con.execute(f"INSERT INTO {target} SELECT {select} FROM new_rows t {join}"
+                + (f" ORDER BY {order}" if order else ""))
+    con.unregister("new_rows")

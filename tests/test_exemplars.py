@@ -1,0 +1,229 @@
+"""The corpus pass: exemplars, quantiles, histograms and attribution against brute force, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from atlas import exemplars as ex_mod
+from atlas.activations import PassState
+from atlas.attribution import attribute_batch
+from atlas.corpus import open_corpus
+from atlas.decode import DecodeConfig
+from atlas.errors import AtlasError
+from atlas.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
+from atlas.pipeline import Build
+from conftest import tiny_model
+from test_cli import assert_one_line_error, atlas
+
+WORDS = ["dog", " dog", "cat", "Paris", "w5", "w7", "w9", "w11", "w13", "w20", "w30"]
+
+
+def corpus_file(tmp_path, n_words: int = 2400):
+    rng = random.Random(0)
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
+    return path
+
+
+CFG = dict(context=16, batch_size=4, k=5, attribution_rows=8, checkpoint_every=2)
+
+
+@pytest.fixture
+def built(tiny_model_dir, tmp_path):
+    b = Build(tmp_path / "out", str(tiny_model_dir("llama")), progress=False)
+    b.decode(DecodeConfig(top_k=3, bottom_k=2))
+    return b
+
+
+def _activations(lm, ids: list[list[int]]) -> torch.Tensor:
+    """Every layer's activation for these inputs, recomputed from scratch: [L, rows, T, d]."""
+    acts = {}
+    hooks = [lm.adapter.out_module(lm.model, layer).register_forward_pre_hook(
+        lambda m, a, layer=layer: acts.__setitem__(layer, a[0].detach().clone()))
+        for layer in range(lm.adapter.n_layers(lm.model))]
+    with torch.no_grad():
+        lm.model(input_ids=torch.tensor(ids))
+    for h in hooks:
+        h.remove()
+    return torch.stack([acts[layer] for layer in sorted(acts)])
+
+
+def test_exemplars_are_true_extremes_and_recompute(built, tmp_path):
+    cfg = ExemplarConfig(corpus=str(corpus_file(tmp_path)), quantile=0.01, **CFG)
+    built.exemplars(cfg)
+    con = duckdb.connect(str(built.out / "atlas.duckdb"), read_only=True)
+    docs = con.execute("SELECT doc_id, token_ids FROM corpus_docs ORDER BY doc_id").fetchall()
+    assert [d for d, _ in docs] == list(range(len(docs))) and all(len(t) == 16 for _, t in docs)
+    acts = _activations(built.lm, [t for _, t in docs])                        # [L, rows, T, d]
+    L, R, T, d = acts.shape
+    flat = acts.reshape(L, R * T, d)
+    ex = con.execute("""SELECT layer, neuron, polarity, rank, doc_id, token_pos, activation, norm_activation
+                        FROM exemplars ORDER BY ALL""").fetchall()
+    assert len(ex) == L * d * 2 * 5
+    norm = dict(((l, n), v) for l, n, v in con.execute("SELECT layer, neuron, normaliser FROM neurons").fetchall())
+    for layer, neuron, polarity, rank, doc_id, pos, act, norm_act in ex:
+        assert act == pytest.approx(acts[layer, doc_id, pos, neuron].item(), abs=1e-5)
+        assert norm_act == pytest.approx(act / norm[(layer, neuron)], rel=1e-4)
+    # The stored top exemplar is the maximum over every token of the stored corpus.
+    top = {(l, n): a for l, n, p, r, _, _, a, _ in ex if p == "max" and r == 0}
+    bottom = {(l, n): a for l, n, p, r, _, _, a, _ in ex if p == "min" and r == 0}
+    for layer in range(L):
+        np.testing.assert_allclose([top[(layer, n)] for n in range(d)], flat[layer].amax(0).numpy(), rtol=1e-6)
+        np.testing.assert_allclose([bottom[(layer, n)] for n in range(d)], flat[layer].amin(0).numpy(), rtol=1e-6)
+        # Exemplars come from different inputs.
+    per_doc = con.execute("""SELECT count(*) FROM (SELECT layer, neuron, polarity, doc_id, count(*) c
+                             FROM exemplars GROUP BY ALL HAVING c > 1)""").fetchone()[0]
+    assert per_doc == 0
+    # The normaliser is the exact upper 1% quantile: descending rank floor(q * n).
+    n_tok = R * T
+    assert k_tail(cfg, n_tok) > cfg.k
+    rank = math.floor(0.01 * n_tok)
+    expected = flat.sort(dim=1, descending=True).values[:, rank, :]             # [L, d]
+    got = np.array([[norm[(l, n)] for n in range(d)] for l in range(L)])
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+    # Histograms count every 16th token of every neuron.
+    counts = con.execute("SELECT list_sum(counts::BIGINT[]) FROM histograms").fetchall()
+    assert {c for (c,) in counts} == {n_tok // 16} and len(counts) == L * d
+    # Mean and std over the corpus.
+    mean = np.array(con.execute("SELECT act_mean FROM neurons ORDER BY layer, neuron").fetchall())[:, 0]
+    np.testing.assert_allclose(mean, flat.mean(1).reshape(-1).numpy(), atol=1e-5)
+
+
+def test_shards_merge_to_the_whole(built, tmp_path):
+    rows = read_rows(ExemplarConfig(corpus=str(corpus_file(tmp_path)), **CFG), built.lm.tokenizer)
+    L, d = built.lm.adapter.n_layers(built.lm.model), built.lm.adapter.d_mlp(built.lm.model)
+    whole = hooked_pass(built.lm, rows, PassState.empty(L, d, 5, 7), 0, 4, progress=False)
+    half = len(rows) // 2
+    a = hooked_pass(built.lm, rows[:half], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
+    b = hooked_pass(built.lm, rows[half:], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
+    merged = a.merge(b)
+    for name in ("top_vals", "top_pos", "bot_vals", "bot_pos", "tail_vals", "hist", "n_tokens"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    torch.testing.assert_close(merged.top_win, whole.top_win, equal_nan=True)
+    torch.testing.assert_close(merged.act_sum, whole.act_sum)
+
+
+def test_interrupted_pass_resumes_to_the_same_store(tiny_model_dir, tmp_path, monkeypatch):
+    model, corpus = str(tiny_model_dir("llama")), str(corpus_file(tmp_path))
+    cfg = ExemplarConfig(corpus=corpus, **CFG)
+
+    def build(out):
+        b = Build(out, model, progress=False)
+        b.decode(DecodeConfig(top_k=3, bottom_k=2))
+        return b
+
+    build(tmp_path / "clean").exemplars(cfg)
+    real = ex_mod.hooked_pass
+
+    def dies_after_five_batches(lm, rows, state, start, bs, on_batch=None, progress=True):
+        def hook(done, st):
+            on_batch(done, st)
+            if done == 5:
+                raise KeyboardInterrupt
+        return real(lm, rows, state, start, bs, hook, progress)
+
+    monkeypatch.setattr(ex_mod, "hooked_pass", dies_after_five_batches)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "crashed").exemplars(cfg)
+    assert (tmp_path / "crashed" / ".atlas.duckdb.exemplars.ckpt").is_file()
+    monkeypatch.setattr(ex_mod, "hooked_pass", real)
+    started = {}
+
+    def record_start(lm, rows, state, start, *args, **kw):
+        started["batch"] = start
+        return real(lm, rows, state, start, *args, **kw)
+
+    monkeypatch.setattr(ex_mod, "hooked_pass", record_start)
+    build(tmp_path / "crashed").exemplars(cfg)
+    assert started["batch"] == 4      # the last checkpoint, not the start
+    q = "SELECT * EXCLUDE (window_activations), window_activations::VARCHAR FROM exemplars ORDER BY ALL"
+    for query in (q, "SELECT * FROM neurons ORDER BY ALL", "SELECT * FROM attributions ORDER BY ALL",
+                  "SELECT * FROM corpus_docs ORDER BY ALL"):
+        with duckdb.connect(str(tmp_path / "clean" / "atlas.duckdb"), read_only=True) as c1, \
+                duckdb.connect(str(tmp_path / "crashed" / "atlas.duckdb"), read_only=True) as c2:
+            assert c1.execute(query).fetchall() == c2.execute(query).fetchall()
+    assert not (tmp_path / "crashed" / ".atlas.duckdb.exemplars.ckpt").exists()
+
+
+def test_attribution_matches_finite_differences():
+    # GPT-2 computes its norms in the model's dtype (Llama's RMSNorm upcasts to float32 only),
+    # so in float64 a central difference is exact to many digits.
+    torch.manual_seed(0)
+    model = tiny_model("gpt2").double()
+    from atlas.arch import adapter_for
+    adapter = adapter_for(model)
+    ids = torch.randint(3, 64, (3, 10))
+    pos = torch.tensor([2, 5, 8])
+    got = attribute_batch(model, adapter, ids, pos).double()                         # [L, B, d]
+
+    def prob(layer, b, neuron, delta):
+        def bump(m, args):
+            a = args[0].clone()
+            a[b, pos[b], neuron] += delta
+            return (a,)
+        h = adapter.out_module(model, layer).register_forward_pre_hook(bump)
+        with torch.no_grad():
+            p = model(input_ids=ids).logits[b, pos[b]].softmax(-1)[ids[b, pos[b] + 1]].item()
+        h.remove()
+        return p
+
+    acts = _activations(type("LM", (), {"model": model, "adapter": adapter})(), ids.tolist())
+    eps = 1e-5
+    for layer, b, neuron in [(0, 0, 3), (1, 1, 17), (1, 2, 40), (0, 2, 0), (1, 0, 47)]:
+        grad = (prob(layer, b, neuron, eps) - prob(layer, b, neuron, -eps)) / (2 * eps)
+        expected = acts[layer, b, pos[b], neuron].item() * grad
+        assert got[layer, b, neuron].item() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert abs(expected) > 1e-9
+
+
+def test_readers(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("alpha")
+    (tmp_path / "d" / "b.md").write_text("beta")
+    (tmp_path / "d" / "skip.bin").write_bytes(b"\0\1")
+    assert list(open_corpus(str(tmp_path / "d"))) == [("a.txt", "alpha"), ("b.md", "beta")]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert [t for _, t in open_corpus(str(tmp_path / "c.jsonl"))] == ["one", "two"]
+    pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "c.parquet")
+    assert [t for _, t in open_corpus(str(tmp_path / "c.parquet"), "body")] == ["x", "y"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "state.json").write_text("{}")
+    table = pa.table({"text": ["first", "second"]})
+    with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    assert [t for _, t in open_corpus(str(hf))] == ["first", "second"]
+    docs = list(open_corpus("default"))
+    assert len(docs) > 1000 and docs[0][0].startswith("pydoc:")
+
+
+def test_bad_corpora_fail_in_one_line_and_keep_the_store(built, tmp_path):
+    out, model = built.out, str(built.model_spec)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.txt").write_bytes(b"abc\0\1\2")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    (tmp_path / "short.txt").write_text("dog cat")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "notext.parquet")
+    cases = [("empty.txt", "is empty"), ("binary.txt", "is binary"), ("latin1.txt", "not UTF-8"),
+             ("short.txt", "fewer than one context"), ("notext.parquet", "no 'text' column"),
+             ("missing.txt", "corpus not found")]
+    before = duckdb.connect(str(out / "atlas.duckdb"), read_only=True).execute(
+        "SELECT count(*) FROM decoded_tokens").fetchone()
+    for name, needle in cases:
+        proc = atlas("exemplars", "--out", out, "--model", model, "--corpus", tmp_path / name,
+                      "--context", 16, "--quiet")
+        assert_one_line_error(proc, needle)
+    assert_one_line_error(atlas("exemplars", "--out", out, "--model", model, "--max-tokens", 0, "--context", 0),
+                          "--context")
+    with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM decoded_tokens").fetchone() == before
+        assert con.execute("SELECT count(*) FROM corpus_docs").fetchone() == (0,)
