@@ -109,9 +109,7 @@ def print_corpus_table(r: dict) -> None:
         ("throughput ratio", f"{r['ratio']:.3f} (target >= 0.8)"),
         ("memory", f"pass state {r['state_mb']:.0f} MiB (O(k x neurons)), process peak {r['peak_rss_mb']:,.0f} MiB"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    _print_rows(rows)
 
 
 def print_table(r: dict) -> None:
@@ -124,6 +122,10 @@ def print_table(r: dict) -> None:
         ("ratio", f"{r['ratio']:.3f} (target <= 1.3)"),
         ("whole model, est.", f"{r['full_model_estimate_s']:.1f} s for every side of every neuron"),
     ]
+    _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
