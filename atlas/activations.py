@@ -66,10 +66,6 @@ class PassState:
             n_tokens=torch.zeros((), **i64),
         )
 
-    @property
-    def k(self) -> int:
-        return self.bot_vals.shape[1]
-
     def to(self, device) -> "PassState":
         return PassState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

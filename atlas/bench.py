@@ -66,15 +66,20 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
     """The hooked corpus pass vs the same forward passes without statistics, interleaved."""
     import resource
 
-    from .exemplars import ExemplarConfig, hooked_pass, read_rows
+    from .exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 
     lm = load_model(model, device, dtype)
     cfg = ExemplarConfig(max_tokens=batches * batch_size * context, context=context, batch_size=batch_size)
     rows = read_rows(cfg, lm.tokenizer)
     L, d = lm.adapter.n_layers(lm.model), lm.adapter.d_mlp(lm.model)
+    tokens = len(rows) * context
+
+    def empty_state(device) -> PassState:
+        # The same state the build's pass keeps for this many tokens.
+        return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device)
 
     def run(hooked: bool) -> float:
-        state = PassState.empty(L, d, cfg.k, cfg.k, lm.device) if hooked else None
+        state = empty_state(lm.device) if hooked else None
         start = time.perf_counter()
         hooked_pass(lm, rows, state, 0, batch_size, progress=False)
         if lm.device.type == "cuda":
@@ -88,8 +93,7 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
     for _ in range(max(1, repeats)):
         plain.append(run(False))
         hooked.append(run(True))
-    tokens = len(rows) * context
-    state_bytes = sum(t.numel() * t.element_size() for t in PassState.empty(L, d, cfg.k, cfg.k).state_dict().values())
+    state_bytes = sum(t.numel() * t.element_size() for t in empty_state("cpu").state_dict().values())
     return {
         "stage": "corpus", "model": lm.model_id, "device": _device_name(lm.device),
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "tokens": tokens,

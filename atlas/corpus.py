@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,6 +9,7 @@ last checkpoint and ends with exactly the state of an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
@@ -81,8 +82,8 @@ def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
 
 
 def k_tail(cfg: ExemplarConfig, n_tokens: int) -> int:
-    """Rows of top activations kept so that the upper quantile is exact."""
-    return max(cfg.k, math.floor(cfg.quantile * n_tokens) + 1)
+    """Token-level top values kept per neuron so that the upper quantile is exact."""
+    return math.floor(cfg.quantile * n_tokens) + 1
 
 
 def hooked_pass(lm: LoadedModel, rows: list[Row], state: PassState | None, start_batch: int, batch_size: int,
@@ -137,7 +138,8 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
                   progress: bool = True) -> dict:
     cfg.validate()
     rows = read_rows(cfg, lm.tokenizer)
-    fp = fingerprint(weights_hash, corpus_hash(rows), cfg)
+    rows_hash = corpus_hash(rows)
+    fp = fingerprint(weights_hash, rows_hash, cfg)
     if store.stage_done(STAGE, fp):
         return {"skipped": True}
     adapter, model = lm.adapter, lm.model
@@ -165,7 +167,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
     with store.transaction() as con:
         _write(con, lm, rows, state.to("cpu"), normaliser, attr, cfg)
         store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
-                                  "tokens": n_tokens, "hash": corpus_hash(rows)})
+                                  "tokens": n_tokens, "hash": rows_hash})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg)})
     ckpt.unlink(missing_ok=True)
@@ -174,7 +176,6 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
 
 
 def _save_checkpoint(path: Path, fp: str, batches: int, state: PassState) -> None:
-    import io
     buf = io.BytesIO()
     torch.save({"fingerprint": fp, "batches": batches, "state": state.state_dict()}, buf)
     write_bytes_atomic(path, buf.getvalue())
