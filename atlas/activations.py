@@ -34,47 +34,64 @@ def hist_index(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PassState:
-    """Everything a pass keeps; every tensor is [layers, ...] and lives on the pass's device."""
+    """Everything a pass keeps; every tensor is [layers, ...] and lives on the pass's device.
 
-    top_vals: torch.Tensor      # [L, k, d_mlp] largest per-input maxima, descending
-    top_pos: torch.Tensor       # [L, k, d_mlp] global token index = doc_id * context + position
-    top_win: torch.Tensor       # [L, k, d_mlp, WINDOW] activations around each of them
-    bot_vals: torch.Tensor      # [L, k, d_mlp] smallest per-input minima, ascending
+    The exemplar lists hold ``k + spare`` slots: the first entries are the k best so far
+    (sorted at the last compaction), and new candidates are appended behind them unsorted
+    until a neuron's slots run out. Only then are that neuron's slots sorted back down to k,
+    so a batch costs a few elementwise passes instead of a sort of every neuron.
+    ``finished()`` sorts everything and returns exactly k per neuron.
+    """
+
+    top_vals: torch.Tensor      # [L, k + spare, d_mlp] per-input maxima; empty slots -inf, position -1
+    top_pos: torch.Tensor       # [L, k + spare, d_mlp] global token index = doc_id * context + position
+    top_win: torch.Tensor       # [L, k + spare, d_mlp, WINDOW] activations around each of them
+    top_floor: torch.Tensor     # [L, d_mlp] k-th best value at the last compaction (-inf before k)
+    bot_vals: torch.Tensor      # per-input minima; empty slots +inf
     bot_pos: torch.Tensor
     bot_win: torch.Tensor
+    bot_floor: torch.Tensor
     tail_vals: torch.Tensor     # [L, K, d_mlp] largest token-level activations, for the quantile
     hist: torch.Tensor          # [L, d_mlp, HIST_BINS] counts on hist_edges()
     act_sum: torch.Tensor       # [L, d_mlp] float64
     act_sumsq: torch.Tensor
     n_tokens: torch.Tensor      # [] tokens seen per neuron
+    k: int = 20
 
     @classmethod
-    def empty(cls, n_layers: int, d_mlp: int, k: int, k_tail: int, device="cpu") -> "PassState":
+    def empty(cls, n_layers: int, d_mlp: int, k: int, k_tail: int, device="cpu", spare: int = 16) -> "PassState":
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
+        slots = k + max(1, spare)
         return cls(
-            top_vals=torch.full((n_layers, k, d_mlp), -math.inf, **f32),
-            top_pos=torch.full((n_layers, k, d_mlp), -1, **i64),
-            top_win=torch.full((n_layers, k, d_mlp, WINDOW), math.nan, **f32),
-            bot_vals=torch.full((n_layers, k, d_mlp), math.inf, **f32),
-            bot_pos=torch.full((n_layers, k, d_mlp), -1, **i64),
-            bot_win=torch.full((n_layers, k, d_mlp, WINDOW), math.nan, **f32),
+            top_vals=torch.full((n_layers, slots, d_mlp), -math.inf, **f32),
+            top_pos=torch.full((n_layers, slots, d_mlp), -1, **i64),
+            top_win=torch.full((n_layers, slots, d_mlp, WINDOW), math.nan, **f32),
+            top_floor=torch.full((n_layers, d_mlp), -math.inf, **f32),
+            bot_vals=torch.full((n_layers, slots, d_mlp), math.inf, **f32),
+            bot_pos=torch.full((n_layers, slots, d_mlp), -1, **i64),
+            bot_win=torch.full((n_layers, slots, d_mlp, WINDOW), math.nan, **f32),
+            bot_floor=torch.full((n_layers, d_mlp), math.inf, **f32),
             tail_vals=torch.full((n_layers, k_tail, d_mlp), -math.inf, **f32),
             hist=torch.zeros((n_layers, d_mlp, HIST_BINS), **i64),
             act_sum=torch.zeros((n_layers, d_mlp), dtype=torch.float64, device=device),
             act_sumsq=torch.zeros((n_layers, d_mlp), dtype=torch.float64, device=device),
             n_tokens=torch.zeros((), **i64),
+            k=k,
         )
 
+    def _tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "k"}
+
     def to(self, device) -> "PassState":
-        return PassState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return PassState(**{n: t.to(device) for n, t in self._tensors().items()}, k=self.k)
 
     def state_dict(self) -> dict:
-        return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
+        return {**{n: t.cpu() for n, t in self._tensors().items()}, "k": torch.tensor(self.k)}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "PassState":
-        return cls(**d)
+        return cls(**{n: t for n, t in d.items() if n != "k"}, k=int(d["k"]))
 
     # -- folding in a batch ---------------------------------------------------------
     @torch.no_grad()
@@ -89,16 +106,13 @@ class PassState:
         B, T, d = acts.shape
         acts = acts.float()
         x = acts.reshape(B * T, d)                                             # [BT, d]
-        row_start = torch.arange(B, device=x.device).unsqueeze(1) * T          # [B, 1]
-        for largest, names in ((True, ("top_vals", "top_pos", "top_win")),
-                               (False, ("bot_vals", "bot_pos", "bot_win"))):
-            v, t = acts.max(dim=1) if largest else acts.min(dim=1)            # [B, d] per input
-            vals, pos, wins = (getattr(self, n)[layer] for n in names)
-            merged = _merge_batch(vals, pos, wins, v, t + row_start + first_token, _row_windows(acts, t), largest)
-            for name, tensor in zip(names, merged):
-                getattr(self, name)[layer] = tensor
-            if largest:
-                self._update_tail(layer, acts, v)
+        spare = self.top_vals.shape[1] - self.k
+        row_max = []
+        for start in range(0, B, spare):                                       # a neuron gains <= spare per chunk
+            part = acts[start:start + spare]
+            row_max.append(self._fold_extremes(layer, part, first_token + start * T, largest=True))
+            self._fold_extremes(layer, part, first_token + start * T, largest=False)
+        self._update_tail(layer, acts, torch.cat(row_max))
         # The histogram is taken over every HIST_STRIDE-th token: a density estimate does not
         # need every token, and binning all of them would cost more than the forward pass.
         sample = x[::HIST_STRIDE].contiguous()
@@ -107,6 +121,58 @@ class PassState:
             torch.ones(1, dtype=torch.int64, device=x.device).expand(sample.numel()))
         self.act_sum[layer] += x.sum(0)
         self.act_sumsq[layer] += torch.linalg.vecdot(x.T, x.T)
+
+    def _fold_extremes(self, layer: int, acts: torch.Tensor, first_token: int, largest: bool) -> torch.Tensor:
+        """Append each input's strongest token to the neurons it may enter; returns the per-input extremes.
+
+        A candidate below the k-th value of the last compaction cannot enter the k best, so
+        positions and windows are computed only for (input, neuron) pairs at or above it (ties
+        kept, so the result equals merging every input).
+        """
+        B, T, d = acts.shape
+        names = ("top_vals", "top_pos", "top_win", "top_floor") if largest else \
+                ("bot_vals", "bot_pos", "bot_win", "bot_floor")
+        vals, pos, wins, floor = (getattr(self, n)[layer] for n in names)
+        v = acts.amax(1) if largest else acts.amin(1)                         # [B, d] per input
+        hit = v >= floor if largest else v <= floor
+        gained = hit.sum(0)                                                   # [d]
+        used = (pos >= 0).sum(0)                                              # filled slots are a prefix
+        full = (used + gained > vals.shape[0]).nonzero().squeeze(1)
+        if full.numel():
+            self._compact(layer, largest, full)
+            used[full] = (pos[:, full] >= 0).sum(0)
+        hb, hn = hit.nonzero(as_tuple=True)                                   # ordered by input, then neuron
+        if hb.numel() == 0:
+            return v
+        rows = acts[hb, :, hn]                                                # [m, T] each pair's input
+        t = rows.argmax(1) if largest else rows.argmin(1)
+        slot = used[hn] + hit.cumsum(0)[hb, hn] - 1
+        vals[slot, hn] = v[hb, hn]
+        pos[slot, hn] = first_token + hb * T + t
+        wins[slot, hn] = _windows(rows, t)
+        return v
+
+    def _compact(self, layer: int, largest: bool, cols: torch.Tensor | None = None) -> None:
+        """Sort the slots of neurons ``cols`` (all when None) and keep the k best; the rest empty."""
+        names = ("top_vals", "top_pos", "top_win", "top_floor") if largest else \
+                ("bot_vals", "bot_pos", "bot_win", "bot_floor")
+        vals, pos, wins, floor = (getattr(self, n)[layer] for n in names)
+        cols = torch.arange(vals.shape[1], device=vals.device) if cols is None else cols
+        v, p, w = _sort_slots(vals[:, cols], pos[:, cols], wins[:, cols], largest)
+        k = self.k
+        v[k:], p[k:], w[k:] = (-math.inf if largest else math.inf), -1, math.nan
+        vals[:, cols], pos[:, cols], wins[:, cols] = v, p, w
+        floor[cols] = v[k - 1]
+
+    def finished(self) -> "PassState":
+        """A copy with every neuron's slots sorted and exactly k kept: what results and merges read."""
+        out = PassState(**{n: t.clone() for n, t in self._tensors().items()}, k=self.k)
+        for layer in range(out.top_vals.shape[0]):
+            out._compact(layer, True)
+            out._compact(layer, False)
+        for name in ("top_vals", "top_pos", "top_win", "bot_vals", "bot_pos", "bot_win"):
+            setattr(out, name, getattr(out, name)[:, :self.k].contiguous())
+        return out
 
     def _update_tail(self, layer: int, acts: torch.Tensor, row_max: torch.Tensor) -> None:
         """Token-level top values for the quantile. A token in the corpus-wide top K is in its
@@ -124,16 +190,17 @@ class PassState:
 
     # -- merging shards -------------------------------------------------------------
     def merge(self, other: "PassState") -> "PassState":
-        """The state of both shards' tokens together; ``self`` and ``other`` are unchanged."""
-        out = PassState(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
-        for layer in range(self.top_vals.shape[0]):
-            for largest, (vals, pos, wins) in ((True, ("top_vals", "top_pos", "top_win")),
-                                              (False, ("bot_vals", "bot_pos", "bot_win"))):
-                merged = _merge_batch(getattr(self, vals)[layer], getattr(self, pos)[layer],
-                                      getattr(self, wins)[layer], getattr(other, vals)[layer],
-                                      getattr(other, pos)[layer], getattr(other, wins)[layer], largest)
-                for name, t in zip((vals, pos, wins), merged):
-                    getattr(out, name)[layer] = t
+        """The finished state of both shards' tokens together; ``self`` and ``other`` are unchanged."""
+        a, b = self.finished(), other.finished()
+        out = PassState(**{n: t.clone() for n, t in a._tensors().items()}, k=self.k)
+        for name in ("top", "bot"):
+            vals, pos, wins = (torch.cat([getattr(a, f"{name}_{f}"), getattr(b, f"{name}_{f}")], 1)
+                               for f in ("vals", "pos", "win"))
+            for layer in range(vals.shape[0]):
+                v, p, w = _sort_slots(vals[layer], pos[layer], wins[layer], name == "top")
+                getattr(out, f"{name}_vals")[layer], getattr(out, f"{name}_pos")[layer] = v[:self.k], p[:self.k]
+                getattr(out, f"{name}_win")[layer] = w[:self.k]
+                getattr(out, f"{name}_floor")[layer] = v[self.k - 1]
         K = self.tail_vals.shape[1]
         out.tail_vals = torch.cat([self.tail_vals, other.tail_vals], 1).topk(K, dim=1).values
         for name in ("hist", "act_sum", "act_sumsq", "n_tokens"):
@@ -151,26 +218,21 @@ class PassState:
         return self.tail_vals[:, rank, :]
 
 
-def _row_windows(acts: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Activations around position ``t[b, n]`` of row b for neuron n: [B, d, WINDOW], NaN off the row."""
-    B, T, d = acts.shape
-    offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=acts.device).view(1, WINDOW, 1)
-    idx = t.unsqueeze(1) + offsets                                                    # [B, W, d]
+def _windows(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Values of each row around its position ``t``: [m, T] -> [m, WINDOW], NaN off the row."""
+    T = rows.shape[1]
+    idx = t.unsqueeze(1) + torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=rows.device)
     inside = (idx >= 0) & (idx < T)
-    w = acts.gather(1, idx.clamp(0, T - 1)).masked_fill_(~inside, math.nan)
-    return w.permute(0, 2, 1)
+    return rows.gather(1, idx.clamp(0, T - 1)).masked_fill_(~inside, math.nan)
 
 
-def _merge_batch(vals, pos, wins, new_vals, new_pos, new_wins, largest: bool):
-    """Keep the k best of the kept entries ([k, d], windows [k, d, W]) and the new candidates."""
-    k = vals.shape[0]
-    all_vals, all_pos = torch.cat([vals, new_vals]), torch.cat([pos, new_pos])
-    # Equal activations (repeated text gives them) are ordered by position, so that the
-    # result does not depend on how the corpus was split into batches or shards.
-    # Empty slots (position -1) sort last among equals, whatever their placeholder value.
-    by_pos = torch.where(all_pos < 0, torch.iinfo(torch.int64).max, all_pos).argsort(dim=0, stable=True)
-    by_val = all_vals.gather(0, by_pos).argsort(dim=0, descending=largest, stable=True)
-    i = by_pos.gather(0, by_val)[:k]                                                  # [k, d]
-    v, p = all_vals.gather(0, i), all_pos.gather(0, i)
-    w = torch.cat([wins, new_wins]).gather(0, i.unsqueeze(-1).expand(*i.shape, wins.shape[-1]))
-    return v, p, w
+def _sort_slots(vals, pos, wins, largest: bool):
+    """Order slots ([n, d], windows [n, d, W]) best first; equal values by position, empty slots last.
+
+    Equal activations (repeated text gives them) are ordered by position, so that the result
+    does not depend on how the corpus was split into batches or shards.
+    """
+    by_pos = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos).argsort(dim=0, stable=True)
+    by_val = vals.gather(0, by_pos).argsort(dim=0, descending=largest, stable=True)
+    i = by_pos.gather(0, by_val)
+    return vals.gather(0, i), pos.gather(0, i), wins.gather(0, i.unsqueeze(-1).expand(*i.shape, wins.shape[-1]))

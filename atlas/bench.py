@@ -66,7 +66,7 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
     """The hooked corpus pass vs the same forward passes without statistics, interleaved."""
     import resource
 
-    from .exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
+    from .exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows, spare_slots
 
     lm = load_model(model, device, dtype)
     cfg = ExemplarConfig(max_tokens=batches * batch_size * context, context=context, batch_size=batch_size)
@@ -76,7 +76,7 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
 
     def empty_state(device) -> PassState:
         # The same state the build's pass keeps for this many tokens.
-        return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device)
+        return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device, spare_slots(cfg))
 
     def run(hooked: bool) -> float:
         state = empty_state(lm.device) if hooked else None

@@ -86,6 +86,11 @@ def k_tail(cfg: ExemplarConfig, n_tokens: int) -> int:
     return math.floor(cfg.quantile * n_tokens) + 1
 
 
+def spare_slots(cfg: ExemplarConfig) -> int:
+    """Unsorted exemplar slots per neuron beyond k: one batch's worth, at most 32 (memory)."""
+    return min(cfg.batch_size, 32)
+
+
 def hooked_pass(lm: LoadedModel, rows: list[Row], state: PassState | None, start_batch: int, batch_size: int,
                 on_batch=None, progress: bool = True) -> PassState | None:
     """Fold batches ``start_batch..`` of ``rows`` into ``state`` with every layer hooked at once.
@@ -146,7 +151,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
     n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
     n_tokens = len(rows) * cfg.context
     ckpt = _checkpoint_path(store)
-    state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device), 0
+    state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device, spare_slots(cfg)), 0
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fp:
@@ -165,7 +170,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
         attr = attribute_rows(lm, rows, cfg, progress)
     normaliser = state.normaliser(cfg.quantile).cpu()
     with store.transaction() as con:
-        _write(con, lm, rows, state.to("cpu"), normaliser, attr, cfg)
+        _write(con, lm, rows, state.to("cpu").finished(), normaliser, attr, cfg)
         store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
                                   "tokens": n_tokens, "hash": rows_hash})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])

@@ -105,11 +105,34 @@ def test_shards_merge_to_the_whole(built, tmp_path):
     half = len(rows) // 2
     a = hooked_pass(built.lm, rows[:half], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
     b = hooked_pass(built.lm, rows[half:], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
-    merged = a.merge(b)
+    merged, whole = a.merge(b), whole.finished()
     for name in ("top_vals", "top_pos", "bot_vals", "bot_pos", "tail_vals", "hist", "n_tokens"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     torch.testing.assert_close(merged.top_win, whole.top_win, equal_nan=True)
     torch.testing.assert_close(merged.act_sum, whole.act_sum)
+
+
+@pytest.mark.parametrize("batch,spare", [(4, 4), (8, 3), (1, 1)])
+def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare):
+    """Appending candidates and sorting only when slots run out gives exactly the k best per-input
+    extremes, equal values ordered by position, whatever the batch size and spare slots."""
+    gen = torch.Generator().manual_seed(3)
+    L, T, d, k, n_rows = 2, 6, 5, 4, 40
+    acts = (torch.randint(-6, 7, (L, n_rows, T, d), generator=gen) / 2).float()     # many ties
+    st = PassState.empty(L, d, k, 1, spare=spare)
+    for start in range(0, n_rows, batch):
+        for layer in range(L):
+            st.update(layer, acts[layer, start:start + batch], start * T)
+    got = st.finished()
+    for layer in range(L):
+        for n in range(d):
+            col = acts[layer, :, :, n]                                           # [rows, T]
+            for largest, vals, pos in ((True, got.top_vals, got.top_pos), (False, got.bot_vals, got.bot_pos)):
+                v = col.amax(1) if largest else col.amin(1)
+                t = torch.tensor([int((row == x).nonzero()[0]) for row, x in zip(col, v)])
+                keyed = sorted(range(n_rows), key=lambda r: (-v[r] if largest else v[r], r))[:k]
+                assert vals[layer, :, n].tolist() == [float(v[r]) for r in keyed]
+                assert pos[layer, :, n].tolist() == [r * T + int(t[r]) for r in keyed]
 
 
 def test_interrupted_pass_resumes_to_the_same_store(tiny_model_dir, tmp_path, monkeypatch):
