@@ -28,7 +28,11 @@ def hist_edges() -> torch.Tensor:
 
 def hist_index(x: torch.Tensor) -> torch.Tensor:
     """Bin of each value on hist_edges(); values beyond the outer edges land in the outer bins."""
-    i = (torch.asinh(x * (1 / HIST_SCALE)).add_(_A)).mul_(HIST_BINS / (2 * _A)).floor_()
+    y = x * (1 / HIST_SCALE)
+    # asinh(y) = sign(y) log(|y| + sqrt(y^2 + 1)), written out because torch's asinh is not
+    # vectorised on the CPU and cost more than the rest of a batch's statistics.
+    a = torch.log(y.abs() + (y * y).add_(1).sqrt_()).copysign_(y)
+    i = a.add_(_A).mul_(HIST_BINS / (2 * _A)).floor_()
     return i.clamp_(0, HIST_BINS - 1).long()
 
 
@@ -112,15 +116,21 @@ class PassState:
             part = acts[start:start + spare]
             row_max.append(self._fold_extremes(layer, part, first_token + start * T, largest=True))
             self._fold_extremes(layer, part, first_token + start * T, largest=False)
-        self._update_tail(layer, acts, torch.cat(row_max))
+        self._update_tail(layer, acts, row_max[0] if len(row_max) == 1 else torch.cat(row_max))
         # The histogram is taken over every HIST_STRIDE-th token: a density estimate does not
         # need every token, and binning all of them would cost more than the forward pass.
         sample = x[::HIST_STRIDE].contiguous()
         self.hist[layer].view(-1).index_add_(
             0, (hist_index(sample) + torch.arange(d, device=x.device) * HIST_BINS).view(-1),
             torch.ones(1, dtype=torch.int64, device=x.device).expand(sample.numel()))
-        self.act_sum[layer] += x.sum(0)
-        self.act_sumsq[layer] += torch.linalg.vecdot(x.T, x.T)
+        # Sums in blocks of rows that stay in cache: squaring the whole batch at once costs
+        # three times as much on a CPU.
+        s, sq = torch.zeros(2, d, device=x.device)
+        for block in x.split(256):
+            s += block.sum(0)
+            sq += (block * block).sum(0)
+        self.act_sum[layer] += s
+        self.act_sumsq[layer] += sq
 
     def _fold_extremes(self, layer: int, acts: torch.Tensor, first_token: int, largest: bool) -> torch.Tensor:
         """Append each input's strongest token to the neurons it may enter; returns the per-input extremes.
@@ -133,7 +143,10 @@ class PassState:
         names = ("top_vals", "top_pos", "top_win", "top_floor") if largest else \
                 ("bot_vals", "bot_pos", "bot_win", "bot_floor")
         vals, pos, wins, floor = (getattr(self, n)[layer] for n in names)
-        v = acts.amax(1) if largest else acts.amin(1)                         # [B, d] per input
+        C = _chunk(T)
+        cext = (acts.reshape(B, T // C, C, d).amax(2) if largest else
+                acts.reshape(B, T // C, C, d).amin(2))                           # [B, T/C, d] per chunk
+        v = cext.amax(1) if largest else cext.amin(1)                         # [B, d] per input
         hit = v >= floor if largest else v <= floor
         gained = hit.sum(0)                                                   # [d]
         used = (pos >= 0).sum(0)                                              # filled slots are a prefix
@@ -144,12 +157,18 @@ class PassState:
         hb, hn = hit.nonzero(as_tuple=True)                                   # ordered by input, then neuron
         if hb.numel() == 0:
             return v
-        rows = acts[hb, :, hn]                                                # [m, T] each pair's input
-        t = rows.argmax(1) if largest else rows.argmin(1)
+        # Only the chunk holding each hit's extreme is searched, and only its window is read.
+        cm = cext[hb, :, hn]                                                  # [m, T/C]
+        ci = cm.argmax(1) if largest else cm.argmin(1)
+        inner = acts[hb.unsqueeze(1), ci.unsqueeze(1) * C + torch.arange(C, device=acts.device), hn.unsqueeze(1)]
+        t = ci * C + (inner.argmax(1) if largest else inner.argmin(1))        # [m] position in the input
+        idx = t.unsqueeze(1) + torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=acts.device)
+        win = acts[hb.unsqueeze(1), idx.clamp(0, T - 1), hn.unsqueeze(1)]      # [m, WINDOW]
+        win.masked_fill_((idx < 0) | (idx >= T), math.nan)
         slot = used[hn] + hit.cumsum(0)[hb, hn] - 1
         vals[slot, hn] = v[hb, hn]
         pos[slot, hn] = first_token + hb * T + t
-        wins[slot, hn] = _windows(rows, t)
+        wins[slot, hn] = win
         return v
 
     def _compact(self, layer: int, largest: bool, cols: torch.Tensor | None = None) -> None:
@@ -218,12 +237,9 @@ class PassState:
         return self.tail_vals[:, rank, :]
 
 
-def _windows(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Values of each row around its position ``t``: [m, T] -> [m, WINDOW], NaN off the row."""
-    T = rows.shape[1]
-    idx = t.unsqueeze(1) + torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=rows.device)
-    inside = (idx >= 0) & (idx < T)
-    return rows.gather(1, idx.clamp(0, T - 1)).masked_fill_(~inside, math.nan)
+def _chunk(T: int) -> int:
+    """Tokens per chunk when looking for an input's extreme: a divisor of T near 16, else T."""
+    return next((c for c in (16, 8, 32, 12, 10, 20, 24, 64) if T % c == 0 and c < T), T)
 
 
 def _sort_slots(vals, pos, wins, largest: bool):

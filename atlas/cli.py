@@ -17,6 +17,7 @@ from .decode import DecodeConfig
 from .errors import AtlasError
 from .exemplars import ExemplarConfig
 from .render import RenderConfig
+from .shapes import SHAPES as SHAPE_NAMES
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -234,33 +235,46 @@ def info(out, as_json):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["decode", "corpus"]), default="decode")
+@click.argument("what", type=click.Choice(["decode", "corpus", "all"]), default="decode")
 @model_option
 @device_option
 @dtype_option
-@click.option("--layers", default=6, show_default=True, type=int,
-              help="how many layers (spread over the model) to time; 0 for all")
-@click.option("--repeats", default=3, show_default=True, type=int, help="timed repeats; the fastest counts")
+@click.option("--shape", type=click.Choice(list(SHAPE_NAMES)), default=None,
+              help="time a randomly initialised model of this shape instead of --model (no weights needed)")
+@click.option("--layers", default=None, type=int,
+              help="layers to time: decode spreads them over the model (default 6, 0 for all); with "
+                   "--shape the random model is built with only this many (default: all on a GPU, 2 on a CPU)")
+@click.option("--repeats", default=3, show_default=True, type=int, help="decode: timed repeats; the fastest counts")
+@click.option("--batches", default=32, show_default=True, type=int,
+              help="corpus: batches of 16 x 128 tokens timed (32 = the default build's whole pass)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, layers, repeats, json_path):
-    """Time a stage against its lower bound measured in the same run.
+def bench(what, model, device, dtype, shape, layers, repeats, batches, json_path):
+    """Time stages against their lower bounds measured in the same run.
 
     \b
     Example:
       atlas bench decode
-      atlas bench decode --layers 0 --json bench.json
-      atlas bench corpus
+      atlas bench all --json bench.json
+      atlas bench all --shape llama-3.1-8b          # on a GPU: the whole 8B shape
+      atlas bench decode --shape llama-3.1-8b --layers 2
     """
-    from .bench import bench_corpus, bench_decode, print_corpus_table, print_table
-    if what == "corpus":
-        result = bench_corpus(model, device, dtype, repeats=repeats)
-        print_corpus_table(result)
-    else:
-        result = bench_decode(model, device, dtype, layers, repeats)
-        print_table(result)
+    from . import bench as b
+    from .model import pick_device
+    if shape and layers is None:
+        layers = 0 if pick_device(device).type == "cuda" else 2
+    results = {}
+    if what in ("decode", "all"):
+        dec_layers = 6 if layers is None else layers
+        results["decode"] = b.bench_decode(model, device, dtype, dec_layers, repeats, shape=shape)
+        b.print_table(results["decode"])
+    if what in ("corpus", "all"):
+        if results:
+            click.echo()
+        results["corpus"] = b.bench_corpus(model, device, dtype, batches=batches, shape=shape, layers=layers)
+        b.print_corpus_table(results["corpus"])
     if json_path:
         from .io import write_json_atomic
-        write_json_atomic(json_path, result)
+        write_json_atomic(json_path, results if what == "all" else results[what])
 
 
 if __name__ == "__main__":

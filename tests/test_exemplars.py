@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from atlas import exemplars as ex_mod
-from atlas.activations import PassState
+from atlas.activations import WINDOW_BEFORE, PassState
 from atlas.attribution import attribute_batch
 from atlas.corpus import open_corpus
 from atlas.decode import DecodeConfig
@@ -112,12 +112,13 @@ def test_shards_merge_to_the_whole(built, tmp_path):
     torch.testing.assert_close(merged.act_sum, whole.act_sum)
 
 
-@pytest.mark.parametrize("batch,spare", [(4, 4), (8, 3), (1, 1)])
-def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare):
+@pytest.mark.parametrize("batch,spare,T", [(4, 4, 6), (8, 3, 32), (1, 1, 40)])
+def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare, T):
     """Appending candidates and sorting only when slots run out gives exactly the k best per-input
-    extremes, equal values ordered by position, whatever the batch size and spare slots."""
+    extremes, equal values ordered by position, whatever the batch size, spare slots and the
+    chunking of an input (T=32 and 40 are searched in chunks of 16 and 10 tokens)."""
     gen = torch.Generator().manual_seed(3)
-    L, T, d, k, n_rows = 2, 6, 5, 4, 40
+    L, d, k, n_rows = 2, 5, 4, 40
     acts = (torch.randint(-6, 7, (L, n_rows, T, d), generator=gen) / 2).float()     # many ties
     st = PassState.empty(L, d, k, 1, spare=spare)
     for start in range(0, n_rows, batch):
@@ -133,6 +134,12 @@ def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare):
                 keyed = sorted(range(n_rows), key=lambda r: (-v[r] if largest else v[r], r))[:k]
                 assert vals[layer, :, n].tolist() == [float(v[r]) for r in keyed]
                 assert pos[layer, :, n].tolist() == [r * T + int(t[r]) for r in keyed]
+                win = (got.top_win if largest else got.bot_win)[layer, :, n]          # [k, WINDOW]
+                for r, w in zip(keyed, win):
+                    centre = int(t[r])
+                    assert w[WINDOW_BEFORE].item() == col[r, centre].item()
+                    if centre >= 1:
+                        assert w[WINDOW_BEFORE - 1].item() == col[r, centre - 1].item()
 
 
 def test_interrupted_pass_resumes_to_the_same_store(tiny_model_dir, tmp_path, monkeypatch):
