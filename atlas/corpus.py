@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,32 @@ def corpus_kind(path: str | None) -> tuple[str, Path | None]:
 
 
 def open_corpus(path: str | None, text_column: str = "text") -> Iterator[Doc]:
+    """The corpus's documents, each distinct text once.
+
+    Exact repeats are dropped (the standard library repeats docstrings across classes, and web
+    corpora repeat boilerplate): a repeated passage would otherwise fill a neuron's exemplars
+    with the same sentence from different inputs.
+    """
     kind, p = corpus_kind(path)
-    return READERS[kind](p, text_column=text_column)
+    seen: set[bytes] = set()
+    for source, text in READERS[kind](p, text_column=text_column):
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            yield source, text
+
+
+def corpus_identity(path: str | None, text_column: str = "text") -> str:
+    """A cheap key for "the same corpus as last time": file names, sizes and modification
+    times (the Python version for the default corpus), so that a finished pass can be skipped
+    without reading and tokenising the corpus again."""
+    kind, p = corpus_kind(path)
+    if kind == "default":
+        parts: list = [sys.version, sysconfig.get_paths()["stdlib"]]
+    else:
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        parts = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps([kind, text_column, parts]).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from .attribution import AttributionState, attribute_batch
-from .corpus import Row, corpus_hash, cut_rows, open_corpus
+from .corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
 from .errors import AtlasError
 from .io import write_bytes_atomic
 from .model import LoadedModel
@@ -78,6 +78,14 @@ def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
     # Batch size and checkpointing change the speed, not the numbers.
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every", "corpus")}
     inputs = {"weights": weights_hash, "corpus": rows_hash, **settings}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quick_key(weights_hash: str, cfg: ExemplarConfig) -> str:
+    """Like ``fingerprint`` but from the corpus files' names, sizes and times instead of their
+    tokens: equal keys let a rerun skip the stage without loading the model or the corpus."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every")}
+    inputs = {"weights": weights_hash, "corpus_files": corpus_identity(cfg.corpus, cfg.text_column), **settings}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -174,7 +182,8 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
         store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
                                   "tokens": n_tokens, "hash": rows_hash})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
-        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg)})
+        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
+                                          "quick_key": quick_key(weights_hash, cfg)})
     ckpt.unlink(missing_ok=True)
     return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1),
             "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}

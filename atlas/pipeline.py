@@ -15,7 +15,7 @@ from . import __version__
 from .cluster import ClusterConfig, run_cluster
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
-from .exemplars import ExemplarConfig, run_exemplars
+from .exemplars import ExemplarConfig, quick_key, run_exemplars
 from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
 from .render import RenderConfig, render
 from .store import Store
@@ -101,6 +101,10 @@ class Build:
         with Store(store_path(self.out)) as store:
             if store.stage_status("decode") is None or store.stage_status("decode").get("status") != "done":
                 raise AtlasError(f"{store.path} has no finished decode stage; run `atlas decode` first")
+            cfg.validate()
+            done = store.stage_status("exemplars") or {}
+            if done.get("status") == "done" and done.get("quick_key") == quick_key(self.weights_hash, cfg):
+                return {"skipped": True}
             return run_exemplars(store, self.lm, cfg, self.weights_hash, self.progress)
 
     def cluster(self, cfg: ClusterConfig = ClusterConfig()) -> dict:

@@ -257,3 +257,25 @@ def test_bad_corpora_fail_in_one_line_and_keep_the_store(built, tmp_path):
     with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM decoded_tokens").fetchone() == before
         assert con.execute("SELECT count(*) FROM corpus_docs").fetchone() == (0,)
+
+
+def test_finished_pass_is_skipped_without_loading_the_model(tiny_model_dir, tmp_path):
+    corpus = corpus_file(tmp_path)
+    cfg = ExemplarConfig(corpus=str(corpus), **CFG)
+    model = str(tiny_model_dir("llama"))
+    first = Build(tmp_path / "out", model, progress=False)
+    first.decode(DecodeConfig(top_k=3, bottom_k=2))
+    assert "rows" in first.exemplars(cfg)
+    again = Build(tmp_path / "out", model, progress=False)
+    assert again.exemplars(cfg) == {"skipped": True}
+    assert again._lm is None                                   # neither model nor corpus was read
+    corpus.write_text("Paris " * 300 + corpus.read_text())     # a changed corpus is read again
+    assert "rows" in again.exemplars(cfg)
+
+
+def test_repeated_documents_are_read_once(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in (("a.txt", "the same words"), ("b.txt", "other words"), ("c.txt", "the same words")):
+        (folder / name).write_text(text)
+    assert [src for src, _ in open_corpus(str(folder))] == ["a.txt", "b.txt"]
