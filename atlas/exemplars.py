@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from .attribution import AttributionState, attribute_batch
 from .corpus import Row, corpus_hash, cut_rows, open_corpus
@@ -161,6 +162,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
     def checkpoint(done: int, st: PassState) -> None:
         if done % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, fp, done, st)
+        faults.point(STAGE, f"batch {done}")
 
     began = time.perf_counter()
     hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, progress)
@@ -175,6 +177,8 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
                                   "tokens": n_tokens, "hash": rows_hash})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg)})
+        faults.point(STAGE, "written, not committed")
+    faults.point(STAGE, "committed")
     ckpt.unlink(missing_ok=True)
     return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1),
             "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}
@@ -203,6 +207,7 @@ def attribute_rows(lm: LoadedModel, rows: list[Row], cfg: ExemplarConfig, progre
         targets = ids[torch.arange(len(chunk)), pos + 1]
         token_index = torch.tensor([r.doc_id for r in chunk], device=lm.device) * cfg.context + pos
         state.update(scores.cpu(), targets.cpu(), token_index.cpu())
+        faults.point(STAGE, f"attribution batch {start // bs + 1}")
     return state
 
 
