@@ -18,7 +18,23 @@ from .errors import AtlasError
 from .exemplars import ExemplarConfig
 from .render import RenderConfig
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+class IntOrAll(click.ParamType):
+    """A positive count, or 'all' for no limit (None in the config)."""
+
+    name = "integer|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int | None": IntOrAll()}
 
 
 def config_options(cls):

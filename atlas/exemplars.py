@@ -39,7 +39,8 @@ class ExemplarConfig:
         "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
                 "(Python's documentation topics and standard-library docstrings)"})
     text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
-    max_tokens: int = field(default=65536, metadata={"help": "tokens of corpus to read (0: all)"})
+    max_tokens: int | None = field(default=65536, metadata={
+        "help": "tokens of corpus to read ('all', or None from Python: the whole corpus)"})
     context: int = field(default=128, metadata={"help": "tokens per model input"})
     batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
     k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
@@ -50,12 +51,13 @@ class ExemplarConfig:
     checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
 
     def validate(self) -> None:
-        if self.max_tokens < 0:
-            raise AtlasError("--max-tokens must be 0 (no cap) or positive")
-        if self.max_tokens and self.max_tokens < self.context:
-            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if self.context < 2 or self.batch_size < 1 or self.k < 1:
             raise AtlasError("--context must be at least 2, --batch-size and --k at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise AtlasError(f"--max-tokens {self.max_tokens}: give a positive number of tokens, "
+                             "or 'all' for the whole corpus")
+        if self.max_tokens is not None and self.max_tokens < self.context:
+            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if not 0 < self.quantile < 1:
             raise AtlasError("--quantile must be between 0 and 1")
 
@@ -73,6 +75,17 @@ def read_rows(cfg: ExemplarConfig, tokenizer) -> list[Row]:
             raise AtlasError(f"corpus {what} is empty (no text)")
         raise AtlasError(f"corpus {what} has {n} tokens, fewer than one context of {cfg.context}")
     return rows
+
+
+def check_corpus(cfg: ExemplarConfig) -> None:
+    """Fail early on a corpus that cannot be read or holds no text: read documents up to the first with text.
+
+    Reading a document runs the reader's checks (binary, not UTF-8, a huge line), so a bad
+    first file is reported before any model is loaded; later files are checked as the pass
+    reaches them.
+    """
+    if not any(text.strip() for _, text in open_corpus(cfg.corpus, cfg.text_column)):
+        raise AtlasError(f"corpus {cfg.corpus} is empty (no text)")
 
 
 def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
