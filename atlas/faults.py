@@ -4,8 +4,9 @@ Each stage calls ``point(stage, where)`` after every unit of work (a decoded sid
 committed, a corpus batch, a rendered block, ...). Two environment variables act on them;
 with neither set, ``point`` costs one dictionary lookup.
 
-``ATLAS_FAULT=<stage>:<n>[:<action>]``
-    at the n-th point of ``stage`` reached by this process (1-based), the process sends
+``ATLAS_FAULT=<stage>:<n>[:<action>]`` or ``ATLAS_FAULT=<stage>:<where>[:<action>]``
+    at the n-th point of ``stage`` reached by this process (1-based), or at its first point
+    named ``where`` (as the stage names it, e.g. ``render:old site moved aside``), the process sends
     itself ``SIGKILL`` (action ``kill``, the default): a real, uncatchable kill, as from the
     OOM killer or a pulled plug, with no ``finally`` blocks and no flushing. Action ``stop``
     sends ``SIGSTOP`` instead, so a test can hold a build still at a known point (it resumes
@@ -26,12 +27,15 @@ _reached: dict[str, int] = {}
 _ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 
 
-def _target() -> tuple[str, int, signal.Signals] | None:
+def _target() -> tuple[str, str, signal.Signals] | None:
     spec = os.environ.get("ATLAS_FAULT")
     if not spec:
         return None
-    stage, n, *action = spec.split(":")
-    return stage, int(n), _ACTIONS[action[0] if action else "kill"]
+    stage, at = spec.split(":", 1)
+    action = "kill"
+    if at.rsplit(":", 1)[-1] in _ACTIONS and ":" in at:
+        at, action = at.rsplit(":", 1)
+    return stage, at, _ACTIONS[action]
 
 
 def point(stage: str, where: str = "") -> None:
@@ -44,5 +48,5 @@ def point(stage: str, where: str = "") -> None:
         with open(trace, "a", encoding="utf-8") as f:
             f.write(f"{stage} {n} {where}\n")
     target = _target()
-    if target and target[0] == stage and target[1] == n:
+    if target and target[0] == stage and target[1] in (str(n), where):
         os.kill(os.getpid(), target[2])

@@ -433,14 +433,15 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             raise AtlasError(f"neurons of layer {bad[0][0]} in {store_path} are not numbered 0..n-1")
         layer_sizes = [sizes.get(layer, 0) for layer in range(max(sizes, default=-1) + 1)]
         inputs = _inputs_fingerprint(meta, cfg)
+        # Repair an interrupted swap first: the site it moved aside may be the current one.
+        site_dir.parent.mkdir(parents=True, exist_ok=True)
+        building, old = _prepare(site_dir)
         if not force and _up_to_date(site_dir, inputs):
             return {"skipped": True, "site_dir": str(site_dir)}
         model = meta["model"]
         # mkdocs does not escape site_name; a model id is a path-like name, so drop markup characters.
         site_name = "Neuron atlas: " + "".join(c for c in str(model["id"]) if c not in "<>&\"'")
 
-        site_dir.parent.mkdir(parents=True, exist_ok=True)
-        building, old = _prepare(site_dir)
         try:
             palette = _build_frame(store, meta, layer_sizes, building, site_name, cfg)
             faults.point("render", "frame built")
