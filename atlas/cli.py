@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import click
+import duckdb
 
 from . import __version__
 from .cluster import ClusterConfig
@@ -19,7 +20,24 @@ from .exemplars import ExemplarConfig
 from .render import RenderConfig
 from .shapes import SHAPES as SHAPE_NAMES
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+class IntOrAll(click.ParamType):
+    """A positive count, or 'all' for no limit (None in the config)."""
+
+    name = "integer|all"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int | None": IntOrAll()}
 
 
 def config_options(cls):
@@ -49,6 +67,9 @@ class AtlasGroup(click.Group):
         debug = "--debug" in sys.argv
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:      # one line too, like every other bad input
+            where = e.ctx.command_path if e.ctx else "atlas"
+            _fail(f"error: {e.format_message()} (see {where} --help)", 2, debug)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except AtlasError as e:
@@ -56,12 +77,26 @@ class AtlasGroup(click.Group):
         except KeyboardInterrupt:
             _fail("interrupted: rerun the same command to resume where it stopped", 130, debug)
         except OSError as e:
-            what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            where = f": {e.filename}" if getattr(e, "filename", None) else ""
-            _fail(f"error: {what}{where}", 2, debug)
-        except Exception as e:  # a bug: say so in one line, keep the traceback for --debug
+            # shutil names the source first and the file it was writing second.
+            path = getattr(e, "filename2", None) or getattr(e, "filename", None)
+            where = f": {path}" if path else ""
+            if e.errno in _NO_SPACE:
+                _fail(f"error: out of disk space ({e.strerror}){where}; free some space and rerun to resume",
+                      2, debug)
+            _fail(f"error: {e.strerror or e}{where}", 2, debug)
+        except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            # The store could not be written (a failed commit says so too): the disk, not a bug.
+            if isinstance(e, duckdb.Error) and (isinstance(e, duckdb.IOException) or "Could not write" in msg):
+                what = "out of disk space writing the store" if any(s in msg for s in _NO_SPACE_TEXT) \
+                    else "the store could not be read or written"
+                _fail(f"error: {what} ({msg}); rerun to resume once fixed", 2, debug)
+            # Anything else is a bug: say so in one line, keep the traceback for --debug.
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", 1, debug)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NO_SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
@@ -206,16 +241,21 @@ def serve(path, host, port):
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole atlas_meta as JSON")
-def info(out, as_json):
-    """Say what an atlas holds: model, provenance, stages, row counts.
+@click.option("--neuron", help="show one neuron instead: LAYER/NEURON, e.g. 13/777 or L13/N777")
+def info(out, as_json, neuron):
+    """Say what an atlas holds: model, provenance, stages, row counts; or one neuron.
 
     \b
     Example:
       atlas info out/smollm2
+      atlas info out/smollm2 --neuron L13/N777
     """
     from .pipeline import store_path
     from .store import Store
     with Store(store_path(out), read_only=True) as store:
+        if neuron is not None:
+            _print_neuron(store, neuron, as_json)
+            return
         meta = store.all_meta()
         counts = {t: store.count(t) for t in ("neurons", "decoded_tokens", "vocab", "clusters",
                                               "corpus_docs", "exemplars", "attributions")}
@@ -232,6 +272,25 @@ def info(out, as_json):
             click.echo(f"  stage {key[6:]}: {value.get('status')} (fingerprint {value.get('fingerprint')})")
     for table, n in counts.items():
         click.echo(f"  {table}: {n:,} rows")
+
+
+def _print_neuron(store, address: str, as_json: bool) -> None:
+    from .address import resolve_neuron
+    from .site_map import visible       # labels are corpus-derived: no raw control characters on a terminal
+    layer, neuron = resolve_neuron(store.con, address)
+    cur = store.con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, neuron])
+    row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
+    tokens = [t for (t,) in store.con.execute(
+        "SELECT token FROM decoded_tokens WHERE layer = ? AND neuron = ? AND side = 'out' AND polarity = 'top' "
+        "ORDER BY rank LIMIT 10", [layer, neuron]).fetchall()]
+    if as_json:
+        _print_summary({"neuron": row, "top_out_tokens": tokens, "page": f"neurons/{layer}/{neuron}/"})
+        return
+    click.echo(f"L{layer}/N{neuron}: {visible(row.get('label')) or '(no label)'}  (page neurons/{layer}/{neuron}/)")
+    click.echo(f"  top out tokens: {' · '.join(repr(t) for t in tokens)}")
+    for key in ("cluster_id", "normaliser", "act_max", "act_min"):
+        if row.get(key) is not None:
+            click.echo(f"  {key}: {row[key]}")
 
 
 @main.command()

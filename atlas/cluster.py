@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import AtlasError
 from .store import Store
 
@@ -450,17 +451,22 @@ def cluster_store(store: Store, directions, cfg: ClusterConfig, weights_hash: st
         with store.transaction() as con:
             write_labels(con, exemplars)
             store.set_meta(f"stage.{STAGE}", dict(status, fingerprint=labels, exemplar_labels=exemplars))
+            faults.point(STAGE, "labels written, not committed")
         return {"relabelled": True, "seconds": time.perf_counter() - start, **stats}
     X, layer, neuron, device = unit_directions(directions(), n_rows=store.count("neurons"))
+    faults.point(STAGE, "directions read")
     start = time.perf_counter()          # loading the model is the build's cost, not this stage's
     g = compute_geometry(X, layer, neuron, cfg, progress, device)
+    faults.point(STAGE, "geometry computed")
     del X
     with store.transaction() as con:
         write_geometry(con, g)
+        faults.point(STAGE, "geometry written, not committed")
         write_labels(con, exemplars)
         seconds = time.perf_counter() - start
         g.stats["seconds"] = round(seconds, 3)
         store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": labels, "geometry": geometry,
                                           "config": asdict(cfg), "side": "out", "seconds": seconds,
                                           "exemplar_labels": exemplars, "stats": g.stats})
+    faults.point(STAGE, "committed")
     return {"seconds": seconds, **g.stats}

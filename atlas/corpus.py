@@ -22,6 +22,9 @@ from .errors import AtlasError
 Doc = tuple[str, str]          # (source, text)
 READERS: dict[str, Callable[..., Iterator[Doc]]] = {}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+# No paragraph of human-written text is this long (a whole novel is about 1 MB); a longer
+# line is a data dump, and tokenising it as one string can take minutes and gigabytes.
+MAX_LINE_BYTES = 4 << 20
 
 
 def reader(kind: str):
@@ -53,13 +56,33 @@ def read_default(_path=None, **_) -> Iterator[Doc]:
 
 
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise AtlasError(f"cannot read corpus file {path}: {e.strerror}") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise AtlasError(f"corpus file {path} is UTF-16 text; atlas reads UTF-8 (convert it: iconv -f UTF-16 -t UTF-8)")
     if b"\0" in data[:8192]:
         raise AtlasError(f"corpus file {path} is binary, not text")
+    _check_line_lengths(data, path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise AtlasError(f"corpus file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _check_line_lengths(data: bytes, path: Path) -> None:
+    """Refuse a file with a line longer than MAX_LINE_BYTES, looking at each window of that size once."""
+    start = 0                                   # where the current line starts
+    while len(data) - start > MAX_LINE_BYTES:
+        last = data.rfind(b"\n", start, start + MAX_LINE_BYTES + 1)
+        if last == -1:
+            end = data.find(b"\n", start)
+            length = (len(data) if end == -1 else end) - start
+            line = data.count(b"\n", 0, start) + 1
+            raise AtlasError(f"corpus file {path} has a line of {length:,} bytes (line {line}; at most "
+                             f"{MAX_LINE_BYTES:,}): split it into lines or paragraphs")
+        start = last + 1
 
 
 @reader("text")
@@ -167,12 +190,12 @@ class Row:
     token_ids: list[int]
 
 
-def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int) -> Iterator[Row]:
+def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int | None) -> Iterator[Row]:
     """Tokenise documents, join them with the end-of-text token and cut rows of ``context`` tokens.
 
     A row starts with the BOS token where the tokenizer has one, so every row is a
     well-formed input on its own; ``source`` names the document the row starts in.
-    Stops after ``max_tokens`` tokens (0: no cap). Deterministic for the same input.
+    Stops after ``max_tokens`` tokens (None: no cap). Deterministic for the same input.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     sep = tokenizer.eos_token_id
@@ -197,7 +220,7 @@ def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int) -> I
             n_tokens += context
             buf = buf[body:]
             source = src
-            if max_tokens and n_tokens + context > max_tokens:
+            if max_tokens is not None and n_tokens + context > max_tokens:
                 return
 
 

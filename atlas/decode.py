@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .decode_core import Decoded, Unembedding, chunk_rows, decode_directions
 from .errors import AtlasError
 from .model import LoadedModel, vocab_strings
@@ -94,9 +95,12 @@ def run_decode(store: Store, lm: LoadedModel, cfg: DecodeConfig, weights_hash: s
             decoded[side] = (decode_directions(V, U, cfg.top_k, cfg.bottom_k, chunk),
                              V.float().norm(dim=1).cpu())
             bar.update()
+            faults.point(STAGE, f"layer {layer} side {side} decoded")
         with store.transaction() as con:
             _write_layer(con, layer, decoded)
             store.mark_unit(STAGE, f"layer:{layer}", fp)
+            faults.point(STAGE, f"layer {layer} written, not committed")
+        faults.point(STAGE, f"layer {layer} committed")
     bar.close()
     seconds = time.perf_counter() - start
     store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),

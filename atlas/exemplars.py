@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from .attribution import AttributionState, attribute_batch
 from .corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
@@ -38,7 +39,8 @@ class ExemplarConfig:
         "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
                 "(Python's documentation topics and standard-library docstrings)"})
     text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
-    max_tokens: int = field(default=65536, metadata={"help": "tokens of corpus to read (0: all)"})
+    max_tokens: int | None = field(default=65536, metadata={
+        "help": "tokens of corpus to read ('all', or None from Python: the whole corpus)"})
     context: int = field(default=128, metadata={"help": "tokens per model input"})
     batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
     k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
@@ -49,12 +51,13 @@ class ExemplarConfig:
     checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
 
     def validate(self) -> None:
-        if self.max_tokens < 0:
-            raise AtlasError("--max-tokens must be 0 (no cap) or positive")
-        if self.max_tokens and self.max_tokens < self.context:
-            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if self.context < 2 or self.batch_size < 1 or self.k < 1:
             raise AtlasError("--context must be at least 2, --batch-size and --k at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise AtlasError(f"--max-tokens {self.max_tokens}: give a positive number of tokens, "
+                             "or 'all' for the whole corpus")
+        if self.max_tokens is not None and self.max_tokens < self.context:
+            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if not 0 < self.quantile < 1:
             raise AtlasError("--quantile must be between 0 and 1")
 
@@ -72,6 +75,17 @@ def read_rows(cfg: ExemplarConfig, tokenizer) -> list[Row]:
             raise AtlasError(f"corpus {what} is empty (no text)")
         raise AtlasError(f"corpus {what} has {n} tokens, fewer than one context of {cfg.context}")
     return rows
+
+
+def check_corpus(cfg: ExemplarConfig) -> None:
+    """Fail early on a corpus that cannot be read or holds no text: read documents up to the first with text.
+
+    Reading a document runs the reader's checks (binary, not UTF-8, a huge line), so a bad
+    first file is reported before any model is loaded; later files are checked as the pass
+    reaches them.
+    """
+    if not any(text.strip() for _, text in open_corpus(cfg.corpus, cfg.text_column)):
+        raise AtlasError(f"corpus {cfg.corpus} is empty (no text)")
 
 
 def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
@@ -169,6 +183,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
     def checkpoint(done: int, st: PassState) -> None:
         if done % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, fp, done, st)
+        faults.point(STAGE, f"batch {done}")
 
     began = time.perf_counter()
     hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, progress)
@@ -184,6 +199,8 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
                                           "quick_key": quick_key(weights_hash, cfg)})
+        faults.point(STAGE, "written, not committed")
+    faults.point(STAGE, "committed")
     ckpt.unlink(missing_ok=True)
     return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1),
             "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}
@@ -212,6 +229,7 @@ def attribute_rows(lm: LoadedModel, rows: list[Row], cfg: ExemplarConfig, progre
         targets = ids[torch.arange(len(chunk)), pos + 1]
         token_index = torch.tensor([r.doc_id for r in chunk], device=lm.device) * cfg.context + pos
         state.update(scores.cpu(), targets.cpu(), token_index.cpu())
+        faults.point(STAGE, f"attribution batch {start // bs + 1}")
     return state
 
 

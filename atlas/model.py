@@ -59,9 +59,12 @@ def hash_weights(files: list[Path]) -> str:
     h = hashlib.sha256()
     for path in sorted(files):
         h.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+        except OSError as e:
+            raise AtlasError(f"cannot read model file {path}: {e.strerror}") from None
     return "sha256:" + h.hexdigest()
 
 
@@ -155,6 +158,9 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
         raise
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean "bad model input"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "gguf_file" in kwargs:
+            from .gguf_check import gguf_problem
+            first = gguf_problem(Path(location) / kwargs["gguf_file"]) or first
         raise AtlasError(f"could not load model from {spec or location}: {first}") from None
     model.to(dev).eval()
     model.requires_grad_(False)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import tempfile
@@ -15,7 +16,8 @@ from . import __version__
 from .cluster import ClusterConfig, run_cluster
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
-from .exemplars import ExemplarConfig, quick_key, run_exemplars
+from .exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
+from .lock import output_lock
 from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
 from .render import RenderConfig, render
 from .store import Store
@@ -78,10 +80,11 @@ class Build:
         self.progress = progress
         _, _, _, files = resolve(model)
         self.weights_hash = hash_weights(files)
-        if force and store_path(self.out).exists():
-            store_path(self.out).unlink()
-        with Store(store_path(self.out)) as store:
-            _check_same_model(store, self.weights_hash, force)
+        with output_lock(self.out):
+            if force and store_path(self.out).exists():
+                store_path(self.out).unlink()
+            with Store(store_path(self.out)) as store:
+                _check_same_model(store, self.weights_hash, force)
         self._lm: LoadedModel | None = None
 
     @property
@@ -91,14 +94,14 @@ class Build:
         return self._lm
 
     def decode(self, cfg: DecodeConfig = DecodeConfig()) -> dict:
-        with Store(store_path(self.out)) as store:
+        with output_lock(self.out), Store(store_path(self.out)) as store:
             if store.stage_done("decode", fingerprint(self.weights_hash, cfg)):
                 return {"skipped": True}
             record_model(store, self.lm, self.weights_hash)
             return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
 
     def exemplars(self, cfg: ExemplarConfig = ExemplarConfig()) -> dict:
-        with Store(store_path(self.out)) as store:
+        with output_lock(self.out), Store(store_path(self.out)) as store:
             if store.stage_status("decode") is None or store.stage_status("decode").get("status") != "done":
                 raise AtlasError(f"{store.path} has no finished decode stage; run `atlas decode` first")
             cfg.validate()
@@ -109,7 +112,7 @@ class Build:
 
     def cluster(self, cfg: ClusterConfig = ClusterConfig()) -> dict:
         # The model loads only if the geometry must be computed; relabelling needs the store alone.
-        with Store(store_path(self.out)) as store:
+        with output_lock(self.out), Store(store_path(self.out)) as store:
             return run_cluster(store, lambda: self.lm, cfg, self.weights_hash, self.progress)
 
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
@@ -119,7 +122,9 @@ class Build:
 def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool = True,
                 force: bool = False) -> dict:
     out = Path(out)
-    return render(store_path(out), out / SITE_NAME, cfg or RenderConfig(), progress=progress, force=force)
+    # A directory that does not exist holds no store: render says so, with nothing to lock.
+    with output_lock(out) if out.is_dir() else contextlib.nullcontext():
+        return render(store_path(out), out / SITE_NAME, cfg or RenderConfig(), progress=progress, force=force)
 
 
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
@@ -127,7 +132,11 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
           device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
           cluster: ClusterConfig = ClusterConfig()) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
+    for cfg in (decode, exemplars, cluster):
+        cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
+    check_corpus(exemplars)
     b = Build(out, model, device, dtype, force, progress)
     # Clustering runs after the corpus pass so that cluster labels can use exemplar tokens.
-    return {"decode": b.decode(decode), "exemplars": b.exemplars(exemplars), "cluster": b.cluster(cluster),
-            "render": b.render(render, force)}
+    with output_lock(b.out):        # held across the stages: a second build is refused, not interleaved
+        return {"decode": b.decode(decode), "exemplars": b.exemplars(exemplars), "cluster": b.cluster(cluster),
+                "render": b.render(render, force)}

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,11 +31,11 @@ import jinja2
 from markupsafe import Markup
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, faults
 from .errors import AtlasError
 from . import site_map
 from .render_corpus import corpus_sections, has_corpus, vocab_list
-from .store import SIDE_STATS, SIDES, Store
+from .store import SIDE_STATS, SIDES, Store, without_timings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "site_templates"
@@ -84,7 +85,16 @@ def show_token(token: str | None) -> str:
 
 
 def show_label(label: str | None) -> str:
-    return " ".join(label.split()) if label else ""
+    # Labels are made of token text: the same control and bidi characters must not act.
+    return site_map.visible(label)
+
+
+_MARKDOWN_SYNTAX = set("\\`*_{}[]()<>#!|~&\"'")
+
+
+def md_safe(text: str | None) -> Markup:
+    """Text for a markdown page that neither HTML nor markdown reads as markup (links, code spans)."""
+    return Markup("".join(f"&#{ord(ch)};" if ch in _MARKDOWN_SYNTAX else ch for ch in site_map.visible(text)))
 
 
 def fmt_logit(x: float | None) -> str:
@@ -105,7 +115,7 @@ def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
-    env.filters.update(show_token=show_token, show_label=show_label, fmt_logit=fmt_logit,
+    env.filters.update(show_token=show_token, show_label=show_label, md_safe=md_safe, fmt_logit=fmt_logit,
                        fmt_prob=fmt_prob, fmt_stat=fmt_stat)
     return env
 
@@ -116,7 +126,13 @@ def _to_json(obj: Any) -> str:
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                     ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, esc)
+    # DEL, C1 controls and bidi controls stay in the data but not raw in the file, where a
+    # viewer would obey them (json.dumps escapes only the C0 controls).
+    text = _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text + "\n"
+
+
+_INVISIBLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _select(con, table: str) -> str:
@@ -256,8 +272,8 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
         (docs / "assets").mkdir()
         shutil.copyfile(TEMPLATES / "assets" / "atlas.css", docs / "assets" / "atlas.css")
         stages = sorted((k.split(".", 1)[1], v) for k, v in meta.items() if k.startswith("stage."))
-        stages = [(name, {"status": v.get("status"), "seconds": v.get("seconds"),
-                          "fingerprint": v.get("fingerprint")}) for name, v in stages]
+        # No timings: the same inputs give the same pages (timings stay in the store).
+        stages = [(name, {"status": v.get("status"), "fingerprint": v.get("fingerprint")}) for name, v in stages]
         (docs / "index.md").write_text(env.get_template("frame/index.md").render(
             model=meta["model"], n_neurons=sum(layer_sizes), layers=list(enumerate(layer_sizes)),
             hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
@@ -339,12 +355,14 @@ def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress
         if workers <= 1:
             for job in jobs:
                 bar.update(_render_block(job, store.con))
+                faults.point("render", f"layer {job['layer']} block {job['lo']}")
             return
         # spawn, not fork: the parent holds an open DuckDB connection and its threads.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(store.path),)) as pool:
-            for done in pool.map(_render_block, jobs):
+            for job, done in zip(jobs, pool.map(_render_block, jobs)):
                 bar.update(done)
+                faults.point("render", f"layer {job['layer']} block {job['lo']}")
 
 
 # -- putting it together -----------------------------------------------------------------
@@ -367,14 +385,17 @@ def _prepare(site_dir: Path) -> tuple[Path, Path]:
 def _swap(building: Path, old: Path, site_dir: Path) -> None:
     if site_dir.exists():
         site_dir.rename(old)
+        faults.point("render", "old site moved aside")
     building.rename(site_dir)
+    faults.point("render", "new site in place")
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _inputs_fingerprint(meta: dict, cfg: RenderConfig) -> str:
     """Everything a site is made from: the store's provenance and stage marks, settings, templates."""
     settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}   # workers change speed only
-    h = hashlib.sha256(_to_json({"meta": meta, "config": settings, "version": __version__}).encode())
+    h = hashlib.sha256(_to_json({"meta": without_timings(meta), "config": settings,
+                                 "version": __version__}).encode())
     for path in sorted(p for p in TEMPLATES.rglob("*") if p.is_file()) + [MKDOCS_YML]:
         h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
@@ -412,16 +433,18 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             raise AtlasError(f"neurons of layer {bad[0][0]} in {store_path} are not numbered 0..n-1")
         layer_sizes = [sizes.get(layer, 0) for layer in range(max(sizes, default=-1) + 1)]
         inputs = _inputs_fingerprint(meta, cfg)
+        # Repair an interrupted swap first: the site it moved aside may be the current one.
+        site_dir.parent.mkdir(parents=True, exist_ok=True)
+        building, old = _prepare(site_dir)
         if not force and _up_to_date(site_dir, inputs):
             return {"skipped": True, "site_dir": str(site_dir)}
         model = meta["model"]
         # mkdocs does not escape site_name; a model id is a path-like name, so drop markup characters.
         site_name = "Neuron atlas: " + "".join(c for c in str(model["id"]) if c not in "<>&\"'")
 
-        site_dir.parent.mkdir(parents=True, exist_ok=True)
-        building, old = _prepare(site_dir)
         try:
             palette = _build_frame(store, meta, layer_sizes, building, site_name, cfg)
+            faults.point("render", "frame built")
             frame_s = time.perf_counter() - start
             base_url = cfg.base_url.rstrip("/") + "/" if cfg.base_url else ""
             page = {"site": {"name": site_name, "model_id": model["id"], "hook_point": meta.get("hook_point", ""),
@@ -438,6 +461,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             pages_s = time.perf_counter() - pages_start
             if common["has_clusters"]:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
+                faults.point("render", "cluster pages and map written")
             (building / SITE_MARKER).write_text(_to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),

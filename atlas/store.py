@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import duckdb
 
@@ -18,6 +18,9 @@ from . import __version__
 from .errors import AtlasError
 
 SCHEMA_VERSION = 1
+# Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
+# A store older than the oldest registered step is refused with a message that says so.
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {}
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -72,6 +75,15 @@ CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BI
 """
 
 
+def without_timings(value: Any) -> Any:
+    """``value`` (atlas_meta JSON) less its timings (``seconds``, ``*_s``), which differ between equal builds."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not (k == "seconds" or k.endswith("_s"))}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
 class Store:
     """An open ``atlas.duckdb``. Use as a context manager, or call ``close()``."""
 
@@ -88,20 +100,45 @@ class Store:
             raise AtlasError(f"cannot open store {self.path}: {msg}") from None
         except duckdb.Error as e:
             raise AtlasError(f"{self.path} is not an atlas store ({str(e).splitlines()[0]})") from None
+        try:
+            self._check_version(read_only)
+        except BaseException:
+            self.con.close()
+            raise
         if not read_only:
-            self.con.execute(SCHEMA)
-        self._check_version(read_only)
+            self.con.execute(SCHEMA)        # adds the tables of newer stages; never changes existing ones
 
     def _check_version(self, read_only: bool) -> None:
+        """Refuse, or migrate, a store of another schema version before anything is written to it."""
         tables = {r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        fresh = not tables or ("atlas_meta" in tables and
+                               self.con.execute("SELECT count(*) FROM atlas_meta").fetchone()[0] == 0)
+        if fresh and not read_only:
+            with self.transaction():        # one commit: a kill never leaves a store without its version
+                self.con.execute(SCHEMA)
+                self.set_meta("schema_version", SCHEMA_VERSION)
+            return
         if "atlas_meta" not in tables:
             raise AtlasError(f"{self.path} is not an atlas store (no atlas_meta table)")
         version = self.meta("schema_version")
-        if version is None and not read_only:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        elif version is not None and version != SCHEMA_VERSION:
-            raise AtlasError(f"{self.path} has store schema v{version}; this atlas {__version__} "
-                             f"reads v{SCHEMA_VERSION}: rebuild it into a new directory")
+        if version is None:
+            raise AtlasError(f"{self.path} has no schema_version: it was written before atlas recorded one, "
+                             "or by another program; rebuild it into a new directory")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise AtlasError(f"{self.path} has store schema v{version}, newer than the v{SCHEMA_VERSION} this "
+                             f"atlas {__version__} reads: upgrade atlas (pip install -U atlas-neurons)")
+        if version < SCHEMA_VERSION:
+            steps = [MIGRATIONS.get(v) for v in range(version, SCHEMA_VERSION)]
+            if None in steps:
+                raise AtlasError(f"{self.path} has store schema v{version}; this atlas {__version__} reads "
+                                 f"v{SCHEMA_VERSION} and cannot migrate it: rebuild it into a new directory")
+            if read_only:
+                raise AtlasError(f"{self.path} has store schema v{version}; run `atlas build` on it once "
+                                 f"to migrate it to v{SCHEMA_VERSION}")
+            with self.transaction():
+                for step in steps:
+                    step(self.con)
+                self.set_meta("schema_version", SCHEMA_VERSION)
 
     def __enter__(self) -> "Store":
         return self

@@ -13,6 +13,18 @@ HOSTILE_TOKENS = ["<script>alert(1)</script>", '" onmouseover="alert(1)', "javas
                   "\u202eevil", "<img src=x onerror=alert(1)>", "&amp;", "{{ 7*7 }}"]
 
 
+# What the fault-injection tests tried (tests/test_faults.py, test_bad_input.py, test_hostile.py,
+# and every one-line-error check): printed at the end of the run, quoted in the README.
+FAULT_COUNTS: dict[str, set] = {"kill points": set(), "bad inputs": set(), "hostile strings": set()}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(FAULT_COUNTS.values()):
+        terminalreporter.write_sep("-", "fault injection")
+        terminalreporter.write_line(", ".join(f"{len(tried)} {what}" for what, tried in FAULT_COUNTS.items())
+                                    + " tried")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
+from conftest import FAULT_COUNTS, tiny_config
 
 
 def atlas(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -22,6 +22,7 @@ def assert_one_line_error(proc, *needles):
     assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+    FAULT_COUNTS["bad inputs"].add(lines[0])
 
 
 def test_missing_model_path(tmp_path):

@@ -1,0 +1,311 @@
+"""Crash, version and disk faults injected into real `atlas build` processes on a tiny model.
+
+Kill points: a clean build runs with ``ATLAS_FAULT_TRACE`` and lists every fault point of
+every stage (``atlas/faults.py``); points are drawn from that list with a seed, and builds
+are SIGKILLed there (``ATLAS_FAULT=<stage>:<n>``) and rerun until they finish. Each chain of
+builds kills every stage once, in stage order, so later kills hit a build that is resuming
+the stages before. The finished store (every table, every row) and site (every file's
+bytes) must equal the clean build's. A new stage takes part by calling ``faults.point``;
+the test fails if a stage that ``atlas build`` reports has no points.
+
+``ATLAS_FAULT_SEED`` (default 0) and ``ATLAS_FAULT_KILLS`` (kills per stage, default 2)
+choose the points; the run prints how many were tried.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from atlas.store import without_timings
+from conftest import FAULT_COUNTS, tiny_model, tiny_tokenizer
+from test_cli import assert_one_line_error
+
+EPOCH = "1700000000"          # pins created_at, so that sites of different runs compare byte for byte
+BUILD = ["--context", 16, "--batch-size", 4, "--k", 5, "--attribution-rows", 8, "--checkpoint-every", 2,
+         "--top-k", 5, "--bottom-k", 3, "--quiet"]
+SEED = int(os.environ.get("ATLAS_FAULT_SEED", "0"))
+KILLS_PER_STAGE = int(os.environ.get("ATLAS_FAULT_KILLS", "2"))
+pytestmark = pytest.mark.faults
+WORDS = ["dog", " dog", "cat", "Paris", "w5", "w7", "w9", "w11", "w13", "w20", "w30"]
+
+
+def atlas_run(*args, env: dict | None = None, fsize: int | None = None, wait: bool = True):
+    """``python -m atlas ARGS`` in a real process; ``fsize`` caps any file it writes (RLIMIT_FSIZE)."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    cmd = [sys.executable, "-m", "atlas", *map(str, args)]
+    full_env = dict(os.environ, **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=limit)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+
+
+def make_inputs(root: Path, n_words: int = 1000) -> tuple[Path, Path]:
+    """A tiny random llama and a small word corpus."""
+    model = root / "model"
+    tiny_model("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    rng = random.Random(0)
+    corpus = root / "corpus.txt"
+    corpus.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
+    return model, corpus
+
+
+def store_rows(path: Path) -> dict[str, str]:
+    """Every table's rows in a canonical order (atlas_meta less its timings), as text to compare."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
+        out = {}
+        for t in tables:
+            if t == "atlas_meta":
+                out[t] = repr(sorted((k, without_timings(json.loads(v)))
+                                     for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()))
+            else:
+                out[t] = repr(con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall())   # repr: NaN == NaN
+    return out
+
+
+def site_tree(site: Path) -> dict[str, str]:
+    return {p.relative_to(site).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ra, rb = store_rows(a), store_rows(b)
+    assert sorted(ra) == sorted(rb)
+    differ = [t for t in ra if ra[t] != rb[t]]
+    assert not differ, f"tables that differ: {differ}"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("fault-inputs"))
+
+
+@pytest.fixture(scope="module")
+def clean(inputs, tmp_path_factory):
+    """An uninterrupted build, with the list of fault points it passed."""
+    model, corpus = inputs
+    root = tmp_path_factory.mktemp("clean")
+    trace = root / "trace.txt"
+    proc = atlas_run("build", "--out", root / "out", "--model", model, "--corpus", corpus, *BUILD,
+                     env={"ATLAS_FAULT_TRACE": str(trace), "SOURCE_DATE_EPOCH": EPOCH})
+    assert proc.returncode == 0, proc.stderr
+    points: dict[str, list[str]] = {}              # stage -> the names of its points, in order
+    for line in trace.read_text().splitlines():
+        stage, _, where = line.split(" ", 2)
+        points.setdefault(stage, []).append(where)
+    return {"out": root / "out", "stages": list(json.loads(proc.stdout)), "points": points,
+            "site": site_tree(root / "out" / "site")}
+
+
+def _kill_chains(clean) -> list[list[tuple[str, int]]]:
+    """KILLS_PER_STAGE chains; chain j kills each stage once, at its j-th drawn point.
+
+    Where a stage has points inside an open transaction ("not committed"), one of them is
+    always drawn: a kill there is the one that a store must survive by itself.
+    """
+    rng = random.Random(SEED)
+    drawn = {}
+    for stage, names in clean["points"].items():      # stage order: first reached first
+        inside = [n for n, where in enumerate(names, 1) if "not committed" in where]
+        pick = [rng.choice(inside)] if inside else []
+        rest = [n for n in range(1, len(names) + 1) if n not in pick]
+        drawn[stage] = pick + rng.sample(rest, min(KILLS_PER_STAGE - len(pick), len(rest)))
+        rng.shuffle(drawn[stage])
+    return [[(s, drawn[s][j]) for s in drawn if j < len(drawn[s])] for j in range(KILLS_PER_STAGE)]
+
+
+def test_every_stage_has_fault_points(clean):
+    missing = [s for s in clean["stages"] if len(clean["points"].get(s, [])) < 2]
+    assert not missing, f"stages with fewer than two fault points (call atlas.faults.point in them): {missing}"
+
+
+def test_killed_builds_resume_to_the_same_store_and_site(clean, inputs, tmp_path):
+    model, corpus = inputs
+    chains = _kill_chains(clean)
+
+    def run_chain(j: int) -> list[str]:
+        out, problems = tmp_path / f"chain{j}", []
+        for stage, n in chains[j]:
+            proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+                             env={"ATLAS_FAULT": f"{stage}:{n}", "SOURCE_DATE_EPOCH": EPOCH})
+            if proc.returncode != -signal.SIGKILL:
+                problems.append(f"{stage}:{n} was not killed (exit {proc.returncode}): {proc.stderr[-500:]}")
+                continue
+            FAULT_COUNTS["kill points"].add((stage, n))
+            # Never a half site: after any kill there is no site, or a whole one.
+            if (out / "site").exists() and site_tree(out / "site") != clean["site"]:
+                problems.append(f"after a kill at {stage}:{n}, {out / 'site'} is neither absent nor whole")
+        proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+                         env={"SOURCE_DATE_EPOCH": EPOCH})
+        if proc.returncode != 0:
+            problems.append(f"the build after the kills failed: {proc.stderr[-500:]}")
+        return problems
+
+    with ThreadPoolExecutor(2) as pool:            # chains are independent: one per core
+        problems = [p for ps in pool.map(run_chain, range(len(chains))) for p in ps]
+    assert not problems, problems
+    for j in range(len(chains)):
+        out = tmp_path / f"chain{j}"
+        assert_same_store(out / "atlas.duckdb", clean["out"] / "atlas.duckdb")
+        assert site_tree(out / "site") == clean["site"], f"chain {chains[j]}"
+        assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"], \
+            f"temporary files left behind after {chains[j]}"
+
+
+def test_a_kill_between_the_two_renames_keeps_the_published_site(clean, tmp_path):
+    """A re-render killed after moving the old site aside: the next run puts it back, whole."""
+    out = tmp_path / "out"
+    shutil.copytree(clean["out"], out)
+    proc = atlas_run("render", out, "--layer-preview", 2, "--quiet",
+                     env={"ATLAS_FAULT": "render:old site moved aside", "SOURCE_DATE_EPOCH": EPOCH})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    FAULT_COUNTS["kill points"].add(("render", "old site moved aside"))
+    assert not (out / "site").exists() and site_tree(out / ".site.old") == clean["site"]
+    proc = atlas_run("render", out, "--quiet")      # the published settings: the old site is current
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["skipped"] is True
+    assert site_tree(out / "site") == clean["site"]
+    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"]
+
+
+def _text_without(path: Path, old: str, new: str) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    if path.name == "atlas-site.json":         # its input fingerprint covers the date too
+        value = json.loads(data)
+        value.pop("inputs")
+        data = json.dumps(value, sort_keys=True).encode()
+    return data.replace(old.encode(), new.encode())
+
+
+def test_same_inputs_give_the_same_site_byte_for_byte(clean, inputs, tmp_path):
+    """A second build, in another process at another time: only the build date may differ."""
+    model, corpus = inputs
+    proc = atlas_run("build", "--out", tmp_path / "again", "--model", model, "--corpus", corpus, *BUILD)
+    assert proc.returncode == 0, proc.stderr
+    a, b = clean["out"], tmp_path / "again"
+    ra, rb = store_rows(a / "atlas.duckdb"), store_rows(b / "atlas.duckdb")
+    assert {t for t in ra if ra[t] != rb[t]} == {"atlas_meta"}
+    with duckdb.connect(str(a / "atlas.duckdb"), read_only=True) as ca, \
+            duckdb.connect(str(b / "atlas.duckdb"), read_only=True) as cb:
+        meta_a = dict(ca.execute("SELECT key, value FROM atlas_meta").fetchall())
+        meta_b = dict(cb.execute("SELECT key, value FROM atlas_meta").fetchall())
+    date_a, date_b = json.loads(meta_a.pop("created_at")), json.loads(meta_b.pop("created_at"))
+    assert date_a != date_b
+    assert {k: without_timings(json.loads(v)) for k, v in meta_a.items()} == \
+           {k: without_timings(json.loads(v)) for k, v in meta_b.items()}
+    tree_a, tree_b = site_tree(a / "site"), site_tree(b / "site")
+    assert sorted(tree_a) == sorted(tree_b)
+    differ = [rel for rel in tree_a if tree_a[rel] != tree_b[rel]]
+    for rel in differ:
+        assert date_b in (b / "site" / rel).read_text(encoding="utf-8", errors="replace") or rel.endswith(".gz"), rel
+        assert _text_without(a / "site" / rel, date_a, "DATE") == _text_without(b / "site" / rel, date_b, "DATE"), rel
+    assert set(differ) <= {"index.html", "atlas-site.json", "sitemap.xml", "sitemap.xml.gz"}, differ
+
+
+def test_a_second_build_into_the_same_directory_is_refused(inputs, tmp_path):
+    model, corpus = inputs
+    out = tmp_path / "out"
+    first = atlas_run("decode", "--out", out, "--model", model, "--top-k", 3, "--quiet",
+                      env={"ATLAS_FAULT": "decode:1:stop"}, wait=False)
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)         # held still inside its decode stage
+        assert os.WIFSTOPPED(status), status
+        second = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD)
+        assert_one_line_error(second, f"another atlas build is running in {out} (pid {first.pid})")
+        assert_one_line_error(atlas_run("render", out), f"(pid {first.pid})")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:   # the first build was not disturbed
+        assert con.execute("SELECT count(*) FROM decoded_tokens").fetchone()[0] == 2 * 48 * 3 * (3 + 10)
+
+
+def _old_store(path: Path, meta: dict) -> dict[str, str]:
+    """A store as an older (or newer) atlas might have left it; returns its rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE atlas_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.execute("CREATE TABLE neurons (layer SMALLINT, neuron INTEGER, label VARCHAR)")
+        con.execute("INSERT INTO neurons VALUES (0, 0, 'kept as it was')")
+        for k, v in meta.items():
+            con.execute("INSERT INTO atlas_meta VALUES (?, ?)", [k, json.dumps(v)])
+    return store_rows(path)
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ({"schema_version": 0, "model": {"id": "m"}}, "has store schema v0; this atlas"),
+    ({"schema_version": 99, "model": {"id": "m"}}, "newer than the v1"),
+    ({"model": {"id": "m"}}, "has no schema_version"),
+])
+def test_a_store_of_another_version_is_refused_untouched(inputs, tmp_path, meta, needle):
+    model, corpus = inputs
+    store = tmp_path / "out" / "atlas.duckdb"
+    before = _old_store(store, meta)
+    assert_one_line_error(atlas_run("build", "--out", tmp_path / "out", "--model", model, "--corpus", corpus,
+                                    *BUILD), needle, str(store))
+    assert_one_line_error(atlas_run("info", tmp_path / "out"), needle)
+    assert store_rows(store) == before
+
+
+def test_a_registered_migration_upgrades_an_old_store(tmp_path, monkeypatch):
+    from atlas import store as store_mod
+    from atlas.errors import AtlasError
+
+    path = tmp_path / "atlas.duckdb"
+    _old_store(path, {"schema_version": 1, "model": {"id": "m"}})
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 1,
+                        lambda con: con.execute("UPDATE neurons SET label = 'migrated' WHERE label IS NOT NULL"))
+    with pytest.raises(AtlasError, match="run `atlas build` on it once"):
+        store_mod.Store(path, read_only=True)
+    with store_mod.Store(path) as store:
+        assert store.meta("schema_version") == 2
+        assert store.con.execute("SELECT label FROM neurons").fetchall() == [("migrated",)]
+
+
+def test_a_full_disk_fails_in_one_line_and_a_rerun_finishes(clean, inputs, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 64 KiB: here the store's first big commit fails."""
+    model, corpus = inputs
+    out = tmp_path / "out"
+    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+                     env={"SOURCE_DATE_EPOCH": EPOCH}, fsize=64 << 10)
+    assert_one_line_error(proc, "out of disk space writing the store", "File too large", "rerun to resume")
+    assert not (out / "site").exists()
+    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+                     env={"SOURCE_DATE_EPOCH": EPOCH})
+    assert proc.returncode == 0, proc.stderr
+    assert_same_store(out / "atlas.duckdb", clean["out"] / "atlas.duckdb")
+    assert site_tree(out / "site") == clean["site"]
+
+
+def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_path):
+    model, corpus = inputs
+    out = tmp_path / "out"
+    shutil.copytree(clean["out"], out)
+    rows = store_rows(out / "atlas.duckdb")
+    # Another render setting makes the site stale; the plotly bundle (4 MB) cannot be written.
+    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD, "--layer-preview", 2,
+                     env={"SOURCE_DATE_EPOCH": EPOCH}, fsize=1 << 20)
+    assert_one_line_error(proc, "out of disk space", "plotly.min.js")
+    assert site_tree(out / "site") == clean["site"]
+    assert store_rows(out / "atlas.duckdb") == rows
+    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"]

@@ -1,0 +1,257 @@
+"""Hostile text: a site built from web-like text never runs it, and shows it escaped everywhere.
+
+A tiny model whose vocabulary holds the hostile strings (one token per line of the corpus)
+is run over a corpus made of them, so they reach every place a site shows text: decoded
+token tables, neuron labels, exemplar strips, attribution, layer tables, cluster pages, map
+hovers and the per-neuron JSON. The model directory and the corpus file have hostile names
+too. Each payload sets ``window.__pwned`` if it ever runs; headless Chromium loads every page
+with a trap on that name (checked against a page that does run one), hovers every map point,
+and fails on any trap, dialog, event-handler attribute or ``javascript:`` URL.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import threading
+import urllib.parse
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import FAULT_COUNTS, tiny_model
+from test_faults import atlas_run
+
+pytestmark = pytest.mark.faults
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+PAYLOADS = [
+    "<script>window.__pwned='script'</script>",
+    "</script><script>window.__pwned='close-script'</script>",
+    "<img src=x onerror=\"window.__pwned='img'\">",
+    "\"'><svg onload=window.__pwned='svg'>",
+    "' onmouseover='window.__pwned=\"attr-single\"' x='",
+    "\" autofocus onfocus=\"window.__pwned='attr-double'\" x=\"",
+    "javascript:window.__pwned='js-url'",
+    "<a href=\"javascript:window.__pwned='link'\">click me</a>",
+    "<iframe srcdoc=\"<script>parent.__pwned='iframe'</script>\"></iframe>",
+    "<svg><animate onbegin=\"window.__pwned='animate'\" attributeName=x dur=1s>",
+    "<details open ontoggle=\"window.__pwned='details'\">",
+    "<style>@import 'javascript:window.__pwned=1';</style>",
+    "--><script>window.__pwned='comment'</script><!--",
+    "]]><script>window.__pwned='cdata'</script>",
+    "&lt;script&gt;window.__pwned='entity'&lt;/script&gt;",
+    "{{constructor.constructor('window.__pwned=\"template\"')()}}",
+    "${window.__pwned='template-literal'}",
+    "[click](javascript:window.__pwned='markdown')",
+    "`code` **bold** <b>bold</b>",
+    "\u202eevil\u202c right-to-left override",
+    "\u2066isolate\u2069 and \u200f marks",
+    "bell\x07 escape\x1b[31m red\x1b[0m delete\x7f vertical\x0b tab",
+    "line\u2028separator\u2029paragraph",
+    "<img src=x " + "a" * 10_000 + " onerror=\"window.__pwned='long'\">",
+]
+VOCAB_ONLY = ["nul\x00byte", "<script>window.__pwned='vocab'</script>\x00"]    # NUL cannot be in a text corpus
+MODEL_NAME = "model \"><svg onload=window.__pwned='model'>"
+CORPUS_NAME = "corpus `x` [y](javascript:window.__pwned='path') <b>.txt"
+MARKUP = set("<>&")            # a payload with one of these must never appear as it is in a file
+
+
+def _hostile_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="removed")      # one token per corpus line
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    words = ["<unk>", "<s>", "</s>"] + PAYLOADS + VOCAB_ONLY + [f"w{i}" for i in range(16)]
+    model = root / MODEL_NAME
+    tiny_model("llama", vocab=len(words)).save_pretrained(model)
+    _hostile_tokenizer(words).save_pretrained(model)
+    rng = random.Random(0)
+    corpus = root / CORPUS_NAME
+    corpus.write_text("\n".join(rng.choice(PAYLOADS + [f"w{i}" for i in range(16)]) for _ in range(1500)),
+                      encoding="utf-8")
+    proc = atlas_run("build", "--out", root / "out", "--model", model, "--corpus", corpus, "--context", 16,
+                     "--batch-size", 8, "--k", 5, "--attribution-rows", 8, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    for s in PAYLOADS + VOCAB_ONLY + [MODEL_NAME, CORPUS_NAME]:
+        FAULT_COUNTS["hostile strings"].add(s)
+    return root / "out" / "site"
+
+
+def _texts(site: Path) -> dict[str, str]:
+    return {p.relative_to(site).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(site.rglob("*")) if p.suffix in (".html", ".json", ".xml")}
+
+
+_URL_ATTRS = {"href", "src", "action", "formaction", "srcdoc", "xlink:href", "poster", "data", "style"}
+
+
+class _Markup(HTMLParser):
+    """What a page's markup does, as opposed to what its text says."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.problems, self._script = [], None
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name.startswith("on") and (name, value) != ("onsubmit", "return false"):
+                self.problems.append(f"<{tag} {name}>")
+            # Text attributes (title, aria-label) may hold payload text; URLs and styles may not.
+            if name in _URL_ATTRS and ("__pwned" in (value or "") or "javascript:" in (value or "").lower()):
+                self.problems.append(f"<{tag} {name}={(value or '')[:40]!r}>")
+        if tag in ("iframe", "object", "embed", "details", "animate", "img"):
+            self.problems.append(f"a <{tag}> element")
+        self._script = dict(attrs).get("type", "") if tag == "script" else None
+
+    def handle_data(self, data):
+        if self._script is not None and self._script != "application/json" and "__pwned" in data:
+            self.problems.append("a script that mentions __pwned")
+
+
+def test_every_file_holds_the_text_escaped(hostile_site):
+    texts = _texts(hostile_site)
+    raw_controls = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+    for rel, text in texts.items():
+        for s in PAYLOADS + VOCAB_ONLY + [MODEL_NAME, CORPUS_NAME]:
+            if MARKUP & set(s):
+                assert s not in text, (rel, s[:60])
+        assert not raw_controls.search(text), (rel, raw_controls.search(text))
+        if rel.endswith(".html"):
+            markup = _Markup()
+            markup.feed(text)
+            assert not markup.problems, (rel, markup.problems)
+    everything = "".join(texts.values())
+    assert "&lt;script&gt;window.__pwned=&#39;script&#39;&lt;/script&gt;" in everything
+    assert "⟨U+202E⟩evil" in everything                                   # bidi shown as a code point
+    assert "&amp;lt;script&amp;gt;" in everything                         # pre-escaped text stays as typed
+    assert "&lt;svg onload=window.__pwned=&#39;model&#39;&gt;" in texts["neurons/0/0/index.html"]   # model name
+    # The JSON keeps every string exactly, escaped only in form.
+    tokens = set()
+    for rel, text in texts.items():
+        if re.fullmatch(r"neurons/\d+/\d+\.json", rel):
+            data = json.loads(text)
+            tokens |= {r["token"] for r in data["decoded_tokens"]}
+            assert data["model"] == MODEL_NAME
+    assert set(PAYLOADS) <= tokens, set(PAYLOADS) - tokens
+    method = texts["method/index.html"]
+    assert "href=\"javascript" not in method and "&#91;y&#93;&#40;javascript:" in method
+
+
+@pytest.fixture(scope="module")
+def browser_page(hostile_site):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    from playwright.sync_api import sync_playwright
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(hostile_site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.pwned, page.dialogs = [], []
+        # A trap on the canary: any script that sets it, in any frame, at any time, is reported.
+        page.add_init_script("""(() => {
+            const hit = v => { try { console.error("PWNED:" + String(v)); } catch (e) {} };
+            for (const w of [window, window.parent]) {
+                try { Object.defineProperty(w, "__pwned", {configurable: false, get: () => undefined, set: hit}); }
+                catch (e) {}
+            }
+        })();""")
+        page.on("console", lambda m: page.pwned.append(m.text) if m.text.startswith("PWNED:") else None)
+        page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+        page.base = f"http://127.0.0.1:{server.server_address[1]}/"
+        yield page
+        browser.close()
+    server.shutdown()
+
+
+def _dom_problems(page) -> list[str]:
+    return page.evaluate("""() => {
+        const bad = [];
+        for (const el of document.querySelectorAll("*")) {
+            for (const a of el.attributes) {
+                const name = a.name.toLowerCase(), value = a.value.trim().toLowerCase();
+                if (name.startsWith("on") && !(name === "onsubmit" && value === "return false"))
+                    bad.push(el.tagName + " has " + name);
+                if (["href", "src", "action", "formaction", "xlink:href", "srcdoc", "poster", "data", "style"]
+                        .includes(name) && (value.includes("javascript:") || value.includes("__pwned")))
+                    bad.push(el.tagName + " " + name + "=" + value.slice(0, 60));
+            }
+            if (["IFRAME", "OBJECT", "EMBED", "DETAILS", "ANIMATE"].includes(el.tagName.toUpperCase()))
+                bad.push("a " + el.tagName + " element");
+            if (el.tagName === "SCRIPT" && el.textContent.includes("__pwned") && el.type !== "application/json")
+                bad.push("a script that mentions __pwned");
+        }
+        return bad;
+    }""")
+
+
+@pytest.mark.browser
+def test_the_canary_catches_a_script_that_runs(browser_page):
+    page = browser_page
+    page.goto(page.base)
+    page.set_content("<img src=x onerror=\"window.__pwned='control'\">")
+    page.wait_for_timeout(300)
+    assert page.pwned == ["PWNED:control"]
+    page.pwned.clear()
+
+
+@pytest.mark.browser
+def test_no_page_runs_injected_script(browser_page, hostile_site):
+    page = browser_page
+    pages = sorted(p.parent.relative_to(hostile_site).as_posix() for p in hostile_site.rglob("index.html"))
+    assert len(pages) > 96 + 5                 # every neuron page, the frame, clusters and the map
+    problems = {}
+    for rel in pages:
+        url = page.base + ("" if rel == "." else rel + "/")
+        page.goto(url)
+        if rel == "map":
+            page.wait_for_selector("#atlas-map[data-points]", timeout=60_000)
+            _hover_every_point(page)
+        found = _dom_problems(page)
+        if found:
+            problems[rel] = found
+    if (hostile_site / "search" / "index.html").is_file():      # the search page, where there is one
+        for s in PAYLOADS:
+            page.goto(page.base + "search/?q=" + urllib.parse.quote(s))
+            page.wait_for_timeout(200)
+            if found := _dom_problems(page):
+                problems["search?q=" + s[:30]] = found
+    page.wait_for_timeout(500)                  # late handlers (image errors, animations) have fired
+    assert (problems, page.pwned, page.dialogs) == ({}, [], [])
+
+
+def _hover_every_point(page) -> None:
+    positions = page.evaluate("""() => {
+        const el = document.getElementById("atlas-map"), L = el._fullLayout, box = el.getBoundingClientRect();
+        const out = [];
+        el._fullData.forEach(d => d.x.forEach((x, i) => out.push(
+            [box.left + L._size.l + L.xaxis.l2p(x), box.top + L._size.t + L.yaxis.l2p(d.y[i])])));
+        return out;
+    }""")
+    assert len(positions) == 96
+    hovered = 0
+    for x, y in positions:
+        page.mouse.move(x, y)
+        if page.locator(".hoverlayer .hovertext").count():
+            hovered += 1
+            assert page.locator(".hoverlayer script, .hoverlayer img, .hoverlayer a, .hoverlayer iframe").count() == 0
+    assert hovered > 48, hovered                 # most points show their hover (overlapping ones share one)
