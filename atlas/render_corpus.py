@@ -1,80 +1,123 @@
 """Neuron-page sections from the corpus pass: exemplar token strips, histogram, attribution.
 
 Read per block of neurons in bulk, like the rest of the page data; a store without a
-finished exemplars stage simply gives no sections.
+finished exemplars stage simply gives no sections. Only what a page shows is fetched here
+(the strongest few exemplars and attributions); the neuron's JSON carries every row.
+
+Strips are the densest markup of a page (16 tokens per exemplar), so they are built here
+as one string per exemplar rather than in a template loop: a token that the neuron reacts
+to is an ``<i>`` whose class names its shade bucket, ``p1``..``p5`` up and ``n1``..``n5``
+down (styled once in ``atlas.css``), the exemplar's own token is a ``<b>``, and the tokens
+it does not react to are plain text.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections import defaultdict
 
-SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 8, 4, 8     # per page; the JSON carries all rows
+from markupsafe import Markup
+
+from .render_text import fmt_stat, strip_text, token_cell
+
+SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 5, 3, 6     # per page; the JSON carries all rows
+SHADES = 5                                      # colour buckets per sign
 
 
 def has_corpus(con) -> bool:
     row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.exemplars'").fetchone()
-    return bool(row) and '"status": "done"' in row[0]
+    return bool(row) and json.loads(row[0]).get("status") == "done"
 
 
-def vocab_list(con) -> list[str]:
-    return [t for (t,) in con.execute("SELECT token FROM vocab ORDER BY token_id").fetchall()]
-
-
-def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> dict[int, dict]:
-    """Per neuron of ``lo..hi-1``: exemplars with token strips, histogram counts, attribution rows."""
-    out: dict[int, dict] = defaultdict(lambda: {"max": [], "min": [], "supports": [], "suppresses": [],
-                                                "histogram": None, "rows": {"exemplars": [], "attributions": []}})
-    normaliser = dict(con.execute("SELECT neuron, normaliser FROM neurons WHERE layer = ? AND neuron >= ? "
-                                  "AND neuron < ?", [layer, lo, hi]).fetchall())
-    for (n, polarity, rank, doc_id, token_pos, act, norm_act, ws, wins, ids) in con.execute("""
-            SELECT e.neuron, e.polarity, e.rank, e.doc_id, e.token_pos, e.activation, e.norm_activation,
-                   e.window_start, e.window_activations,
-                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations))
-            FROM exemplars e JOIN corpus_docs d USING (doc_id)
-            WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ? ORDER BY e.neuron, e.polarity, e.rank""",
-            [layer, lo, hi]).fetchall():
-        sec = out[n]
-        sec["rows"]["exemplars"].append({"polarity": polarity, "rank": rank, "doc_id": doc_id,
-                                         "token_pos": token_pos, "activation": act, "norm_activation": norm_act,
-                                         "window_start": ws, "window_activations": [_num(a) for a in wins]})
-        if rank >= (SHOWN_MAX if polarity == "max" else SHOWN_MIN):
-            continue
-        scale = normaliser.get(n) or 0.0
-        strip, offset = [], max(0, -ws)
-        for j, token_id in enumerate(ids):
-            a = wins[offset + j]
-            shade = 0.0 if a is None or not math.isfinite(a) or scale <= 0 else max(-1.0, min(1.0, a / scale))
-            strip.append((vocab[token_id] if 0 <= token_id < len(vocab) else "", round(shade, 2),
-                          ws + offset + j == token_pos))
-        sec[polarity].append({"rank": rank, "doc_id": doc_id, "activation": act, "norm_activation": norm_act,
-                              "strip": strip})
-    for n, counts in con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
-                                 "AND neuron < ? ORDER BY neuron", [layer, lo, hi]).fetchall():
-        out[n]["histogram"] = histogram_path(counts)
-    for (n, polarity, rank, token_id, token, attribution, doc_id, token_pos) in con.execute("""
-            SELECT neuron, polarity, rank, token_id, token, attribution, doc_id, token_pos FROM attributions
-            WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, polarity, rank""", [layer, lo, hi]).fetchall():
-        out[n]["rows"]["attributions"].append({"polarity": polarity, "rank": rank, "token_id": token_id,
-                                               "token": token, "attribution": attribution, "doc_id": doc_id,
-                                               "token_pos": token_pos})
-        if rank < SHOWN_ATTR:
-            out[n][polarity].append((token, attribution))
+def strip_vocab(con) -> list[str]:
+    """Strip text of every vocabulary entry, indexed by token id (one list per worker)."""
+    rows = con.execute("SELECT token_id, token FROM vocab ORDER BY token_id").fetchall()
+    out = ["\u2205"] * (rows[-1][0] + 1 if rows else 0)
+    for token_id, token in rows:
+        out[token_id] = strip_text(token)
     return out
 
 
-def _num(x):
-    return x if x is not None and math.isfinite(x) else None
+def strip_html(ids: list[int], acts: list, offset: int, focus: int, scale: float, vocab: list[str]) -> Markup:
+    """One exemplar's tokens; ``acts[offset + j]`` is the activation at ``ids[j]``, ``focus`` the exemplar's index.
+
+    A token's shade is its activation over the normaliser ``scale`` in steps of 1/SHADES,
+    clipped to ±SHADES; missing or NaN activations, and a neuron without a normaliser,
+    give no shade.
+    """
+    parts = []
+    n_vocab = len(vocab)
+    per_shade = SHADES / scale if scale > 0 and math.isfinite(scale) else 0.0
+    for j, token_id in enumerate(ids):
+        a = acts[offset + j]
+        level = 0 if a is None or a != a or per_shade == 0.0 else \
+            max(-SHADES, min(SHADES, round(max(-1e9, min(1e9, a * per_shade)))))
+        text = vocab[token_id] if 0 <= token_id < n_vocab else "\u2205"
+        cls = "" if level == 0 else f" class={'p' if level > 0 else 'n'}{abs(level)}"
+        if j == focus:
+            parts.append(f"<b{cls}>{text}</b>")
+        elif level:
+            parts.append(f"<i{cls}>{text}</i>")
+        else:
+            parts.append(text)
+    return Markup("".join(parts))
+
+
+def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> dict[int, dict]:
+    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, the histogram, the shown attributions."""
+    out: dict[int, dict] = {}
+
+    def section(n: int) -> dict:
+        if n not in out:
+            out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None}
+        return out[n]
+
+    for (n, polarity, norm_act, ws, pos, wins, ids, scale) in con.execute(f"""
+            SELECT e.neuron, e.polarity, e.norm_activation, e.window_start, e.token_pos, e.window_activations,
+                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations)),
+                   n.normaliser
+            FROM exemplars e JOIN corpus_docs d USING (doc_id)
+                 JOIN neurons n ON n.layer = e.layer AND n.neuron = e.neuron
+            WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ?
+              AND e.rank < CASE e.polarity WHEN 'max' THEN {SHOWN_MAX} ELSE {SHOWN_MIN} END
+            ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall():
+        offset = max(0, -ws)            # a window that starts before its input has no tokens there
+        strip = strip_html(ids, wins, offset, pos - ws - offset, scale or 0.0, vocab)
+        section(n)[polarity].append((norm_act, strip))
+    for n, counts in con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
+                                 "AND neuron < ?", [layer, lo, hi]).fetchall():
+        section(n)["histogram"] = histogram_path(counts)
+    for n, polarity, token, attribution in con.execute(f"""
+            SELECT neuron, polarity, token, attribution FROM attributions
+            WHERE layer = ? AND neuron >= ? AND neuron < ? AND rank < {SHOWN_ATTR}
+            ORDER BY neuron, polarity, rank""", [layer, lo, hi]).fetchall():
+        section(n)[polarity].append((token, attribution))
+    for sec in out.values():
+        for polarity in ("supports", "suppresses"):
+            sec[polarity] = attribution_list(sec[polarity])
+    return out
+
+
+def attribution_list(items: list[tuple]) -> Markup:
+    """(token, attribution) pairs as ``<b>token</b> value`` joined by dots."""
+    return Markup(" · ".join(f"<b>{token_cell(t)}</b> {fmt_stat(a)}" for t, a in items))
 
 
 def histogram_path(counts: list[int], width: int = 256, height: int = 48) -> str:
-    """An SVG path of the activation histogram, heights on a log scale (the tails matter)."""
+    """An SVG path of the activation histogram, heights on a log scale (the tails matter).
+
+    Whole-pixel steps, and one segment per run of equal bars, keep it to a few hundred bytes.
+    """
     logs = [math.log1p(c) for c in counts]
-    top = max(logs) or 1.0
-    step = width / len(counts)
+    top = max(logs, default=0.0) or 1.0
+    step = width / max(1, len(counts))
     parts = [f"M0 {height}"]
+    last = 0
     for i, v in enumerate(logs):
-        y = round(height - v / top * height, 1)
-        parts.append(f"L{round(i * step, 1)} {y}L{round((i + 1) * step, 1)} {y}")
-    parts.append(f"L{width} {height}Z")
+        h = round(v / top * height)
+        if h != last:
+            x = round(i * step)
+            parts.append(f"H{x}V{height - h}")
+            last = h
+    parts.append(f"H{width}V{height}Z")
     return "".join(parts)
