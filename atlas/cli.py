@@ -234,15 +234,21 @@ def info(out, as_json):
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["decode", "corpus"]), default="decode")
+@click.argument("what", type=click.Choice(["decode", "corpus", "render"]), default="decode")
 @model_option
 @device_option
 @dtype_option
 @click.option("--layers", default=6, show_default=True, type=int,
-              help="how many layers (spread over the model) to time; 0 for all")
+              help="how many layers (spread over the model) to time; 0 for all (render: layers of the synthetic store)")
 @click.option("--repeats", default=3, show_default=True, type=int, help="timed repeats; the fastest counts")
+@click.option("--shape", default="32x14336", show_default=True,
+              help="render: synthetic store LAYERSxNEURONS (Llama-3.1-8B: 458,752 neurons)")
+@click.option("--neurons", default=0, type=int, help="render: neurons per layer, for a quick run (default: from --shape)")
+@click.option("--store", type=click.Path(path_type=Path),
+              help="render: synthetic store to reuse, or to create and keep at this path")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, layers, repeats, json_path):
+@click.pass_context
+def bench(ctx, what, model, device, dtype, layers, repeats, shape, neurons, store, json_path):
     """Time a stage against its lower bound measured in the same run.
 
     \b
@@ -250,7 +256,18 @@ def bench(what, model, device, dtype, layers, repeats, json_path):
       atlas bench decode
       atlas bench decode --layers 0 --json bench.json
       atlas bench corpus
+      atlas bench render                       # 458,752 neuron pages
+      atlas bench render --layers 2 --neurons 2048
     """
+    if what == "render":
+        from .bench_render import bench_render, print_render_table
+        explicit = ctx.get_parameter_source("layers") != click.core.ParameterSource.DEFAULT
+        result = bench_render(shape, layers if explicit else 0, neurons, store)
+        print_render_table(result)
+        if json_path:
+            from .io import write_json_atomic
+            write_json_atomic(json_path, result)
+        return
     from .bench import bench_corpus, bench_decode, print_corpus_table, print_table
     if what == "corpus":
         result = bench_corpus(model, device, dtype, repeats=repeats)

@@ -38,6 +38,11 @@ def strip_vocab(con) -> list[str]:
     return out
 
 
+_OPEN = {level: f"<i class={'p' if level > 0 else 'n'}{abs(level)}>" for level in range(-SHADES, SHADES + 1) if level}
+_FOCUS = {level: f"<b class={'p' if level > 0 else 'n'}{abs(level)}>" if level else "<b>"
+          for level in range(-SHADES, SHADES + 1)}
+
+
 def strip_html(ids: list[int], acts: list, offset: int, focus: int, scale: float, vocab: list[str]) -> Markup:
     """One exemplar's tokens; ``acts[offset + j]`` is the activation at ``ids[j]``, ``focus`` the exemplar's index.
 
@@ -47,24 +52,25 @@ def strip_html(ids: list[int], acts: list, offset: int, focus: int, scale: float
     """
     parts = []
     n_vocab = len(vocab)
-    per_shade = SHADES / scale if scale > 0 and math.isfinite(scale) else 0.0
+    per_shade = SHADES / scale if scale and scale > 0 and math.isfinite(scale) else 0.0
     for j, token_id in enumerate(ids):
         a = acts[offset + j]
-        level = 0 if a is None or a != a or per_shade == 0.0 else \
-            max(-SHADES, min(SHADES, round(max(-1e9, min(1e9, a * per_shade)))))
+        level = 0 if a is None or a != a or not per_shade else round(max(-SHADES, min(SHADES, a * per_shade)))
         text = vocab[token_id] if 0 <= token_id < n_vocab else "\u2205"
-        cls = "" if level == 0 else f" class={'p' if level > 0 else 'n'}{abs(level)}"
         if j == focus:
-            parts.append(f"<b{cls}>{text}</b>")
+            parts.append(f"{_FOCUS[level]}{text}</b>")
         elif level:
-            parts.append(f"<i{cls}>{text}</i>")
+            parts.append(f"{_OPEN[level]}{text}</i>")
         else:
             parts.append(text)
     return Markup("".join(parts))
 
 
-def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> dict[int, dict]:
-    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, the histogram, the shown attributions."""
+def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normaliser: dict[int, float]) -> dict[int, dict]:
+    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, the histogram, the shown attributions.
+
+    ``normaliser`` maps each neuron to the normaliser its strips are shaded by.
+    """
     out: dict[int, dict] = {}
 
     def section(n: int) -> dict:
@@ -72,17 +78,15 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> dict
             out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None}
         return out[n]
 
-    for (n, polarity, norm_act, ws, pos, wins, ids, scale) in con.execute(f"""
+    for (n, polarity, norm_act, ws, pos, wins, ids) in con.execute(f"""
             SELECT e.neuron, e.polarity, e.norm_activation, e.window_start, e.token_pos, e.window_activations,
-                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations)),
-                   n.normaliser
+                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations))
             FROM exemplars e JOIN corpus_docs d USING (doc_id)
-                 JOIN neurons n ON n.layer = e.layer AND n.neuron = e.neuron
             WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ?
               AND e.rank < CASE e.polarity WHEN 'max' THEN {SHOWN_MAX} ELSE {SHOWN_MIN} END
             ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall():
         offset = max(0, -ws)            # a window that starts before its input has no tokens there
-        strip = strip_html(ids, wins, offset, pos - ws - offset, scale or 0.0, vocab)
+        strip = strip_html(ids, wins, offset, pos - ws - offset, normaliser.get(n) or 0.0, vocab)
         section(n)[polarity].append((norm_act, strip))
     for n, counts in con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
                                  "AND neuron < ?", [layer, lo, hi]).fetchall():

@@ -112,10 +112,11 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     cur = con.execute(job["sql"]["neurons"], args)
     names = [d[0] for d in cur.description][:-1]
     neurons = [(dict(zip(names, r[:-1])), r[-1]) for r in cur.fetchall()]
+    # Columns as numpy arrays and then lists: a third of the time of fetching row tuples.
+    cols = con.execute("SELECT neuron, side, polarity, token, logit FROM decoded_tokens WHERE layer = ? "
+                       "AND neuron >= ? AND neuron < ? ORDER BY neuron, side, polarity, rank", args).fetchnumpy()
     decoded: dict[int, dict] = {}
-    for n, side, polarity, token, logit in con.execute(
-            "SELECT neuron, side, polarity, token, logit FROM decoded_tokens WHERE layer = ? "
-            "AND neuron >= ? AND neuron < ? ORDER BY neuron, side, polarity, rank", args).fetchall():
+    for n, side, polarity, token, logit in zip(*(cols[c].tolist() for c in ("neuron", "side", "polarity", "token", "logit"))):
         decoded.setdefault(n, {}).setdefault(side, {"top": [], "bottom": []})[polarity].append((token, logit))
     rows_json = {table: dict(con.execute(sql, args).fetchall()) for table, sql in job["sql"]["json"].items()}
 
@@ -123,7 +124,8 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     if job["has_corpus"]:
         if _worker.get("vocab_for") != job["site"]:     # one vocabulary per site being built
             _worker["vocab"], _worker["vocab_for"] = strip_vocab(con), job["site"]
-        corpus = corpus_sections(con, layer, lo, hi, _worker["vocab"])
+        corpus = corpus_sections(con, layer, lo, hi, _worker["vocab"],
+                                 {row["neuron"]: row["normaliser"] for row, _ in neurons})
     clustering: dict[int, dict] = {}
     if job["has_clusters"]:
         from .site_map import cluster_sections
