@@ -46,8 +46,11 @@ def _render_child(store: str, site: str, workers: int) -> None:
     print(json.dumps(stats))
 
 
-def _write_block(job: tuple[str, str, int, int, int]) -> tuple[float, int]:
-    """Rewrite one block's pages and JSON from ``site`` under ``scratch`` with plain writes; time the writes only."""
+def _write_block(job: tuple[str, str, int, int, int]) -> tuple[float, float, int]:
+    """Rewrite one block's pages and JSON from ``site`` under ``scratch`` with plain writes.
+
+    Returns the wall and CPU seconds of the writes alone, and the bytes written.
+    """
     site, scratch, layer, lo, hi = job
     src, dst = os.path.join(site, "neurons", str(layer)), os.path.join(scratch, f"{layer}-{lo}")
     files = []
@@ -57,16 +60,16 @@ def _write_block(job: tuple[str, str, int, int, int]) -> tuple[float, int]:
         with open(os.path.join(src, f"{n}.json"), "rb") as f:
             files.append((str(n), page, f.read()))
     os.makedirs(dst)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for n, page, data in files:
         os.mkdir(os.path.join(dst, n))
         with open(os.path.join(dst, n, "index.html"), "wb") as f:
             f.write(page)
         with open(os.path.join(dst, f"{n}.json"), "wb") as f:
             f.write(data)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     shutil.rmtree(dst)          # keeps the bound's disk use to one block per process
-    return seconds, sum(len(p) + len(d) for _, p, d in files)
+    return seconds, cpu, sum(len(p) + len(d) for _, p, d in files)
 
 
 def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, store: str | Path | None = None,
@@ -109,8 +112,10 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
                 results = list(pool.map(_write_block, jobs))
         # Each process timed its own writes; with the same processes sharing the work, the
         # bound's wall time is their sum over the number of processes.
-        bound_s = sum(s for s, _ in results) / bound_workers
-        total_bytes = sum(b for _, b in results)
+        bound_s = sum(r[0] for r in results) / bound_workers
+        bound_cpu_s = sum(r[1] for r in results)
+        total_bytes = sum(r[2] for r in results)
+        load = os.getloadavg()[0]
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -121,7 +126,12 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
         "stage": "render", "shape": f"{n_layers} x {d_mlp}", "neurons": n, "workers": r["workers"],
         "cpus": os.cpu_count(), "store_s": store_s, "pages_s": r["pages_seconds"],
         "pages_per_s": n / r["pages_seconds"], "bound_s": bound_s, "bound_pages_per_s": n / bound_s,
-        "ratio": r["pages_seconds"] / bound_s, "bytes": total_bytes, "avg_page_bytes": r["avg_page_bytes"],
+        "ratio": r["pages_seconds"] / bound_s, "pages_cpu_s": r["pages_cpu_seconds"], "bound_cpu_s": bound_cpu_s,
+        "cpu_ratio": r["pages_cpu_seconds"] / bound_cpu_s if bound_cpu_s > 0 else None,
+        # What the same CPU work gives on idle cores, one per render process: a shared
+        # machine's wall time says more about its other tenants than about the renderer.
+        "pages_per_s_free_cores": n * r["workers"] / r["pages_cpu_seconds"], "load_average": load,
+        "bytes": total_bytes, "avg_page_bytes": r["avg_page_bytes"],
         "avg_json_bytes": r["avg_json_bytes"], "peak_rss_mb": r["peak_rss_mb"],
         "peak_rss_worker_mb": r["peak_rss_worker_mb"], "clusters": clusters,
     }
@@ -136,6 +146,9 @@ def print_render_table(r: dict) -> None:
         ("render", f"{r['pages_s']:.1f} s ({r['pages_per_s']:,.0f} pages/s, each page + its JSON)"),
         ("plain writes", f"{r['bound_s']:.1f} s ({r['bound_pages_per_s']:,.0f} pages/s, same bytes and files)"),
         ("ratio", f"{r['ratio']:.2f} (render time / plain-write time)"),
+        ("CPU", f"{r['pages_cpu_s']:.1f} s rendering, {r['bound_cpu_s']:.1f} s writing (ratio {r['cpu_ratio']:.2f}); "
+                f"{r['pages_per_s_free_cores']:,.0f} pages/s on {r['workers']} free cores"),
+        ("machine", f"load average {r['load_average']:.1f} at the end (other work shares the CPUs)"),
         ("bytes", f"{r['bytes'] / 2**30:,.2f} GiB; page {r['avg_page_bytes']:,} B, JSON {r['avg_json_bytes']:,} B "
                   "on average (plus shared assets)"),
         ("peak memory", f"{r['peak_rss_mb']:,.0f} MiB main process, {r['peak_rss_worker_mb']:,.0f} MiB largest worker"),

@@ -258,6 +258,14 @@ def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress
     return counts
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes (user + system)."""
+    import resource
+
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 # -- putting it together -----------------------------------------------------------------
 def _prepare(site_dir: Path) -> tuple[Path, Path]:
     """Paths for the new and the displaced site, after cleaning up an earlier crash."""
@@ -354,9 +362,9 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                       "has_corpus": has_corpus_, "has_clusters": has_clusters}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
-            pages_start = time.perf_counter()
+            pages_start, cpu_start = time.perf_counter(), _cpu_seconds()
             counts = _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress)
-            pages_s = time.perf_counter() - pages_start
+            pages_s, pages_cpu_s = time.perf_counter() - pages_start, _cpu_seconds() - cpu_start
             if has_clusters:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
             (building / SITE_MARKER).write_text(_to_json({
@@ -373,5 +381,6 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             "seconds": round(time.perf_counter() - start, 3), "frame_seconds": round(frame_s, 3),
             "exports_seconds": round(exports_s, 3) if cfg.exports else None,
             "pages_seconds": round(pages_s, 3), "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None,
+            "pages_cpu_seconds": round(pages_cpu_s, 3),
             "workers": counts["workers"], "avg_page_bytes": round(counts["page_bytes"] / max(1, n)),
             "avg_json_bytes": round(counts["json_bytes"] / max(1, n))}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 from markupsafe import Markup
 
 from .render_text import fmt_stat, strip_text, token_cell
@@ -43,19 +44,23 @@ _FOCUS = {level: f"<b class={'p' if level > 0 else 'n'}{abs(level)}>" if level e
           for level in range(-SHADES, SHADES + 1)}
 
 
-def strip_html(ids: list[int], acts: list, offset: int, focus: int, scale: float, vocab: list[str]) -> Markup:
-    """One exemplar's tokens; ``acts[offset + j]`` is the activation at ``ids[j]``, ``focus`` the exemplar's index.
+def shade_levels(windows: list[list], scale: list[float]) -> list[list[int]]:
+    """Shade bucket of every window activation: activation over the row's normaliser ``scale``
+    in steps of 1/SHADES, clipped to ±SHADES; missing or NaN activations and rows without a
+    positive normaliser get 0. One numpy pass for a whole block's strips."""
+    w = np.array([[np.nan if a is None else a for a in row] for row in windows], np.float32).reshape(len(windows), -1)
+    s = np.array([x if x is not None and x > 0 and math.isfinite(x) else np.nan for x in scale], np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = np.rint(np.clip(w * (SHADES / s)[:, None], -SHADES, SHADES))
+    return np.nan_to_num(levels, nan=0.0).astype(np.int8).tolist()
 
-    A token's shade is its activation over the normaliser ``scale`` in steps of 1/SHADES,
-    clipped to ±SHADES; missing or NaN activations, and a neuron without a normaliser,
-    give no shade.
-    """
+
+def strip_html(ids: list[int], levels: list[int], focus: int, vocab: list[str]) -> Markup:
+    """One exemplar's tokens ``ids`` with their shade ``levels``; ``focus`` is the exemplar's own token."""
     parts = []
     n_vocab = len(vocab)
-    per_shade = SHADES / scale if scale and scale > 0 and math.isfinite(scale) else 0.0
     for j, token_id in enumerate(ids):
-        a = acts[offset + j]
-        level = 0 if a is None or a != a or not per_shade else round(max(-SHADES, min(SHADES, a * per_shade)))
+        level = levels[j]
         text = vocab[token_id] if 0 <= token_id < n_vocab else "\u2205"
         if j == focus:
             parts.append(f"{_FOCUS[level]}{text}</b>")
@@ -78,19 +83,23 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normali
             out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None}
         return out[n]
 
-    for (n, polarity, norm_act, ws, pos, wins, ids) in con.execute(f"""
+    rows = con.execute(f"""
             SELECT e.neuron, e.polarity, e.norm_activation, e.window_start, e.token_pos, e.window_activations,
                    list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations))
             FROM exemplars e JOIN corpus_docs d USING (doc_id)
             WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ?
               AND e.rank < CASE e.polarity WHEN 'max' THEN {SHOWN_MAX} ELSE {SHOWN_MIN} END
-            ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall():
-        offset = max(0, -ws)            # a window that starts before its input has no tokens there
-        strip = strip_html(ids, wins, offset, pos - ws - offset, normaliser.get(n) or 0.0, vocab)
-        section(n)[polarity].append((norm_act, strip))
-    for n, counts in con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
-                                 "AND neuron < ?", [layer, lo, hi]).fetchall():
-        section(n)["histogram"] = histogram_path(counts)
+            ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall()
+    if rows:
+        levels = shade_levels([r[5] for r in rows], [normaliser.get(r[0]) for r in rows])
+        for (n, polarity, norm_act, ws, pos, _, ids), level in zip(rows, levels):
+            offset = max(0, -ws)        # a window that starts before its input has no tokens there
+            section(n)[polarity].append((norm_act, strip_html(ids, level[offset:], pos - ws - offset, vocab)))
+    hist = con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
+                       "AND neuron < ?", [layer, lo, hi]).fetchall()
+    if hist:
+        for (n, _), heights in zip(hist, histogram_heights([c for _, c in hist])):
+            section(n)["histogram"] = histogram_path(heights)
     for n, polarity, token, attribution in con.execute(f"""
             SELECT neuron, polarity, token, attribution FROM attributions
             WHERE layer = ? AND neuron >= ? AND neuron < ? AND rank < {SHOWN_ATTR}
@@ -107,21 +116,22 @@ def attribution_list(items: list[tuple]) -> Markup:
     return Markup(" · ".join(f"<b>{token_cell(t)}</b> {fmt_stat(a)}" for t, a in items))
 
 
-def histogram_path(counts: list[int], width: int = 256, height: int = 48) -> str:
-    """An SVG path of the activation histogram, heights on a log scale (the tails matter).
+def histogram_heights(counts: list[list[int]], height: int = 48) -> list[list[int]]:
+    """Bar heights in whole pixels on a log scale (the tails matter), one row per histogram."""
+    logs = np.log1p(np.array(counts, np.float64))                      # [neurons, bins]
+    top = logs.max(axis=1, keepdims=True)
+    top[top == 0] = 1.0
+    return np.rint(logs / top * height).astype(np.int64).tolist()
 
-    Whole-pixel steps, and one segment per run of equal bars, keep it to a few hundred bytes.
-    """
-    logs = [math.log1p(c) for c in counts]
-    top = max(logs, default=0.0) or 1.0
-    step = width / max(1, len(counts))
+
+def histogram_path(heights: list[int], width: int = 256, height: int = 48) -> str:
+    """An SVG path of a histogram's bars; one segment per run of equal bars keeps it to a few hundred bytes."""
+    step = width / max(1, len(heights))
     parts = [f"M0 {height}"]
     last = 0
-    for i, v in enumerate(logs):
-        h = round(v / top * height)
+    for i, h in enumerate(heights):
         if h != last:
-            x = round(i * step)
-            parts.append(f"H{x}V{height - h}")
+            parts.append(f"H{round(i * step)}V{height - h}")
             last = h
     parts.append(f"H{width}V{height}Z")
     return "".join(parts)
