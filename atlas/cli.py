@@ -294,20 +294,25 @@ def _print_neuron(store, address: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["decode", "corpus", "all"]), default="decode")
+@click.argument("what", type=click.Choice(["decode", "corpus", "render", "all"]), default="decode")
 @model_option
 @device_option
 @dtype_option
 @click.option("--shape", type=click.Choice(list(SHAPE_NAMES)), default=None,
-              help="time a randomly initialised model of this shape instead of --model (no weights needed)")
+              help="time a randomly initialised model of this shape instead of --model (no weights needed); "
+                   "render: the synthetic store's shape (default llama-3.1-8b, 458,752 neurons)")
 @click.option("--layers", default=None, type=int,
               help="layers to time: decode spreads them over the model (default 6, 0 for all); with "
-                   "--shape the random model is built with only this many (default: all on a GPU, 2 on a CPU)")
+                   "--shape the random model is built with only this many (default: all on a GPU, 2 on a CPU); "
+                   "render: layers of the synthetic store")
 @click.option("--repeats", default=3, show_default=True, type=int, help="decode: timed repeats; the fastest counts")
 @click.option("--batches", default=32, show_default=True, type=int,
               help="corpus: batches of 16 x 128 tokens timed (32 = the default build's whole pass)")
+@click.option("--neurons", default=0, type=int, help="render: neurons per layer, for a quick run (default: from the shape)")
+@click.option("--store", type=click.Path(path_type=Path),
+              help="render: synthetic store to reuse, or to create and keep at this path")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, shape, layers, repeats, batches, json_path):
+def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, json_path):
     """Time stages against their lower bounds measured in the same run.
 
     \b
@@ -316,13 +321,23 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, json_path
       atlas bench all --json bench.json
       atlas bench all --shape llama-3.1-8b          # on a GPU: the whole 8B shape
       atlas bench decode --shape llama-3.1-8b --layers 2
+      atlas bench render                            # 458,752 neuron pages
+      atlas bench render --layers 2 --neurons 2048
     """
     from . import bench as b
     from .model import pick_device
+    results = {}
+    if what in ("render", "all"):
+        from .bench_render import bench_render, print_render_table
+        from .shapes import SHAPES
+        _, n_layers, _, d_mlp, *_ = SHAPES[shape or "llama-3.1-8b"]
+        results["render"] = bench_render(f"{n_layers}x{d_mlp}", layers or 0, neurons, store)
+        print_render_table(results["render"])
     if shape and layers is None:
         layers = 0 if pick_device(device).type == "cuda" else 2
-    results = {}
     if what in ("decode", "all"):
+        if results:
+            click.echo()
         dec_layers = 6 if layers is None else layers
         results["decode"] = b.bench_decode(model, device, dtype, dec_layers, repeats, shape=shape)
         b.print_table(results["decode"])

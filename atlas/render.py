@@ -17,12 +17,10 @@ import re
 import shutil
 import tempfile
 import time
-import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,54 +32,32 @@ from tqdm.auto import tqdm
 from . import __version__, faults
 from .errors import AtlasError
 from . import site_map
-from .render_corpus import corpus_sections, has_corpus, vocab_list
-from .store import SIDE_STATS, SIDES, Store, without_timings
+from .export import human_bytes, write_exports
+from .render_corpus import has_corpus
+from .render_page import BLOCK, JSON_TABLES, json_sql, neurons_sql, render_block
+from .render_text import fmt_logit, fmt_prob, fmt_stat, show_token
+from .store import Store, without_timings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "site_templates"
 MKDOCS_YML = ROOT / "mkdocs.yml"
-BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 SITE_MARKER = "atlas-site.json"
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
-SIDE_TITLES = {"in": "what the neuron reads: up projection row × pre-MLP norm gain",
-               "gate": "what opens its gate: gate projection row × pre-MLP norm gain",
-               "out": "what the neuron writes: down projection column"}
+ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
 
 
 @dataclass
 class RenderConfig:
-    base_url: str = field(default="", metadata={
+    site_url: str = field(default="", metadata={
         "help": "absolute URL the site will be published at, e.g. https://example.org/atlas/ "
-                "(adds canonical links and a sitemap); empty keeps every link relative only"})
+                "(permanent URLs in citations, canonical links, a sitemap); empty keeps every link relative"})
     workers: int = field(default=0, metadata={
         "help": "processes writing neuron pages (0: one per CPU core; small sites use one)"})
     layer_preview: int = field(default=3, metadata={
         "help": "top `out` tokens listed per neuron on the layer pages"})
-
-
-# -- how values look on a page ---------------------------------------------------------
-_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
-
-
-@lru_cache(maxsize=1 << 17)
-def show_token(token: str | None) -> str:
-    """Token text with whitespace and invisible characters made visible.
-
-    Escaping alone is not enough for token text: a bidi override (U+202E) would reverse
-    the rest of the table row, and a leading space is the difference between two tokens.
-    """
-    if token is None:
-        return "\u2205"
-    out = []
-    for ch in token:
-        if ch in _VISIBLE:
-            out.append(_VISIBLE[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"):
-            out.append(f"\u27e8U+{ord(ch):04X}\u27e9")
-        else:
-            out.append(ch)
-    return "".join(out) or "\u2205"
+    exports: bool = field(default=True, metadata={
+        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
 
 
 def show_label(label: str | None) -> str:
@@ -95,20 +71,6 @@ _MARKDOWN_SYNTAX = set("\\`*_{}[]()<>#!|~&\"'")
 def md_safe(text: str | None) -> Markup:
     """Text for a markdown page that neither HTML nor markdown reads as markup (links, code spans)."""
     return Markup("".join(f"&#{ord(ch)};" if ch in _MARKDOWN_SYNTAX else ch for ch in site_map.visible(text)))
-
-
-def fmt_logit(x: float | None) -> str:
-    return "\u2013" if x is None else f"{x:.2f}"
-
-
-def fmt_prob(x: float | None) -> str:
-    if x is None:
-        return "\u2013"
-    return f"{x:.3f}" if x >= 1e-3 else f"{x:.1e}"
-
-
-def fmt_stat(x: float | None) -> str:
-    return "\u2013" if x is None else f"{x:.3g}"
 
 
 def _env() -> jinja2.Environment:
@@ -135,23 +97,6 @@ def _to_json(obj: Any) -> str:
 _INVISIBLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def _select(con, table: str) -> str:
-    """A select list for ``table`` that gives FLOAT columns as their shortest decimal.
-
-    DuckDB prints a float32 with the fewest digits that read back to the same float32, so
-    the JSON says ``0.1`` rather than the float64 widening ``0.10000000149011612``;
-    NaN and infinities, which JSON cannot carry, become null.
-    """
-    cols = []
-    for name, dtype, *_ in con.execute(f"DESCRIBE {table}").fetchall():
-        if dtype in ("FLOAT", "DOUBLE"):
-            cols.append(f'CASE WHEN isfinite("{name}") THEN CAST(CAST("{name}" AS VARCHAR) AS DOUBLE) '
-                        f'END AS "{name}"')
-        else:
-            cols.append(f'"{name}"')
-    return ", ".join(cols)
-
-
 # -- neuron pages ------------------------------------------------------------------------
 _worker: dict[str, Any] = {}     # per process: the jinja template and, in workers, the store
 
@@ -160,82 +105,34 @@ def _init_worker(store_path: str) -> None:
     _worker["store"] = Store(store_path, read_only=True)    # closed when the worker exits
 
 
-def _render_block(job: dict, con=None) -> int:
-    """Write the pages and JSON of neurons ``lo..hi-1`` of one layer; runs in a worker or inline."""
+def _render_block(job: dict, con=None) -> tuple[int, int, int]:
+    """One block of neuron pages (see render_page.render_block), in a worker or inline."""
     if "template" not in _worker:
         _worker["template"] = _env().get_template("neuron.html")
-    template = _worker["template"]
-    con = con or _worker["store"].con
-    corpus = {}
-    if job["has_corpus"]:
-        # One vocabulary per site being built (inline renders of several stores share _worker).
-        if _worker.get("vocab_for") != job["site"]:
-            _worker["vocab"], _worker["vocab_for"] = vocab_list(con), job["site"]
-        corpus = corpus_sections(con, job["layer"], job["lo"], job["hi"], _worker["vocab"])
-    clustering = site_map.cluster_sections(con, job["layer"], job["lo"], job["hi"], job["site"]) \
-        if job["has_clusters"] else {}
-    layer, lo, hi = job["layer"], job["lo"], job["hi"]
-    cur = con.execute(f"SELECT {job['neurons_sql']} FROM neurons WHERE layer = ? AND neuron >= ? "
-                      "AND neuron < ? ORDER BY neuron", [layer, lo, hi])
-    names = [d[0] for d in cur.description]
-    neurons = [dict(zip(names, r)) for r in cur.fetchall()]
-    cur = con.execute(f"SELECT {job['decoded_sql']} FROM decoded_tokens WHERE layer = ? "
-                      "AND neuron >= ? AND neuron < ? ORDER BY neuron, side, polarity, rank", [layer, lo, hi])
-    dnames = [d[0] for d in cur.description]
-    decoded = cur.fetchall()
-    i_neuron, i_side, i_pol, i_rank, i_tok, i_logit, i_prob = (
-        dnames.index(c) for c in ("neuron", "side", "polarity", "rank", "token", "logit", "prob"))
-
-    out_dir = os.path.join(job["site"], "neurons", str(layer))
-    os.makedirs(out_dir, exist_ok=True)
-    j = 0
-    for row in neurons:
-        n = row["neuron"]
-        start = j
-        while j < len(decoded) and decoded[j][i_neuron] == n:
-            j += 1
-        rows = decoded[start:j]
-        by_side: dict[str, dict[str, list]] = {}
-        for r in rows:
-            by_side.setdefault(r[i_side], {"top": [], "bottom": []})[r[i_pol]].append(
-                (r[i_rank], r[i_tok], r[i_logit], r[i_prob]))
-        sides = [{"name": s, "title": SIDE_TITLES[s], "top": by_side[s]["top"], "bottom": by_side[s]["bottom"],
-                  "stats": {stat: row.get(f"{s}_{stat}") for stat in SIDE_STATS}}
-                 for s in SIDES if s in by_side]
-        html = template.render(job["page"], layer=layer, neuron=n, row=row, sides=sides,
-                               prev=_neighbour(job["layer_sizes"], layer, n, -1),
-                               next=_neighbour(job["layer_sizes"], layer, n, +1),
-                               canonical=job["base_url"] and f"{job['base_url']}neurons/{layer}/{n}/",
-                               corpus_data=corpus.get(n), cluster_data=clustering.get(n))
-        data = {"schema_version": job["schema_version"], "model": job["page"]["site"]["model_id"],
-                "neurons": row, "decoded_tokens": [dict(zip(dnames, r)) for r in rows]}
-        if n in corpus:
-            data.update(corpus[n]["rows"])
-        if n in clustering:
-            data.update(clustering[n]["rows"])
-        page_dir = os.path.join(out_dir, str(n))
-        os.mkdir(page_dir)
-        _write(os.path.join(page_dir, "index.html"), html)
-        _write(os.path.join(out_dir, f"{n}.json"), _to_json(data))
-    return len(neurons)
+    return render_block(job, con or _worker["store"].con, _worker["template"])
 
 
-def _write(path: str, text: str) -> None:
-    with open(path, "wb") as f:
-        f.write(text.encode("utf-8"))
+def _page_site(meta: dict, store: Store, site_name: str, stylesheets: list[str], palette: dict,
+               cfg: RenderConfig) -> dict:
+    """What every neuron page shows about the atlas as a whole: provenance, citation data."""
+    corpus = meta.get("corpus") if has_corpus(store.con) else None
+    if corpus:
+        corpus_line = f"{corpus.get('source', '?')}, {corpus.get('tokens', 0):,} tokens seen, {corpus.get('hash', '')}"
+    else:
+        corpus_line = "none yet (no corpus pass)"
+    exemplar_cfg = (meta.get("stage.exemplars") or {}).get("config", {})
+    return {"name": site_name, "model_id": meta["model"]["id"], "hook_point": meta.get("hook_point", ""),
+            "stylesheets": stylesheets, "palette": palette, "weights_hash": meta.get("weights_hash", ""),
+            "tool_version": meta.get("tool_version", ""), "schema_version": meta.get("schema_version"),
+            "corpus": corpus_line, "exemplars_k": exemplar_cfg.get("k", 0) if corpus else 0,
+            # the tables the reproduce snippet reads, as a Python tuple (fixed names, no escaping needed)
+            "tables": Markup("(" + ", ".join(f'"{t}"' for t in ("neurons", "decoded_tokens")
+                                             + (("exemplars", "attributions") if corpus else ())) + ")"),
+            "exports": cfg.exports, "site_url": _site_url(cfg), "year": str(meta["created_at"])[:4]}
 
 
-def _neighbour(sizes: list[int], layer: int, neuron: int, step: int) -> str | None:
-    """Relative link from neuron page ``layer/neuron`` to the next or previous neuron of the atlas."""
-    n = neuron + step
-    if 0 <= n < sizes[layer]:
-        return f"../{n}/"
-    other = layer + step
-    while 0 <= other < len(sizes) and sizes[other] == 0:
-        other += step
-    if not 0 <= other < len(sizes):
-        return None
-    return f"../../{other}/{0 if step > 0 else sizes[other] - 1}/"
+def _site_url(cfg: RenderConfig) -> str:
+    return cfg.site_url.rstrip("/") + "/" if cfg.site_url else ""
 
 
 # -- the mkdocs frame --------------------------------------------------------------------
@@ -255,7 +152,7 @@ def _source_date_epoch(created_at: str) -> Iterator[None]:
 
 
 def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, site_name: str,
-                 cfg: RenderConfig) -> dict:
+                 cfg: RenderConfig, downloads: list[dict]) -> dict:
     """Build home, layer and method pages with mkdocs; returns the theme palette they use.
 
     Pages come from the jinja-rendered markdown in ``site_templates/frame/``; the layers'
@@ -270,7 +167,8 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
         docs = Path(docs)
         (docs / "layers").mkdir()
         (docs / "assets").mkdir()
-        shutil.copyfile(TEMPLATES / "assets" / "atlas.css", docs / "assets" / "atlas.css")
+        for name in ASSETS:
+            shutil.copyfile(TEMPLATES / "assets" / name, docs / "assets" / name)
         stages = sorted((k.split(".", 1)[1], v) for k, v in meta.items() if k.startswith("stage."))
         # No timings: the same inputs give the same pages (timings stay in the store).
         stages = [(name, {"status": v.get("status"), "fingerprint": v.get("fingerprint")}) for name, v in stages]
@@ -279,7 +177,7 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
             hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
             tool_version=meta.get("tool_version", ""), render_version=__version__,
             schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
-            clusters=site_map.summary(store.con)),
+            clusters=site_map.summary(store.con), downloads=downloads, human_bytes=human_bytes),
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
@@ -300,7 +198,7 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
         try:
             with _source_date_epoch(meta["created_at"]):
                 mk = load_config(config_file=str(MKDOCS_YML), site_name=site_name, docs_dir=str(docs),
-                                 site_dir=str(site), nav=nav, site_url=cfg.base_url or None,
+                                 site_dir=str(site), nav=nav, site_url=cfg.site_url or None,
                                  extra_css=["assets/atlas.css"])
                 mk.plugins.on_startup(command="build", dirty=False)
                 try:
@@ -346,23 +244,44 @@ def _theme_assets(site: Path) -> list[str]:
     return found + ["assets/atlas.css"]
 
 
-def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress: bool) -> None:
-    """Render blocks inline on ``store``, or in worker processes when there is work for several."""
-    # A worker costs about a second of imports, the time of ~1,000 pages: only start as many
-    # as the site has work for.
+def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress: bool) -> dict:
+    """Render blocks inline on ``store``, or in worker processes when there is work for several.
+
+    Returns the pages written and their bytes (pages, JSON), and how many processes wrote them.
+    """
+    # A worker costs a fraction of a second of imports and a vocabulary lookup, the time of
+    # a few hundred pages: only start as many as the site has work for.
     workers = min(workers or os.cpu_count() or 1, len(jobs), max(1, total // PAGES_PER_WORKER))
+    counts = {"pages": 0, "page_bytes": 0, "json_bytes": 0, "workers": workers}
+
+    def add(result: tuple[int, int, int]) -> None:
+        for key, value in zip(("pages", "page_bytes", "json_bytes"), result):
+            counts[key] += value
+        bar.update(result[0])
+
     with tqdm(total=total, desc="render", unit="page", disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
-                bar.update(_render_block(job, store.con))
+                add(_render_block(job, store.con))
                 faults.point("render", f"layer {job['layer']} block {job['lo']}")
-            return
-        # spawn, not fork: the parent holds an open DuckDB connection and its threads.
+            return counts
+        # spawn, not fork: the parent holds an open DuckDB connection and its threads. Jobs
+        # are blocks of up to BLOCK neurons, handed out one at a time, so both workers stay
+        # busy to the end and each holds one block's rows at a time.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(store.path),)) as pool:
-            for job, done in zip(jobs, pool.map(_render_block, jobs)):
-                bar.update(done)
+            for job, result in zip(jobs, pool.map(_render_block, jobs)):
+                add(result)
                 faults.point("render", f"layer {job['layer']} block {job['lo']}")
+    return counts
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished worker processes (user + system)."""
+    import resource
+
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
 
 # -- putting it together -----------------------------------------------------------------
@@ -442,24 +361,34 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
         # mkdocs does not escape site_name; a model id is a path-like name, so drop markup characters.
         site_name = "Neuron atlas: " + "".join(c for c in str(model["id"]) if c not in "<>&\"'")
 
+        exports = building.with_name(f".{site_dir.name}.exports")     # mkdocs empties the site dir it builds
+        shutil.rmtree(exports, ignore_errors=True)
         try:
-            palette = _build_frame(store, meta, layer_sizes, building, site_name, cfg)
+            downloads = write_exports(store.con, store_path, exports) if cfg.exports else []
+            exports_s = time.perf_counter() - start
+            palette = _build_frame(store, meta, layer_sizes, building, site_name, cfg, downloads)
             faults.point("render", "frame built")
-            frame_s = time.perf_counter() - start
-            base_url = cfg.base_url.rstrip("/") + "/" if cfg.base_url else ""
-            page = {"site": {"name": site_name, "model_id": model["id"], "hook_point": meta.get("hook_point", ""),
-                             "stylesheets": _theme_assets(building), "palette": palette},
+            if cfg.exports:
+                exports.rename(building / "exports")
+            frame_s = time.perf_counter() - start - exports_s
+            site_url = _site_url(cfg)
+            page = {"site": _page_site(meta, store, site_name, _theme_assets(building), palette, cfg),
                     "root": "../../../"}
-            common = {"site": str(building), "layer_sizes": layer_sizes, "base_url": base_url, "page": page,
-                      "schema_version": meta.get("schema_version"), "neurons_sql": _select(store.con, "neurons"),
-                      "decoded_sql": _select(store.con, "decoded_tokens"), "has_corpus": has_corpus(store.con),
-                      "has_clusters": site_map.has_clusters(store.con)}
+            has_corpus_ = has_corpus(store.con)
+            has_clusters = site_map.has_clusters(store.con)
+            tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
+                      or (t in ("exemplars", "attributions", "histograms") and has_corpus_)]
+            common = {"site": str(building), "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
+                      "schema_version": meta.get("schema_version"), "model_json": json.dumps(model["id"]),
+                      "sql": {"neurons": neurons_sql(store.con),
+                              "json": {t: json_sql(store.con, t, JSON_TABLES[t]) for t in tables}},
+                      "has_corpus": has_corpus_, "has_clusters": has_clusters}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
-            pages_start = time.perf_counter()
-            _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress)
-            pages_s = time.perf_counter() - pages_start
-            if common["has_clusters"]:
+            pages_start, cpu_start = time.perf_counter(), _cpu_seconds()
+            counts = _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress)
+            pages_s, pages_cpu_s = time.perf_counter() - pages_start, _cpu_seconds() - cpu_start
+            if has_clusters:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
                 faults.point("render", "cluster pages and map written")
             (building / SITE_MARKER).write_text(_to_json({
@@ -468,9 +397,14 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                 encoding="utf-8")
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
+            shutil.rmtree(exports, ignore_errors=True)
             raise
     _swap(building, old, site_dir)
     n = sum(layer_sizes)
     return {"site_dir": str(site_dir), "neurons": n, "layers": len(layer_sizes),
             "seconds": round(time.perf_counter() - start, 3), "frame_seconds": round(frame_s, 3),
-            "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None}
+            "exports_seconds": round(exports_s, 3) if cfg.exports else None,
+            "pages_seconds": round(pages_s, 3), "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None,
+            "pages_cpu_seconds": round(pages_cpu_s, 3),
+            "workers": counts["workers"], "avg_page_bytes": round(counts["page_bytes"] / max(1, n)),
+            "avg_json_bytes": round(counts["json_bytes"] / max(1, n))}

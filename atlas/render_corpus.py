@@ -1,80 +1,137 @@
 """Neuron-page sections from the corpus pass: exemplar token strips, histogram, attribution.
 
 Read per block of neurons in bulk, like the rest of the page data; a store without a
-finished exemplars stage simply gives no sections.
+finished exemplars stage simply gives no sections. Only what a page shows is fetched here
+(the strongest few exemplars and attributions); the neuron's JSON carries every row.
+
+Strips are the densest markup of a page (16 tokens per exemplar), so they are built here
+as one string per exemplar rather than in a template loop: a token that the neuron reacts
+to is an ``<i>`` whose class names its shade bucket, ``p1``..``p5`` up and ``n1``..``n5``
+down (styled once in ``atlas.css``), the exemplar's own token is a ``<b>``, and the tokens
+it does not react to are plain text.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections import defaultdict
 
-SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 8, 4, 8     # per page; the JSON carries all rows
+import numpy as np
+from markupsafe import Markup
+
+from .render_text import fmt_stat, strip_text, token_cell
+
+SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 5, 3, 6     # per page; the JSON carries all rows
+SHADES = 5                                      # colour buckets per sign
 
 
 def has_corpus(con) -> bool:
     row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.exemplars'").fetchone()
-    return bool(row) and '"status": "done"' in row[0]
+    return bool(row) and json.loads(row[0]).get("status") == "done"
 
 
-def vocab_list(con) -> list[str]:
-    return [t for (t,) in con.execute("SELECT token FROM vocab ORDER BY token_id").fetchall()]
-
-
-def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> dict[int, dict]:
-    """Per neuron of ``lo..hi-1``: exemplars with token strips, histogram counts, attribution rows."""
-    out: dict[int, dict] = defaultdict(lambda: {"max": [], "min": [], "supports": [], "suppresses": [],
-                                                "histogram": None, "rows": {"exemplars": [], "attributions": []}})
-    normaliser = dict(con.execute("SELECT neuron, normaliser FROM neurons WHERE layer = ? AND neuron >= ? "
-                                  "AND neuron < ?", [layer, lo, hi]).fetchall())
-    for (n, polarity, rank, doc_id, token_pos, act, norm_act, ws, wins, ids) in con.execute("""
-            SELECT e.neuron, e.polarity, e.rank, e.doc_id, e.token_pos, e.activation, e.norm_activation,
-                   e.window_start, e.window_activations,
-                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations))
-            FROM exemplars e JOIN corpus_docs d USING (doc_id)
-            WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ? ORDER BY e.neuron, e.polarity, e.rank""",
-            [layer, lo, hi]).fetchall():
-        sec = out[n]
-        sec["rows"]["exemplars"].append({"polarity": polarity, "rank": rank, "doc_id": doc_id,
-                                         "token_pos": token_pos, "activation": act, "norm_activation": norm_act,
-                                         "window_start": ws, "window_activations": [_num(a) for a in wins]})
-        if rank >= (SHOWN_MAX if polarity == "max" else SHOWN_MIN):
-            continue
-        scale = normaliser.get(n) or 0.0
-        strip, offset = [], max(0, -ws)
-        for j, token_id in enumerate(ids):
-            a = wins[offset + j]
-            shade = 0.0 if a is None or not math.isfinite(a) or scale <= 0 else max(-1.0, min(1.0, a / scale))
-            strip.append((vocab[token_id] if 0 <= token_id < len(vocab) else "", round(shade, 2),
-                          ws + offset + j == token_pos))
-        sec[polarity].append({"rank": rank, "doc_id": doc_id, "activation": act, "norm_activation": norm_act,
-                              "strip": strip})
-    for n, counts in con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
-                                 "AND neuron < ? ORDER BY neuron", [layer, lo, hi]).fetchall():
-        out[n]["histogram"] = histogram_path(counts)
-    for (n, polarity, rank, token_id, token, attribution, doc_id, token_pos) in con.execute("""
-            SELECT neuron, polarity, rank, token_id, token, attribution, doc_id, token_pos FROM attributions
-            WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, polarity, rank""", [layer, lo, hi]).fetchall():
-        out[n]["rows"]["attributions"].append({"polarity": polarity, "rank": rank, "token_id": token_id,
-                                               "token": token, "attribution": attribution, "doc_id": doc_id,
-                                               "token_pos": token_pos})
-        if rank < SHOWN_ATTR:
-            out[n][polarity].append((token, attribution))
+def strip_vocab(con) -> list[str]:
+    """Strip text of every vocabulary entry, indexed by token id (one list per worker)."""
+    rows = con.execute("SELECT token_id, token FROM vocab ORDER BY token_id").fetchall()
+    out = ["\u2205"] * (rows[-1][0] + 1 if rows else 0)
+    for token_id, token in rows:
+        out[token_id] = strip_text(token)
     return out
 
 
-def _num(x):
-    return x if x is not None and math.isfinite(x) else None
+_OPEN = {level: f"<i class={'p' if level > 0 else 'n'}{abs(level)}>" for level in range(-SHADES, SHADES + 1) if level}
+_FOCUS = {level: f"<b class={'p' if level > 0 else 'n'}{abs(level)}>" if level else "<b>"
+          for level in range(-SHADES, SHADES + 1)}
 
 
-def histogram_path(counts: list[int], width: int = 256, height: int = 48) -> str:
-    """An SVG path of the activation histogram, heights on a log scale (the tails matter)."""
-    logs = [math.log1p(c) for c in counts]
-    top = max(logs) or 1.0
-    step = width / len(counts)
+def shade_levels(windows: list[list], scale: list[float]) -> list[list[int]]:
+    """Shade bucket of every window activation: activation over the row's normaliser ``scale``
+    in steps of 1/SHADES, clipped to ±SHADES; missing or NaN activations and rows without a
+    positive normaliser get 0. One numpy pass for a whole block's strips."""
+    w = np.array([[np.nan if a is None else a for a in row] for row in windows], np.float32).reshape(len(windows), -1)
+    s = np.array([x if x is not None and x > 0 and math.isfinite(x) else np.nan for x in scale], np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        levels = np.rint(np.clip(w * (SHADES / s)[:, None], -SHADES, SHADES))
+    return np.nan_to_num(levels, nan=0.0).astype(np.int8).tolist()
+
+
+def strip_html(ids: list[int], levels: list[int], focus: int, vocab: list[str]) -> Markup:
+    """One exemplar's tokens ``ids`` with their shade ``levels``; ``focus`` is the exemplar's own token."""
+    parts = []
+    n_vocab = len(vocab)
+    for j, token_id in enumerate(ids):
+        level = levels[j]
+        text = vocab[token_id] if 0 <= token_id < n_vocab else "\u2205"
+        if j == focus:
+            parts.append(f"{_FOCUS[level]}{text}</b>")
+        elif level:
+            parts.append(f"{_OPEN[level]}{text}</i>")
+        else:
+            parts.append(text)
+    return Markup("".join(parts))
+
+
+def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normaliser: dict[int, float]) -> dict[int, dict]:
+    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, the histogram, the shown attributions.
+
+    ``normaliser`` maps each neuron to the normaliser its strips are shaded by.
+    """
+    out: dict[int, dict] = {}
+
+    def section(n: int) -> dict:
+        if n not in out:
+            out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None}
+        return out[n]
+
+    rows = con.execute(f"""
+            SELECT e.neuron, e.polarity, e.norm_activation, e.window_start, e.token_pos, e.window_activations,
+                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + len(e.window_activations))
+            FROM exemplars e JOIN corpus_docs d USING (doc_id)
+            WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ?
+              AND e.rank < CASE e.polarity WHEN 'max' THEN {SHOWN_MAX} ELSE {SHOWN_MIN} END
+            ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall()
+    if rows:
+        levels = shade_levels([r[5] for r in rows], [normaliser.get(r[0]) for r in rows])
+        for (n, polarity, norm_act, ws, pos, _, ids), level in zip(rows, levels):
+            offset = max(0, -ws)        # a window that starts before its input has no tokens there
+            section(n)[polarity].append((norm_act, strip_html(ids, level[offset:], pos - ws - offset, vocab)))
+    hist = con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
+                       "AND neuron < ?", [layer, lo, hi]).fetchall()
+    if hist:
+        for (n, _), heights in zip(hist, histogram_heights([c for _, c in hist])):
+            section(n)["histogram"] = histogram_path(heights)
+    for n, polarity, token, attribution in con.execute(f"""
+            SELECT neuron, polarity, token, attribution FROM attributions
+            WHERE layer = ? AND neuron >= ? AND neuron < ? AND rank < {SHOWN_ATTR}
+            ORDER BY neuron, polarity, rank""", [layer, lo, hi]).fetchall():
+        section(n)[polarity].append((token, attribution))
+    for sec in out.values():
+        for polarity in ("supports", "suppresses"):
+            sec[polarity] = attribution_list(sec[polarity])
+    return out
+
+
+def attribution_list(items: list[tuple]) -> Markup:
+    """(token, attribution) pairs as ``<b>token</b> value`` joined by dots."""
+    return Markup(" · ".join(f"<b>{token_cell(t)}</b> {fmt_stat(a)}" for t, a in items))
+
+
+def histogram_heights(counts: list[list[int]], height: int = 48) -> list[list[int]]:
+    """Bar heights in whole pixels on a log scale (the tails matter), one row per histogram."""
+    logs = np.log1p(np.array(counts, np.float64))                      # [neurons, bins]
+    top = logs.max(axis=1, keepdims=True)
+    top[top == 0] = 1.0
+    return np.rint(logs / top * height).astype(np.int64).tolist()
+
+
+def histogram_path(heights: list[int], width: int = 256, height: int = 48) -> str:
+    """An SVG path of a histogram's bars; one segment per run of equal bars keeps it to a few hundred bytes."""
+    step = width / max(1, len(heights))
     parts = [f"M0 {height}"]
-    for i, v in enumerate(logs):
-        y = round(height - v / top * height, 1)
-        parts.append(f"L{round(i * step, 1)} {y}L{round((i + 1) * step, 1)} {y}")
-    parts.append(f"L{width} {height}Z")
+    last = 0
+    for i, h in enumerate(heights):
+        if h != last:
+            parts.append(f"H{round(i * step)}V{height - h}")
+            last = h
+    parts.append(f"H{width}V{height}Z")
     return "".join(parts)

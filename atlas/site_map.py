@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import unicodedata
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import AtlasError
@@ -27,6 +28,7 @@ def has_clusters(con) -> bool:
     return bool(row) and json.loads(row[0]).get("status") == "done"
 
 
+@lru_cache(maxsize=1 << 16)      # neighbour labels repeat across the pages of a block
 def visible(text: str | None) -> str:
     """Label text on one line, with control and direction-changing characters shown as code points."""
     if not text:
@@ -40,32 +42,31 @@ def visible(text: str | None) -> str:
     return "".join(out)
 
 
-def _clusters(con, key: str) -> dict[int, str]:
+def _clusters(con, key: str) -> dict[int, tuple[str, str]]:
+    """Per cluster: its label as shown, and its row as JSON (floats as their shortest float32 decimal)."""
     if _cache.get("key") != key:
-        _cache["labels"] = {c: visible(label) for c, label in
-                            con.execute("SELECT cluster_id, label FROM clusters").fetchall()}
+        _cache["clusters"] = {c: (visible(label), row) for c, label, row in con.execute("""
+            SELECT cluster_id, label, to_json(t) FROM (SELECT cluster_id, size, label,
+                   CAST(CAST(x AS VARCHAR) AS DOUBLE) AS x, CAST(CAST(y AS VARCHAR) AS DOUBLE) AS y,
+                   CAST(CAST(cohesion AS VARCHAR) AS DOUBLE) AS cohesion FROM clusters) t""").fetchall()}
         _cache["key"] = key
-    return _cache["labels"]
+    return _cache["clusters"]
 
 
 def cluster_sections(con, layer: int, lo: int, hi: int, key: str) -> dict[int, dict]:
-    """For neurons ``lo..hi-1`` of ``layer``: their cluster and neighbours, and the store rows shown."""
-    labels = _clusters(con, key)
-    sections = {n: {"cluster": c, "cluster_label": labels.get(c, ""), "neighbours": [],
-                    "rows": {"neighbours": []}}
+    """For neurons ``lo..hi-1`` of ``layer``: their cluster (label, and row as JSON) and neighbours."""
+    clusters = _clusters(con, key)
+    sections = {n: {"cluster": c, "cluster_label": clusters.get(c, ("", ""))[0], "neighbours": [],
+                    "json": clusters.get(c, ("", "null"))[1]}
                 for n, c in con.execute("SELECT neuron, cluster_id FROM neurons WHERE layer = ? AND neuron >= ? "
                                         "AND neuron < ? AND cluster_id IS NOT NULL", [layer, lo, hi]).fetchall()}
-    # Floats as their shortest float32 decimal, like the rest of the neuron JSON.
-    for n, rank, nb_layer, nb_neuron, cosine, label in con.execute("""
-            SELECT g.neuron, g.rank, g.nb_layer, g.nb_neuron, CAST(CAST(g.cosine AS VARCHAR) AS DOUBLE), n.label
+    for n, nb_layer, nb_neuron, cosine, label in con.execute("""
+            SELECT g.neuron, g.nb_layer, g.nb_neuron, g.cosine, n.label
             FROM neighbours g LEFT JOIN neurons n ON n.layer = g.nb_layer AND n.neuron = g.nb_neuron
             WHERE g.layer = ? AND g.neuron >= ? AND g.neuron < ? ORDER BY g.neuron, g.rank""",
             [layer, lo, hi]).fetchall():
-        if n not in sections:
-            continue
-        sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine, visible(label)))
-        sections[n]["rows"]["neighbours"].append({"layer": layer, "neuron": n, "rank": rank, "nb_layer": nb_layer,
-                                                  "nb_neuron": nb_neuron, "cosine": cosine})
+        if n in sections:
+            sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine, visible(label)))
     return sections
 
 

@@ -2,8 +2,11 @@
 
 Rendering needs no model, only rows; this writes rows that look like the decode stage's
 output (sorted logits, softmax probabilities, per-side moments) for any shape, including
-Llama-3.1-8B's 32 x 14,336, in seconds. Some vocabulary entries and labels are hostile
-strings, so every test that renders this store also tests escaping.
+Llama-3.1-8B's 32 x 14,336, in seconds. With ``corpus`` it also writes what a corpus pass
+leaves (inputs, exemplars with their activation windows, histograms, attributions and the
+neurons' activation statistics), so that pages have every section. Some vocabulary
+entries and labels are hostile strings, so every test that renders this store also tests
+escaping.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from . import __version__
 from .store import SIDES, SIDE_STATS, Store
@@ -97,6 +101,73 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
     })
 
 
+N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 16      # WINDOW as in activations.py
+
+
+def _corpus_docs(words: list[str], rng: np.random.Generator) -> pa.Table:
+    """Model inputs of random tokens; the first input starts with every hostile token."""
+    ids = rng.integers(0, len(words), (N_DOCS, CONTEXT)).astype(np.int32)
+    ids[0, :len(HOSTILE_TOKENS)] = np.arange(len(HOSTILE_TOKENS))
+    return pa.table({"doc_id": pa.array(np.arange(N_DOCS, dtype=np.int32)),
+                     "source": pa.array(["atlas.synthetic"] * N_DOCS),
+                     "text": pa.array(["".join(words[i] for i in row) for row in ids]),
+                     "token_ids": pa.array(list(ids), pa.list_(pa.int32()))})
+
+
+def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
+                  rng: np.random.Generator) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """One layer's exemplars, histograms and attributions, and its neurons with their activation stats."""
+    d = neurons.num_rows
+    normaliser = rng.lognormal(0, 0.5, d).astype(np.float32)                  # [d]
+    top = normaliser[:, None] * (1.2 - np.cumsum(rng.exponential(0.03, (d, k)), 1))
+    bottom = -normaliser[:, None] * (0.8 - np.cumsum(rng.exponential(0.03, (d, k)), 1))
+    cols = {}
+    for polarity, acts in (("max", top), ("min", bottom)):
+        doc = rng.integers(0, N_DOCS, (d, k))
+        pos = rng.integers(0, CONTEXT, (d, k))
+        window = (rng.normal(0, 0.08, (d, k, WINDOW)) * normaliser[:, None, None]).astype(np.float32)
+        window[:, :, WINDOW_BEFORE] = acts
+        offsets = pos[..., None] - WINDOW_BEFORE + np.arange(WINDOW)
+        window[(offsets < 0) | (offsets >= CONTEXT)] = np.nan                 # beyond the input
+        cols[polarity] = dict(neuron=np.repeat(np.arange(d), k), rank=np.tile(np.arange(k), d), doc_id=doc.ravel(),
+                              token_pos=pos.ravel(), activation=acts.ravel(), window=window.reshape(-1, WINDOW),
+                              norm=(acts / normaliser[:, None]).ravel())
+    n = 2 * d * k
+
+    def both(key):
+        return np.concatenate([cols["max"][key], cols["min"][key]])
+
+    windows = both("window").astype(np.float32)
+    exemplars = pa.table({
+        "layer": pa.array(np.full(n, layer, np.int16)), "neuron": pa.array(both("neuron").astype(np.int32)),
+        "polarity": pa.array(["max"] * (d * k) + ["min"] * (d * k)), "rank": pa.array(both("rank").astype(np.int16)),
+        "doc_id": pa.array(both("doc_id").astype(np.int32)), "token_pos": pa.array(both("token_pos").astype(np.int32)),
+        "activation": pa.array(both("activation").astype(np.float32)),
+        "norm_activation": pa.array(both("norm").astype(np.float32)),
+        "window_start": pa.array((both("token_pos") - WINDOW_BEFORE).astype(np.int32)),
+        "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(windows.ravel()), WINDOW)})
+    counts = rng.poisson(np.exp(-np.linspace(-3, 3, 64) ** 2) * 200, (d, 64)).astype(np.int64)
+    histograms = pa.table({"layer": pa.array(np.full(d, layer, np.int16)),
+                           "neuron": pa.array(np.arange(d, dtype=np.int32)),
+                           "counts": pa.FixedSizeListArray.from_arrays(pa.array(counts.ravel()), 64)})
+    target = rng.integers(0, len(tokens), n).astype(np.int32)
+    strength = np.cumsum(rng.exponential(1e-3, (2, d, k))[..., ::-1], -1)[..., ::-1]
+    attributions = pa.table({
+        "layer": pa.array(np.full(n, layer, np.int16)), "neuron": pa.array(both("neuron").astype(np.int32)),
+        "rank": pa.array(both("rank").astype(np.int16)), "token_id": pa.array(target),
+        "token": tokens.take(pa.array(target)),
+        "attribution": pa.array(np.concatenate([strength[0].ravel(), -strength[1].ravel()]).astype(np.float32)),
+        "polarity": pa.array(["supports"] * (d * k) + ["suppresses"] * (d * k)),
+        "doc_id": pa.array(rng.integers(0, N_DOCS, n).astype(np.int32)),
+        "token_pos": pa.array(rng.integers(0, CONTEXT, n).astype(np.int32))})
+    stats = {"normaliser": normaliser, "act_mean": rng.normal(0, 0.02, d), "act_std": normaliser / 8,
+             "act_max": top[:, 0], "act_min": bottom[:, 0], "density": rng.uniform(0.3, 0.7, d),
+             "attr_mean_abs": rng.lognormal(-8, 1, d)}
+    for name, values in stats.items():
+        neurons = neurons.append_column(name, pa.array(np.asarray(values, np.float32)))
+    return neurons, {"exemplars": exemplars, "histograms": histograms, "attributions": attributions}
+
+
 def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[str],
                    rng: np.random.Generator) -> pa.Table:
     labels = [f"synthetic {words[i].strip()}" for i in rng.integers(len(HOSTILE_TOKENS), len(words), d_mlp)]
@@ -121,11 +192,13 @@ def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[s
 
 def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
                          top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
-                         d_model: int = 576, clusters: bool = False) -> Path:
+                         d_model: int = 576, clusters: bool = False, corpus: bool = False,
+                         k: int = 20, progress: bool = False) -> Path:
     """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows.
 
     With ``clusters`` the cluster stage runs too, on synthetic `out` directions that have
-    planted families (see ``synthetic_directions``).
+    planted families (see ``synthetic_directions``). With ``corpus`` the exemplars stage is
+    marked done with ``k`` exemplars and attributions per polarity and neuron.
     """
     if vocab_size < top_k + bottom_k or vocab_size <= len(HOSTILE_TOKENS):
         raise ValueError("vocab_size must exceed top_k + bottom_k and the hostile token list")
@@ -147,14 +220,25 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                               "token": tokens, "piece": pa.array(pieces, pa.string())})
             con.register("vocab_arrow", vocab)
             con.execute("INSERT INTO vocab SELECT * FROM vocab_arrow")
-        for layer in range(n_layers):
+        if corpus:
             with store.transaction():
-                con.register("neurons_arrow", _neurons_layer(layer, d_mlp, sides, words, rng))
+                con.register("docs_arrow", _corpus_docs(words, rng))
+                con.execute("INSERT INTO corpus_docs SELECT * FROM docs_arrow")
+        for layer in tqdm(range(n_layers), desc="synthetic store", unit="layer", disable=not progress):
+            with store.transaction():
+                neurons = _neurons_layer(layer, d_mlp, sides, words, rng)
+                if corpus:
+                    neurons, tables = _corpus_layer(layer, neurons, k, tokens, rng)
+                    for name, table in tables.items():
+                        con.register(f"{name}_arrow", table)
+                        con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {name}_arrow")
+                        con.unregister(f"{name}_arrow")
+                con.register("neurons_arrow", neurons)
                 con.execute("INSERT INTO neurons BY NAME SELECT * FROM neurons_arrow")
                 con.register("decoded_arrow", _decoded_layer(layer, d_mlp, sides, top_k, bottom_k, tokens, rng))
                 con.execute("INSERT INTO decoded_tokens SELECT layer, neuron, side::VARCHAR, "
                             "polarity::VARCHAR, rank, token_id, token, logit, prob FROM decoded_arrow")
-        for name in ("vocab_arrow", "neurons_arrow", "decoded_arrow"):
+        for name in ("vocab_arrow", "neurons_arrow", "decoded_arrow") + (("docs_arrow",) if corpus else ()):
             con.unregister(name)
 
         store.set_meta("model", {
@@ -174,6 +258,12 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                                         "config": {"top_k": top_k, "bottom_k": bottom_k,
                                                    "sides": list(sides)},
                                         "seconds": 0.0})
+        if corpus:
+            store.set_meta("corpus", {"source": "atlas.synthetic", "rows": N_DOCS, "context": CONTEXT,
+                                      "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}"})
+            store.set_meta("histogram_edges", [float(e) for e in np.sinh(np.linspace(-9.0, 9.0, 65)) * 0.05])
+            store.set_meta("stage.exemplars", {"status": "done", "fingerprint": f"synthetic-{seed}",
+                                               "config": {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"}})
         if clusters:
             from .cluster import ClusterConfig, cluster_store
             cluster_store(store, lambda: synthetic_directions(n_layers, d_mlp, d_model, seed), ClusterConfig(),

@@ -1,0 +1,207 @@
+"""Neuron pages and their JSON, written one block of neurons at a time from the store's rows.
+
+A block is up to ``BLOCK`` neurons of one layer: every table is read for the block in one
+query, so memory is bounded at any model size and the database does the scanning. Page
+and JSON are made from the same fetch of the same rows:
+
+- the JSON is each contract table's rows for the neuron, serialised by DuckDB itself
+  (``to_json``), floats as their shortest float32 decimal; DuckDB writes it in C++, which
+  at half a million neurons is the difference between minutes and seconds;
+- the page is the jinja template ``neuron.html`` filled from the same rows, with the dense
+  repeated parts (logit rows, exemplar strips, neighbours) joined in Python: a template
+  loop costs about five times as much per row, and there are ~200 such rows on a page.
+  End tags that HTML implies (``</td>``, ``</tr>``, ``</li>``) are left out of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from types import SimpleNamespace as NS
+from typing import Any
+
+from markupsafe import Markup, escape
+
+from .render_corpus import corpus_sections, strip_vocab
+from .render_text import fmt_logit, token_cell
+from .store import SIDE_STATS, SIDES
+
+BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
+SIDE_TITLES = {"in": "what it reads: up row × pre-MLP norm gain",
+               "gate": "what opens its gate: gate row × pre-MLP norm gain",
+               "out": "what it writes: down column"}
+# Tables a neuron's JSON carries, with the order of their rows; the page shows the same rows.
+JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
+               "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank"}
+
+
+def logit_rows(rows: list[tuple]) -> Markup:
+    """Table rows of (token, logit); the rank is a CSS counter, the probability is in the JSON."""
+    return Markup("".join(f"<tr><td>{token_cell(t)}<td>{fmt_logit(lg)}\n" for t, lg in rows))
+
+
+def neighbour_rows(rows: list[tuple]) -> Markup:
+    """List items of (layer, neuron, cosine, label), linked relative to a neuron page."""
+    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f} {escape(label)}\n'
+                          for layer, n, cosine, label in rows))
+
+
+# -- what every page of a site shares ----------------------------------------------------
+def json_sql(con, table: str, order: str) -> str:
+    """A query for ``table``'s rows of one block as one JSON array per neuron, in ``order``.
+
+    Floats are their shortest float32 decimal (``0.1``, not the float64 widening
+    ``0.10000000149011612``); NaN and infinities, which JSON cannot carry, become null.
+    The layer and neuron columns are left out of the rows: the JSON says them once.
+    """
+    fields = []
+    for name, dtype, *_ in con.execute(f"DESCRIBE {table}").fetchall():
+        if name in ("layer", "neuron"):
+            continue
+        fields.append(f'"{name}" := {_shortest(name, dtype)}')
+    return (f"SELECT neuron, to_json(list(struct_pack({', '.join(fields)}) ORDER BY {order})) FROM {table} "
+            "WHERE layer = ? AND neuron >= ? AND neuron < ? GROUP BY neuron")
+
+
+def neurons_sql(con) -> str:
+    """The neurons rows of one block, each also as a JSON object, floats as in ``json_sql``."""
+    cols = ", ".join(f'{_shortest(name, dtype)} AS "{name}"'
+                     for name, dtype, *_ in con.execute("DESCRIBE neurons").fetchall())
+    return (f"SELECT t.*, to_json(t) FROM (SELECT {cols} FROM neurons WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ?) t ORDER BY neuron")
+
+
+def _shortest(name: str, dtype: str) -> str:
+    finite = "CASE WHEN isfinite({0}) THEN CAST(CAST({0} AS VARCHAR) AS DOUBLE) END"
+    if dtype in ("FLOAT", "DOUBLE"):
+        return finite.format(f'"{name}"')
+    if dtype.startswith(("FLOAT[", "DOUBLE[")):
+        return f'[{finite.format("a")} FOR a IN "{name}"]'
+    return f'"{name}"'
+
+
+def bibtex(site: dict, layer: int, neuron: int, url: str) -> str:
+    """A BibTeX entry for one neuron page; ``site`` holds the model id, weights hash, versions, year."""
+    return (f"@misc{{{bibtex_key(site['model_id'], layer, neuron)},\n"
+            f"  title = {{Layer {layer}, neuron {neuron} of {{{bibtex_text(site['model_id'])}}}}},\n"
+            f"  howpublished = {{Neuron atlas}},\n"
+            f"  url = {{{url.replace('{', '').replace('}', '')}}},\n"
+            f"  note = {{weights {bibtex_text(site['weights_hash'][:23])}; atlas {bibtex_text(site['tool_version'])}}},\n"
+            f"  year = {{{site['year']}}}\n}}")
+
+
+def bibtex_key(model_id: str, layer: int, neuron: int) -> str:
+    """A citation key that stays the same for the same neuron of the same model, e.g. ``atlas:org-model:L5:N100``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(model_id).lower()).strip("-") or "model"
+    return f"atlas:{slug}:L{layer}:N{neuron}"
+
+
+def bibtex_text(text: str) -> str:
+    """Text as a BibTeX field value keeps it: braces and LaTeX specials are escaped."""
+    out = str(text).replace("\\", "/").replace("{", "(").replace("}", ")")
+    return re.sub(r"([#$%&_^~])", r"\\\1", out)
+
+
+# -- a block of neurons --------------------------------------------------------------------
+_worker: dict[str, Any] = {}     # per process: the jinja template and per-site lookups
+
+
+def render_block(job: dict, con, template) -> tuple[int, int, int]:
+    """Write the pages and JSON of neurons ``lo..hi-1`` of one layer; returns (pages, page bytes, JSON bytes)."""
+    layer, lo, hi = job["layer"], job["lo"], job["hi"]
+    args = [layer, lo, hi]
+    cur = con.execute(job["sql"]["neurons"], args)
+    names = [d[0] for d in cur.description][:-1]
+    neurons = [(dict(zip(names, r[:-1])), r[-1]) for r in cur.fetchall()]
+    # Columns as numpy arrays and then lists: a third of the time of fetching row tuples.
+    cols = con.execute("SELECT neuron, side, polarity, token, logit FROM decoded_tokens WHERE layer = ? "
+                       "AND neuron >= ? AND neuron < ? ORDER BY neuron, side, polarity, rank", args).fetchnumpy()
+    decoded: dict[int, dict] = {}
+    for n, side, polarity, token, logit in zip(*(cols[c].tolist() for c in ("neuron", "side", "polarity", "token", "logit"))):
+        decoded.setdefault(n, {}).setdefault(side, {"top": [], "bottom": []})[polarity].append((token, logit))
+    rows_json = {table: dict(con.execute(sql, args).fetchall()) for table, sql in job["sql"]["json"].items()}
+
+    corpus: dict[int, dict] = {}
+    if job["has_corpus"]:
+        if _worker.get("vocab_for") != job["site"]:     # one vocabulary per site being built
+            _worker["vocab"], _worker["vocab_for"] = strip_vocab(con), job["site"]
+        corpus = corpus_sections(con, layer, lo, hi, _worker["vocab"],
+                                 {row["neuron"]: row["normaliser"] for row, _ in neurons})
+    clustering: dict[int, dict] = {}
+    if job["has_clusters"]:
+        from .site_map import cluster_sections
+        clustering = cluster_sections(con, layer, lo, hi, job["site"])
+        for sec in clustering.values():
+            sec["neighbours"] = neighbour_rows(sec["neighbours"])
+
+    sizes, site = job["layer_sizes"], job["page"]["site"]
+    # The template reads attributes; jinja tries getattr before [], so dicts would cost an
+    # AttributeError per lookup (~80 a page). Namespaces take the fast path.
+    if _worker.get("globals_for") != job["site"]:
+        _worker["globals"] = {"site": NS(**site), "root": job["page"]["root"]}
+        _worker["globals_for"] = job["site"]
+    page_globals = _worker["globals"]
+    out_dir = os.path.join(job["site"], "neurons", str(layer))
+    os.makedirs(out_dir, exist_ok=True)
+    head = f'{{"schema_version":{job["schema_version"]},"model":{job["model_json"]},"layer":{layer},'
+    page_bytes = json_bytes = 0
+    for row, row_json in neurons:
+        n = row["neuron"]
+        by_side = decoded.get(n, {})
+        sides = [NS(name=s, title=SIDE_TITLES[s], top=logit_rows(by_side[s]["top"]),
+                    bottom=logit_rows(by_side[s]["bottom"]), stats=NS(**{stat: row.get(f"{s}_{stat}") for stat in SIDE_STATS}))
+                 for s in SIDES if s in by_side]
+        url = job["site_url"] + f"neurons/{layer}/{n}/"
+        html = template.render(
+            page_globals, layer=layer, neuron=n, row=NS(**row), sides=sides, url=url, bibtex=bibtex(site, layer, n, url),
+            canonical=job["site_url"] and url,
+            prev=_step(sizes, layer, n, -1), next=_step(sizes, layer, n, +1),
+            prev_layer=_layer_step(sizes, layer, n, -1), next_layer=_layer_step(sizes, layer, n, +1),
+            corpus_data=NS(**corpus[n]) if n in corpus else None,
+            cluster_data=NS(**clustering[n]) if n in clustering else None)
+        parts = [head, f'"neuron":{n},"neurons":{row_json}']
+        for table, by_neuron in rows_json.items():
+            parts.append(f',"{table}":{by_neuron.get(n, "[]")}')
+        if job["has_clusters"] and n in clustering:
+            parts.append(f',"clusters":[{clustering[n]["json"]}]')
+        data = _html_safe("".join(parts) + "}\n")
+        page_dir = os.path.join(out_dir, str(n))
+        os.mkdir(page_dir)
+        page_bytes += _write(os.path.join(page_dir, "index.html"), html)
+        json_bytes += _write(os.path.join(out_dir, f"{n}.json"), data)
+    return len(neurons), page_bytes, json_bytes
+
+
+def _html_safe(text: str) -> str:
+    """JSON text that can also sit inside HTML: no raw ``<``, ``>`` or ``&`` (all are in strings)."""
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _write(path: str, text: str) -> int:
+    data = text.encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _step(sizes: list[int], layer: int, neuron: int, step: int) -> str | None:
+    """Relative link from neuron page ``layer/neuron`` to the next or previous neuron of the atlas."""
+    n = neuron + step
+    if 0 <= n < sizes[layer]:
+        return f"../{n}/"
+    other = layer + step
+    while 0 <= other < len(sizes) and sizes[other] == 0:
+        other += step
+    if not 0 <= other < len(sizes):
+        return None
+    return f"../../{other}/{0 if step > 0 else sizes[other] - 1}/"
+
+
+def _layer_step(sizes: list[int], layer: int, neuron: int, step: int) -> tuple[int, str] | None:
+    """(layer, link) of the same neuron index in the next or previous non-empty layer."""
+    other = layer + step
+    while 0 <= other < len(sizes) and sizes[other] == 0:
+        other += step
+    if not 0 <= other < len(sizes):
+        return None
+    return other, f"../../{other}/{min(neuron, sizes[other] - 1)}/"

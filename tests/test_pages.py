@@ -1,0 +1,164 @@
+"""Neuron pages, their JSON and the exports agree; the cite box, keyboard links, downloads and page budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from atlas.export import EXPORT_TABLES
+from atlas.render import RenderConfig, render
+from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN
+from atlas.render_text import fmt_logit, fmt_stat, token_cell
+from atlas.synthetic import make_synthetic_store
+
+from test_render import parse, resolve
+
+N_LAYERS, D_MLP = 2, 24
+SAMPLE = [(0, 0), (0, 1), (0, 17), (1, 3), (1, 23)]
+ORDER = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank", "attributions": "polarity, rank",
+         "histograms": "neuron", "neighbours": "rank"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pages")
+    store = make_synthetic_store(root / "atlas.duckdb", N_LAYERS, D_MLP, vocab_size=512, clusters=True, corpus=True)
+    render(store, root / "site", RenderConfig(workers=1), progress=False)
+    return store, root / "site"
+
+
+def _same(got, want) -> bool:
+    """JSON value vs parquet value: floats equal as float32, NaN as null, lists element by element."""
+    if isinstance(want, (list, tuple, np.ndarray)):
+        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
+    if isinstance(want, float):
+        return got is None if math.isnan(want) else np.float32(got) == np.float32(want)
+    return got == want
+
+
+def _parquet_rows(con, exports: Path, table: str, where: str, params: list, exclude: str = "layer, neuron"):
+    columns = f"* EXCLUDE ({exclude})" if exclude else "*"
+    cur = con.execute(f"SELECT {columns} FROM read_parquet(?) WHERE {where}",
+                      [str(exports / f"{table}.parquet")] + params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def test_pages_json_and_exports_show_the_same_numbers(built):
+    _, site = built
+    exports = site / "exports"
+    con = duckdb.connect()
+    for layer, n in SAMPLE:
+        data = json.loads((site / f"neurons/{layer}/{n}.json").read_text())
+        page = (site / f"neurons/{layer}/{n}/index.html").read_text()
+        key = "layer = ? AND neuron = ?"
+
+        # The JSON holds exactly the exported rows of this neuron, table by table.
+        (row,) = _parquet_rows(con, exports, "neurons", key, [layer, n])
+        assert all(_same(data["neurons"][k], v) for k, v in row.items())
+        for table, order in ORDER.items():
+            want = _parquet_rows(con, exports, table, f"{key} ORDER BY {order}", [layer, n])
+            got = data[table]
+            assert len(got) == len(want) > 0, table
+            for g, w in zip(got, want):
+                assert set(g) == set(w), table
+                assert all(_same(g[k], w[k]) for k in w), (table, g, w)
+        (cluster,) = _parquet_rows(con, exports, "clusters", "cluster_id = ?", [data["neurons"]["cluster_id"]], exclude="")
+        assert all(_same(data["clusters"][0][k], v) for k, v in cluster.items())
+
+        # The page shows the same numbers: every decoded token with its logit, in rank order ...
+        decoded = _parquet_rows(con, exports, "decoded_tokens", f"{key} ORDER BY side, polarity DESC, rank", [layer, n])
+        for side in ("in", "gate", "out"):
+            section = re.search(f'<section id="{side}">(.*?)</section>', page, re.S).group(1)
+            shown = re.findall(r"<tr><td>(.*?)<td>([^<\n]*)\n", section)
+            assert shown == [(token_cell(r["token"]), fmt_logit(r["logit"])) for r in decoded if r["side"] == side]
+        stats = _parquet_rows(con, exports, "neurons", key, [layer, n])[0]
+        assert f"‖v‖ {fmt_stat(stats['out_norm'])} · logits: mean {fmt_stat(stats['out_logit_mean'])}" in page
+        assert f"normaliser {fmt_stat(stats['normaliser'])}" in page
+        # ... the strongest exemplars by normalised activation ...
+        ex = _parquet_rows(con, exports, "exemplars", f"{key} ORDER BY polarity, rank", [layer, n])
+        want = [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "max"][:SHOWN_MAX] + \
+               [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "min"][:SHOWN_MIN]
+        assert re.findall(r"<li><span>([^<]*)</span>", page) == want
+        # ... and the neighbours with their cosines.
+        nbs = _parquet_rows(con, exports, "neighbours", f"{key} ORDER BY rank", [layer, n])
+        shown = re.findall(r'<li><a href="\.\./\.\./(\d+)/(\d+)/">L\d+/N\d+</a> ([-0-9.]+) ', page)
+        assert shown == [(str(r["nb_layer"]), str(r["nb_neuron"]), f"{r['cosine']:.3f}") for r in nbs]
+
+
+def test_exports_are_the_store_and_are_linked_from_home(built):
+    store, site = built
+    exports = site / "exports"
+    assert (exports / "atlas.duckdb").read_bytes() == store.read_bytes()
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{store}' AS s (READ_ONLY)")
+    home = site / "index.html"
+    hrefs = parse(home.read_text()).hrefs
+    for table in EXPORT_TABLES:
+        parquet = str(exports / f"{table}.parquet")
+        n = con.execute(f"SELECT count(*) FROM s.{table}").fetchone()[0]
+        assert n > 0 and con.execute("SELECT count(*) FROM read_parquet(?)", [parquet]).fetchone()[0] == n
+        for a, b in ((f"s.{table}", f"read_parquet('{parquet}')"), (f"read_parquet('{parquet}')", f"s.{table}")):
+            assert con.execute(f"SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b})").fetchone()[0] == 0
+        assert f"exports/{table}.parquet" in hrefs
+    for href in hrefs:
+        target = resolve(home, href)
+        assert target is None or target.is_file(), href
+    neuron = site / "neurons/1/3/index.html"
+    assert resolve(neuron, "../../../exports/atlas.duckdb").is_file()
+
+
+def test_exports_can_be_left_out(built, tmp_path):
+    store, _ = built
+    render(store, tmp_path / "site", RenderConfig(workers=1, exports=False), progress=False)
+    assert not (tmp_path / "site/exports").exists()
+    assert "exports/" not in (tmp_path / "site/index.html").read_text()
+    assert "exports/" not in (tmp_path / "site/neurons/0/0/index.html").read_text()
+
+
+def test_cite_box_and_navigation_links(built):
+    _, site = built
+    page = (site / "neurons/1/3/index.html").read_text()
+    assert "@misc{atlas:synthetic-gated-2x24:L1:N3," in page
+    assert "title = {Layer 1, neuron 3 of {synthetic/gated-2x24}}" in page
+    assert "url = {neurons/1/3/}" in page and "<code>neurons/1/3/</code>" in page and "--site-url" in page
+    head = page.split("</head>")[0]
+    assert '<link rel="prev" href="../2/">' in head and '<link rel="next" href="../4/">' in head
+    links = dict(re.findall(r'<a href="([^"]+)" data-key="([^"]+)"', page))
+    assert links == {"../../../layers/1/": "u", "../../0/3/": "[", "../2/": "k ArrowLeft", "../4/": "j ArrowRight"}
+    first = (site / "neurons/0/0/index.html").read_text()
+    assert 'rel="prev"' not in first and 'data-key="["' not in first and '<a href="../../1/0/" data-key="]">' in first
+
+
+def test_neuron_pages_stay_under_the_page_budget(built):
+    _, site = built
+    sizes = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
+    assert len(sizes) == N_LAYERS * D_MLP
+    assert sum(sizes) / len(sizes) < 10 * 1024            # shared CSS/JS are not inlined
+    assert (site / "assets/atlas-neuron.js").is_file() and (site / "assets/atlas.css").is_file()
+
+
+def test_bench_render_times_pages_against_plain_writes(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--layers", "2", "--neurons", "96",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pages/s" in proc.stdout and "plain writes" in proc.stdout and "peak memory" in proc.stdout
+    r = json.loads(out.read_text())
+    assert (r["neurons"], r["shape"]) == (192, "2 x 96")
+    assert r["pages_per_s"] > 0 and r["bound_pages_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["pages_s"] / r["bound_s"])
+    assert 0 < r["avg_page_bytes"] < 10 * 1024 and r["avg_json_bytes"] > r["avg_page_bytes"]
+    assert r["peak_rss_mb"] > 0
+    bad = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--shape", "lots"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --shape 'lots' is not LAYERSxNEURONS, e.g. 32x14336"]
