@@ -57,6 +57,11 @@ class RenderConfig:
         "help": "processes writing neuron pages (0: one per CPU core; small sites use one)"})
     layer_preview: int = field(default=3, metadata={
         "help": "top `out` tokens listed per neuron on the layer pages"})
+    search_postings: int = field(default=100, metadata={
+        "help": "strongest neurons kept per word in the concept-search index"})
+    pagefind_max_neurons: int = field(default=100_000, metadata={
+        "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
+                "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
 
 
 # -- how values look on a page ---------------------------------------------------------
@@ -438,6 +443,9 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             pages_s = time.perf_counter() - pages_start
             if common["has_clusters"]:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
+            from .search_site import write_search_site
+            search = write_search_site(store.con, _env(), building, page["site"], sum(layer_sizes), TEMPLATES,
+                                       cfg.search_postings, cfg.pagefind_max_neurons)
             (building / SITE_MARKER).write_text(_to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),
@@ -449,4 +457,4 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
     n = sum(layer_sizes)
     return {"site_dir": str(site_dir), "neurons": n, "layers": len(layer_sizes),
             "seconds": round(time.perf_counter() - start, 3), "frame_seconds": round(frame_s, 3),
-            "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None}
+            "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None, "search": search}
