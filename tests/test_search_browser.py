@@ -206,3 +206,19 @@ def test_fulltext_escapes_hostile_labels(served, browser):
     assert "L0/N0 · <script>alert(1)</script>" in titles
     assert page.locator("#fulltext script, #fulltext img").count() == 0
     assert page.title() != "pwned" and page.errors == []
+
+
+def test_page_and_python_agree_on_terms_and_shards(served, browser):
+    from atlas.search import query_terms, shard_of
+
+    _, base = served
+    samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",
+               "\u0130stanbul", "caf\u0065\u0301", "\u202eevil", "  ", "dog\u0120", "\U0001F436dog\U0001F436",
+               "new\u00a0york\u2028city", "a\u0085b", "<script>alert(1)</script>", "x" * 40]
+    page = search_page(browser, base, "")
+    got = page.evaluate("""samples => samples.map(s => [atlasSearch.normalise(s), atlasSearch.queryTerms(s),
+                                                     atlasSearch.queryTerms(s).map(t => atlasSearch.shardOf(t, 4096))])""",
+                        samples)
+    want = [[normalise(s), query_terms(s), [shard_of(t, 4096) for t in query_terms(s)]] for s in samples]
+    assert got == want
+    assert page.errors == []
