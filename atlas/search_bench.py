@@ -120,4 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .errors import AtlasError
+    try:
+        main()
+    except AtlasError as e:
+        sys.exit(f"error: {e}")
