@@ -166,10 +166,12 @@ def test_the_form_makes_a_linkable_url(served, browser):
 
 def test_unknown_words_say_so(served, browser):
     _, base = served
-    page = search_page(browser, base, "zzzqqq")
-    assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
-    assert "zzzqqq" in page.text_content("#atlas-search-status")
-    assert page.errors == []
+    for query in ("zzzqqq", "constructor toString __proto__ hasOwnProperty"):   # not Object's own keys
+        page = search_page(browser, base, query)
+        assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
+        assert query.split()[0].lower() in page.text_content("#atlas-search-status")
+        assert page.errors == []
+        page.close()
 
 
 def test_hostile_tokens_show_as_text(served, browser):

@@ -61,7 +61,9 @@
   function rank(terms, meta, shards) {
     var hits = new Map(), counts = {};
     terms.forEach(function (term) {
-      var entry = shards[shardOf(term, meta.shards)][term];
+      // Own properties only: a word such as "constructor" must not find Object's prototype.
+      var shard = shards[shardOf(term, meta.shards)];
+      var entry = Object.prototype.hasOwnProperty.call(shard, term) ? shard[term] : null;
       counts[term] = entry ? entry.n : 0;
       if (!entry) return;
       var p = entry.p;
