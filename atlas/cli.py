@@ -239,6 +239,27 @@ def serve(path, host, port):
 
 
 @main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("query")
+@click.option("--limit", default=20, show_default=True, type=int, help="neurons listed")
+@click.option("--json", "as_json", is_flag=True, help="print the terms, counts and hits as JSON")
+def search(path, query, limit, as_json):
+    """Concept search on a rendered atlas (DIR or DIR/site), ranked as its search page ranks.
+
+    \b
+    Example:
+      atlas search out/smollm2 dog
+      atlas search out/smollm2 "new york" --limit 50 --json
+    """
+    from .search import format_hits, search as run_search
+    result = run_search(path, query, limit)
+    if as_json:
+        _print_summary(result)
+    else:
+        click.echo("\n".join(format_hits(result)))
+
+
+@main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole atlas_meta as JSON")
 @click.option("--neuron", help="show one neuron instead: LAYER/NEURON, e.g. 13/777 or L13/N777")

@@ -56,8 +56,12 @@ class RenderConfig:
         "help": "processes writing neuron pages (0: one per CPU core; small sites use one)"})
     layer_preview: int = field(default=3, metadata={
         "help": "top `out` tokens listed per neuron on the layer pages"})
-    exports: bool = field(default=True, metadata={
-        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
+    search_postings: int = field(default=100, metadata={
+        "help": "strongest neurons kept per word in the concept-search index"})
+    pagefind_max_neurons: int = field(default=100_000, metadata={
+        "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
+                "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
+
 
 
 def show_label(label: str | None) -> str:
@@ -391,6 +395,9 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             if has_clusters:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
                 faults.point("render", "cluster pages and map written")
+            from .search_site import write_search_site
+            search = write_search_site(store.con, _env(), building, page["site"], sum(layer_sizes), TEMPLATES,
+                                       cfg.search_postings, cfg.pagefind_max_neurons)
             (building / SITE_MARKER).write_text(_to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),
@@ -407,4 +414,4 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             "pages_seconds": round(pages_s, 3), "pages_per_s": round(n / pages_s, 1) if pages_s > 0 else None,
             "pages_cpu_seconds": round(pages_cpu_s, 3),
             "workers": counts["workers"], "avg_page_bytes": round(counts["page_bytes"] / max(1, n)),
-            "avg_json_bytes": round(counts["json_bytes"] / max(1, n))}
+            "avg_json_bytes": round(counts["json_bytes"] / max(1, n)), "search": search}

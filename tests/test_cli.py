@@ -86,7 +86,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["build", "decode", "render", "serve", "info", "bench"])
+@pytest.mark.parametrize("command", ["build", "decode", "render", "serve", "info", "bench", "search"])
 def test_every_command_has_help_with_an_example(command):
     proc = atlas(command, "--help")
     assert proc.returncode == 0 and "Example" in proc.stdout

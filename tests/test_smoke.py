@@ -112,3 +112,16 @@ def test_neuron_page_in_chromium(default_atlas, tmp_path):
                            f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert shot.stat().st_size > 10_000   # a blank page compresses to far less
+
+
+EVERYDAY_CONCEPTS = ("dog", "cat", "water", "music", "France", "food", "red", "king", "money", "happy")
+
+
+@pytest.mark.browser
+def test_concept_search_finds_everyday_concepts_in_chromium(default_atlas):
+    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    from test_search_browser import check_concepts
+
+    # Each concept lists neurons in the page's ranking, equal to `atlas search`'s, all pages existing.
+    found = check_concepts(default_atlas / "site", list(EVERYDAY_CONCEPTS))
+    assert all(found[c] > 0 for c in EVERYDAY_CONCEPTS), found

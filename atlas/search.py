@@ -1,0 +1,324 @@
+"""Concept search: a sharded static index of the tokens each neuron decodes to or fires on.
+
+Typing "dog" finds the neurons whose decoded tokens (any side, top or bottom) or whose
+corpus exemplars are " dog", "Dog", "dog" ..., strongest first. The index is plain JSON
+under ``search/idx/`` in the site, sharded by a hash of the term, so a query fetches one
+small file per word however large the model is. The search page's script
+(``site_templates/assets/atlas-search.js``) and ``atlas search`` read the same files and
+rank with the same rule; keep ``normalise``, ``query_terms``, ``shard_of`` and ``rank``
+in step with their JavaScript twins.
+
+Definitions (also on the search page):
+
+- **term**: a token's text after NFKC, without leading space markers (space, GPT-2's
+  ``Ġ``, SentencePiece's ``▁``) and without punctuation, symbols, spaces or control
+  characters at either end, lower-cased. " Dog", "dog." and "▁DOG" are all ``dog``.
+- **strength** of a decoded token: ``|logit - mean| / std``, the logit's distance from
+  the mean of that side's logits over the whole vocabulary, in standard deviations.
+  Of an exemplar token: ``|activation - mean| / std`` over the neuron's corpus activations.
+- A neuron's strength for a term is its strongest match; per term the index keeps the
+  ``search_postings`` strongest neurons (and says how many matched in all).
+- A query is whitespace-separated words; neurons rank by how many of its words they
+  match, then by the sum of their strengths, then by (layer, neuron).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import unicodedata
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+
+from .errors import AtlasError
+
+INDEX_DIR = "search/idx"
+META_NAME = "meta.json"
+SCHEMA = 1
+# Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars.
+SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min")
+POSTING = 6             # ints per posting: layer, neuron, strength x 100, src, rank, variant
+SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
+MAX_WORDS = 8           # words of a query that are searched, which bounds its download
+_MARKERS = ("\u0120", "\u2581")      # Ġ and ▁ count as a leading space; elsewhere they are letters
+
+
+# -- terms ------------------------------------------------------------------------------
+def _edge(ch: str) -> bool:
+    """Punctuation, symbol, separator or control: stripped from both ends of a term."""
+    return unicodedata.category(ch)[0] in "PSZC"
+
+
+def normalise(text: str | None) -> str:
+    """The search term of a token or query word ('' when nothing searchable is left)."""
+    if not text:
+        return ""
+    t = unicodedata.normalize("NFKC", text)
+    i, j = 0, len(t)
+    while i < j and (t[i] in _MARKERS or _edge(t[i])):
+        i += 1
+    while j > i and _edge(t[j - 1]):
+        j -= 1
+    return t[i:j].lower()
+
+
+def query_terms(query: str) -> list[str]:
+    """Distinct terms of a query, in order; words are split at separators and control characters."""
+    words, word = [], []
+    for ch in query:
+        cat = unicodedata.category(ch)
+        if cat[0] == "Z" or cat == "Cc":
+            words.append("".join(word))
+            word = []
+        else:
+            word.append(ch)
+    words.append("".join(word))
+    terms: list[str] = []
+    for w in words:
+        t = normalise(w)
+        if t and t not in terms:
+            terms.append(t)
+    return terms[:MAX_WORDS]
+
+
+def shard_of(term: str, n_shards: int) -> int:
+    """FNV-1a (32 bit) of the term's UTF-8 bytes, modulo the shard count."""
+    h = 0x811C9DC5
+    for b in term.encode("utf-8"):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % n_shards
+
+
+def shard_name(shard: int, n_shards: int) -> str:
+    width = max(1, len(f"{n_shards - 1:x}"))
+    return f"{shard:0{width}x}.json"
+
+
+# -- building the index ------------------------------------------------------------------
+def _tables(con) -> set[str]:
+    return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+def _stage_done(con, stage: str) -> bool:
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = ?", [f"stage.{stage}"]).fetchone()
+    return bool(row) and json.loads(row[0]).get("status") == "done"
+
+
+def _term_table(con) -> pa.Table:
+    """token_id -> term for every token with a searchable term (a vocabulary is a few 100k rows)."""
+    rows = con.execute("SELECT token_id, token FROM vocab").fetchall()
+    if not rows:    # a store written before the vocab table: the decoded tokens name themselves
+        rows = con.execute("SELECT DISTINCT token_id, token FROM decoded_tokens").fetchall()
+    ids, terms = [], []
+    for token_id, token in rows:
+        term = normalise(token)
+        if term:
+            ids.append(token_id)
+            terms.append(term)
+    return pa.table({"token_id": pa.array(ids, pa.int32()), "term": pa.array(terms, pa.string())})
+
+
+def _side_stat(stat: str) -> str:
+    return (f"CAST(CASE d.side WHEN 'in' THEN n.in_{stat} WHEN 'gate' THEN n.gate_{stat} "
+            f"ELSE n.out_{stat} END AS DOUBLE)")
+
+
+def _matches_sql(with_exemplars: bool) -> str:
+    # In double precision, so that a recomputation in Python gives the same numbers. Without
+    # the moments (an old store) a raw |logit| or |normalised activation| ranks instead.
+    decoded = f"""
+        SELECT t.term, d.layer, d.neuron,
+               (list_position(['in', 'gate', 'out'], d.side) - 1) * 2
+                 + CASE WHEN d.polarity = 'bottom' THEN 1 ELSE 0 END AS src,
+               d.rank, d.token_id,
+               coalesce(abs(CAST(d.logit AS DOUBLE) - {_side_stat('logit_mean')})
+                          / nullif({_side_stat('logit_std')}, 0), abs(CAST(d.logit AS DOUBLE))) AS z
+        FROM decoded_tokens d JOIN search_terms t USING (token_id) JOIN neurons n USING (layer, neuron)"""
+    if not with_exemplars:
+        return decoded
+    return decoded + """
+        UNION ALL
+        SELECT t.term, e.layer, e.neuron, CASE WHEN e.polarity = 'max' THEN 6 ELSE 7 END AS src,
+               e.rank, t.token_id,
+               coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE))
+                          / nullif(CAST(n.act_std AS DOUBLE), 0), abs(CAST(e.norm_activation AS DOUBLE))) AS z
+        FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN neurons n USING (layer, neuron)
+        JOIN search_terms t ON t.token_id = c.token_ids[e.token_pos + 1]"""
+
+
+def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
+    """Write the concept index of the store on ``con`` into ``out_dir`` (replaced whole); returns sizes."""
+    if postings < 1:
+        raise AtlasError("--search-postings must be at least 1")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    with_exemplars = _stage_done(con, "exemplars") and {"exemplars", "corpus_docs"} <= _tables(con)
+    con.register("search_terms", _term_table(con))
+    try:
+        # One row per (term, neuron): its strongest match, then the term's strongest neurons.
+        # Ties break on (layer, neuron), so the kept list is the ranking's own order.
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE search_kept AS
+            WITH best AS (
+                SELECT term, layer, neuron, src, rank, token_id, CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
+                FROM ({_matches_sql(with_exemplars)}) WHERE z IS NOT NULL AND isfinite(z)
+                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron ORDER BY z DESC, src, rank) = 1
+            )
+            SELECT *, row_number() OVER (PARTITION BY term ORDER BY strength DESC, layer, neuron) AS pos,
+                   count(*) OVER (PARTITION BY term) AS n_total
+            FROM best QUALIFY pos <= {int(postings)}""")
+        n_postings, n_terms = con.execute("SELECT count(*), count(DISTINCT term) FROM search_kept").fetchone()
+        # About 20 bytes a posting and 40 a term; shards a power of two so the count is easy to reason about.
+        n_shards = 1
+        while n_shards < 65_536 and (n_postings * 20 + n_terms * 40) / n_shards > SHARD_BYTES:
+            n_shards *= 2
+        terms = [t for (t,) in con.execute("SELECT DISTINCT term FROM search_kept").fetchall()]
+        con.register("search_buckets", pa.table({"term": pa.array(terms, pa.string()),
+                                                 "bucket": pa.array([shard_of(t, n_shards) for t in terms],
+                                                                    pa.int32())}))
+        cur = con.execute("""
+            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank, v.token
+            FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
+            ORDER BY b.bucket, k.term, k.pos""")
+        sizes = _write_shards(cur, out_dir, n_shards)
+    finally:
+        con.execute("DROP TABLE IF EXISTS search_kept")
+        for name in ("search_terms", "search_buckets"):
+            try:
+                con.unregister(name)
+            except Exception:       # never registered: the build failed before that point
+                pass
+    n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
+    meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
+            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars}
+    (out_dir / META_NAME).write_text(_json(meta), encoding="utf-8")
+    return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
+            "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
+    """Stream rows ordered by (bucket, term, pos) into one JSON file per bucket."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    sizes: list[int] = []
+    shard: dict = {}
+    bucket = None
+
+    def flush():
+        if bucket is not None:
+            data = _json(shard).encode("utf-8")
+            (out_dir / shard_name(bucket, n_shards)).write_bytes(data)
+            sizes.append(len(data))
+
+    while rows := cur.fetchmany(65_536):
+        for b, term, n_total, layer, neuron, strength, src, rank, token in rows:
+            if b != bucket:
+                flush()
+                bucket, shard = b, {}
+            entry = shard.get(term)
+            if entry is None:
+                entry = shard[term] = {"n": n_total, "t": [], "p": []}
+            variants = entry["t"]
+            token = token if token is not None else term
+            if token not in variants:
+                variants.append(token)
+            entry["p"].extend((layer, neuron, strength, src, rank, variants.index(token)))
+    flush()
+    # Every bucket gets a file, so a query never meets a 404 (which browsers log as an error).
+    empty = _json({}).encode("utf-8")
+    for b in range(n_shards):
+        if not (out_dir / shard_name(b, n_shards)).exists():
+            (out_dir / shard_name(b, n_shards)).write_bytes(empty)
+            sizes.append(len(empty))
+    return sizes
+
+
+def _json(obj) -> str:
+    from .render import _to_json       # the site's one JSON writer: sorted, and safe inside HTML
+    return _to_json(obj)
+
+
+# -- querying ------------------------------------------------------------------------------
+def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20) -> dict:
+    """Rank the neurons for ``query`` from shards that ``load(shard_number)`` returns.
+
+    Returns the query's terms, per term how many neurons match in all, how many neurons
+    match any term among the kept postings, and the first ``limit`` hits, best first.
+    """
+    terms = query_terms(query)
+    shards: dict[int, dict] = {}
+    hits: dict[tuple[int, int], dict] = {}
+    counts: dict[str, int] = {}
+    for term in terms:
+        b = shard_of(term, meta["shards"])
+        if b not in shards:
+            shards[b] = load(b)
+        entry = shards[b].get(term)
+        counts[term] = entry["n"] if entry else 0
+        if not entry:
+            continue
+        p = entry["p"]
+        for i in range(0, len(p), POSTING):
+            layer, neuron, strength, src, rk, v = p[i:i + POSTING]
+            hit = hits.get((layer, neuron))
+            if hit is None:
+                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "words": 0, "strength": 0,
+                                               "matches": []}
+            hit["words"] += 1
+            hit["strength"] += strength
+            hit["matches"].append({"term": term, "token": entry["t"][v], "source": meta["sources"][src],
+                                   "rank": rk, "strength": strength / 100})
+    ordered = sorted(hits.values(), key=lambda h: (-h["words"], -h["strength"], h["layer"], h["neuron"]))
+    for h in ordered:
+        h["strength"] /= 100
+        h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
+    return {"terms": terms, "counts": counts, "shards": sorted(shards), "matched": len(ordered),
+            "hits": ordered[:limit]}
+
+
+def index_dir(path: str | Path) -> Path:
+    """The concept index of a site: ``path`` is the build directory (holding site/) or the site itself."""
+    path = Path(path)
+    for candidate in (path / "site" / INDEX_DIR, path / INDEX_DIR):
+        if (candidate / META_NAME).is_file():
+            return candidate
+    raise AtlasError(f"no search index at {path} (expected {path / 'site' / INDEX_DIR / META_NAME}); "
+                     "run `atlas render` first")
+
+
+def search(path: str | Path, query: str, limit: int = 20) -> dict:
+    """Search the built site at ``path`` as its search page does; see ``rank``."""
+    idx = index_dir(path)
+    try:
+        meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise AtlasError(f"{idx / META_NAME} is not valid JSON ({e})") from None
+    if meta.get("schema") != SCHEMA:
+        raise AtlasError(f"{idx} holds a search index of schema {meta.get('schema')}; "
+                         f"this atlas reads {SCHEMA}: render the site again")
+    if not query_terms(query):
+        raise AtlasError(f"the query {query!r} has no words to search for")
+
+    def load(b: int) -> dict:
+        path = idx / shard_name(b, meta["shards"])
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    return rank(query, meta, load, limit)
+
+
+def format_hits(result: dict) -> list[str]:
+    """The lines ``atlas search`` prints: per term its count, then one line per neuron."""
+    from .render import show_token
+    lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
+    if not result["hits"]:
+        return lines + ["no neuron decodes to or fires on these words"]
+    lines.append(f"{'#':>3}  {'neuron':<12}{'strength':>9}  evidence")
+    for i, h in enumerate(result["hits"], 1):
+        evidence = " · ".join(f"{show_token(m['token'])} {m['source']} #{m['rank']} ({m['strength']:.2f})"
+                              for m in h["matches"])
+        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['strength']:>9.2f}  {evidence}")
+    return lines

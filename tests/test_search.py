@@ -1,0 +1,176 @@
+"""Concept search: terms, the sharded index against a brute-force ranking, exemplar matches, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from atlas.decode import DecodeConfig
+from atlas.errors import AtlasError
+from atlas.exemplars import ExemplarConfig
+from atlas.pipeline import Build
+from atlas.render import RenderConfig, render
+from atlas.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, search, shard_name, shard_of,
+                          write_index)
+from atlas.synthetic import make_synthetic_store
+from test_cli import assert_one_line_error, atlas
+
+SIDES = ("in", "gate", "out")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_synthetic_store(tmp_path_factory.mktemp("search") / "atlas.duckdb", 2, 64, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def site(store) -> Path:
+    site = store.parent / "site"
+    render(store, site, RenderConfig(workers=1, search_postings=12), progress=False)
+    return site
+
+
+def brute_force(store: Path, with_exemplars: bool = False) -> dict[str, list[tuple[int, int, int]]]:
+    """Per term, (strength x 100, layer, neuron) of every matching neuron, best first, from the raw rows."""
+    best: dict[tuple[str, int, int], tuple] = {}
+    with duckdb.connect(str(store), read_only=True) as con:
+        stats = {(r[0], r[1]): r[2:] for r in con.execute(
+            "SELECT layer, neuron, in_logit_mean, in_logit_std, gate_logit_mean, gate_logit_std, "
+            "out_logit_mean, out_logit_std, act_mean, act_std FROM neurons").fetchall()}
+        rows = []       # ((term, src), layer, neuron, z, rank)
+        for layer, neuron, side, polarity, rank, token, logit in con.execute(
+                "SELECT layer, neuron, side, polarity, rank, token, logit FROM decoded_tokens").fetchall():
+            mean, std = stats[(layer, neuron)][2 * SIDES.index(side):2 * SIDES.index(side) + 2]
+            rows.append(((normalise(token), SOURCES.index(f"{side} {polarity}")), layer, neuron,
+                         abs(logit - mean) / std, rank))
+        if with_exemplars:
+            vocab = dict(con.execute("SELECT token_id, token FROM vocab").fetchall())
+            docs = dict(con.execute("SELECT doc_id, token_ids FROM corpus_docs").fetchall())
+            for layer, neuron, polarity, rank, doc_id, pos, act in con.execute(
+                    "SELECT layer, neuron, polarity, rank, doc_id, token_pos, activation FROM exemplars").fetchall():
+                mean, std = stats[(layer, neuron)][6:8]
+                rows.append(((normalise(vocab[docs[doc_id][pos]]), SOURCES.index(f"exemplar {polarity}")),
+                             layer, neuron, abs(act - mean) / std, rank))
+    for (term, src), layer, neuron, z, rank in rows:
+        key = (term, layer, neuron)
+        if term and (key not in best or (-z, src, rank) < best[key]):
+            best[key] = (-z, src, rank)
+    ranked = defaultdict(list)
+    for (term, layer, neuron), (neg_z, _, _) in best.items():
+        ranked[term].append((math.floor(-neg_z * 100 + 0.5), layer, neuron))
+    return {t: sorted(v, key=lambda s: (-s[0], s[1], s[2])) for t, v in ranked.items()}
+
+
+def test_terms_fold_case_space_markers_and_edge_punctuation():
+    for token in (" dog", "Dog", "DOG", "\u0120dog", "\u2581Dog", "dog.", "(dog)", "\tdog\n", "\uff44\uff4f\uff47"):
+        assert normalise(token) == "dog", token
+    assert normalise("don't") == "don't"               # inner punctuation stays
+    assert normalise("\u0120\u0120") == "" and normalise("  ") == "" and normalise("") == ""
+    assert normalise("dog\u0120") == "dog\u0121"      # Ġ marks a space only at the start (ġ lower-cased)
+    assert normalise("<script>alert(1)</script>") == "script>alert(1)</script"
+    assert query_terms("  Dog dog, CAT\u00a0water\u2028 ") == ["dog", "cat", "water"]
+    assert len(query_terms(" ".join(f"w{i}" for i in range(20)))) == 8
+
+
+def test_shard_hash_is_fnv1a():
+    # Reference values of 32-bit FNV-1a: the search page computes the same function.
+    assert shard_of("", 1 << 32) == 0x811C9DC5 and shard_of("a", 1 << 32) == 0xE40C292C
+    assert shard_of("foobar", 1 << 32) == 0xBF9CF968
+    assert shard_name(5, 256) == "05.json" and shard_name(0, 1) == "0.json"
+
+
+def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
+    expected = brute_force(store)
+    with duckdb.connect(str(store), read_only=True) as con:
+        info = write_index(con, tmp_path / INDEX_DIR, postings=7)
+    meta = json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())
+    assert info["terms"] == len(expected) == meta["terms"]
+    assert len(list((tmp_path / INDEX_DIR).glob("*.json"))) == meta["shards"] + 1
+    for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
+        got = search(tmp_path, term, limit=100)
+        assert got["counts"] == {term: len(want)}
+        assert [(round(h["strength"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+
+
+def test_variants_of_a_word_meet_in_one_term(site, store):
+    with duckdb.connect(str(store), read_only=True) as con:
+        token, = con.execute("SELECT token FROM decoded_tokens WHERE layer = 1 AND neuron = 3 AND side = 'out' "
+                             "AND polarity = 'top' AND rank = 0").fetchone()
+        variants = {t for (t,) in con.execute("SELECT DISTINCT token FROM decoded_tokens").fetchall()
+                    if normalise(t) == normalise(token)}
+    assert len(variants) >= 2                          # the synthetic vocab has "x" and " x"
+    result = search(site, f"  {token.strip().upper()}  ")
+    seen = {m["token"] for h in result["hits"] for m in h["matches"]}
+    assert seen <= variants and len(seen) >= 2
+    assert len(result["hits"]) == 12                   # the site was rendered with search_postings=12
+
+
+def test_several_words_rank_neurons_matching_more_of_them_first(site):
+    index = json.loads((site / INDEX_DIR / META_NAME).read_text())
+    shard = json.loads((site / INDEX_DIR / shard_name(0, index["shards"])).read_text())
+    a, b = sorted(shard, key=lambda t: -len(shard[t]["p"]))[:2]
+    result = search(site, f"{a} {b}", limit=1000)
+    words = [h["words"] for h in result["hits"]]
+    assert words == sorted(words, reverse=True)
+    both = {(h["layer"], h["neuron"]) for h in search(site, a, limit=1000)["hits"]} & \
+        {(h["layer"], h["neuron"]) for h in search(site, b, limit=1000)["hits"]}
+    assert {(h["layer"], h["neuron"]) for h in result["hits"] if h["words"] == 2} == both
+    for h in result["hits"]:
+        assert h["strength"] == pytest.approx(sum(m["strength"] for m in h["matches"]))
+
+
+def test_hostile_tokens_are_searchable_and_escaped_in_the_index(site):
+    result = search(site, "<script>alert(1)</script>")
+    assert result["terms"] == ["script>alert(1)</script"]
+    assert (0, 0) in {(h["layer"], h["neuron"]) for h in result["hits"]}
+    for path in (site / INDEX_DIR).glob("*.json"):
+        assert b"<" not in path.read_bytes(), path       # `<` is written \u003c in every shard
+
+
+def test_exemplar_tokens_are_matched(tiny_model_dir, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(rng.choice(["dog", " dog", "cat", "Paris", "w5", "w9", "w13"]) for _ in range(1500)))
+    out = tmp_path / "out"
+    b = Build(out, str(tiny_model_dir("llama")), progress=False)
+    b.decode(DecodeConfig(top_k=3, bottom_k=2))
+    b.exemplars(ExemplarConfig(corpus=str(corpus), context=16, batch_size=4, k=5, attribution_rows=0))
+    b.render(RenderConfig(workers=1, pagefind_max_neurons=0))
+    expected = brute_force(out / "atlas.duckdb", with_exemplars=True)
+    result = search(out, "Dog", limit=1000)
+    assert [(round(h["strength"] * 100), h["layer"], h["neuron"]) for h in result["hits"]] == expected["dog"][:100]
+    assert any(m["source"].startswith("exemplar") for h in result["hits"] for m in h["matches"])
+    assert not (out / "site" / "pagefind").exists()   # pagefind_max_neurons=0 leaves full text out
+    assert 'id="fulltext"' not in (out / "site" / "search" / "index.html").read_text()
+
+
+def test_cli_prints_the_same_ranking(site):
+    proc = atlas("search", site.parent, "Kalo ta", "--limit", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == search(site.parent, "Kalo ta", limit=5)
+    proc = atlas("search", site, "<script>alert(1)</script>", "--limit", "50")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    want = search(site, "<script>alert(1)</script>", limit=50)["hits"]
+    assert lines[0].startswith("'script>alert(1)</script': ")
+    assert [line.split()[1] for line in lines[2:]] == [f"L{h['layer']}/N{h['neuron']}" for h in want]
+    assert "L0/N0" in [line.split()[1] for line in lines[2:]]
+
+
+def test_cli_errors_are_one_line(site, tmp_path):
+    assert_one_line_error(atlas("search", tmp_path, "dog"), "no search index")
+    assert_one_line_error(atlas("search", site, "!? \u2014"), "no words to search")
+    (tmp_path / INDEX_DIR).mkdir(parents=True)
+    (tmp_path / INDEX_DIR / META_NAME).write_text("{not json")
+    assert_one_line_error(atlas("search", tmp_path, "dog"), "not valid JSON")
+    with pytest.raises(AtlasError, match="at least 1"):
+        render(site.parent / "atlas.duckdb", tmp_path / "s", RenderConfig(search_postings=0), progress=False)

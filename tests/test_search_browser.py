@@ -1,0 +1,226 @@
+"""The search page in headless Chromium: same ranking as `atlas search`, links that exist, pagefind, escaping.
+
+The site is served under a path prefix (/atlas/), as a publisher's host would, so every
+link the page makes must be relative.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import urllib.parse
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from atlas.render import RenderConfig, render
+from atlas.search import normalise, search
+from atlas.synthetic import make_synthetic_store
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+PREFIX = "atlas/"
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve(root: Path):
+    """Serve ``root`` on a free port; returns (server, base URL)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def open_browser(p):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    return p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+
+
+def search_page(browser, base: str, query: str, fulltext: bool = False):
+    """Open search/?q=query and wait for the results; returns the page, whose .errors lists console errors."""
+    page = browser.new_page()
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.goto(base + "search/?q=" + urllib.parse.quote(query))
+    page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=60_000)
+    if fulltext:
+        page.wait_for_selector("#atlas-fulltext-status[data-state=done]", timeout=60_000)
+    return page
+
+
+def result_links(page, list_id: str = "atlas-search-results") -> list[tuple[str, str]]:
+    """(href as written, absolute URL) of every result link."""
+    return page.evaluate(f"""Array.from(document.querySelectorAll('#{list_id} a'))
+                             .map(a => [a.getAttribute('href'), a.href])""")
+
+
+def check_concepts(site: Path, queries: list[str], min_hits: int = 1) -> dict[str, int]:
+    """In Chromium, each query lists the neurons `atlas search` ranks, in order, each page existing.
+
+    Returns the hits per query. Used here on a synthetic atlas and by the smoke test on the default one.
+    """
+    from playwright.sync_api import sync_playwright
+
+    server, base = serve(site)
+    found = {}
+    try:
+        with sync_playwright() as p:
+            browser = open_browser(p)
+            for query in queries:
+                page = search_page(browser, base, query)
+                links = result_links(page)
+                want = search(site, query, limit=50)["hits"]
+                assert [href for href, _ in links] == [f"../neurons/{h['layer']}/{h['neuron']}/" for h in want], query
+                assert len(links) >= min_hits, (query, page.text_content("#atlas-search-status"))
+                for href, url in links:
+                    rel = url.removeprefix(base)
+                    assert (site / rel / "index.html").is_file(), (query, href)
+                strengths = page.eval_on_selector_all(".atlas-search-strength", "els => els.map(e => e.textContent)")
+                assert strengths == [f"{h['strength']:.2f}\u03c3" for h in want], query
+                assert page.errors == [], (query, page.errors)
+                found[query] = len(links)
+                page.close()
+            browser.close()
+    finally:
+        server.shutdown()
+    return found
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+    root = tmp_path_factory.mktemp("search-site")
+    store = make_synthetic_store(root / "atlas.duckdb", 3, 64, vocab_size=512)
+    render(store, root / "www" / PREFIX, RenderConfig(workers=1), progress=False)
+    server, base = serve(root / "www")
+    yield root, base + PREFIX
+    server.shutdown()
+
+
+@pytest.fixture
+def browser(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = open_browser(p)
+        yield b
+        b.close()
+
+
+def _some_terms(store: Path) -> list[str]:
+    with duckdb.connect(str(store), read_only=True) as con:
+        tokens = [t for (t,) in con.execute(
+            "SELECT token FROM decoded_tokens WHERE side = 'out' AND polarity = 'top' AND rank = 0 "
+            "AND layer = 2 AND neuron < 40 ORDER BY neuron").fetchall()]
+    return [normalise(t) for t in tokens if normalise(t)]
+
+
+def test_results_equal_the_cli_ranking_and_link_to_pages(served, browser):
+    root, base = served
+    site = root / "www" / PREFIX
+    a, b, c = _some_terms(root / "atlas.duckdb")[:3]
+    queries = [a, f" {b.upper()}", f"{a} {c}"]
+    for query in queries:
+        page = search_page(browser, base, query)
+        links = result_links(page)
+        want = search(site, query, limit=50)["hits"]
+        assert len(links) == len(want) > 0
+        assert [href for href, _ in links] == [f"../neurons/{h['layer']}/{h['neuron']}/" for h in want]
+        for _, url in links:
+            assert url.startswith(base + "neurons/")            # stays under the prefix
+            assert (site / url.removeprefix(base) / "index.html").is_file()
+        assert page.errors == []
+        page.close()
+
+
+def test_check_concepts_helper_on_a_synthetic_site(served):
+    root, _ = served
+    terms = _some_terms(root / "atlas.duckdb")[3:6]
+    found = check_concepts(root / "www" / PREFIX, terms)
+    assert sorted(found) == sorted(terms) and all(n > 0 for n in found.values())
+
+
+def test_the_form_makes_a_linkable_url(served, browser):
+    root, base = served
+    term = _some_terms(root / "atlas.duckdb")[0]
+    page = search_page(browser, base, "")
+    assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
+    page.fill("#atlas-search-q", term)
+    with page.expect_navigation():
+        page.press("#atlas-search-q", "Enter")
+    assert page.url == base + "search/?q=" + urllib.parse.quote_plus(term)
+    page.wait_for_selector("#atlas-search-status[data-state=done]")
+    assert int(page.get_attribute("#atlas-search-results", "data-hits")) > 0
+    assert page.input_value("#atlas-search-q") == term
+    assert page.errors == []
+
+
+def test_unknown_words_say_so(served, browser):
+    _, base = served
+    for query in ("zzzqqq", "constructor toString __proto__ hasOwnProperty"):   # not Object's own keys
+        page = search_page(browser, base, query)
+        assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
+        assert query.split()[0].lower() in page.text_content("#atlas-search-status")
+        assert page.errors == []
+        page.close()
+
+
+def test_hostile_tokens_show_as_text(served, browser):
+    _, base = served
+    page = search_page(browser, base, "<script>alert(1)</script> <img src=x onerror=\"document.title='pwned'\">")
+    assert int(page.get_attribute("#atlas-search-results", "data-hits")) > 0
+    codes = page.eval_on_selector_all("#atlas-search-results code", "els => els.map(e => e.textContent)")
+    assert "<script>alert(1)</script>" in codes
+    assert page.locator("#atlas-search-results script, #atlas-search-results img").count() == 0
+    assert page.title() != "pwned" and page.errors == []
+
+
+def test_fulltext_search_with_pagefind_finds_labels(served, browser):
+    root, base = served
+    site = root / "www" / PREFIX
+    with duckdb.connect(str(root / "atlas.duckdb"), read_only=True) as con:
+        label, = con.execute("SELECT label FROM neurons WHERE layer = 1 AND neuron = 17").fetchone()
+    word = label.split()[-1]                       # labels are "synthetic <word>"
+    page = search_page(browser, base, word, fulltext=True)
+    links = result_links(page, "atlas-fulltext-results")
+    assert links, page.text_content("#atlas-fulltext-status")
+    for href, url in links:
+        assert url.startswith(base + "neurons/"), href       # pagefind's URLs carry the prefix
+        assert (site / url.removeprefix(base) / "index.html").is_file()
+    titles = page.eval_on_selector_all("#atlas-fulltext-results a", "els => els.map(e => e.textContent)")
+    assert f"L1/N17 · {label}" in titles
+    assert page.errors == []
+
+
+def test_fulltext_escapes_hostile_labels(served, browser):
+    _, base = served
+    page = search_page(browser, base, "alert", fulltext=True)
+    titles = page.eval_on_selector_all("#atlas-fulltext-results a", "els => els.map(e => e.textContent)")
+    assert "L0/N0 · <script>alert(1)</script>" in titles
+    assert page.locator("#fulltext script, #fulltext img").count() == 0
+    assert page.title() != "pwned" and page.errors == []
+
+
+def test_page_and_python_agree_on_terms_and_shards(served, browser):
+    from atlas.search import query_terms, shard_of
+
+    _, base = served
+    samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",
+               "\u0130stanbul", "caf\u0065\u0301", "\u202eevil", "  ", "dog\u0120", "\U0001F436dog\U0001F436",
+               "new\u00a0york\u2028city", "a\u0085b", "<script>alert(1)</script>", "x" * 40]
+    page = search_page(browser, base, "")
+    got = page.evaluate("""samples => samples.map(s => [atlasSearch.normalise(s), atlasSearch.queryTerms(s),
+                                                     atlasSearch.queryTerms(s).map(t => atlasSearch.shardOf(t, 4096))])""",
+                        samples)
+    want = [[normalise(s), query_terms(s), [shard_of(t, 4096) for t in query_terms(s)]] for s in samples]
+    assert got == want
+    assert page.errors == []
