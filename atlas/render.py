@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import AtlasError
 from . import site_map
+from .clamp import clamp_sections, has_clamp, summary as clamp_summary
 from .render_corpus import corpus_sections, has_corpus, vocab_list
 from .store import SIDE_STATS, SIDES, Store
 
@@ -159,6 +160,7 @@ def _render_block(job: dict, con=None) -> int:
     clustering = site_map.cluster_sections(con, job["layer"], job["lo"], job["hi"], job["site"]) \
         if job["has_clusters"] else {}
     layer, lo, hi = job["layer"], job["lo"], job["hi"]
+    clamping = clamp_sections(con, layer, lo, hi) if job.get("has_clamp") else {}
     cur = con.execute(f"SELECT {job['neurons_sql']} FROM neurons WHERE layer = ? AND neuron >= ? "
                       "AND neuron < ? ORDER BY neuron", [layer, lo, hi])
     names = [d[0] for d in cur.description]
@@ -190,13 +192,16 @@ def _render_block(job: dict, con=None) -> int:
                                prev=_neighbour(job["layer_sizes"], layer, n, -1),
                                next=_neighbour(job["layer_sizes"], layer, n, +1),
                                canonical=job["base_url"] and f"{job['base_url']}neurons/{layer}/{n}/",
-                               corpus_data=corpus.get(n), cluster_data=clustering.get(n))
+                               corpus_data=corpus.get(n), cluster_data=clustering.get(n),
+                               clamp_data=clamping.get(n))
         data = {"schema_version": job["schema_version"], "model": job["page"]["site"]["model_id"],
                 "neurons": row, "decoded_tokens": [dict(zip(dnames, r)) for r in rows]}
         if n in corpus:
             data.update(corpus[n]["rows"])
         if n in clustering:
             data.update(clustering[n]["rows"])
+        if n in clamping:
+            data.update(clamping[n]["rows"])
         page_dir = os.path.join(out_dir, str(n))
         os.mkdir(page_dir)
         _write(os.path.join(page_dir, "index.html"), html)
@@ -263,12 +268,13 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
             hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
             tool_version=meta.get("tool_version", ""), render_version=__version__,
             schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
-            clusters=site_map.summary(store.con)),
+            clusters=site_map.summary(store.con), clamp=clamp_summary(store.con)),
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
             bottom_k=decode_cfg.get("bottom_k", "k"), clusters=site_map.summary(store.con),
-            corpus=meta.get("corpus") if has_corpus(store.con) else None), encoding="utf-8")
+            corpus=meta.get("corpus") if has_corpus(store.con) else None,
+            clamp=clamp_summary(store.con)), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(
@@ -430,7 +436,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             common = {"site": str(building), "layer_sizes": layer_sizes, "base_url": base_url, "page": page,
                       "schema_version": meta.get("schema_version"), "neurons_sql": _select(store.con, "neurons"),
                       "decoded_sql": _select(store.con, "decoded_tokens"), "has_corpus": has_corpus(store.con),
-                      "has_clusters": site_map.has_clusters(store.con)}
+                      "has_clusters": site_map.has_clusters(store.con), "has_clamp": has_clamp(store.con)}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
             pages_start = time.perf_counter()
