@@ -148,6 +148,81 @@ def next_logprobs(lm: LoadedModel, ids: Sequence[int], rows: int = 1) -> torch.T
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder block below every clamped layer: its output is its input."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args, **kwargs):
+        h = _hidden_arg(args, kwargs)
+        return (h,) if self.as_tuple else h
+
+
+@torch.inference_mode()
+def block_inputs(lm: LoadedModel, ids: Sequence[int]) -> tuple[list[torch.Tensor], bool]:
+    """The residual stream entering every decoder block for one prompt ([1, T, d_model] each),
+    and whether blocks return tuples (older transformers) rather than tensors."""
+    blocks = lm.adapter.blocks(lm.model)
+    seen: dict[int, torch.Tensor] = {}
+    kind = {}
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            seen[i] = _hidden_arg(args, kwargs).detach().clone()
+        return hook
+
+    def post(module, args, output):
+        kind["tuple"] = isinstance(output, tuple)
+
+    hooks = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    hooks.append(blocks[0].register_forward_hook(post))
+    try:
+        lm.model(input_ids=torch.tensor([list(ids)], device=lm.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(len(blocks))], kind["tuple"]
+
+
+@contextmanager
+def start_at(lm: LoadedModel, layer: int, inputs: tuple[list[torch.Tensor], bool] | None) -> Iterator[None]:
+    """Run the model from block ``layer`` on, fed the residual that blocks 0..layer-1 would have
+    produced (``inputs`` from ``block_inputs``): a clamp at ``layer`` or later cannot change them.
+
+    The blocks below are swapped for pass-throughs rather than cut out of the list, so every
+    block keeps its index (models that look up a per-layer attention type by index).
+    """
+    if layer == 0 or inputs is None:
+        yield
+        return
+    hidden, as_tuple = inputs[0][layer], inputs[1]                             # [1, T, d_model]
+    blocks = lm.adapter.blocks(lm.model)
+    saved = [blocks[i] for i in range(layer)]
+
+    def feed(module, args, kwargs):
+        h = _hidden_arg(args, kwargs)
+        new = hidden.to(h.dtype).expand(h.shape[0], -1, -1)
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    for i in range(layer):
+        blocks[i] = _PassThrough(as_tuple)
+    handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
 @dataclass
 class Effects:
     """Results for n neurons: rises/falls [n, k] token ids and deltas, own [n, m], faithfulness [n]."""
@@ -162,13 +237,17 @@ class Effects:
 
 def measure(lm: LoadedModel, prompts: Sequence[Sequence[int]], layers: np.ndarray, neurons: np.ndarray,
             values: np.ndarray, own_ids: np.ndarray, top_k: int = 10, batch: int = 64,
-            progress: bool = False) -> Effects:
+            progress: bool = False, skip_early: bool = True) -> Effects:
     """Clamp each neuron (``values`` at every position) on every prompt, one neuron per batch row.
 
     ``own_ids`` is [n, m] token ids (-1 for none). Δ log p is averaged over the prompts.
+    With ``skip_early`` a batch starts at its lowest clamped layer from the cached residual
+    stream (the blocks below give the same result for every row), so that neurons of late
+    layers cost a fraction of a forward pass; sort neurons by layer to profit from it.
     """
     n = len(layers)
     base = torch.cat([next_logprobs(lm, p) for p in prompts])                  # [P, V]
+    cached = [block_inputs(lm, p) for p in prompts] if skip_early and n else []
     V = base.shape[1]
     k = min(top_k, V)
     out = {name: [] for name in ("rise_ids", "rise", "fall_ids", "fall", "own", "lift", "faithfulness")}
@@ -176,9 +255,11 @@ def measure(lm: LoadedModel, prompts: Sequence[Sequence[int]], layers: np.ndarra
         sl = slice(start, min(start + batch, n))
         B = sl.stop - sl.start
         delta = torch.zeros(B, V)                                              # [B, V]
+        first = int(layers[sl].min()) if skip_early else 0
         with clamped(lm, range(B), layers[sl], neurons[sl], values[sl]):
             for p, ids in enumerate(prompts):
-                delta += next_logprobs(lm, ids, B).cpu() - base[p].cpu()
+                with start_at(lm, first, cached[p] if first else None):
+                    delta += next_logprobs(lm, ids, B).cpu() - base[p].cpu()
         delta /= len(prompts)
         top = delta.topk(k, dim=1)
         bottom = (-delta).topk(k, dim=1)

@@ -253,3 +253,18 @@ def test_steer_reads_normalisers_from_an_atlas(tiny_atlas):
 def test_clamp_command_bad_budget(tiny_atlas):
     proc = atlas("clamp", "--out", str(tiny_atlas.out), "--model", tiny_atlas.model_spec, "--clamp-budget", "-3")
     assert_one_line_error(proc, "--clamp-budget")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3_text", "qwen2"])
+def test_starting_at_the_lowest_clamped_layer_changes_nothing(tiny_model_dir, arch):
+    lm = load_model(str(tiny_model_dir(arch)), device="cpu")
+    layers, neurons = np.array([1, 1, 1]), np.array([0, 9, 30])
+    values = np.array([4.0, -3.0, 9.0], dtype=np.float32)
+    own = np.array([[10, 11], [12, 13], [14, 15]])
+    fast = measure(lm, PROMPTS, layers, neurons, values, own, top_k=6, skip_early=True)
+    full = measure(lm, PROMPTS, layers, neurons, values, own, top_k=6, skip_early=False)
+    np.testing.assert_allclose(fast.rise, full.rise, atol=1e-5)
+    np.testing.assert_allclose(fast.fall, full.fall, atol=1e-5)
+    np.testing.assert_allclose(fast.own, full.own, atol=1e-5)
+    # The model is whole again afterwards.
+    assert not any(type(b).__name__ == "_PassThrough" for b in lm.adapter.blocks(lm.model))
