@@ -166,7 +166,7 @@ def test_clamp_stage_writes_effects_and_faithfulness_and_skips_reruns(tiny_atlas
         picked = con.execute("SELECT layer, neuron, clamp_value, normaliser, faithfulness FROM neurons "
                              "WHERE clamp_value IS NOT NULL ORDER BY ALL").fetchall()
         assert len(picked) == 10
-        assert all(v == pytest.approx(8.0 * n) and 0 <= f <= 1 for _, _, v, n, f in picked)
+        assert all(v == pytest.approx(4.0 * n) and 0 <= f <= 1 for _, _, v, n, f in picked)
         # The budget takes the strongest neuron of every layer and of every cluster first.
         strongest = con.execute("""SELECT DISTINCT arg_max((layer, neuron), normaliser * out_norm) FROM neurons
                                    GROUP BY layer UNION SELECT arg_max((layer, neuron), normaliser * out_norm)
@@ -212,7 +212,7 @@ def test_pages_show_the_clamp_check(tiny_atlas):
     other = (site / "neurons" / str(unmeasured[0]) / str(unmeasured[1]) / "index.html").read_text()
     assert 'id="clamp"' not in other
     home = (site / "index.html").read_text()
-    assert "Causal check: 6 of 96 neurons pushed to 8 × their normaliser" in home
+    assert "Causal check: 6 of 96 neurons pushed to 4 × their normaliser" in home
     assert "Clamp check" in (site / "method" / "index.html").read_text()
 
 
@@ -268,3 +268,12 @@ def test_starting_at_the_lowest_clamped_layer_changes_nothing(tiny_model_dir, ar
     np.testing.assert_allclose(fast.own, full.own, atol=1e-5)
     # The model is whole again afterwards.
     assert not any(type(b).__name__ == "_PassThrough" for b in lm.adapter.blocks(lm.model))
+
+
+def test_concept_check_prompts_are_held_out_and_variants_are_single_tokens(lm):
+    from atlas.concepts import HELD_OUT, variants
+
+    assert not set(HELD_OUT) & set(load_prompts()) and len(HELD_OUT) == 10
+    # The tiny tokenizer splits on spaces and knows "dog"; "Dog" is its unknown token, not a variant.
+    assert lm.tokenizer.convert_ids_to_tokens(variants(lm.tokenizer, "dog")) == ["dog"]
+    assert variants(lm.tokenizer, "Paris") == []
