@@ -13,6 +13,7 @@ import click
 import duckdb
 
 from . import __version__
+from .clamp import ClampConfig
 from .cluster import ClusterConfig
 from .decode import DecodeConfig
 from .errors import AtlasError
@@ -136,6 +137,7 @@ def _print_summary(result: dict) -> None:
 @config_options(DecodeConfig)
 @config_options(ExemplarConfig)
 @config_options(ClusterConfig)
+@config_options(ClampConfig)
 @config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
@@ -149,7 +151,8 @@ def build(out, model, device, dtype, force, quiet, **kw):
     from .pipeline import build as run_build
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
     _print_summary(run_build(out, model, decode, render, config_from(ExemplarConfig, kw), device=device,
-                             dtype=dtype, force=force, progress=not quiet, cluster=config_from(ClusterConfig, kw)))
+                             dtype=dtype, force=force, progress=not quiet, cluster=config_from(ClusterConfig, kw),
+                             clamp=config_from(ClampConfig, kw)))
 
 
 @main.command()
@@ -205,6 +208,59 @@ def cluster(out, model, device, dtype, quiet, **kw):
     """
     from .pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(config_from(ClusterConfig, kw)))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(ClampConfig)
+@quiet_option
+def clamp(out, model, device, dtype, quiet, **kw):
+    """Clamp neurons to a multiple of their normaliser on probe prompts; store how the next token moves.
+
+    \b
+    Example:
+      atlas clamp --out out/smollm2
+      atlas clamp --out out/smollm2 --clamp-budget 0      # skip: no neuron measured
+      atlas clamp --out out/smollm2 --clamp-multiple 4 --clamp-budget 512
+    """
+    from .pipeline import Build
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).clamp(config_from(ClampConfig, kw)))
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--neuron", "neurons", multiple=True, required=True, help="layer/neuron to clamp, e.g. 13/777; repeatable")
+@click.option("--value", "values", multiple=True, required=True,
+              help="activation to set (negative suppresses), or a multiple of the normaliser like 4x "
+                   "(needs --atlas); one for all neurons or one per --neuron")
+@click.option("--tokens", default=40, show_default=True, type=int, help="tokens to generate")
+@click.option("--atlas", "atlas_dir", type=click.Path(path_type=Path),
+              help="an atlas output directory: its model is used and 4x values read its normalisers")
+@click.option("--model", default=None, help="model to load (default: the atlas's model, else the embedded one)")
+@device_option
+@dtype_option
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def steer(prompt, neurons, values, tokens, atlas_dir, model, device, dtype, as_json):
+    """Generate from PROMPT with and without neurons clamped at every position, side by side.
+
+    \b
+    Example:
+      atlas steer --neuron 13/777 --value 8 "My favourite animal is"
+      atlas steer --atlas out/smollm2 --neuron 13/777 --value 6x --neuron 20/5 --value -4 "Today"
+    """
+    from .steer import steer_cli
+    result = steer_cli(prompt, neurons, values, tokens, atlas_dir, model, device, dtype)
+    if as_json:
+        _print_summary(result)
+        return
+    for iv in result["interventions"]:
+        click.echo(f"clamp {iv['layer']}/{iv['neuron']} = {iv['value']:.4g}")
+    click.echo(f"prompt:   {result['prompt']!r}")
+    click.echo(f"baseline: {result['baseline']!r}")
+    click.echo(f"steered:  {result['steered']!r}")
 
 
 @main.command()

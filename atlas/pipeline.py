@@ -13,12 +13,13 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .clamp import ClampConfig, run_clamp
 from .cluster import ClusterConfig, run_cluster
 from .decode import DecodeConfig, fingerprint, run_decode
 from .errors import AtlasError
 from .exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
 from .lock import output_lock
-from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, resolve
+from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, pick_device, resolve
 from .render import RenderConfig, render
 from .store import Store
 
@@ -115,6 +116,12 @@ class Build:
         with output_lock(self.out), Store(store_path(self.out)) as store:
             return run_cluster(store, lambda: self.lm, cfg, self.weights_hash, self.progress)
 
+    def clamp(self, cfg: ClampConfig = ClampConfig()) -> dict:
+        # Reads normalisers (exemplars) and, when present, clusters to pick neurons on a CPU.
+        with output_lock(self.out), Store(store_path(self.out)) as store:
+            return run_clamp(store, lambda: self.lm, cfg, self.weights_hash, pick_device(self.device).type,
+                             self.progress)
+
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
         return render_site(self.out, cfg, self.progress, force)
 
@@ -130,7 +137,7 @@ def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
           render: RenderConfig | None = None, exemplars: ExemplarConfig = ExemplarConfig(),
           device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
-          cluster: ClusterConfig = ClusterConfig()) -> dict:
+          cluster: ClusterConfig = ClusterConfig(), clamp: ClampConfig = ClampConfig()) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
     for cfg in (decode, exemplars, cluster):
         cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
@@ -138,5 +145,6 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
     b = Build(out, model, device, dtype, force, progress)
     # Clustering runs after the corpus pass so that cluster labels can use exemplar tokens.
     with output_lock(b.out):        # held across the stages: a second build is refused, not interleaved
+        # The clamp check runs after clustering so that a CPU budget can take neurons from every cluster.
         return {"decode": b.decode(decode), "exemplars": b.exemplars(exemplars), "cluster": b.cluster(cluster),
-                "render": b.render(render, force)}
+                "clamp": b.clamp(clamp), "render": b.render(render, force)}

@@ -37,6 +37,7 @@ from .render_corpus import has_corpus
 from .render_page import BLOCK, JSON_TABLES, json_sql, neurons_sql, render_block
 from .render_text import fmt_logit, fmt_prob, fmt_stat, show_token
 from .store import Store, without_timings
+from .clamp import has_clamp, summary as clamp_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "site_templates"
@@ -181,12 +182,14 @@ def _build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, s
             hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
             tool_version=meta.get("tool_version", ""), render_version=__version__,
             schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
-            clusters=site_map.summary(store.con), downloads=downloads, human_bytes=human_bytes),
+            clusters=site_map.summary(store.con), downloads=downloads, human_bytes=human_bytes,
+            clamp=clamp_summary(store.con)),
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
             bottom_k=decode_cfg.get("bottom_k", "k"), clusters=site_map.summary(store.con),
-            corpus=meta.get("corpus") if has_corpus(store.con) else None), encoding="utf-8")
+            corpus=meta.get("corpus") if has_corpus(store.con) else None,
+            clamp=clamp_summary(store.con)), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(
@@ -386,7 +389,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                       "schema_version": meta.get("schema_version"), "model_json": json.dumps(model["id"]),
                       "sql": {"neurons": neurons_sql(store.con),
                               "json": {t: json_sql(store.con, t, JSON_TABLES[t]) for t in tables}},
-                      "has_corpus": has_corpus_, "has_clusters": has_clusters}
+                      "has_corpus": has_corpus_, "has_clusters": has_clusters, "has_clamp": has_clamp(store.con)}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
             pages_start, cpu_start = time.perf_counter(), _cpu_seconds()

@@ -15,6 +15,7 @@ and JSON are made from the same fetch of the same rows:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from types import SimpleNamespace as NS
@@ -134,6 +135,11 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         for sec in clustering.values():
             sec["neighbours"] = neighbour_rows(sec["neighbours"])
 
+    clamping: dict[int, dict] = {}
+    if job.get("has_clamp"):
+        from .clamp import clamp_sections
+        clamping = clamp_sections(con, layer, lo, hi)
+
     sizes, site = job["layer_sizes"], job["page"]["site"]
     # The template reads attributes; jinja tries getattr before [], so dicts would cost an
     # AttributeError per lookup (~80 a page). Namespaces take the fast path.
@@ -158,12 +164,16 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
             prev=_step(sizes, layer, n, -1), next=_step(sizes, layer, n, +1),
             prev_layer=_layer_step(sizes, layer, n, -1), next_layer=_layer_step(sizes, layer, n, +1),
             corpus_data=NS(**corpus[n]) if n in corpus else None,
-            cluster_data=NS(**clustering[n]) if n in clustering else None)
+            cluster_data=NS(**clustering[n]) if n in clustering else None, clamp_data=clamping.get(n))
         parts = [head, f'"neuron":{n},"neurons":{row_json}']
         for table, by_neuron in rows_json.items():
             parts.append(f',"{table}":{by_neuron.get(n, "[]")}')
         if job["has_clusters"] and n in clustering:
             parts.append(f',"clusters":[{clustering[n]["json"]}]')
+        if n in clamping:
+            effects = json.dumps(clamping[n]["rows"]["clamp_effects"], sort_keys=True, ensure_ascii=True,
+                                 separators=(",", ":"), allow_nan=False)
+            parts.append(f',"clamp_effects":{effects}')
         data = _html_safe("".join(parts) + "}\n")
         page_dir = os.path.join(out_dir, str(n))
         os.mkdir(page_dir)

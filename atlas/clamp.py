@@ -1,0 +1,463 @@
+"""Clamp stage: push neurons to a multiple of their normaliser and see what the model says next.
+
+A neuron is clamped by overwriting its activation (the input of the MLP's down projection)
+at every position of a prompt, as the clamping experiments of arXiv 2501.02688 do; the
+effect is read from the next-token distribution at the prompt's last position. Each batch
+row carries a different neuron (any layer), so one forward pass measures a whole batch of
+neurons on one probe prompt.
+
+Per neuron the stage stores the tokens whose log-probability rises and falls most (mean
+over the probe prompts), the change for the neuron's own top decoded ``out`` tokens, and a
+faithfulness figure: the mean percentile of those tokens' rise within the whole vocabulary
+(1.0: they rise more than any other token; 0.5: no better than chance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from .errors import AtlasError
+from .model import LoadedModel
+from .store import Store
+
+STAGE = "clamp"
+PROBE_PROMPTS = Path(__file__).resolve().parent / "data" / "probe_prompts.txt"
+CPU_BUDGET = 2048           # neurons measured by default without a GPU (see README: ~2 min)
+HOLDS = 0.9                 # faithfulness at which a neuron's decoded meaning counts as holding up
+
+CLAMP_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
+    rank SMALLINT, token_id INTEGER, token VARCHAR, delta_logprob FLOAT);
+ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_value FLOAT;
+ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_lift FLOAT;
+ALTER TABLE neurons ADD COLUMN IF NOT EXISTS faithfulness FLOAT;
+"""
+
+
+@dataclass
+class ClampConfig:
+    # On a sample of the default atlas's CPU selection, the share of neurons whose decoded
+    # tokens rise was flat from 1x to 4x and lower at 8x (over-pushed neurons spill into
+    # other tokens): 4x is the strongest push before that (README, "Clamp check").
+    clamp_multiple: float = field(default=4.0, metadata={
+        "help": "each neuron is set to this multiple of its normaliser at every prompt position"})
+    clamp_budget: int = field(default=-1, metadata={
+        "help": "neurons to measure: -1 all on a GPU and the strongest of each cluster and layer "
+                f"up to {CPU_BUDGET} on a CPU, 0 none, N the strongest N"})
+    clamp_prompts: str = field(default="default", metadata={
+        "help": "text file of probe prompts, one a line ('default': the neutral prompts shipped with atlas)"})
+    clamp_batch: int = field(default=64, metadata={"help": "neurons per forward pass (one per batch row)"})
+    clamp_top_k: int = field(default=10, metadata={"help": "rising and falling tokens stored per neuron"})
+    clamp_own: int = field(default=10, metadata={
+        "help": "top decoded `out` tokens per neuron whose change makes its faithfulness"})
+
+    def validate(self) -> None:
+        if not math.isfinite(self.clamp_multiple) or self.clamp_multiple == 0:
+            raise AtlasError("--clamp-multiple must be a finite non-zero number")
+        if self.clamp_budget < -1:
+            raise AtlasError("--clamp-budget must be -1 (auto), 0 (skip) or a positive count")
+        if self.clamp_batch < 1 or self.clamp_top_k < 1 or self.clamp_own < 1:
+            raise AtlasError("--clamp-batch, --clamp-top-k and --clamp-own must be at least 1")
+
+
+def ensure_tables(con) -> None:
+    con.execute(CLAMP_SCHEMA)
+
+
+def load_prompts(spec: str = "default") -> list[str]:
+    path = PROBE_PROMPTS if spec == "default" else Path(spec).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AtlasError(f"cannot read probe prompts {path}: {getattr(e, 'strerror', None) or e}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise AtlasError(f"probe prompt file {path} has no prompts")
+    return prompts
+
+
+# -- the intervention ---------------------------------------------------------------------
+@contextmanager
+def clamped(lm: LoadedModel, rows: Sequence[int], layers: Sequence[int], neurons: Sequence[int],
+            values: Sequence[float]) -> Iterator[None]:
+    """While active, activation ``neurons[i]`` of layer ``layers[i]`` in batch row ``rows[i]`` is
+    ``values[i]`` at every position; other rows and neurons are untouched.
+
+    Several entries may share a row (several neurons steered together) or a layer.
+    """
+    model, adapter = lm.model, lm.adapter
+    n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
+    for layer, neuron in zip(layers, neurons):
+        check_address(int(layer), int(neuron), n_layers, d_mlp)
+    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+    layers_t = torch.as_tensor(list(layers), dtype=torch.long)
+    neurons_t = torch.as_tensor(list(neurons), dtype=torch.long)
+    values_t = torch.as_tensor(list(values), dtype=torch.float32)
+
+    def hook_for(sel: torch.Tensor):
+        r, n, v = rows_t[sel], neurons_t[sel], values_t[sel]
+        cache: dict = {}
+
+        def hook(module, args):
+            x = args[0]                                                        # [batch, pos, d_mlp]
+            if cache.get("device") != x.device or cache.get("dtype") != x.dtype:
+                cache.update(device=x.device, dtype=x.dtype, r=r.to(x.device), n=n.to(x.device),
+                             v=v.to(x.device, x.dtype).unsqueeze(1))
+            x = x.clone()
+            x[cache["r"], :, cache["n"]] = cache["v"]
+            return (x, *args[1:])
+        return hook
+
+    handles = [adapter.out_module(model, layer).register_forward_pre_hook(hook_for(layers_t == layer))
+               for layer in sorted(set(int(layer) for layer in layers_t.tolist()))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_address(layer: int, neuron: int, n_layers: int, d_mlp: int) -> None:
+    if not (0 <= layer < n_layers and 0 <= neuron < d_mlp):
+        raise AtlasError(f"neuron {layer}/{neuron} is out of range: the model has layers 0-{n_layers - 1} "
+                         f"of neurons 0-{d_mlp - 1}")
+
+
+def prompt_ids(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
+    ids = [lm.tokenizer(p).input_ids for p in prompts]
+    empty = [p for p, i in zip(prompts, ids) if not i]
+    if empty:
+        raise AtlasError(f"probe prompt {empty[0]!r} has no tokens")
+    return ids
+
+
+@torch.inference_mode()
+def next_logprobs(lm: LoadedModel, ids: Sequence[int], rows: int = 1) -> torch.Tensor:
+    """Log-probabilities of the next token after ``ids``, for ``rows`` copies of it: [rows, vocab]."""
+    x = torch.tensor([list(ids)], device=lm.device).expand(rows, -1)
+    logits = lm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder block below every clamped layer: its output is its input."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, *args, **kwargs):
+        h = _hidden_arg(args, kwargs)
+        return (h,) if self.as_tuple else h
+
+
+@torch.inference_mode()
+def block_inputs(lm: LoadedModel, ids: Sequence[int]) -> tuple[list[torch.Tensor], bool]:
+    """The residual stream entering every decoder block for one prompt ([1, T, d_model] each),
+    and whether blocks return tuples (older transformers) rather than tensors."""
+    blocks = lm.adapter.blocks(lm.model)
+    seen: dict[int, torch.Tensor] = {}
+    kind = {}
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            seen[i] = _hidden_arg(args, kwargs).detach().clone()
+        return hook
+
+    def post(module, args, output):
+        kind["tuple"] = isinstance(output, tuple)
+
+    hooks = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    hooks.append(blocks[0].register_forward_hook(post))
+    try:
+        lm.model(input_ids=torch.tensor([list(ids)], device=lm.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(len(blocks))], kind["tuple"]
+
+
+@contextmanager
+def start_at(lm: LoadedModel, layer: int, inputs: tuple[list[torch.Tensor], bool] | None) -> Iterator[None]:
+    """Run the model from block ``layer`` on, fed the residual that blocks 0..layer-1 would have
+    produced (``inputs`` from ``block_inputs``): a clamp at ``layer`` or later cannot change them.
+
+    The blocks below are swapped for pass-throughs rather than cut out of the list, so every
+    block keeps its index (models that look up a per-layer attention type by index).
+    """
+    if layer == 0 or inputs is None:
+        yield
+        return
+    hidden, as_tuple = inputs[0][layer], inputs[1]                             # [1, T, d_model]
+    blocks = lm.adapter.blocks(lm.model)
+    saved = [blocks[i] for i in range(layer)]
+
+    def feed(module, args, kwargs):
+        h = _hidden_arg(args, kwargs)
+        new = hidden.to(h.dtype).expand(h.shape[0], -1, -1)
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    for i in range(layer):
+        blocks[i] = _PassThrough(as_tuple)
+    handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+@dataclass
+class Effects:
+    """Results for n neurons: rises/falls [n, k] token ids and deltas, own [n, m], faithfulness [n]."""
+    rise_ids: np.ndarray
+    rise: np.ndarray
+    fall_ids: np.ndarray
+    fall: np.ndarray
+    own: np.ndarray             # [n, m] Δ log p of each own token (NaN where a neuron has fewer)
+    lift: np.ndarray            # [n] mean Δ log p of the own tokens
+    faithfulness: np.ndarray    # [n] mean percentile of the own tokens' Δ within the vocabulary
+
+
+def measure(lm: LoadedModel, prompts: Sequence[Sequence[int]], layers: np.ndarray, neurons: np.ndarray,
+            values: np.ndarray, own_ids: np.ndarray, top_k: int = 10, batch: int = 64,
+            progress: bool = False, skip_early: bool = True) -> Effects:
+    """Clamp each neuron (``values`` at every position) on every prompt, one neuron per batch row.
+
+    ``own_ids`` is [n, m] token ids (-1 for none). Δ log p is averaged over the prompts.
+    With ``skip_early`` a batch starts at its lowest clamped layer from the cached residual
+    stream (the blocks below give the same result for every row), so that neurons of late
+    layers cost a fraction of a forward pass; sort neurons by layer to profit from it.
+    """
+    n = len(layers)
+    base = torch.cat([next_logprobs(lm, p) for p in prompts])                  # [P, V]
+    cached = [block_inputs(lm, p) for p in prompts] if skip_early and n else []
+    V = base.shape[1]
+    k = min(top_k, V)
+    out = {name: [] for name in ("rise_ids", "rise", "fall_ids", "fall", "own", "lift", "faithfulness")}
+    for start in tqdm(range(0, n, batch), desc="clamp", unit="batch", disable=not progress):
+        sl = slice(start, min(start + batch, n))
+        B = sl.stop - sl.start
+        delta = torch.zeros(B, V)                                              # [B, V]
+        first = int(layers[sl].min()) if skip_early else 0
+        with clamped(lm, range(B), layers[sl], neurons[sl], values[sl]):
+            for p, ids in enumerate(prompts):
+                with start_at(lm, first, cached[p] if first else None):
+                    delta += next_logprobs(lm, ids, B).cpu() - base[p].cpu()
+        delta /= len(prompts)
+        top = delta.topk(k, dim=1)
+        bottom = (-delta).topk(k, dim=1)
+        own = torch.as_tensor(own_ids[sl], dtype=torch.long)                   # [B, m]
+        have = own >= 0
+        own_delta = delta.gather(1, own.clamp_min(0)).masked_fill(~have, math.nan)
+        # Percentile of each own token's rise among all V tokens (ties count half).
+        below = (delta.unsqueeze(1) < own_delta.unsqueeze(2)).sum(-1)         # [B, m]
+        equal = (delta.unsqueeze(1) == own_delta.unsqueeze(2)).sum(-1) - 1
+        pct = ((below + 0.5 * equal) / max(V - 1, 1)).masked_fill(~have, math.nan)
+        out["rise_ids"].append(top.indices.numpy())
+        out["rise"].append(top.values.numpy())
+        out["fall_ids"].append(bottom.indices.numpy())
+        out["fall"].append(-bottom.values.numpy())
+        out["own"].append(own_delta.numpy())
+        count = have.sum(1).clamp_min(1)
+        out["lift"].append((own_delta.nan_to_num(0).sum(1) / count).masked_fill(~have.any(1), math.nan).numpy())
+        out["faithfulness"].append((pct.nan_to_num(0).sum(1) / count).masked_fill(~have.any(1), math.nan).numpy())
+    if n == 0:
+        empty = np.zeros((0, k))
+        return Effects(empty.astype(int), empty, empty.astype(int), empty, np.zeros((0, own_ids.shape[1])),
+                       np.zeros(0), np.zeros(0))
+    return Effects(**{name: np.concatenate(parts) for name, parts in out.items()})
+
+
+# -- the stage ----------------------------------------------------------------------------
+@dataclass
+class Selection:
+    layers: np.ndarray          # [n] sorted by (layer, neuron)
+    neurons: np.ndarray
+    values: np.ndarray          # [n] activation each neuron is set to
+    own_ids: np.ndarray         # [n, m] its top decoded `out` token ids, -1 padded
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.layers, self.neurons, self.values, self.own_ids):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def budget_for(cfg: ClampConfig, device_type: str) -> int | None:
+    """Neurons to measure; None means all of them."""
+    if cfg.clamp_budget == -1:
+        return None if device_type == "cuda" else CPU_BUDGET
+    return cfg.clamp_budget
+
+
+def select(con, cfg: ClampConfig, budget: int | None) -> Selection:
+    """The neurons to clamp and their values: all, or the strongest of each cluster and of each layer.
+
+    A neuron's strength is normaliser x ‖out‖, the size of what it writes to the residual
+    stream at its normaliser. Neurons are taken in rounds: the strongest of every cluster and
+    of every layer first, then the second strongest, and so on, until the budget is spent.
+    Neurons without a positive normaliser (never active on the corpus) are skipped.
+    """
+    if budget == 0:
+        return Selection(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float32)),
+                         np.zeros((0, cfg.clamp_own), dtype=np.int64))
+    limit = "" if budget is None else f"LIMIT {int(budget)}"
+    rows = con.execute(f"""
+        WITH s AS (SELECT layer, neuron, cluster_id, normaliser,
+                          normaliser * coalesce(out_norm, 1) AS strength FROM neurons
+                   WHERE normaliser > 0 AND isfinite(normaliser)),
+             r AS (SELECT *, row_number() OVER (PARTITION BY layer ORDER BY strength DESC, neuron) AS in_layer,
+                          CASE WHEN cluster_id IS NULL THEN NULL ELSE row_number() OVER (
+                              PARTITION BY cluster_id ORDER BY strength DESC, layer, neuron) END AS in_cluster
+                   FROM s)
+        SELECT layer, neuron, normaliser FROM (
+            SELECT * FROM r ORDER BY least(in_layer, coalesce(in_cluster, in_layer)), strength DESC, layer, neuron
+            {limit}) ORDER BY layer, neuron""").fetchall()
+    layers = np.array([r[0] for r in rows], dtype=np.int64)
+    neurons = np.array([r[1] for r in rows], dtype=np.int64)
+    values = np.array([r[2] * cfg.clamp_multiple for r in rows], dtype=np.float32)
+    own = np.full((len(rows), cfg.clamp_own), -1, dtype=np.int64)
+    index = {(int(layer), int(n)): i for i, (layer, n) in enumerate(zip(layers, neurons))}
+    con.register("clamp_sel", pa.table({"layer": pa.array(layers, pa.int16()), "neuron": pa.array(neurons, pa.int32())}))
+    try:
+        for layer, n, rank, token_id in con.execute(
+                "SELECT d.layer, d.neuron, d.rank, d.token_id FROM decoded_tokens d JOIN clamp_sel USING (layer, neuron) "
+                "WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < ? ORDER BY ALL", [cfg.clamp_own]).fetchall():
+            own[index[(layer, n)], rank] = token_id
+    finally:
+        con.unregister("clamp_sel")
+    if len(rows) and (own[:, 0] < 0).all():
+        raise AtlasError("the clamp stage needs the decode stage's `out` side; run `atlas decode --sides in,gate,out`")
+    return Selection(layers, neurons, values, own)
+
+
+def fingerprint(weights_hash: str, prompts: list[str], sel: Selection, cfg: ClampConfig) -> str:
+    # The budget and the multiple are inside the selection; batching changes only the speed.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("clamp_batch", "clamp_budget", "clamp_prompts")}
+    inputs = {"weights": weights_hash, "prompts": prompts, "selection": sel.digest(), **settings}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_clamp(store: Store, get_lm, cfg: ClampConfig, weights_hash: str, device_type: str,
+              progress: bool = True) -> dict:
+    """Measure the clamp effect of the selected neurons; ``get_lm()`` loads the model only if needed."""
+    cfg.validate()
+    status = store.stage_status("exemplars") or {}
+    if status.get("status") != "done":
+        raise AtlasError(f"{store.path} has no finished exemplars stage (normalisers); run `atlas exemplars` first")
+    prompts = load_prompts(cfg.clamp_prompts)
+    ensure_tables(store.con)
+    sel = select(store.con, cfg, budget_for(cfg, device_type))
+    fp = fingerprint(weights_hash, prompts, sel, cfg)
+    if store.stage_done(STAGE, fp):
+        return {"skipped": True}
+    lm = get_lm()
+    began, began_cpu = time.perf_counter(), time.process_time()
+    eff = measure(lm, prompt_ids(lm, prompts), sel.layers, sel.neurons, sel.values, sel.own_ids,
+                  cfg.clamp_top_k, cfg.clamp_batch, progress)
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu
+    n_total = store.count("neurons")
+    faith = eff.faithfulness[np.isfinite(eff.faithfulness)]
+    stats = {"neurons": int(len(sel.layers)), "of": int(n_total), "prompts": len(prompts),
+             "multiple": cfg.clamp_multiple, "device": device_type, "hold_threshold": HOLDS,
+             "holds": int((faith >= HOLDS).sum()),
+             "median_faithfulness": float(np.median(faith)) if len(faith) else None,
+             "neurons_per_s": round(len(sel.layers) / max(seconds, 1e-9), 1), "cpu_seconds": round(cpu_seconds, 1)}
+    with store.transaction() as con:
+        _write(con, sel, eff)
+        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
+                                          "prompts": prompts, "stats": stats, "seconds": round(seconds, 1)})
+    return {**stats, "seconds": round(seconds, 1)}
+
+
+def _write(con, sel: Selection, eff: Effects) -> None:
+    con.execute("DELETE FROM clamp_effects")
+    con.execute("UPDATE neurons SET clamp_value = NULL, clamp_lift = NULL, faithfulness = NULL "
+                "WHERE clamp_value IS NOT NULL OR faithfulness IS NOT NULL")
+    n = len(sel.layers)
+    if n == 0:
+        return
+    parts = []
+    for direction, ids, deltas in (("rises", eff.rise_ids, eff.rise), ("falls", eff.fall_ids, eff.fall),
+                                   ("own", sel.own_ids, eff.own)):
+        i, rank = np.nonzero(ids >= 0)
+        parts.append(pa.table({
+            "layer": pa.array(sel.layers[i].astype(np.int16)), "neuron": pa.array(sel.neurons[i].astype(np.int32)),
+            "direction": pa.array(np.full(len(i), direction, object), pa.string()),
+            "rank": pa.array(rank.astype(np.int16)), "token_id": pa.array(ids[i, rank].astype(np.int32)),
+            "delta_logprob": pa.array(deltas[i, rank].astype(np.float32))}))
+    con.register("new_rows", pa.concat_tables(parts))
+    con.execute("""INSERT INTO clamp_effects (layer, neuron, direction, rank, token_id, token, delta_logprob)
+                   SELECT t.layer, t.neuron, t.direction, t.rank, t.token_id, v.token, t.delta_logprob
+                   FROM new_rows t LEFT JOIN vocab v USING (token_id) ORDER BY t.layer, t.neuron, t.direction, t.rank""")
+    con.unregister("new_rows")
+    con.register("new_stats", pa.table({
+        "layer": pa.array(sel.layers.astype(np.int16)), "neuron": pa.array(sel.neurons.astype(np.int32)),
+        "clamp_value": pa.array(sel.values.astype(np.float32)), "clamp_lift": pa.array(eff.lift.astype(np.float32)),
+        "faithfulness": pa.array(eff.faithfulness.astype(np.float32))}))
+    con.execute("""UPDATE neurons SET clamp_value = s.clamp_value, clamp_lift = s.clamp_lift,
+                   faithfulness = s.faithfulness FROM new_stats s
+                   WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")
+    con.unregister("new_stats")
+
+
+# -- on the site --------------------------------------------------------------------------
+def has_clamp(con) -> bool:
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()
+    return bool(row) and json.loads(row[0]).get("status") == "done"
+
+
+def summary(con) -> dict | None:
+    """What the home and method pages say about the clamp check, or None without one."""
+    if not has_clamp(con):
+        return None
+    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0])
+    stats = status.get("stats", {})
+    n = stats.get("neurons") or 0
+    return {**stats, "share": (stats.get("holds", 0) / n) if n else None, "probe_prompts": status.get("prompts", [])}
+
+
+SHOWN = 8       # rising and falling tokens shown per page; the JSON carries all rows
+
+
+def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
+    """Per measured neuron of ``lo..hi-1``: value, faithfulness, token changes, and the rows shown."""
+    out: dict[int, dict] = {}
+    for n, value, lift, faith in con.execute(
+            "SELECT neuron, clamp_value, clamp_lift, faithfulness FROM neurons WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
+        out[n] = {"value": value, "lift": lift, "faithfulness": faith,
+                  "holds": faith is not None and faith >= HOLDS, "hold_threshold": HOLDS,
+                  "rises": [], "falls": [], "own": [], "rows": {"clamp_effects": []}}
+    for n, direction, rank, token_id, token, delta in con.execute(
+            "SELECT neuron, direction, rank, token_id, token, CAST(CAST(delta_logprob AS VARCHAR) AS DOUBLE) "
+            "FROM clamp_effects WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, direction, rank",
+            [layer, lo, hi]).fetchall():
+        if n not in out:
+            continue
+        sec = out[n]
+        sec["rows"]["clamp_effects"].append({"direction": direction, "rank": rank, "token_id": token_id,
+                                             "token": token, "delta_logprob": delta})
+        if direction == "own" or rank < SHOWN:
+            sec[direction].append((token, delta))
+    return out
