@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
 from .errors import AtlasError
 from .model import LoadedModel
 from .store import Store
@@ -376,17 +377,20 @@ def run_clamp(store: Store, get_lm, cfg: ClampConfig, weights_hash: str, device_
     eff = measure(lm, prompt_ids(lm, prompts), sel.layers, sel.neurons, sel.values, sel.own_ids,
                   cfg.clamp_top_k, cfg.clamp_batch, progress)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu
+    faults.point(STAGE, "measured")
     n_total = store.count("neurons")
     faith = eff.faithfulness[np.isfinite(eff.faithfulness)]
     stats = {"neurons": int(len(sel.layers)), "of": int(n_total), "prompts": len(prompts),
              "multiple": cfg.clamp_multiple, "device": device_type, "hold_threshold": HOLDS,
              "holds": int((faith >= HOLDS).sum()),
              "median_faithfulness": float(np.median(faith)) if len(faith) else None,
-             "neurons_per_s": round(len(sel.layers) / max(seconds, 1e-9), 1), "cpu_seconds": round(cpu_seconds, 1)}
+             "neurons_per_s": round(len(sel.layers) / max(seconds, 1e-9), 1), "cpu_s": round(cpu_seconds, 1)}
     with store.transaction() as con:
         _write(con, sel, eff)
         store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
                                           "prompts": prompts, "stats": stats, "seconds": round(seconds, 1)})
+        faults.point(STAGE, "written, not committed")
+    faults.point(STAGE, "committed")
     return {**stats, "seconds": round(seconds, 1)}
 
 

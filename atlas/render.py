@@ -62,7 +62,8 @@ class RenderConfig:
     pagefind_max_neurons: int = field(default=100_000, metadata={
         "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
                 "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
-
+    exports: bool = field(default=True, metadata={
+        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
 
 
 def show_label(label: str | None) -> str:

@@ -184,7 +184,12 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
 
 def _html_safe(text: str) -> str:
     """JSON text that can also sit inside HTML: no raw ``<``, ``>`` or ``&`` (all are in strings)."""
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    # Bidi and C1 control characters would act when the JSON is shown as text: escape them too.
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _write(path: str, text: str) -> int:

@@ -161,4 +161,4 @@ def test_bench_render_times_pages_against_plain_writes(tmp_path):
     assert r["peak_rss_mb"] > 0
     bad = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--shape", "lots"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --shape 'lots' is not LAYERSxNEURONS, e.g. 32x14336"]
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "'lots'" in bad.stderr
