@@ -441,7 +441,7 @@ def summary(con) -> dict | None:
     return {**stats, "share": (stats.get("holds", 0) / n) if n else None, "probe_prompts": status.get("prompts", [])}
 
 
-SHOWN = 8       # rising and falling tokens shown per page; the JSON carries all rows
+SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
 
 
 def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
@@ -452,7 +452,7 @@ def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
             "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
         out[n] = {"value": value, "lift": lift, "faithfulness": faith,
                   "holds": faith is not None and faith >= HOLDS, "hold_threshold": HOLDS,
-                  "rises": [], "falls": [], "own": [], "rows": {"clamp_effects": []}}
+                  "rises": [], "falls": [], "own_by_rank": {}, "rows": {"clamp_effects": []}}
     for n, direction, rank, token_id, token, delta in con.execute(
             "SELECT neuron, direction, rank, token_id, token, CAST(CAST(delta_logprob AS VARCHAR) AS DOUBLE) "
             "FROM clamp_effects WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, direction, rank",
@@ -462,6 +462,8 @@ def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
         sec = out[n]
         sec["rows"]["clamp_effects"].append({"direction": direction, "rank": rank, "token_id": token_id,
                                              "token": token, "delta_logprob": delta})
-        if direction == "own" or rank < SHOWN:
+        if direction == "own":
+            sec["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
+        elif rank < SHOWN:
             sec[direction].append((token, delta))
     return out

@@ -141,11 +141,14 @@ def _print_summary(result: dict) -> None:
 @config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
-    """Run every stage: decode, then render the site. Reruns skip finished work.
+    """Run every stage: decode, exemplars (corpus pass and attribution), cluster, clamp, render.
+
+    Reruns skip finished work, and an interrupted build resumes where it stopped.
 
     \b
     Example:
       atlas build --out out/smollm2
+      atlas build --out out/smollm2 --corpus my_texts/ --max-tokens all
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
     """
     from .pipeline import build as run_build

@@ -27,6 +27,7 @@ EXPORT_TABLES = {
     "exemplars": "layer, neuron, polarity, rank",
     "attributions": "layer, neuron, polarity, rank",
     "histograms": "layer, neuron",
+    "clamp_effects": "layer, neuron, direction, rank",
 }
 STORE_FILE = "atlas.duckdb"
 

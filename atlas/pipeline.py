@@ -139,7 +139,7 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
           device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
           cluster: ClusterConfig = ClusterConfig(), clamp: ClampConfig = ClampConfig()) -> dict:
     """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
-    for cfg in (decode, exemplars, cluster):
+    for cfg in (decode, exemplars, cluster, clamp, render or RenderConfig()):
         cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
     check_corpus(exemplars)
     b = Build(out, model, device, dtype, force, progress)

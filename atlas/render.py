@@ -35,7 +35,7 @@ from . import site_map
 from .export import human_bytes, write_exports
 from .render_corpus import has_corpus
 from .render_page import BLOCK, JSON_TABLES, json_sql, neurons_sql, render_block
-from .render_text import fmt_logit, fmt_prob, fmt_stat, show_token
+from .render_text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
 from .store import Store, without_timings
 from .clamp import has_clamp, summary as clamp_summary
 
@@ -46,6 +46,7 @@ SITE_MARKER = "atlas-site.json"
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
 ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
+PAGES_CSS = "atlas-pages.css"                  # written by _theme_assets
 
 
 @dataclass
@@ -64,6 +65,13 @@ class RenderConfig:
                 "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
     exports: bool = field(default=True, metadata={
         "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
+    memory_mb: int = field(default=2048, metadata={
+        "help": "DuckDB memory of the render (the search index spills to disk beyond it); each page worker "
+                "gets a quarter, at least 256 MiB"})
+
+    def validate(self) -> None:
+        if self.memory_mb < 256:
+            raise AtlasError(f"--memory-mb {self.memory_mb}: give at least 256 (MiB)")
 
 
 def show_label(label: str | None) -> str:
@@ -84,7 +92,7 @@ def _env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
     env.filters.update(show_token=show_token, show_label=show_label, md_safe=md_safe, fmt_logit=fmt_logit,
-                       fmt_prob=fmt_prob, fmt_stat=fmt_stat)
+                       fmt_prob=fmt_prob, fmt_stat=fmt_stat, delta_list=delta_list)
     return env
 
 
@@ -107,8 +115,8 @@ _INVISIBLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]
 _worker: dict[str, Any] = {}     # per process: the jinja template and, in workers, the store
 
 
-def _init_worker(store_path: str) -> None:
-    _worker["store"] = Store(store_path, read_only=True)    # closed when the worker exits
+def _init_worker(store_path: str, memory_mb: int) -> None:
+    _worker["store"] = Store(store_path, read_only=True, memory_mb=memory_mb)    # closed when the worker exits
 
 
 def _render_block(job: dict, con=None) -> tuple[int, int, int]:
@@ -123,18 +131,24 @@ def _page_site(meta: dict, store: Store, site_name: str, stylesheets: list[str],
     """What every neuron page shows about the atlas as a whole: provenance, citation data."""
     corpus = meta.get("corpus") if has_corpus(store.con) else None
     if corpus:
-        corpus_line = f"{corpus.get('source', '?')}, {corpus.get('tokens', 0):,} tokens seen, {corpus.get('hash', '')}"
+        corpus_line = f"{corpus.get('source', '?')}, {corpus.get('tokens', 0):,} tokens seen, {short_hash(corpus.get('hash', ''))}"
     else:
         corpus_line = "none yet (no corpus pass)"
     exemplar_cfg = (meta.get("stage.exemplars") or {}).get("config", {})
     return {"name": site_name, "model_id": meta["model"]["id"], "hook_point": meta.get("hook_point", ""),
             "stylesheets": stylesheets, "palette": palette, "weights_hash": meta.get("weights_hash", ""),
+            "weights_short": short_hash(meta.get("weights_hash", "")),
             "tool_version": meta.get("tool_version", ""), "schema_version": meta.get("schema_version"),
             "corpus": corpus_line, "exemplars_k": exemplar_cfg.get("k", 0) if corpus else 0,
             # the tables the reproduce snippet reads, as a Python tuple (fixed names, no escaping needed)
             "tables": Markup("(" + ", ".join(f'"{t}"' for t in ("neurons", "decoded_tokens")
                                              + (("exemplars", "attributions") if corpus else ())) + ")"),
             "exports": cfg.exports, "site_url": _site_url(cfg), "year": str(meta["created_at"])[:4]}
+
+
+def short_hash(digest: str) -> str:
+    """``sha256:`` and 16 hex digits (64 bits name an input well enough); the home page has it whole."""
+    return digest if len(digest) <= 24 else digest[:23] + "\u2026"
 
 
 def _site_url(cfg: RenderConfig) -> str:
@@ -242,17 +256,22 @@ def _layer_rows(store: Store, layer: int, preview: int) -> list[tuple[int, str |
 
 
 def _theme_assets(site: Path) -> list[str]:
-    """The stylesheets the frame's pages link, for neuron pages to link too (names carry a hash)."""
-    found = []
+    """The one stylesheet that atlas's own pages link: it imports the frame's theme
+    stylesheets (their names carry a hash) and atlas.css, so each page needs one link, not
+    three, and the browser has them cached from the frame's pages."""
+    imports = []
     for pattern in ("main.*.min.css", "palette.*.min.css"):
         matches = sorted((site / "assets" / "stylesheets").glob(pattern))
         if not matches:
             raise AtlasError(f"mkdocs-material produced no assets/stylesheets/{pattern}; is the theme installed?")
-        found.append(matches[0].relative_to(site).as_posix())
-    return found + ["assets/atlas.css"]
+        imports.append(matches[0].relative_to(site / "assets").as_posix())
+    (site / "assets" / PAGES_CSS).write_text(
+        "/* atlas's own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n"
+        + "".join(f'@import url("{path}");\n' for path in imports + ["atlas.css"]), encoding="utf-8")
+    return [f"assets/{PAGES_CSS}"]
 
 
-def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress: bool) -> dict:
+def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress: bool, memory_mb: int) -> dict:
     """Render blocks inline on ``store``, or in worker processes when there is work for several.
 
     Returns the pages written and their bytes (pages, JSON), and how many processes wrote them.
@@ -277,7 +296,7 @@ def _run_jobs(jobs: list[dict], store: Store, workers: int, total: int, progress
         # are blocks of up to BLOCK neurons, handed out one at a time, so both workers stay
         # busy to the end and each holds one block's rows at a time.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(store.path),)) as pool:
+                                 initargs=(str(store.path), max(256, memory_mb // 4))) as pool:
             for job, result in zip(jobs, pool.map(_render_block, jobs)):
                 add(result)
                 faults.point("render", f"layer {job['layer']} block {job['lo']}")
@@ -320,7 +339,7 @@ def _swap(building: Path, old: Path, site_dir: Path) -> None:
 
 def _inputs_fingerprint(meta: dict, cfg: RenderConfig) -> str:
     """Everything a site is made from: the store's provenance and stage marks, settings, templates."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}   # workers change speed only
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "memory_mb")}   # speed only
     h = hashlib.sha256(_to_json({"meta": without_timings(meta), "config": settings,
                                  "version": __version__}).encode())
     for path in sorted(p for p in TEMPLATES.rglob("*") if p.is_file()) + [MKDOCS_YML]:
@@ -346,7 +365,8 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
     if not (TEMPLATES / "neuron.html").is_file() or not MKDOCS_YML.is_file():
         raise AtlasError(f"site templates not found beside the atlas package ({TEMPLATES}); "
                          "install atlas from its source checkout with `pip install -e .`")
-    with Store(store_path, read_only=True) as store:
+    cfg.validate()
+    with Store(store_path, read_only=True, memory_mb=cfg.memory_mb) as store:
         meta = store.all_meta()
         if (meta.get("stage.decode") or {}).get("status") != "done":
             raise AtlasError(f"{store_path} has no finished decode stage; run `atlas decode` first")
@@ -394,7 +414,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
             pages_start, cpu_start = time.perf_counter(), _cpu_seconds()
-            counts = _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress)
+            counts = _run_jobs(jobs, store, cfg.workers, sum(layer_sizes), progress, cfg.memory_mb)
             pages_s, pages_cpu_s = time.perf_counter() - pages_start, _cpu_seconds() - cpu_start
             if has_clusters:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)

@@ -21,7 +21,7 @@ from markupsafe import Markup
 
 from .render_text import fmt_stat, strip_text, token_cell
 
-SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 5, 3, 6     # per page; the JSON carries all rows
+SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 4, 3, 5     # per page (a page stays under 10 KB); the JSON carries all rows
 SHADES = 5                                      # colour buckets per sign
 
 
@@ -125,13 +125,14 @@ def histogram_heights(counts: list[list[int]], height: int = 48) -> list[list[in
 
 
 def histogram_path(heights: list[int], width: int = 256, height: int = 48) -> str:
-    """An SVG path of a histogram's bars; one segment per run of equal bars keeps it to a few hundred bytes."""
+    """An SVG path of a histogram's bars, one segment per run of equal bars, in relative moves
+    (``h``/``v``: short numbers), which keeps it to a few hundred bytes."""
     step = width / max(1, len(heights))
     parts = [f"M0 {height}"]
-    last = 0
+    x = last = 0
     for i, h in enumerate(heights):
         if h != last:
-            parts.append(f"H{round(i * step)}V{height - h}")
-            last = h
+            parts.append(f"h{round(i * step) - x}v{last - h}")
+            x, last = round(i * step), h
     parts.append(f"H{width}V{height}Z")
     return "".join(parts)

@@ -28,22 +28,34 @@ from .render_text import fmt_logit, token_cell
 from .store import SIDE_STATS, SIDES
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
-SIDE_TITLES = {"in": "what it reads: up row × pre-MLP norm gain",
-               "gate": "what opens its gate: gate row × pre-MLP norm gain",
-               "out": "what it writes: down column"}
+# Short on purpose: they are on every page; the method page says how each direction is made.
+SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
+               "out": "what it writes (down column)"}
 # Tables a neuron's JSON carries, with the order of their rows; the page shows the same rows.
 JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
                "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank"}
 
 
-def logit_rows(rows: list[tuple]) -> Markup:
-    """Table rows of (token, logit); the rank is a CSS counter, the probability is in the JSON."""
-    return Markup("".join(f"<tr><td>{token_cell(t)}<td>{fmt_logit(lg)}\n" for t, lg in rows))
+def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
+    """Table rows of (token, logit); the rank is a CSS counter, the probability is in the JSON.
+
+    ``pushed`` maps a rank to the token's Δ log p when the neuron is clamped (its `out`
+    tokens that the clamp stage measured), shown as a third column. Rows are not separated
+    by newlines: on half a million pages every byte of markup counts.
+    """
+    if not pushed:
+        return Markup("".join(f"<tr><td>{token_cell(t)}<td>{fmt_logit(lg)}" for t, lg in rows))
+    return Markup("".join(f"<tr><td>{token_cell(t)}<td>{fmt_logit(lg)}{_delta(pushed.get(rank))}"
+                          for rank, (t, lg) in enumerate(rows)))
+
+
+def _delta(d: float | None) -> str:
+    return "<td>" if d is None else f"<td>{d:+.2f}"       # an empty cell keeps the row's borders whole
 
 
 def neighbour_rows(rows: list[tuple]) -> Markup:
     """List items of (layer, neuron, cosine, label), linked relative to a neuron page."""
-    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f} {escape(label)}\n'
+    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f} {escape(label)}'
                           for layer, n, cosine, label in rows))
 
 
@@ -154,8 +166,11 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     for row, row_json in neurons:
         n = row["neuron"]
         by_side = decoded.get(n, {})
-        sides = [NS(name=s, title=SIDE_TITLES[s], top=logit_rows(by_side[s]["top"]),
-                    bottom=logit_rows(by_side[s]["bottom"]), stats=NS(**{stat: row.get(f"{s}_{stat}") for stat in SIDE_STATS}))
+        # A clamped neuron's own `out` tokens carry their Δ log p in the `out` table itself.
+        pushed = clamping[n]["own_by_rank"] if n in clamping else None
+        sides = [NS(name=s, title=SIDE_TITLES[s], top=logit_rows(by_side[s]["top"], pushed if s == "out" else None),
+                    pushed=bool(pushed) and s == "out", bottom=logit_rows(by_side[s]["bottom"]),
+                    stats=NS(**{stat: row.get(f"{s}_{stat}") for stat in SIDE_STATS}))
                  for s in SIDES if s in by_side]
         url = job["site_url"] + f"neurons/{layer}/{n}/"
         html = template.render(

@@ -11,7 +11,7 @@ import html
 import unicodedata
 from functools import lru_cache
 
-from markupsafe import escape
+from markupsafe import Markup, escape
 
 _INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs")
 _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
@@ -66,3 +66,8 @@ def fmt_prob(x: float | None) -> str:
 
 def fmt_stat(x: float | None) -> str:
     return "\u2013" if x is None else f"{x:.3g}"
+
+
+def delta_list(items: list[tuple]) -> Markup:
+    """(token, Δ log p) pairs as ``<b>token</b> +1.23`` joined by dots (a clamp section's rises and falls)."""
+    return Markup(" · ".join(f"<b>{token_cell(t)}</b> {d:+.2f}" for t, d in items))

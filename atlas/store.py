@@ -87,12 +87,15 @@ def without_timings(value: Any) -> Any:
 class Store:
     """An open ``atlas.duckdb``. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    def __init__(self, path: str | Path, read_only: bool = False, memory_mb: int | None = None):
+        """``memory_mb`` caps DuckDB's memory (it spills to disk beyond it); None leaves DuckDB's default."""
         self.path = Path(path)
         if read_only and not self.path.is_file():
             raise AtlasError(f"no atlas store at {self.path}")
+        config = {"memory_limit": f"{int(memory_mb)}MB"} if memory_mb else {}
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=config)
+            self.con.execute("SET enable_progress_bar = false")     # atlas draws its own bars
         except duckdb.IOException as e:
             msg = str(e).splitlines()[0]
             if "lock" in msg.lower():

@@ -4,7 +4,8 @@ Rendering needs no model, only rows; this writes rows that look like the decode 
 output (sorted logits, softmax probabilities, per-side moments) for any shape, including
 Llama-3.1-8B's 32 x 14,336, in seconds. With ``corpus`` it also writes what a corpus pass
 leaves (inputs, exemplars with their activation windows, histograms, attributions and the
-neurons' activation statistics), so that pages have every section. Some vocabulary
+neurons' activation statistics), and with ``clamp`` what the clamp stage leaves for every
+neuron (as it does on a GPU), so that pages have every section. Some vocabulary
 entries and labels are hostile strings, so every test that renders this store also tests
 escaping.
 """
@@ -102,6 +103,7 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
 
 
 N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 16      # WINDOW as in activations.py
+CLAMP_TOP, CLAMP_OWN = 10, 10                                  # the clamp stage's defaults
 
 
 def _corpus_docs(words: list[str], rng: np.random.Generator) -> pa.Table:
@@ -168,6 +170,47 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
     return neurons, {"exemplars": exemplars, "histograms": histograms, "attributions": attributions}
 
 
+def _clamp_layer(layer: int, neurons: pa.Table, decoded: pa.Table, top_k: int, n_top: int, n_own: int,
+                 rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
+    """One layer's clamp_effects (rises, falls and the own top `out` tokens) and its neurons
+    with clamp_value, clamp_lift and faithfulness, shaped like the clamp stage's output."""
+    d = neurons.num_rows
+    vocab_ids = decoded.column("token_id").to_numpy()
+    tokens = decoded.column("token").combine_chunks()
+    sides = decoded.column("side").chunk(0).dictionary.to_pylist()
+    per_neuron = len(vocab_ids) // d
+    # The own tokens are the top `out` tokens, ranks 0..n_own-1, as the stage picks them.
+    out_first = sides.index("out") * (per_neuron // len(sides))
+    own_rows = (np.arange(d)[:, None] * per_neuron + out_first + np.arange(min(n_own, top_k))).ravel()
+    n_own = min(n_own, top_k)
+    rise = np.sort(rng.exponential(2.0, (d, n_top)), 1)[:, ::-1] + 0.5
+    fall = -(np.sort(rng.exponential(2.0, (d, n_top)), 1)[:, ::-1] + 0.5)
+    own = rng.normal(1.0, 2.0, (d, n_own))
+    rows = {"neuron": [], "direction": [], "rank": [], "token": [], "token_id": [], "delta": []}
+    picks = rng.integers(0, len(vocab_ids), (2, d, n_top))
+    for direction, deltas, ids_at in (("rises", rise, picks[0]), ("falls", fall, picks[1]),
+                                      ("own", own, own_rows.reshape(d, n_own))):
+        k = deltas.shape[1]
+        rows["neuron"].append(np.repeat(np.arange(d), k))
+        rows["direction"] += [direction] * (d * k)
+        rows["rank"].append(np.tile(np.arange(k), d))
+        rows["token_id"].append(vocab_ids[ids_at.ravel()])
+        rows["token"].append(tokens.take(pa.array(ids_at.ravel())))
+        rows["delta"].append(deltas.ravel())
+    n = len(rows["direction"])
+    effects = pa.table({
+        "layer": pa.array(np.full(n, layer, np.int16)), "neuron": pa.array(np.concatenate(rows["neuron"]).astype(np.int32)),
+        "direction": pa.array(rows["direction"]), "rank": pa.array(np.concatenate(rows["rank"]).astype(np.int16)),
+        "token_id": pa.array(np.concatenate(rows["token_id"]).astype(np.int32)),
+        "token": pa.concat_arrays(rows["token"]),
+        "delta_logprob": pa.array(np.concatenate(rows["delta"]).astype(np.float32))})
+    normaliser = neurons.column("normaliser").to_numpy()
+    stats = {"clamp_value": 4 * normaliser, "clamp_lift": own.mean(1), "faithfulness": rng.beta(8, 2, d)}
+    for name, values in stats.items():
+        neurons = neurons.append_column(name, pa.array(np.asarray(values, np.float32)))
+    return neurons, effects
+
+
 def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[str],
                    rng: np.random.Generator) -> pa.Table:
     labels = [f"synthetic {words[i].strip()}" for i in rng.integers(len(HOSTILE_TOKENS), len(words), d_mlp)]
@@ -193,13 +236,17 @@ def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[s
 def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
                          top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
                          d_model: int = 576, clusters: bool = False, corpus: bool = False,
-                         k: int = 20, progress: bool = False) -> Path:
+                         k: int = 20, clamp: bool = False, progress: bool = False) -> Path:
     """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows.
 
     With ``clusters`` the cluster stage runs too, on synthetic `out` directions that have
     planted families (see ``synthetic_directions``). With ``corpus`` the exemplars stage is
-    marked done with ``k`` exemplars and attributions per polarity and neuron.
+    marked done with ``k`` exemplars and attributions per polarity and neuron; with
+    ``clamp`` (which needs ``corpus``, for the normalisers) the clamp stage is marked done
+    with every neuron measured.
     """
+    if clamp and not corpus:
+        raise ValueError("a synthetic clamp stage needs corpus=True (clamp values are multiples of normalisers)")
     if vocab_size < top_k + bottom_k or vocab_size <= len(HOSTILE_TOKENS):
         raise ValueError("vocab_size must exceed top_k + bottom_k and the hostile token list")
     path = Path(path)
@@ -224,18 +271,26 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             with store.transaction():
                 con.register("docs_arrow", _corpus_docs(words, rng))
                 con.execute("INSERT INTO corpus_docs SELECT * FROM docs_arrow")
+        if clamp:
+            from .clamp import ensure_tables
+            ensure_tables(con)
         for layer in tqdm(range(n_layers), desc="synthetic store", unit="layer", disable=not progress):
             with store.transaction():
                 neurons = _neurons_layer(layer, d_mlp, sides, words, rng)
+                decoded = _decoded_layer(layer, d_mlp, sides, top_k, bottom_k, tokens, rng)
+                tables = {}
                 if corpus:
                     neurons, tables = _corpus_layer(layer, neurons, k, tokens, rng)
-                    for name, table in tables.items():
-                        con.register(f"{name}_arrow", table)
-                        con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {name}_arrow")
-                        con.unregister(f"{name}_arrow")
+                if clamp:
+                    neurons, tables["clamp_effects"] = _clamp_layer(layer, neurons, decoded, top_k, CLAMP_TOP,
+                                                                    CLAMP_OWN, rng)
+                for name, table in tables.items():
+                    con.register(f"{name}_arrow", table)
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {name}_arrow")
+                    con.unregister(f"{name}_arrow")
                 con.register("neurons_arrow", neurons)
                 con.execute("INSERT INTO neurons BY NAME SELECT * FROM neurons_arrow")
-                con.register("decoded_arrow", _decoded_layer(layer, d_mlp, sides, top_k, bottom_k, tokens, rng))
+                con.register("decoded_arrow", decoded)
                 con.execute("INSERT INTO decoded_tokens SELECT layer, neuron, side::VARCHAR, "
                             "polarity::VARCHAR, rank, token_id, token, logit, prob FROM decoded_arrow")
         for name in ("vocab_arrow", "neurons_arrow", "decoded_arrow") + (("docs_arrow",) if corpus else ()):
@@ -264,6 +319,17 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             store.set_meta("histogram_edges", [float(e) for e in np.sinh(np.linspace(-9.0, 9.0, 65)) * 0.05])
             store.set_meta("stage.exemplars", {"status": "done", "fingerprint": f"synthetic-{seed}",
                                                "config": {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"}})
+        if clamp:
+            n = n_layers * d_mlp
+            store.set_meta("stage.clamp", {
+                "status": "done", "fingerprint": f"synthetic-{seed}",
+                "config": {"clamp_multiple": 4.0, "clamp_top_k": CLAMP_TOP, "clamp_own": CLAMP_OWN},
+                "prompts": ["The", "I think that"],
+                "stats": {"neurons": n, "of": n, "prompts": 2, "multiple": 4.0, "device": "synthetic",
+                          "hold_threshold": 0.9, "holds": int(con.execute(
+                              "SELECT count(*) FROM neurons WHERE faithfulness >= 0.9").fetchone()[0]),
+                          "median_faithfulness": float(con.execute(
+                              "SELECT median(faithfulness) FROM neurons").fetchone()[0])}})
         if clusters:
             from .cluster import ClusterConfig, cluster_store
             cluster_store(store, lambda: synthetic_directions(n_layers, d_mlp, d_model, seed), ClusterConfig(),

@@ -204,13 +204,13 @@ def test_pages_show_the_clamp_check(tiny_atlas):
                                              "WHERE clamp_value IS NOT NULL ORDER BY ALL LIMIT 1").fetchall()
         unmeasured = con.execute("SELECT layer, neuron FROM neurons WHERE clamp_value IS NULL LIMIT 1").fetchone()
     html = (site / "neurons" / str(layer) / str(neuron) / "index.html").read_text()
-    assert 'id="clamp"' in html and f"faithfulness <strong>{faith:.2f}</strong>" in html
+    assert '<section id=clamp>' in html and f"faithfulness <strong>{faith:.2f}</strong>" in html
     assert "<script>alert" not in html
     data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
     assert {r["direction"] for r in data["clamp_effects"]} == {"rises", "falls", "own"}
     assert data["neurons"]["faithfulness"] == pytest.approx(faith, abs=1e-6)
     other = (site / "neurons" / str(unmeasured[0]) / str(unmeasured[1]) / "index.html").read_text()
-    assert 'id="clamp"' not in other
+    assert 'id=clamp' not in other and 'Δ pushed' not in other
     home = (site / "index.html").read_text()
     assert "Causal check: 6 of 96 neurons pushed to 4 × their normaliser" in home
     assert "Clamp check" in (site / "method" / "index.html").read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from atlas.render import RenderConfig, render
+from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN
 from atlas.synthetic import make_synthetic_store
 
 pytestmark = pytest.mark.browser
@@ -25,7 +26,7 @@ def served(tmp_path_factory):
         pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
     root = tmp_path_factory.mktemp("neuron-browser")
-    store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True)
+    store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True, clamp=True)
     render(store, root / "site", RenderConfig(workers=1), progress=False)
 
     class Quiet(SimpleHTTPRequestHandler):
@@ -93,9 +94,11 @@ def test_core_content_renders_without_javascript(served, browser):
     assert page.text_content("h1") == "Layer 0 · neuron 0"
     assert page.locator("table.atlas-logits tr td:first-child").count() == 3 * (20 + 10)
     assert page.locator("table.atlas-logits").first.is_visible()
-    assert page.locator("ol.atlas-strips li").count() == 8 and page.locator("ol.atlas-strips b").count() == 8
+    shown = SHOWN_MAX + SHOWN_MIN
+    assert page.locator("ol.atlas-strips li").count() == shown and page.locator("ol.atlas-strips b").count() == shown
+    assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
     assert page.locator("#atlas-bibtex").is_visible() and page.locator("#atlas-query").is_visible()
-    assert not page.locator("button[data-copy]").first.is_visible()      # needs the script; hidden without it
+    assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
     assert page.locator(".atlas-nb li").count() == 10
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
     assert page.title() == "L0/N0 · Neuron atlas: synthetic/gated-2x8"

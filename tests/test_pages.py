@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
+from atlas.clamp import SHOWN as CLAMP_SHOWN
 from atlas.export import EXPORT_TABLES
 from atlas.render import RenderConfig, render
 from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN
@@ -28,7 +29,8 @@ ORDER = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pages")
-    store = make_synthetic_store(root / "atlas.duckdb", N_LAYERS, D_MLP, vocab_size=512, clusters=True, corpus=True)
+    store = make_synthetic_store(root / "atlas.duckdb", N_LAYERS, D_MLP, vocab_size=512, clusters=True, corpus=True,
+                                 clamp=True)
     render(store, root / "site", RenderConfig(workers=1), progress=False)
     return store, root / "site"
 
@@ -75,9 +77,22 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         # The page shows the same numbers: every decoded token with its logit, in rank order ...
         decoded = _parquet_rows(con, exports, "decoded_tokens", f"{key} ORDER BY side, polarity DESC, rank", [layer, n])
         for side in ("in", "gate", "out"):
-            section = re.search(f'<section id="{side}">(.*?)</section>', page, re.S).group(1)
-            shown = re.findall(r"<tr><td>(.*?)<td>([^<\n]*)\n", section)
+            section = re.search(f'<section id={side}>(.*?)</section>', page, re.S).group(1)
+            shown = re.findall(r"<tr><td>(.*?)<td>([^<]*)", section)
             assert shown == [(token_cell(r["token"]), fmt_logit(r["logit"])) for r in decoded if r["side"] == side]
+        # ... the clamp check: each own `out` token's Δ log p beside it, the top rises and falls ...
+        effects = _parquet_rows(con, exports, "clamp_effects", f"{key} ORDER BY direction, rank", [layer, n])
+        assert data["clamp_effects"] == [dict(r, delta_logprob=pytest.approx(r["delta_logprob"])) for r in effects]
+        out_top = re.search(r"<section id=out>.*?<table class=atlas-logits>(.*?)</table>", page, re.S).group(1)
+        own = {r["rank"]: f"{r['delta_logprob']:+.2f}" for r in effects if r["direction"] == "own"}
+        assert "Δ pushed" in out_top and own
+        rows = re.findall(r"<tr><td>[^<]*<td>[^<]*(?:<td>([^<]*))?", out_top)
+        assert {rank: d for rank, d in enumerate(rows) if d} == own
+        clamp = re.search(r"<section id=clamp>(.*?)</section>", page, re.S).group(1)
+        for direction, label in (("rises", "rises: "), ("falls", "falls: ")):
+            want = " · ".join(f"<b>{token_cell(r['token'])}</b> {r['delta_logprob']:+.2f}"
+                              for r in effects if r["direction"] == direction and r["rank"] < CLAMP_SHOWN)
+            assert label + want in clamp
         stats = _parquet_rows(con, exports, "neurons", key, [layer, n])[0]
         assert f"‖v‖ {fmt_stat(stats['out_norm'])} · logits: mean {fmt_stat(stats['out_logit_mean'])}" in page
         assert f"normaliser {fmt_stat(stats['normaliser'])}" in page
@@ -127,21 +142,26 @@ def test_cite_box_and_navigation_links(built):
     page = (site / "neurons/1/3/index.html").read_text()
     assert "@misc{atlas:synthetic-gated-2x24:L1:N3," in page
     assert "title = {Layer 1, neuron 3 of {synthetic/gated-2x24}}" in page
-    assert "url = {neurons/1/3/}" in page and "<code>neurons/1/3/</code>" in page and "--site-url" in page
-    head = page.split("</head>")[0]
-    assert '<link rel="prev" href="../2/">' in head and '<link rel="next" href="../4/">' in head
+    assert "url = {neurons/1/3/}" in page and "<code>neurons/1/3/</code>" in page
     links = dict(re.findall(r'<a href="([^"]+)" data-key="([^"]+)"', page))
-    assert links == {"../../../layers/1/": "u", "../../0/3/": "[", "../2/": "k ArrowLeft", "../4/": "j ArrowRight"}
+    assert links == {"../../../layers/1/": "u", "../../0/3/": "["}
+    assert dict(re.findall(r'<a href="([^"]+)" rel=(prev|next)>', page)) == {"../2/": "prev", "../4/": "next"}
     first = (site / "neurons/0/0/index.html").read_text()
-    assert 'rel="prev"' not in first and 'data-key="["' not in first and '<a href="../../1/0/" data-key="]">' in first
+    assert "rel=prev" not in first and 'data-key="["' not in first and '<a href="../../1/0/" data-key="]">' in first
 
 
 def test_neuron_pages_stay_under_the_page_budget(built):
     _, site = built
     sizes = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
     assert len(sizes) == N_LAYERS * D_MLP
-    assert sum(sizes) / len(sizes) < 10 * 1024            # shared CSS/JS are not inlined
+    assert sum(sizes) / len(sizes) < 10_000               # every section, clamp check included
     assert (site / "assets/atlas-neuron.js").is_file() and (site / "assets/atlas.css").is_file()
+    # One stylesheet link per page; it imports the theme's stylesheets and atlas.css, which exist.
+    page = (site / "neurons/1/3/index.html").read_text()
+    assert re.findall(r'<link rel="stylesheet" href="([^"]+)">', page) == ["../../../assets/atlas-pages.css"]
+    imports = re.findall(r'@import url\("([^"]+)"\);', (site / "assets/atlas-pages.css").read_text())
+    assert len(imports) == 3 and imports[-1] == "atlas.css"
+    assert all((site / "assets" / path).is_file() for path in imports)
 
 
 def test_bench_render_times_pages_against_plain_writes(tmp_path):
@@ -157,7 +177,7 @@ def test_bench_render_times_pages_against_plain_writes(tmp_path):
     assert (r["neurons"], r["shape"]) == (192, "2 x 96")
     assert r["pages_per_s"] > 0 and r["bound_pages_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["pages_s"] / r["bound_s"])
-    assert 0 < r["avg_page_bytes"] < 10 * 1024 and r["avg_json_bytes"] > r["avg_page_bytes"]
+    assert 0 < r["avg_page_bytes"] < 10_000 and r["avg_json_bytes"] > r["avg_page_bytes"]
     assert r["peak_rss_mb"] > 0
     bad = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--shape", "lots"],
                          capture_output=True, text=True, timeout=120)

@@ -151,7 +151,7 @@ def test_links_resolve_to_existing_files(site):
     last_of_layer0 = parse((site / f"neurons/0/{D_MLP - 1}/index.html").read_text()).hrefs
     assert "../../1/0/" in last_of_layer0       # next crosses into the next layer
     first = (site / "neurons/0/0/index.html").read_text()
-    assert 'rel="prev"' not in first and 'rel="next"' in first
+    assert "rel=prev" not in first and "rel=next" in first
     layer_links = parse((site / "layers/1/index.html").read_text()).hrefs
     assert all(f"../../neurons/1/{n}/" in layer_links for n in range(D_MLP))
 
@@ -159,7 +159,9 @@ def test_links_resolve_to_existing_files(site):
 def test_neuron_pages_are_lean(site):
     sizes = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
     assert max(sizes) < 10 * 1024
-    assert "main." in (site / "neurons/1/3/index.html").read_text()   # shared theme CSS, not inlined
+    # Shared theme CSS, linked (through one stylesheet that imports it), not inlined.
+    assert "assets/atlas-pages.css" in (site / "neurons/1/3/index.html").read_text()
+    assert "@import url(\"stylesheets/main." in (site / "assets/atlas-pages.css").read_text()
 
 
 def test_rendering_twice_gives_identical_bytes(site, store_path, tmp_path, monkeypatch):
@@ -187,7 +189,7 @@ def test_plain_mlp_has_no_gate_side(tmp_path):
     store = make_synthetic_store(tmp_path / "plain.duckdb", 1, 4, vocab_size=256, gated=False)
     render(store, tmp_path / "site", progress=False)
     page = (tmp_path / "site/neurons/0/3/index.html").read_text()
-    assert 'id="in"' in page and 'id="out"' in page and 'id="gate"' not in page
+    assert '<section id=in>' in page and '<section id=out>' in page and 'id=gate' not in page
 
 
 def test_refuses_a_store_without_a_finished_decode(store_path, tmp_path):

@@ -3,14 +3,22 @@
 (function () {
   "use strict";
 
-  // A link with data-key="k ArrowLeft" is followed when one of those keys is pressed.
+  // A link with data-key="u [" is followed when one of those keys is pressed; the pager's
+  // rel=prev and rel=next links answer to k / ArrowLeft and j / ArrowRight.
+  var REL_KEYS = { prev: ["k", "ArrowLeft"], next: ["j", "ArrowRight"] };
+
+  function keysOf(link) {
+    var keys = (link.getAttribute("data-key") || "").split(" ");
+    return keys.concat(REL_KEYS[link.getAttribute("rel")] || []);
+  }
+
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.defaultPrevented) return;
     var target = event.target;
     if (target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT|BUTTON)$/.test(target.tagName))) return;
-    var links = document.querySelectorAll("a[data-key]");
+    var links = document.querySelectorAll(".atlas-bar a[data-key], .atlas-bar a[rel]");
     for (var i = 0; i < links.length; i++) {
-      if (links[i].getAttribute("data-key").split(" ").indexOf(event.key) >= 0) {
+      if (keysOf(links[i]).indexOf(event.key) >= 0) {
         event.preventDefault();
         window.location.href = links[i].href;
         return;
@@ -18,8 +26,10 @@
     }
   });
 
-  // A button with data-copy="ID" copies the text of element ID: the async clipboard where
-  // the page is a secure context, else a selection and execCommand, which file:// allows.
+  // A <pre data-copy="LABEL"> gets a button LABEL after it (with data-copy naming the pre's id)
+  // that copies its text: the async clipboard where the page is a secure context, else a
+  // selection and execCommand, which file:// allows. The buttons are made here because
+  // without this script they could not work.
   function copyBySelection(element) {
     var range = document.createRange();
     range.selectNodeContents(element);
@@ -38,27 +48,30 @@
     button.setAttribute("data-state", state);
   }
 
-  var buttons = document.querySelectorAll("button[data-copy]");
-  for (var i = 0; i < buttons.length; i++) {
-    (function (button) {
-      var label = button.textContent;
-      var element = document.getElementById(button.getAttribute("data-copy"));
-      if (!element) return;
-      button.hidden = false;
-      button.addEventListener("click", function () {
-        var text = element.textContent;
-        var done = function () { show(button, "copied", "copied"); };
-        var fallback = function () {
-          if (copyBySelection(element)) done();
-          else show(button, "selected: press Ctrl+C", "selected");
-        };
-        if (navigator.clipboard && window.isSecureContext) {
-          navigator.clipboard.writeText(text).then(done, fallback);
-        } else {
-          fallback();
-        }
-        window.setTimeout(function () { show(button, label, ""); }, 4000);
-      });
-    })(buttons[i]);
+  function addCopyButton(element) {
+    var label = element.getAttribute("data-copy") || "copy";
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "md-button atlas-copy";
+    button.textContent = label;
+    button.setAttribute("data-copy", element.id);
+    element.insertAdjacentElement("afterend", button);
+    button.addEventListener("click", function () {
+      var text = element.textContent;
+      var done = function () { show(button, "copied", "copied"); };
+      var fallback = function () {
+        if (copyBySelection(element)) done();
+        else show(button, "selected: press Ctrl+C", "selected");
+      };
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(done, fallback);
+      } else {
+        fallback();
+      }
+      window.setTimeout(function () { show(button, label, ""); }, 4000);
+    });
   }
+
+  var blocks = document.querySelectorAll("pre[data-copy][id]");
+  for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();
