@@ -118,10 +118,9 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
         total_bytes = sum(r[2] for r in results)
         load = os.getloadavg()[0]
     finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
-        elif store is None:
-            (work / "atlas.duckdb").unlink(missing_ok=True)
+        # The scratch directory holds the bound's files and, unless --store named one, the
+        # store; a kept site lives elsewhere (``keep``), so nothing here outlives the run.
+        shutil.rmtree(work, ignore_errors=True)
     n = r["neurons"]
     return {
         "stage": "render", "shape": f"{n_layers} x {d_mlp}", "neurons": n, "workers": r["workers"],

@@ -452,16 +452,15 @@ def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
             "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
         out[n] = {"value": value, "lift": lift, "faithfulness": faith,
                   "holds": faith is not None and faith >= HOLDS, "hold_threshold": HOLDS,
-                  "rises": [], "falls": [], "own_by_rank": {}, "rows": {"clamp_effects": []}}
-    for n, direction, rank, token_id, token, delta in con.execute(
-            "SELECT neuron, direction, rank, token_id, token, CAST(CAST(delta_logprob AS VARCHAR) AS DOUBLE) "
-            "FROM clamp_effects WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, direction, rank",
-            [layer, lo, hi]).fetchall():
+                  "rises": [], "falls": [], "own_by_rank": {}}
+    # Only the rows a page shows; the neuron's JSON has them all (render_page.JSON_TABLES).
+    for n, direction, rank, token, delta in con.execute(
+            "SELECT neuron, direction, rank, token, delta_logprob FROM clamp_effects WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ? AND (direction = 'own' OR rank < ?) ORDER BY neuron, direction, rank",
+            [layer, lo, hi, SHOWN]).fetchall():
         if n not in out:
             continue
         sec = out[n]
-        sec["rows"]["clamp_effects"].append({"direction": direction, "rank": rank, "token_id": token_id,
-                                             "token": token, "delta_logprob": delta})
         if direction == "own":
             sec["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
         elif rank < SHOWN:

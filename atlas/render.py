@@ -117,6 +117,8 @@ _worker: dict[str, Any] = {}     # per process: the jinja template and, in worke
 
 def _init_worker(store_path: str, memory_mb: int) -> None:
     _worker["store"] = Store(store_path, read_only=True, memory_mb=memory_mb)    # closed when the worker exits
+    # One worker per core already: DuckDB threads of its own would only contend with them.
+    _worker["store"].con.execute("SET threads = 1")
 
 
 def _render_block(job: dict, con=None) -> tuple[int, int, int]:
@@ -404,13 +406,15 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                     "root": "../../../"}
             has_corpus_ = has_corpus(store.con)
             has_clusters = site_map.has_clusters(store.con)
+            has_clamp_ = has_clamp(store.con)
             tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
-                      or (t in ("exemplars", "attributions", "histograms") and has_corpus_)]
+                      or (t in ("exemplars", "attributions", "histograms") and has_corpus_)
+                      or (t == "clamp_effects" and has_clamp_)]
             common = {"site": str(building), "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
                       "schema_version": meta.get("schema_version"), "model_json": json.dumps(model["id"]),
                       "sql": {"neurons": neurons_sql(store.con),
                               "json": {t: json_sql(store.con, t, JSON_TABLES[t]) for t in tables}},
-                      "has_corpus": has_corpus_, "has_clusters": has_clusters, "has_clamp": has_clamp(store.con)}
+                      "has_corpus": has_corpus_, "has_clusters": has_clusters, "has_clamp": has_clamp_}
             jobs = [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
                     for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
             pages_start, cpu_start = time.perf_counter(), _cpu_seconds()

@@ -56,18 +56,31 @@ def shade_levels(windows: list[list], scale: list[float]) -> list[list[int]]:
 
 
 def strip_html(ids: list[int], levels: list[int], focus: int, vocab: list[str]) -> Markup:
-    """One exemplar's tokens ``ids`` with their shade ``levels``; ``focus`` is the exemplar's own token."""
+    """One exemplar's tokens ``ids`` with their shade ``levels``; ``focus`` is the exemplar's own token.
+
+    Neighbouring tokens of one shade share one element: shaded runs look the same whether
+    their tokens are wrapped one by one or together, and a strip is the page's densest markup.
+    """
     parts = []
     n_vocab = len(vocab)
+    run = 0                  # the shade of the open <i>, 0 when none is open
     for j, token_id in enumerate(ids):
         level = levels[j]
         text = vocab[token_id] if 0 <= token_id < n_vocab else "\u2205"
+        if run and (j == focus or level != run):
+            parts.append("</i>")
+            run = 0
         if j == focus:
             parts.append(f"{_FOCUS[level]}{text}</b>")
         elif level:
-            parts.append(f"{_OPEN[level]}{text}</i>")
+            if not run:
+                parts.append(_OPEN[level])
+                run = level
+            parts.append(text)
         else:
             parts.append(text)
+    if run:
+        parts.append("</i>")
     return Markup("".join(parts))
 
 

@@ -15,7 +15,6 @@ and JSON are made from the same fetch of the same rows:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from types import SimpleNamespace as NS
@@ -33,7 +32,8 @@ SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gat
                "out": "what it writes (down column)"}
 # Tables a neuron's JSON carries, with the order of their rows; the page shows the same rows.
 JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
-               "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank"}
+               "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank",
+               "clamp_effects": "direction, rank"}
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -185,10 +185,6 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
             parts.append(f',"{table}":{by_neuron.get(n, "[]")}')
         if job["has_clusters"] and n in clustering:
             parts.append(f',"clusters":[{clustering[n]["json"]}]')
-        if n in clamping:
-            effects = json.dumps(clamping[n]["rows"]["clamp_effects"], sort_keys=True, ensure_ascii=True,
-                                 separators=(",", ":"), allow_nan=False)
-            parts.append(f',"clamp_effects":{effects}')
         data = _html_safe("".join(parts) + "}\n")
         page_dir = os.path.join(out_dir, str(n))
         os.mkdir(page_dir)
@@ -198,13 +194,21 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
 
 
 def _html_safe(text: str) -> str:
-    """JSON text that can also sit inside HTML: no raw ``<``, ``>`` or ``&`` (all are in strings)."""
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    # Bidi and C1 control characters would act when the JSON is shown as text: escape them too.
-    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    """JSON text that can also sit inside HTML: no raw ``<``, ``>`` or ``&`` (all are in strings).
+
+    Bidi and C1 control characters would act when the JSON is shown as text: they are escaped
+    too. Most pages have none of these characters, so one scan finds that out first.
+    """
+    if text.isascii():
+        # DuckDB's JSON escapes C0 controls already; in ASCII only these can remain.
+        if "<" not in text and ">" not in text and "&" not in text and "\x7f" not in text:
+            return text
+    elif _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile("[<>&\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _write(path: str, text: str) -> int:

@@ -292,3 +292,13 @@ def test_serve_finds_the_site_and_serves_pages(site, tmp_path):
             server.shutdown()
     assert page == (site / "neurons/1/2/index.html").read_bytes()
     assert data["neurons"]["neuron"] == 2
+
+
+def test_exemplar_strips_share_one_element_per_shaded_run():
+    from atlas.render_corpus import strip_html
+
+    vocab = ["a", "b", "c", "d", "e", "&lt;f&gt;"]         # strip_vocab entries are already escaped
+    html = strip_html([0, 1, 2, 3, 4, 5, 0], [1, 1, 0, 2, 2, -1, -1], 3, vocab)
+    # The focus token ends a run and is never inside one; equal neighbours share an <i>.
+    assert html == "<i class=p1>ab</i>c<b class=p2>d</b><i class=p2>e</i><i class=n1>&lt;f&gt;a</i>"
+    assert strip_html([0, 1], [0, 0], 0, vocab) == "<b>a</b>b"

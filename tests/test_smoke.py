@@ -75,6 +75,54 @@ def test_top_tokens_agree_with_an_independent_recomputation(default_atlas, raw_m
                     assert stored[(n, "bottom")] == b, (layer, side, n)
 
 
+def test_exemplars_are_the_true_extremes_of_the_stored_corpus(default_atlas, raw_model):
+    """Every neuron has its exemplars; for two whole layers the top and bottom exemplar equal the
+    max and min over every token of the stored corpus, recomputed by transformers from the stored
+    token_ids, and each stored exemplar's activation is the recomputed one at its position."""
+    layers = (0, 14)
+    with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
+        counts = con.execute("""SELECT count(*), min(c), max(c) FROM (SELECT layer, neuron, polarity, count(*) c
+                                FROM exemplars GROUP BY ALL)""").fetchone()
+        assert counts == (2 * 46080, 20, 20)
+        docs = con.execute("SELECT doc_id, token_ids FROM corpus_docs ORDER BY doc_id").fetchall()
+        ex = con.execute(f"""SELECT layer, neuron, polarity, rank, doc_id, token_pos, activation FROM exemplars
+                             WHERE layer IN {layers} ORDER BY ALL""").fetchall()
+    assert [d for d, _ in docs] == list(range(len(docs)))
+    m = raw_model
+    acts: dict[int, torch.Tensor] = {}
+    hooks = [m.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args, layer=layer: acts.__setitem__(layer, args[0].detach())) for layer in layers]
+    by_doc: dict[int, list] = {}
+    for row in ex:
+        by_doc.setdefault(row[4], []).append(row)
+    top = {layer: torch.full((1536,), -torch.inf) for layer in layers}
+    bottom = {layer: torch.full((1536,), torch.inf) for layer in layers}
+    try:
+        # Only the first 15 blocks run: the model is cut after the last hooked layer.
+        kept = m.model.layers
+        m.model.layers = kept[:max(layers) + 1]
+        for start in range(0, len(docs), 16):
+            ids = torch.tensor([t for _, t in docs[start:start + 16]])
+            with torch.no_grad():
+                m.model(input_ids=ids, use_cache=False)
+            for layer in layers:
+                a = acts[layer]                                                # [batch, T, d_mlp]
+                top[layer] = torch.maximum(top[layer], a.amax((0, 1)))
+                bottom[layer] = torch.minimum(bottom[layer], a.amin((0, 1)))
+            for doc in range(start, start + len(ids)):
+                for layer, neuron, _, _, _, pos, activation in by_doc.get(doc, []):
+                    assert activation == pytest.approx(acts[layer][doc - start, pos, neuron].item(), rel=1e-4, abs=1e-4)
+    finally:
+        m.model.layers = kept
+        for h in hooks:
+            h.remove()
+    for layer in layers:
+        stored_top = torch.tensor([a for l, n, p, r, *_, a in ex if l == layer and p == "max" and r == 0])
+        stored_bottom = torch.tensor([a for l, n, p, r, *_, a in ex if l == layer and p == "min" and r == 0])
+        torch.testing.assert_close(stored_top, top[layer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stored_bottom, bottom[layer], rtol=1e-4, atol=1e-4)
+
+
 def test_site_has_a_page_per_neuron(default_atlas):
     site = default_atlas / "site"
     assert (site / "index.html").is_file()
