@@ -91,7 +91,7 @@ def bench_decode(model: str = "default", device: str = "auto", dtype: str = "aut
 def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "auto", batches: int = 32,
                  batch_size: int = 16, context: int = 128, repeats: int = 1, shape: str | None = None,
                  layers: int | None = None) -> dict:
-    """The hooked corpus pass vs the same forward passes without statistics, interleaved."""
+    """The hooked corpus pass vs the same forward passes without statistics, interleaved batch by batch."""
     from .exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows, spare_slots
 
     lm, _ = _load(model, shape, device, dtype, layers)
@@ -111,8 +111,7 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
         # The same state the build's pass keeps for this many tokens.
         return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device, spare_slots(cfg))
 
-    def run(hooked: bool, part: list = rows) -> float:
-        state = empty_state(lm.device) if hooked else None
+    def timed(part: list, state: PassState | None) -> float:
         start = time.perf_counter()
         hooked_pass(lm, part, state, 0, batch_size, progress=False)
         _sync(lm.device)
@@ -120,13 +119,26 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
 
     # The default is the default build's whole pass (65,536 tokens): its first batches update
     # more exemplars than later ones, so a shorter pass would not be the pass a build runs.
-    # Two warm-up batches of each kind keep one-off costs (allocation, kernel choice) out.
-    run(False, rows[:2 * batch_size])
-    run(True, rows[:2 * batch_size])
+    # Plain and hooked forward passes of the same batch run back to back, in alternating
+    # order, so that the machine's drift over minutes (other tenants, clock speed) falls on
+    # both alike. Two warm-up batches of each kind keep one-off costs (allocation, kernel
+    # choice) out.
+    timed(rows[:2 * batch_size], None)
+    timed(rows[:2 * batch_size], empty_state(lm.device))
     plain, hooked = [], []
     for _ in range(max(1, repeats)):
-        plain.append(run(False))
-        hooked.append(run(True))
+        state = empty_state(lm.device)
+        p = h = 0.0
+        for i, b in enumerate(range(0, len(rows), batch_size)):
+            part = rows[b:b + batch_size]
+            if i % 2:
+                h += timed(part, state)
+                p += timed(part, None)
+            else:
+                p += timed(part, None)
+                h += timed(part, state)
+        plain.append(p)
+        hooked.append(h)
     state_bytes = sum(t.numel() * t.element_size() for t in empty_state("cpu").state_dict().values())
     return {
         "stage": "corpus", "model": lm.model_id, "device": _device_name(lm.device),
