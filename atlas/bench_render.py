@@ -1,8 +1,8 @@
 """`atlas bench render`: neuron pages per second on a synthetic store, against plain file writes.
 
 The store has the shape asked for (default Llama-3.1-8B: 32 layers x 14,336 neurons) and
-every section a built atlas has: decoded sides, corpus-pass rows and, unless turned off,
-a real cluster stage. The render runs in a fresh process, exactly as ``atlas render``
+every section a GPU-built atlas has: decoded sides, corpus-pass rows, the clamp check of
+every neuron and, unless turned off, a real cluster stage. The render runs in a fresh process, exactly as ``atlas render``
 would, so its peak memory is its own. The bound is the cheapest way to put the same
 bytes on disk: the same directories and files, written with plain ``open``/``write`` by
 the same number of processes, block by block; only the writes are timed.
@@ -139,7 +139,7 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
 
 def print_render_table(r: dict) -> None:
     rows = [
-        ("store", f"synthetic {r['shape']} = {r['neurons']:,} neurons, with corpus sections"
+        ("store", f"synthetic {r['shape']} = {r['neurons']:,} neurons, with corpus sections, clamp checks"
                   + (" and clusters" if r["clusters"] else "")
                   + (f" (made in {r['store_s']:.0f} s)" if r["store_s"] is not None else " (reused)")),
         ("processes", f"{r['workers']} render workers on {r['cpus']} CPUs"),
