@@ -16,10 +16,16 @@ Definitions (also on the search page):
 - **strength** of a decoded token: ``|logit - mean| / std``, the logit's distance from
   the mean of that side's logits over the whole vocabulary, in standard deviations.
   Of an exemplar token: ``|activation - mean| / std`` over the neuron's corpus activations.
-- A neuron's strength for a term is its strongest match; per term the index keeps the
-  ``search_postings`` strongest neurons (and says how many matched in all).
+- **score** of a match: its strength, except that a match on a neuron's top decoded
+  ``out`` tokens is weighted by the neuron's clamp check where the clamp stage measured it:
+  ``strength x (0.5 + faithfulness)``. Chance-level faithfulness (0.5) leaves it as it is,
+  a decoding that pushing the neuron bears out (1.0) counts half as much again, one that it
+  contradicts (0) half. Unmeasured neurons keep their strength. In integers, as stored:
+  ``(strength100 x (50 + faithfulness100) + 50) // 100``.
+- A neuron's score for a term is its best match's; per term the index keeps the
+  ``search_postings`` best neurons (and says how many matched in all).
 - A query is whitespace-separated words; neurons rank by how many of its words they
-  match, then by the sum of their strengths, then by (layer, neuron).
+  match, then by the sum of their scores, then by (layer, neuron).
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ from .errors import AtlasError
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
-SCHEMA = 1
+SCHEMA = 2              # 2: postings carry the clamp check (faithfulness)
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars.
 SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min")
-POSTING = 6             # ints per posting: layer, neuron, strength x 100, src, rank, variant
+POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
+OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
 MAX_WORDS = 8           # words of a query that are searched, which bounds its download
 _MARKERS = ("\u0120", "\u2581")      # Ġ and ▁ count as a leading space; elsewhere they are letters
@@ -126,7 +133,19 @@ def _side_stat(stat: str) -> str:
             f"ELSE n.out_{stat} END AS DOUBLE)")
 
 
-def _matches_sql(with_exemplars: bool) -> str:
+def score(strength: int, src: int, check: int) -> int:
+    """A match's score from its strength and its neuron's faithfulness (both x 100; -1: not measured)."""
+    return (strength * (50 + check) + 50) // 100 if src == OUT_TOP and check >= 0 else strength
+
+
+def _check_sql(con) -> str:
+    """The neurons' faithfulness x 100 as an integer, -1 where the clamp stage did not measure one."""
+    has = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'neurons' "
+                      "AND column_name = 'faithfulness'").fetchone()[0] and _stage_done(con, "clamp")
+    return ("coalesce(CAST(floor(CAST(n.faithfulness AS DOUBLE) * 100 + 0.5) AS INTEGER), -1)" if has else "-1")
+
+
+def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
     # In double precision, so that a recomputation in Python gives the same numbers. Without
     # the moments (an old store) a raw |logit| or |normalised activation| ranks instead.
     decoded = f"""
@@ -135,16 +154,18 @@ def _matches_sql(with_exemplars: bool) -> str:
                  + CASE WHEN d.polarity = 'bottom' THEN 1 ELSE 0 END AS src,
                d.rank, d.token_id,
                coalesce(abs(CAST(d.logit AS DOUBLE) - {_side_stat('logit_mean')})
-                          / nullif({_side_stat('logit_std')}, 0), abs(CAST(d.logit AS DOUBLE))) AS z
+                          / nullif({_side_stat('logit_std')}, 0), abs(CAST(d.logit AS DOUBLE))) AS z,
+               {check} AS "check"
         FROM decoded_tokens d JOIN search_terms t USING (token_id) JOIN neurons n USING (layer, neuron)"""
     if not with_exemplars:
         return decoded
-    return decoded + """
+    return decoded + f"""
         UNION ALL
         SELECT t.term, e.layer, e.neuron, CASE WHEN e.polarity = 'max' THEN 6 ELSE 7 END AS src,
                e.rank, t.token_id,
                coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE))
-                          / nullif(CAST(n.act_std AS DOUBLE), 0), abs(CAST(e.norm_activation AS DOUBLE))) AS z
+                          / nullif(CAST(n.act_std AS DOUBLE), 0), abs(CAST(e.norm_activation AS DOUBLE))) AS z,
+               {check} AS "check"
         FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN neurons n USING (layer, neuron)
         JOIN search_terms t ON t.token_id = c.token_ids[e.token_pos + 1]"""
 
@@ -160,14 +181,20 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
     try:
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
         # Ties break on (layer, neuron), so the kept list is the ranking's own order.
+        # The score is ``score()`` in SQL: integer arithmetic, so both give the same numbers.
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE search_kept AS
-            WITH best AS (
-                SELECT term, layer, neuron, src, rank, token_id, CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
-                FROM ({_matches_sql(with_exemplars)}) WHERE z IS NOT NULL AND isfinite(z)
-                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron ORDER BY z DESC, src, rank) = 1
+            WITH matches AS (
+                SELECT term, layer, neuron, src, rank, token_id, z, "check",
+                       CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
+                FROM ({_matches_sql(with_exemplars, _check_sql(con))}) WHERE z IS NOT NULL AND isfinite(z)
+            ), best AS (
+                SELECT *, CASE WHEN src = {OUT_TOP} AND "check" >= 0
+                               THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
+                FROM matches
+                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron ORDER BY score DESC, z DESC, src, rank) = 1
             )
-            SELECT *, row_number() OVER (PARTITION BY term ORDER BY strength DESC, layer, neuron) AS pos,
+            SELECT *, row_number() OVER (PARTITION BY term ORDER BY score DESC, layer, neuron) AS pos,
                    count(*) OVER (PARTITION BY term) AS n_total
             FROM best QUALIFY pos <= {int(postings)}""")
         n_postings, n_terms = con.execute("SELECT count(*), count(DISTINCT term) FROM search_kept").fetchone()
@@ -180,7 +207,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
                                                  "bucket": pa.array([shard_of(t, n_shards) for t in terms],
                                                                     pa.int32())}))
         cur = con.execute("""
-            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank, v.token
+            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank, v.token, k."check"
             FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
             ORDER BY b.bucket, k.term, k.pos""")
         sizes = _write_shards(cur, out_dir, n_shards)
@@ -193,6 +220,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
                 pass
     n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
+            "clamp_weighted": _check_sql(con) != "-1",
             "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars}
     (out_dir / META_NAME).write_text(_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
@@ -215,7 +243,7 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
             sizes.append(len(data))
 
     while rows := cur.fetchmany(65_536):
-        for b, term, n_total, layer, neuron, strength, src, rank, token in rows:
+        for b, term, n_total, layer, neuron, strength, src, rank, token, check in rows:
             if b != bucket:
                 flush()
                 bucket, shard = b, {}
@@ -226,7 +254,7 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
             token = token if token is not None else term
             if token not in variants:
                 variants.append(token)
-            entry["p"].extend((layer, neuron, strength, src, rank, variants.index(token)))
+            entry["p"].extend((layer, neuron, strength, src, rank, variants.index(token), check))
     flush()
     # Every bucket gets a file, so a query never meets a 404 (which browsers log as an error).
     empty = _json({}).encode("utf-8")
@@ -263,18 +291,18 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20) -
             continue
         p = entry["p"]
         for i in range(0, len(p), POSTING):
-            layer, neuron, strength, src, rk, v = p[i:i + POSTING]
+            layer, neuron, strength, src, rk, v, check = p[i:i + POSTING]
             hit = hits.get((layer, neuron))
             if hit is None:
-                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "words": 0, "strength": 0,
-                                               "matches": []}
+                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "words": 0, "score": 0,
+                                               "faithfulness": check / 100 if check >= 0 else None, "matches": []}
             hit["words"] += 1
-            hit["strength"] += strength
+            hit["score"] += score(strength, src, check)
             hit["matches"].append({"term": term, "token": entry["t"][v], "source": meta["sources"][src],
                                    "rank": rk, "strength": strength / 100})
-    ordered = sorted(hits.values(), key=lambda h: (-h["words"], -h["strength"], h["layer"], h["neuron"]))
+    ordered = sorted(hits.values(), key=lambda h: (-h["words"], -h["score"], h["layer"], h["neuron"]))
     for h in ordered:
-        h["strength"] /= 100
+        h["score"] /= 100
         h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
     return {"terms": terms, "counts": counts, "shards": sorted(shards), "matched": len(ordered),
             "hits": ordered[:limit]}
@@ -316,9 +344,10 @@ def format_hits(result: dict) -> list[str]:
     lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
     if not result["hits"]:
         return lines + ["no neuron decodes to or fires on these words"]
-    lines.append(f"{'#':>3}  {'neuron':<12}{'strength':>9}  evidence")
+    lines.append(f"{'#':>3}  {'neuron':<12}{'score':>7}  {'pushed':>6}  evidence (strength in σ)")
     for i, h in enumerate(result["hits"], 1):
         evidence = " · ".join(f"{show_token(m['token'])} {m['source']} #{m['rank']} ({m['strength']:.2f})"
                               for m in h["matches"])
-        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['strength']:>9.2f}  {evidence}")
+        pushed = "–" if h["faithfulness"] is None else f"{h['faithfulness']:.2f}"
+        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  {evidence}")
     return lines

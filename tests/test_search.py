@@ -17,8 +17,8 @@ from atlas.errors import AtlasError
 from atlas.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from atlas.render import RenderConfig, render
-from atlas.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, search, shard_name, shard_of,
-                          write_index)
+from atlas.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
+                          shard_of, write_index)
 from atlas.synthetic import make_synthetic_store
 from test_cli import assert_one_line_error, atlas
 
@@ -38,9 +38,16 @@ def site(store) -> Path:
 
 
 def brute_force(store: Path, with_exemplars: bool = False) -> dict[str, list[tuple[int, int, int]]]:
-    """Per term, (strength x 100, layer, neuron) of every matching neuron, best first, from the raw rows."""
+    """Per term, (score x 100, layer, neuron) of every matching neuron, best first, from the raw rows.
+
+    The score is the strength, times (0.5 + faithfulness) for a match on the top `out` tokens
+    of a neuron that the clamp stage measured (rounded half up, in hundredths)."""
     best: dict[tuple[str, int, int], tuple] = {}
     with duckdb.connect(str(store), read_only=True) as con:
+        clamped = con.execute("SELECT count(*) FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0]
+        faith = dict(((r[0], r[1]), r[2]) for r in con.execute(
+            "SELECT layer, neuron, faithfulness FROM neurons WHERE faithfulness IS NOT NULL").fetchall()) \
+            if clamped else {}
         stats = {(r[0], r[1]): r[2:] for r in con.execute(
             "SELECT layer, neuron, in_logit_mean, in_logit_std, gate_logit_mean, gate_logit_std, "
             "out_logit_mean, out_logit_std, act_mean, act_std FROM neurons").fetchall()}
@@ -60,11 +67,18 @@ def brute_force(store: Path, with_exemplars: bool = False) -> dict[str, list[tup
                              layer, neuron, abs(act - mean) / std, rank))
     for (term, src), layer, neuron, z, rank in rows:
         key = (term, layer, neuron)
-        if term and (key not in best or (-z, src, rank) < best[key]):
-            best[key] = (-z, src, rank)
+        strength = math.floor(z * 100 + 0.5)
+        f = faith.get((layer, neuron))
+        if src == SOURCES.index("out top") and f is not None:
+            # (0.5 + f) x strength, both in hundredths, rounded half up: exact in integers.
+            score = (strength * (50 + math.floor(f * 100 + 0.5)) + 50) // 100
+        else:
+            score = strength
+        if term and (key not in best or (-score, -z, src, rank) < best[key]):
+            best[key] = (-score, -z, src, rank)
     ranked = defaultdict(list)
-    for (term, layer, neuron), (neg_z, _, _) in best.items():
-        ranked[term].append((math.floor(-neg_z * 100 + 0.5), layer, neuron))
+    for (term, layer, neuron), (neg_score, *_) in best.items():
+        ranked[term].append((-neg_score, layer, neuron))
     return {t: sorted(v, key=lambda s: (-s[0], s[1], s[2])) for t, v in ranked.items()}
 
 
@@ -96,7 +110,31 @@ def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
         assert got["counts"] == {term: len(want)}
-        assert [(round(h["strength"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+
+
+def test_clamp_check_weighs_top_out_matches(tmp_path):
+    """With a clamp stage, top-`out` matches score strength x (0.5 + faithfulness), as brute force says."""
+    store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 64, vocab_size=512, corpus=True, clamp=True)
+    expected = brute_force(store, with_exemplars=True)
+    with duckdb.connect(str(store), read_only=True) as con:
+        write_index(con, tmp_path / INDEX_DIR, postings=7)
+    meta = json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())
+    assert meta["clamp_weighted"] is True
+    reweighted = 0
+    for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
+        got = search(tmp_path, term, limit=100)
+        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        for h in got["hits"]:
+            assert h["faithfulness"] is not None                 # every synthetic neuron was measured
+            out_top = [m for m in h["matches"] if m["source"] == "out top"]
+            if out_top and round(h["score"] * 100) != round(out_top[0]["strength"] * 100):
+                reweighted += 1
+                factor = 0.5 + h["faithfulness"]
+                assert h["score"] == pytest.approx(out_top[0]["strength"] * factor, abs=0.011)
+    assert reweighted > 0                                          # the weighting changed some scores
+    assert score(1000, SOURCES.index("out top"), 100) == 1500 and score(1000, SOURCES.index("out top"), 0) == 500
+    assert score(1000, SOURCES.index("out top"), -1) == 1000 and score(1000, SOURCES.index("in top"), 100) == 1000
 
 
 def test_variants_of_a_word_meet_in_one_term(site, store):
@@ -123,7 +161,7 @@ def test_several_words_rank_neurons_matching_more_of_them_first(site):
         {(h["layer"], h["neuron"]) for h in search(site, b, limit=1000)["hits"]}
     assert {(h["layer"], h["neuron"]) for h in result["hits"] if h["words"] == 2} == both
     for h in result["hits"]:
-        assert h["strength"] == pytest.approx(sum(m["strength"] for m in h["matches"]))
+        assert h["score"] == pytest.approx(sum(m["strength"] for m in h["matches"]))   # no clamp check here
 
 
 def test_hostile_tokens_are_searchable_and_escaped_in_the_index(site):
@@ -147,7 +185,7 @@ def test_exemplar_tokens_are_matched(tiny_model_dir, tmp_path):
     b.render(RenderConfig(workers=1, pagefind_max_neurons=0))
     expected = brute_force(out / "atlas.duckdb", with_exemplars=True)
     result = search(out, "Dog", limit=1000)
-    assert [(round(h["strength"] * 100), h["layer"], h["neuron"]) for h in result["hits"]] == expected["dog"][:100]
+    assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in result["hits"]] == expected["dog"][:100]
     assert any(m["source"].startswith("exemplar") for h in result["hits"] for m in h["matches"])
     assert not (out / "site" / "pagefind").exists()   # pagefind_max_neurons=0 leaves full text out
     assert 'id="fulltext"' not in (out / "site" / "search" / "index.html").read_text()

@@ -84,8 +84,12 @@ def check_concepts(site: Path, queries: list[str], min_hits: int = 1) -> dict[st
                 for href, url in links:
                     rel = url.removeprefix(base)
                     assert (site / rel / "index.html").is_file(), (query, href)
-                strengths = page.eval_on_selector_all(".atlas-search-strength", "els => els.map(e => e.textContent)")
-                assert strengths == [f"{h['strength']:.2f}\u03c3" for h in want], query
+                scores = page.eval_on_selector_all(".atlas-search-strength", "els => els.map(e => e.textContent)")
+                assert scores == [f"{h['score']:.2f}" for h in want], query
+                pushed = page.eval_on_selector_all("#atlas-search-results li", """els => els.map(e => {
+                    const p = e.querySelector('.atlas-search-pushed'); return p ? p.textContent : null; })""")
+                assert pushed == [None if h["faithfulness"] is None else f"pushed {h['faithfulness']:.2f}"
+                                  for h in want], query
                 assert page.errors == [], (query, page.errors)
                 found[query] = len(links)
                 page.close()
@@ -99,7 +103,11 @@ def check_concepts(site: Path, queries: list[str], min_hits: int = 1) -> dict[st
 def served(tmp_path_factory):
     pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
     root = tmp_path_factory.mktemp("search-site")
-    store = make_synthetic_store(root / "atlas.duckdb", 3, 64, vocab_size=512)
+    store = make_synthetic_store(root / "atlas.duckdb", 3, 64, vocab_size=512, corpus=True, clamp=True)
+    # As on a CPU budget: only some neurons were pushed, so results mix weighted and plain scores.
+    with duckdb.connect(str(store)) as con:
+        con.execute("UPDATE neurons SET clamp_value = NULL, clamp_lift = NULL, faithfulness = NULL WHERE neuron % 2 = 1")
+        con.execute("DELETE FROM clamp_effects WHERE neuron % 2 = 1")
     render(store, root / "www" / PREFIX, RenderConfig(workers=1), progress=False)
     server, base = serve(root / "www")
     yield root, base + PREFIX
@@ -147,6 +155,9 @@ def test_check_concepts_helper_on_a_synthetic_site(served):
     terms = _some_terms(root / "atlas.duckdb")[3:6]
     found = check_concepts(root / "www" / PREFIX, terms)
     assert sorted(found) == sorted(terms) and all(n > 0 for n in found.values())
+    # The pages it compared show both kinds of result: pushed neurons and ones never measured.
+    checks = {h["faithfulness"] is None for t in terms for h in search(root / "www" / PREFIX, t)["hits"]}
+    assert checks == {True, False}
 
 
 def test_the_form_makes_a_linkable_url(served, browser):

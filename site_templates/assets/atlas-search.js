@@ -10,7 +10,7 @@
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
   var SHOWN = 50;
-  var MAX_WORDS = 8, POSTING = 6;
+  var MAX_WORDS = 8, POSTING = 7;
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
   // The term of a token or query word: see atlas/search.py for the definition.
@@ -57,9 +57,15 @@
     });
   }
 
-  // Neurons by number of query words matched, then summed strength, then (layer, neuron).
+  // A match's score: its strength, weighted by the neuron's clamp check (faithfulness x 100,
+  // -1 when not measured) for matches on its top decoded `out` tokens; integers, as in Python.
+  function score(strength, src, check, outTop) {
+    return src === outTop && check >= 0 ? Math.floor((strength * (50 + check) + 50) / 100) : strength;
+  }
+
+  // Neurons by number of query words matched, then summed score, then (layer, neuron).
   function rank(terms, meta, shards) {
-    var hits = new Map(), counts = {};
+    var hits = new Map(), counts = {}, outTop = meta.sources.indexOf("out top");
     terms.forEach(function (term) {
       // Own properties only: a word such as "constructor" must not find Object's prototype.
       var shard = shards[shardOf(term, meta.shards)];
@@ -70,19 +76,20 @@
       for (var i = 0; i < p.length; i += POSTING) {
         var key = p[i] + "/" + p[i + 1], hit = hits.get(key);
         if (!hit) {
-          hit = { layer: p[i], neuron: p[i + 1], words: 0, strength: 0, matches: [] };
+          hit = { layer: p[i], neuron: p[i + 1], words: 0, score: 0,
+                  faithfulness: p[i + 6] >= 0 ? p[i + 6] / 100 : null, matches: [] };
           hits.set(key, hit);
         }
         hit.words += 1;
-        hit.strength += p[i + 2];
+        hit.score += score(p[i + 2], p[i + 3], p[i + 6], outTop);
         hit.matches.push({ term: term, token: entry.t[p[i + 5]], source: meta.sources[p[i + 3]],
                            rank: p[i + 4], strength: p[i + 2] / 100 });
       }
     });
     var ordered = Array.from(hits.values()).sort(function (a, b) {
-      return b.words - a.words || b.strength - a.strength || a.layer - b.layer || a.neuron - b.neuron;
+      return b.words - a.words || b.score - a.score || a.layer - b.layer || a.neuron - b.neuron;
     });
-    ordered.forEach(function (h) { h.strength /= 100; });
+    ordered.forEach(function (h) { h.score /= 100; });
     return { counts: counts, hits: ordered };
   }
 
@@ -108,7 +115,10 @@
       var a = el("a", "atlas-search-neuron", "L" + h.layer + " / N" + h.neuron);
       a.href = "../neurons/" + h.layer + "/" + h.neuron + "/";
       li.appendChild(a);
-      li.appendChild(el("span", "atlas-search-strength", h.strength.toFixed(2) + "\u03c3"));
+      li.appendChild(el("span", "atlas-search-strength", h.score.toFixed(2)));
+      if (h.faithfulness !== null) {
+        li.appendChild(el("span", "atlas-search-pushed", "pushed " + h.faithfulness.toFixed(2)));
+      }
       var ev = el("span", "atlas-search-evidence");
       h.matches.forEach(function (m, i) {
         if (i) ev.appendChild(document.createTextNode(" \u00b7 "));
@@ -122,7 +132,7 @@
       return "\u201c" + t + "\u201d: " + result.counts[t].toLocaleString("en") + " neurons";
     });
     status.textContent = result.hits.length ?
-      parts.join(", ") + "; showing " + Math.min(SHOWN, result.hits.length) + " of the strongest " +
+      parts.join(", ") + "; showing " + Math.min(SHOWN, result.hits.length) + " of the best " +
         result.hits.length.toLocaleString("en") + "." :
       "No neuron decodes to or fires on " + terms.map(function (t) { return "\u201c" + t + "\u201d"; }).join(" or ") + ".";
     list.setAttribute("data-hits", String(result.hits.length));
@@ -194,5 +204,6 @@
   input.value = query;
   conceptSearch(query);
   fullText(query);
-  window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, version: data.schema };
+  window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
+                         version: data.schema };
 })();
