@@ -39,7 +39,16 @@ from .render_text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
 from .store import Store, without_timings
 from .clamp import has_clamp, summary as clamp_summary
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _resource_root() -> Path:
+    """Where ``site_templates/`` and ``mkdocs.yml`` are: the checkout, or inside an installed wheel."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "site_templates").is_dir() and (checkout / "mkdocs.yml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "_bundled"          # see setup.py
+
+
+ROOT = _resource_root()
 TEMPLATES = ROOT / "site_templates"
 MKDOCS_YML = ROOT / "mkdocs.yml"
 SITE_MARKER = "atlas-site.json"

@@ -91,14 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--browser", action="store_true", help="also measure in headless Chromium")
     args = ap.parse_args(argv)
 
-    from .render import _env, TEMPLATES
+    from .render import _env, RenderConfig, TEMPLATES
     from .search_site import write_search_site
 
     (args.out / "assets").mkdir(parents=True, exist_ok=True)
     (args.out / "search").mkdir(exist_ok=True)
     page_site = {"name": "search bench", "model_id": "", "hook_point": "", "stylesheets": [],
                  "palette": {"scheme": "default", "primary": "indigo", "accent": "indigo"}}
-    with Store(args.store, read_only=True) as store:
+    # DuckDB held to the memory a render gives it, so the figures are those of a real render.
+    with Store(args.store, read_only=True, memory_mb=RenderConfig().memory_mb) as store:
         n = store.count("neurons")
         start = time.perf_counter()
         info = write_search_site(store.con, _env(), args.out, page_site, n, TEMPLATES, args.postings,
