@@ -394,6 +394,12 @@ def run_clamp(store: Store, get_lm, cfg: ClampConfig, weights_hash: str, device_
     return {**stats, "seconds": round(seconds, 1)}
 
 
+def _nullable(values: np.ndarray) -> pa.Array:
+    """float32, NaN (a neuron without decoded `out` tokens to check) stored as NULL: "not measured"."""
+    values = values.astype(np.float32)
+    return pa.array(values, mask=~np.isfinite(values))
+
+
 def _write(con, sel: Selection, eff: Effects) -> None:
     con.execute("DELETE FROM clamp_effects")
     con.execute("UPDATE neurons SET clamp_value = NULL, clamp_lift = NULL, faithfulness = NULL "
@@ -417,8 +423,8 @@ def _write(con, sel: Selection, eff: Effects) -> None:
     con.unregister("new_rows")
     con.register("new_stats", pa.table({
         "layer": pa.array(sel.layers.astype(np.int16)), "neuron": pa.array(sel.neurons.astype(np.int32)),
-        "clamp_value": pa.array(sel.values.astype(np.float32)), "clamp_lift": pa.array(eff.lift.astype(np.float32)),
-        "faithfulness": pa.array(eff.faithfulness.astype(np.float32))}))
+        "clamp_value": pa.array(sel.values.astype(np.float32)), "clamp_lift": _nullable(eff.lift),
+        "faithfulness": _nullable(eff.faithfulness)}))
     con.execute("""UPDATE neurons SET clamp_value = s.clamp_value, clamp_lift = s.clamp_lift,
                    faithfulness = s.faithfulness FROM new_stats s
                    WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")

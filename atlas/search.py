@@ -142,7 +142,9 @@ def _check_sql(con) -> str:
     """The neurons' faithfulness x 100 as an integer, -1 where the clamp stage did not measure one."""
     has = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'neurons' "
                       "AND column_name = 'faithfulness'").fetchone()[0] and _stage_done(con, "clamp")
-    return ("coalesce(CAST(floor(CAST(n.faithfulness AS DOUBLE) * 100 + 0.5) AS INTEGER), -1)" if has else "-1")
+    # NaN (a neuron without decoded `out` tokens to check) counts as not measured, like NULL.
+    return ("CASE WHEN isfinite(n.faithfulness) THEN CAST(floor(CAST(n.faithfulness AS DOUBLE) * 100 + 0.5) "
+            "AS INTEGER) ELSE -1 END" if has else "-1")
 
 
 def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:

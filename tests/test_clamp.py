@@ -188,6 +188,27 @@ def test_clamp_stage_writes_effects_and_faithfulness_and_skips_reruns(tiny_atlas
         assert con.execute("SELECT count(DISTINCT (layer, neuron)) FROM clamp_effects").fetchone()[0] == 5
 
 
+def test_a_neuron_without_decoded_out_tokens_is_measured_without_a_figure(tiny_atlas):
+    """No own tokens to check: the stage stores NULL (not NaN), and pages, JSON and search take it."""
+    with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb")) as con:
+        con.execute("DELETE FROM decoded_tokens WHERE layer = 0 AND side = 'out'")
+    tiny_atlas.clamp(ClampConfig(clamp_budget=10, clamp_top_k=4, clamp_own=3))
+    with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT layer, neuron, clamp_lift, faithfulness FROM neurons "
+                           "WHERE clamp_value IS NOT NULL ORDER BY ALL").fetchall()
+    blank = [(layer, n) for layer, n, lift, f in rows if layer == 0]
+    assert blank and all(lift is None and f is None for layer, _, lift, f in rows if layer == 0)
+    assert all(0 <= f <= 1 for layer, _, _, f in rows if layer != 0)
+    render_site(tiny_atlas.out, progress=False)
+    layer, n = blank[0]
+    site = tiny_atlas.out / "site"
+    page = (site / "neurons" / str(layer) / str(n) / "index.html").read_text(encoding="utf-8")
+    assert "faithfulness <strong>–</strong>: no decoded <code>out</code> tokens to check" in page
+    data = json.loads((site / "neurons" / str(layer) / f"{n}.json").read_text(encoding="utf-8"))
+    row = data["neurons"]
+    assert row["faithfulness"] is None and row["clamp_lift"] is None and row["clamp_value"] is not None
+
+
 def test_clamp_needs_normalisers(tiny_model_dir, tmp_path):
     b = Build(tmp_path / "out", str(tiny_model_dir("llama")), device="cpu", progress=False)
     b.decode(DecodeConfig(top_k=5, bottom_k=2))

@@ -46,7 +46,7 @@ def brute_force(store: Path, with_exemplars: bool = False) -> dict[str, list[tup
     with duckdb.connect(str(store), read_only=True) as con:
         clamped = con.execute("SELECT count(*) FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0]
         faith = dict(((r[0], r[1]), r[2]) for r in con.execute(
-            "SELECT layer, neuron, faithfulness FROM neurons WHERE faithfulness IS NOT NULL").fetchall()) \
+            "SELECT layer, neuron, faithfulness FROM neurons WHERE isfinite(faithfulness)").fetchall()) \
             if clamped else {}
         stats = {(r[0], r[1]): r[2:] for r in con.execute(
             "SELECT layer, neuron, in_logit_mean, in_logit_std, gate_logit_mean, gate_logit_std, "
@@ -116,23 +116,27 @@ def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
 def test_clamp_check_weighs_top_out_matches(tmp_path):
     """With a clamp stage, top-`out` matches score strength x (0.5 + faithfulness), as brute force says."""
     store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 64, vocab_size=512, corpus=True, clamp=True)
+    with duckdb.connect(str(store)) as con:       # a neuron whose check gave no figure counts as unmeasured
+        con.execute("UPDATE neurons SET faithfulness = 'nan'::FLOAT WHERE layer = 1 AND neuron < 8")
     expected = brute_force(store, with_exemplars=True)
     with duckdb.connect(str(store), read_only=True) as con:
         write_index(con, tmp_path / INDEX_DIR, postings=7)
     meta = json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())
     assert meta["clamp_weighted"] is True
-    reweighted = 0
+    reweighted = unmeasured = 0
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
         assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
         for h in got["hits"]:
-            assert h["faithfulness"] is not None                 # every synthetic neuron was measured
+            # every synthetic neuron was measured, but for the eight given a NaN figure above
+            assert (h["faithfulness"] is None) == (h["layer"] == 1 and h["neuron"] < 8)
+            unmeasured += h["faithfulness"] is None
             out_top = [m for m in h["matches"] if m["source"] == "out top"]
             if out_top and round(h["score"] * 100) != round(out_top[0]["strength"] * 100):
                 reweighted += 1
                 factor = 0.5 + h["faithfulness"]
                 assert h["score"] == pytest.approx(out_top[0]["strength"] * factor, abs=0.011)
-    assert reweighted > 0                                          # the weighting changed some scores
+    assert reweighted > 0 and unmeasured > 0          # the weighting changed some scores, and NaN checks met
     assert score(1000, SOURCES.index("out top"), 100) == 1500 and score(1000, SOURCES.index("out top"), 0) == 500
     assert score(1000, SOURCES.index("out top"), -1) == 1000 and score(1000, SOURCES.index("in top"), 100) == 1000
 
