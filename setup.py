@@ -18,6 +18,7 @@ class BuildPyWithTemplates(build_py):
         if getattr(self, "editable_mode", False):
             return
         dest = Path(self.build_lib) / "atlas" / "_bundled"
+        shutil.rmtree(dest, ignore_errors=True)        # a template removed since the last build stays out
         shutil.copytree("site_templates", dest / "site_templates", dirs_exist_ok=True)
         shutil.copy2("mkdocs.yml", dest / "mkdocs.yml")
 

@@ -456,8 +456,12 @@ def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
     for n, value, lift, faith in con.execute(
             "SELECT neuron, clamp_value, clamp_lift, faithfulness FROM neurons WHERE layer = ? AND neuron >= ? "
             "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
-        out[n] = {"value": value, "lift": lift, "faithfulness": faith,
-                  "holds": faith is not None and faith >= HOLDS, "hold_threshold": HOLDS,
+        # NaN (stores written before NULL was) reads as "no figure"; the figure shown is rounded
+        # half up to hundredths, as search rounds it, so page and search show the same number.
+        faith = faith if faith is not None and math.isfinite(faith) else None
+        lift = lift if lift is not None and math.isfinite(lift) else None
+        out[n] = {"value": value, "lift": lift, "holds": faith is not None and faith >= HOLDS,
+                  "faithfulness": None if faith is None else math.floor(faith * 100 + 0.5) / 100, "hold_threshold": HOLDS,
                   "rises": [], "falls": [], "own_by_rank": {}}
     # Only the rows a page shows; the neuron's JSON has them all (render_page.JSON_TABLES).
     for n, direction, rank, token, delta in con.execute(

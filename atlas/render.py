@@ -375,7 +375,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
     store_path, site_dir = Path(store_path).resolve(), Path(site_dir).resolve()
     if not (TEMPLATES / "neuron.html").is_file() or not MKDOCS_YML.is_file():
         raise AtlasError(f"site templates not found beside the atlas package ({TEMPLATES}); "
-                         "install atlas from its source checkout with `pip install -e .`")
+                         "install atlas from its source checkout (`pip install .` or `pip install -e .`)")
     cfg.validate()
     with Store(store_path, read_only=True, memory_mb=cfg.memory_mb) as store:
         meta = store.all_meta()

@@ -44,7 +44,8 @@ def brute_force(store: Path, with_exemplars: bool = False) -> dict[str, list[tup
     of a neuron that the clamp stage measured (rounded half up, in hundredths)."""
     best: dict[tuple[str, int, int], tuple] = {}
     with duckdb.connect(str(store), read_only=True) as con:
-        clamped = con.execute("SELECT count(*) FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0]
+        clamp = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()
+        clamped = clamp is not None and json.loads(clamp[0]).get("status") == "done"
         faith = dict(((r[0], r[1]), r[2]) for r in con.execute(
             "SELECT layer, neuron, faithfulness FROM neurons WHERE isfinite(faithfulness)").fetchall()) \
             if clamped else {}

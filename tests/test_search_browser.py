@@ -7,6 +7,7 @@ link the page makes must be relative.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -222,7 +223,7 @@ def test_fulltext_escapes_hostile_labels(served, browser):
 
 
 def test_page_and_python_agree_on_terms_and_shards(served, browser):
-    from atlas.search import query_terms, shard_of
+    from atlas.search import POSTING, SCHEMA, OUT_TOP, query_terms, score, shard_of
 
     _, base = served
     samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",
@@ -234,4 +235,34 @@ def test_page_and_python_agree_on_terms_and_shards(served, browser):
                         samples)
     want = [[normalise(s), query_terms(s), [shard_of(t, 4096) for t in query_terms(s)]] for s in samples]
     assert got == want
+    # The index layout and the score: the same constants and integers on both sides.
+    assert page.evaluate("[atlasSearch.schema, atlasSearch.pageSchema]") == [SCHEMA, SCHEMA]
+    cases = [(s, src, c) for s in (0, 1, 49, 50, 149, 1234, 99999) for src in (0, OUT_TOP) for c in (-1, 0, 1, 49, 50, 99, 100)]
+    assert page.evaluate(f"cases => cases.map(c => atlasSearch.score(c[0], c[1], c[2], {OUT_TOP}))", cases) == \
+        [score(*c) for c in cases]
+    assert POSTING == 7
     assert page.errors == []
+
+
+def test_an_index_of_another_schema_is_refused_in_words(served, browser, tmp_path):
+    """A stale cached script must not misread a newer index: the page says what is wrong."""
+    import shutil
+
+    root, base = served
+    site = root / "www" / PREFIX
+    meta_path = site / "search" / "idx" / "meta.json"
+    saved = tmp_path / "meta.json"
+    shutil.copy2(meta_path, saved)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta_path.write_text(json.dumps({**meta, "schema": 1}), encoding="utf-8")
+        term = _some_terms(root / "atlas.duckdb")[0]
+        page = browser.new_page()                       # a new context: nothing cached
+        page.goto(base + "search/?q=" + urllib.parse.quote(term))
+        page.wait_for_selector("#atlas-search-status[data-state=error]", timeout=60_000)
+        status = page.text_content("#atlas-search-status")
+        assert "schema 1" in status and "reads 2" in status, status
+        assert result_links(page) == []
+        page.close()
+    finally:
+        shutil.copy2(saved, meta_path)

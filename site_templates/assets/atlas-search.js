@@ -10,7 +10,7 @@
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
   var SHOWN = 50;
-  var MAX_WORDS = 8, POSTING = 7;
+  var SCHEMA = 2, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/search.py
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
   // The term of a token or query word: see atlas/search.py for the definition.
@@ -149,6 +149,10 @@
     }
     status.textContent = "searching\u2026";
     return getJSON("idx/meta.json").then(function (meta) {
+      // An index of another layout would be misread, not refused: say so (a stale cached script).
+      if (meta.schema !== SCHEMA) {
+        throw new Error("the index is of schema " + meta.schema + ", this page reads " + SCHEMA + "; reload the page");
+      }
       var wanted = [];
       terms.forEach(function (t) { var b = shardOf(t, meta.shards); if (wanted.indexOf(b) < 0) wanted.push(b); });
       return Promise.all(wanted.map(function (b) { return getJSON("idx/" + shardName(b, meta.shards)); }))
@@ -205,5 +209,5 @@
   conceptSearch(query);
   fullText(query);
   window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
-                         version: data.schema };
+                         schema: SCHEMA, pageSchema: data.schema };
 })();
