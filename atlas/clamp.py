@@ -19,7 +19,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,14 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from .clamp_site import HOLDS
+from .config import CPU_BUDGET, ClampConfig  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .model import LoadedModel
 from .store import Store
 
 STAGE = "clamp"
 PROBE_PROMPTS = Path(__file__).resolve().parent / "data" / "probe_prompts.txt"
-CPU_BUDGET = 2048           # neurons measured by default without a GPU (see README: ~2 min)
-HOLDS = 0.9                 # faithfulness at which a neuron's decoded meaning counts as holding up
 
 CLAMP_SCHEMA = """
 CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
@@ -45,32 +45,6 @@ ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_value FLOAT;
 ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_lift FLOAT;
 ALTER TABLE neurons ADD COLUMN IF NOT EXISTS faithfulness FLOAT;
 """
-
-
-@dataclass
-class ClampConfig:
-    # On a sample of the default atlas's CPU selection, the share of neurons whose decoded
-    # tokens rise was flat from 1x to 4x and lower at 8x (over-pushed neurons spill into
-    # other tokens): 4x is the strongest push before that (README, "Clamp check").
-    clamp_multiple: float = field(default=4.0, metadata={
-        "help": "each neuron is set to this multiple of its normaliser at every prompt position"})
-    clamp_budget: int = field(default=-1, metadata={
-        "help": "neurons to measure: -1 all on a GPU and the strongest of each cluster and layer "
-                f"up to {CPU_BUDGET} on a CPU, 0 none, N the strongest N"})
-    clamp_prompts: str = field(default="default", metadata={
-        "help": "text file of probe prompts, one a line ('default': the neutral prompts shipped with atlas)"})
-    clamp_batch: int = field(default=64, metadata={"help": "neurons per forward pass (one per batch row)"})
-    clamp_top_k: int = field(default=10, metadata={"help": "rising and falling tokens stored per neuron"})
-    clamp_own: int = field(default=10, metadata={
-        "help": "top decoded `out` tokens per neuron whose change makes its faithfulness"})
-
-    def validate(self) -> None:
-        if not math.isfinite(self.clamp_multiple) or self.clamp_multiple == 0:
-            raise AtlasError("--clamp-multiple must be a finite non-zero number")
-        if self.clamp_budget < -1:
-            raise AtlasError("--clamp-budget must be -1 (auto), 0 (skip) or a positive count")
-        if self.clamp_batch < 1 or self.clamp_top_k < 1 or self.clamp_own < 1:
-            raise AtlasError("--clamp-batch, --clamp-top-k and --clamp-own must be at least 1")
 
 
 def ensure_tables(con) -> None:
@@ -429,50 +403,3 @@ def _write(con, sel: Selection, eff: Effects) -> None:
                    faithfulness = s.faithfulness FROM new_stats s
                    WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")
     con.unregister("new_stats")
-
-
-# -- on the site --------------------------------------------------------------------------
-def has_clamp(con) -> bool:
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()
-    return bool(row) and json.loads(row[0]).get("status") == "done"
-
-
-def summary(con) -> dict | None:
-    """What the home and method pages say about the clamp check, or None without one."""
-    if not has_clamp(con):
-        return None
-    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0])
-    stats = status.get("stats", {})
-    n = stats.get("neurons") or 0
-    return {**stats, "share": (stats.get("holds", 0) / n) if n else None, "probe_prompts": status.get("prompts", [])}
-
-
-SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
-
-
-def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
-    """Per measured neuron of ``lo..hi-1``: value, faithfulness, token changes, and the rows shown."""
-    out: dict[int, dict] = {}
-    for n, value, lift, faith in con.execute(
-            "SELECT neuron, clamp_value, clamp_lift, faithfulness FROM neurons WHERE layer = ? AND neuron >= ? "
-            "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
-        # NaN (stores written before NULL was) reads as "no figure"; the figure shown is rounded
-        # half up to hundredths, as search rounds it, so page and search show the same number.
-        faith = faith if faith is not None and math.isfinite(faith) else None
-        lift = lift if lift is not None and math.isfinite(lift) else None
-        out[n] = {"value": value, "lift": lift, "holds": faith is not None and faith >= HOLDS,
-                  "faithfulness": None if faith is None else math.floor(faith * 100 + 0.5) / 100, "hold_threshold": HOLDS,
-                  "rises": [], "falls": [], "own_by_rank": {}}
-    # Only the rows a page shows; the neuron's JSON has them all (render_page.JSON_TABLES).
-    for n, direction, rank, token, delta in con.execute(
-            "SELECT neuron, direction, rank, token, delta_logprob FROM clamp_effects WHERE layer = ? AND neuron >= ? "
-            "AND neuron < ? AND (direction = 'own' OR rank < ?) ORDER BY neuron, direction, rank",
-            [layer, lo, hi, SHOWN]).fetchall():
-        if n not in out:
-            continue
-        sec = out[n]
-        if direction == "own":
-            sec["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
-        elif rank < SHOWN:
-            sec[direction].append((token, delta))
-    return out

@@ -13,13 +13,9 @@ import click
 import duckdb
 
 from . import __version__
-from .clamp import ClampConfig
-from .cluster import ClusterConfig
-from .decode import DecodeConfig
+# Settings only: the stages, which import torch (a second or more), load when a command runs.
+from .config import SHAPES as SHAPE_NAMES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
 from .errors import AtlasError
-from .exemplars import ExemplarConfig
-from .render import RenderConfig
-from .shapes import SHAPES as SHAPE_NAMES
 
 
 class IntOrAll(click.ParamType):

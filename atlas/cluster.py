@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
@@ -38,33 +38,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from .config import DEFAULT_PROBE, EXACT_MAX, ClusterConfig  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .store import Store
 
 STAGE = "cluster"
 FIT_MAX = 65_536            # neurons on which k-means fits its centroids (all of them up to this)
-EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search
-DEFAULT_PROBE = 16          # clusters searched per neuron above EXACT_MAX
 LABEL_RANKS = 10            # top `out` tokens per neuron that vote for its cluster's label
 LABEL_TOKENS = 3            # tokens in a cluster label
 MIN_LIFT = 3.0              # how much more common in a cluster than overall a label token must be
 _EDGE_SPACE = r"^[\s\x{00a0}\x{3000}]+|[\s\x{00a0}\x{3000}]+$"    # RE2's \s is ASCII only
 RECALL_SAMPLE = 256         # queries checked against exact search when the search is approximate
-
-
-@dataclass
-class ClusterConfig:
-    n_clusters: int = field(default=0, metadata={
-        "help": "number of clusters (0: about twice the square root of the number of neurons, at most 1,024)"})
-    cluster_seed: int = field(default=0, metadata={"help": "seed of k-means and of the map layout"})
-    neighbours: int = field(default=10, metadata={"help": "nearest neighbours by `out` cosine stored per neuron"})
-    neighbour_probe: int = field(default=0, metadata={
-        "help": f"clusters searched for each neuron's neighbours (0: exact search up to {EXACT_MAX:,} "
-                f"neurons, {DEFAULT_PROBE} clusters above)"})
-
-    def validate(self) -> None:
-        if self.n_clusters < 0 or self.neighbours < 0 or self.neighbour_probe < 0:
-            raise AtlasError("--n-clusters, --neighbours and --neighbour-probe must not be negative")
 
 
 def fingerprint(weights_hash: str, cfg: ClusterConfig) -> str:

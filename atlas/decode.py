@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -20,31 +20,11 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .decode_core import Decoded, Unembedding, chunk_rows, decode_directions
-from .errors import AtlasError
+from .config import DecodeConfig  # noqa: F401 (re-exported)
 from .model import LoadedModel, vocab_strings
-from .store import SIDE_STATS, SIDES, Store
+from .store import SIDE_STATS, Store
 
 STAGE = "decode"
-
-
-@dataclass
-class DecodeConfig:
-    top_k: int = field(default=20, metadata={"help": "tokens kept per side with the largest logits"})
-    bottom_k: int = field(default=10, metadata={"help": "tokens kept per side with the smallest logits"})
-    sides: str = field(default="in,gate,out",
-                       metadata={"help": "comma-separated sides to decode (gate is skipped for plain MLPs)"})
-    chunk_mb: int = field(default=0, metadata={"help": "memory for one chunk of logits in MiB (0: pick from the device)"})
-
-    def side_list(self, available: tuple[str, ...]) -> list[str]:
-        asked = [s.strip() for s in self.sides.split(",") if s.strip()]
-        bad = [s for s in asked if s not in SIDES]
-        if bad or not asked:
-            raise AtlasError(f"--sides {self.sides!r}: each side must be one of {', '.join(SIDES)}")
-        return [s for s in SIDES if s in asked and s in available]
-
-    def validate(self) -> None:
-        if self.top_k < 1 or self.bottom_k < 1:
-            raise AtlasError("--top-k and --bottom-k must be at least 1")
 
 
 def fingerprint(weights_hash: str, cfg: DecodeConfig) -> str:

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,41 +25,13 @@ from . import faults
 from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from .attribution import AttributionState, attribute_batch
 from .corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
+from .config import ExemplarConfig  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .io import write_bytes_atomic
 from .model import LoadedModel
 from .store import Store
 
 STAGE = "exemplars"
-
-
-@dataclass
-class ExemplarConfig:
-    corpus: str = field(default="default", metadata={
-        "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
-                "(Python's documentation topics and standard-library docstrings)"})
-    text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
-    max_tokens: int | None = field(default=65536, metadata={
-        "help": "tokens of corpus to read ('all', or None from Python: the whole corpus)"})
-    context: int = field(default=128, metadata={"help": "tokens per model input"})
-    batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
-    k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
-    quantile: float = field(default=1e-5, metadata={"help": "upper quantile used as each neuron's normaliser"})
-    attribution_rows: int = field(default=64, metadata={
-        "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
-    attribution_seed: int = field(default=0, metadata={"help": "seed for the attribution positions"})
-    checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
-
-    def validate(self) -> None:
-        if self.context < 2 or self.batch_size < 1 or self.k < 1:
-            raise AtlasError("--context must be at least 2, --batch-size and --k at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise AtlasError(f"--max-tokens {self.max_tokens}: give a positive number of tokens, "
-                             "or 'all' for the whole corpus")
-        if self.max_tokens is not None and self.max_tokens < self.context:
-            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
-        if not 0 < self.quantile < 1:
-            raise AtlasError("--quantile must be between 0 and 1")
 
 
 class _StopForward(Exception):

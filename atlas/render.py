@@ -19,7 +19,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -37,7 +37,8 @@ from .render_corpus import has_corpus
 from .render_page import BLOCK, JSON_TABLES, json_sql, neurons_sql, render_block
 from .render_text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
 from .store import Store, without_timings
-from .clamp import has_clamp, summary as clamp_summary
+from .clamp_site import has_clamp, summary as clamp_summary
+from .config import RenderConfig  # noqa: F401 (re-exported)
 
 
 def _resource_root() -> Path:
@@ -56,31 +57,6 @@ LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
 ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
 PAGES_CSS = "atlas-pages.css"                  # written by _theme_assets
-
-
-@dataclass
-class RenderConfig:
-    site_url: str = field(default="", metadata={
-        "help": "absolute URL the site will be published at, e.g. https://example.org/atlas/ "
-                "(permanent URLs in citations, canonical links, a sitemap); empty keeps every link relative"})
-    workers: int = field(default=0, metadata={
-        "help": "processes writing neuron pages (0: one per CPU core; small sites use one)"})
-    layer_preview: int = field(default=3, metadata={
-        "help": "top `out` tokens listed per neuron on the layer pages"})
-    search_postings: int = field(default=100, metadata={
-        "help": "strongest neurons kept per word in the concept-search index"})
-    pagefind_max_neurons: int = field(default=100_000, metadata={
-        "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
-                "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
-    exports: bool = field(default=True, metadata={
-        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
-    memory_mb: int = field(default=2048, metadata={
-        "help": "DuckDB memory of the render (the search index spills to disk beyond it); each page worker "
-                "gets a quarter, at least 256 MiB"})
-
-    def validate(self) -> None:
-        if self.memory_mb < 256:
-            raise AtlasError(f"--memory-mb {self.memory_mb}: give at least 256 (MiB)")
 
 
 def show_label(label: str | None) -> str:

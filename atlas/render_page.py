@@ -149,7 +149,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
 
     clamping: dict[int, dict] = {}
     if job.get("has_clamp"):
-        from .clamp import clamp_sections
+        from .clamp_site import clamp_sections
         clamping = clamp_sections(con, layer, lo, hi)
 
     sizes, site = job["layer_sizes"], job["page"]["site"]

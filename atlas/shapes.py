@@ -11,17 +11,10 @@ from __future__ import annotations
 import torch
 
 from .arch import adapter_for
+from .config import SHAPES  # noqa: F401 (re-exported)
 from .errors import AtlasError
 from .model import LoadedModel, pick_device, pick_dtype
 
-# model_type, layers, d_model, d_mlp, heads, kv heads, vocab: the published configs' numbers.
-SHAPES = {
-    "llama-3.1-8b": ("llama", 32, 4096, 14336, 32, 8, 128256),
-    "llama-3.2-1b": ("llama", 16, 2048, 8192, 32, 8, 128256),
-    "qwen2.5-7b": ("qwen2", 28, 3584, 18944, 28, 4, 152064),
-    "smollm2-135m": ("llama", 30, 576, 1536, 9, 3, 49152),
-    "gpt2-xl": ("gpt2", 48, 1600, 6400, 25, 25, 50257),
-}
 
 
 def shape_config(name: str, n_layers: int | None = None):

@@ -18,7 +18,6 @@ from atlas.activations import WINDOW_BEFORE, PassState
 from atlas.attribution import attribute_batch
 from atlas.corpus import open_corpus
 from atlas.decode import DecodeConfig
-from atlas.errors import AtlasError
 from atlas.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
 from conftest import tiny_model

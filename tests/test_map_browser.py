@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import re
-import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from atlas.clamp import SHOWN as CLAMP_SHOWN
+from atlas.clamp_site import SHOWN as CLAMP_SHOWN
 from atlas.export import EXPORT_TABLES
 from atlas.render import RenderConfig, render
 from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN

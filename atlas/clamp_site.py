@@ -1,0 +1,56 @@
+"""The clamp check on the site: what the home, method and neuron pages show of it.
+
+Apart from the stage (atlas/clamp.py), which needs torch, so that page workers do not import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+HOLDS = 0.9     # faithfulness at which a neuron's decoded meaning counts as holding up
+SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
+
+
+def has_clamp(con) -> bool:
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()
+    return bool(row) and json.loads(row[0]).get("status") == "done"
+
+
+def summary(con) -> dict | None:
+    """What the home and method pages say about the clamp check, or None without one."""
+    if not has_clamp(con):
+        return None
+    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0])
+    stats = status.get("stats", {})
+    n = stats.get("neurons") or 0
+    return {**stats, "share": (stats.get("holds", 0) / n) if n else None, "probe_prompts": status.get("prompts", [])}
+
+
+
+def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
+    """Per measured neuron of ``lo..hi-1``: value, faithfulness, token changes, and the rows shown."""
+    out: dict[int, dict] = {}
+    for n, value, lift, faith in con.execute(
+            "SELECT neuron, clamp_value, clamp_lift, faithfulness FROM neurons WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ? AND clamp_value IS NOT NULL ORDER BY neuron", [layer, lo, hi]).fetchall():
+        # NaN (stores written before NULL was) reads as "no figure"; the figure shown is rounded
+        # half up to hundredths, as search rounds it, so page and search show the same number.
+        faith = faith if faith is not None and math.isfinite(faith) else None
+        lift = lift if lift is not None and math.isfinite(lift) else None
+        out[n] = {"value": value, "lift": lift, "holds": faith is not None and faith >= HOLDS,
+                  "faithfulness": None if faith is None else math.floor(faith * 100 + 0.5) / 100, "hold_threshold": HOLDS,
+                  "rises": [], "falls": [], "own_by_rank": {}}
+    # Only the rows a page shows; the neuron's JSON has them all (render_page.JSON_TABLES).
+    for n, direction, rank, token, delta in con.execute(
+            "SELECT neuron, direction, rank, token, delta_logprob FROM clamp_effects WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ? AND (direction = 'own' OR rank < ?) ORDER BY neuron, direction, rank",
+            [layer, lo, hi, SHOWN]).fetchall():
+        if n not in out:
+            continue
+        sec = out[n]
+        if direction == "own":
+            sec["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
+        elif rank < SHOWN:
+            sec[direction].append((token, delta))
+    return out

@@ -1,0 +1,141 @@
+"""The settings of every stage, with the help text the command line shows.
+
+Kept apart from the stages themselves, which need torch, so that the command line, the
+renderer and its page workers start without importing it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import AtlasError
+from .store import SIDES
+
+CPU_BUDGET = 2048           # neurons the clamp stage measures by default without a GPU (see README: ~2 min)
+EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search
+DEFAULT_PROBE = 16          # clusters searched per neuron above EXACT_MAX
+
+# model_type, layers, d_model, d_mlp, heads, kv heads, vocab: the published configs' numbers
+# (`atlas bench --shape`, atlas/shapes.py).
+SHAPES = {
+    "llama-3.1-8b": ("llama", 32, 4096, 14336, 32, 8, 128256),
+    "llama-3.2-1b": ("llama", 16, 2048, 8192, 32, 8, 128256),
+    "qwen2.5-7b": ("qwen2", 28, 3584, 18944, 28, 4, 152064),
+    "smollm2-135m": ("llama", 30, 576, 1536, 9, 3, 49152),
+    "gpt2-xl": ("gpt2", 48, 1600, 6400, 25, 25, 50257),
+}
+
+@dataclass
+class DecodeConfig:
+    top_k: int = field(default=20, metadata={"help": "tokens kept per side with the largest logits"})
+    bottom_k: int = field(default=10, metadata={"help": "tokens kept per side with the smallest logits"})
+    sides: str = field(default="in,gate,out",
+                       metadata={"help": "comma-separated sides to decode (gate is skipped for plain MLPs)"})
+    chunk_mb: int = field(default=0, metadata={"help": "memory for one chunk of logits in MiB (0: pick from the device)"})
+
+    def side_list(self, available: tuple[str, ...]) -> list[str]:
+        asked = [s.strip() for s in self.sides.split(",") if s.strip()]
+        bad = [s for s in asked if s not in SIDES]
+        if bad or not asked:
+            raise AtlasError(f"--sides {self.sides!r}: each side must be one of {', '.join(SIDES)}")
+        return [s for s in SIDES if s in asked and s in available]
+
+    def validate(self) -> None:
+        if self.top_k < 1 or self.bottom_k < 1:
+            raise AtlasError("--top-k and --bottom-k must be at least 1")
+
+
+@dataclass
+class ExemplarConfig:
+    corpus: str = field(default="default", metadata={
+        "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
+                "(Python's documentation topics and standard-library docstrings)"})
+    text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
+    max_tokens: int | None = field(default=65536, metadata={
+        "help": "tokens of corpus to read ('all', or None from Python: the whole corpus)"})
+    context: int = field(default=128, metadata={"help": "tokens per model input"})
+    batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
+    k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
+    quantile: float = field(default=1e-5, metadata={"help": "upper quantile used as each neuron's normaliser"})
+    attribution_rows: int = field(default=64, metadata={
+        "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
+    attribution_seed: int = field(default=0, metadata={"help": "seed for the attribution positions"})
+    checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
+
+    def validate(self) -> None:
+        if self.context < 2 or self.batch_size < 1 or self.k < 1:
+            raise AtlasError("--context must be at least 2, --batch-size and --k at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise AtlasError(f"--max-tokens {self.max_tokens}: give a positive number of tokens, "
+                             "or 'all' for the whole corpus")
+        if self.max_tokens is not None and self.max_tokens < self.context:
+            raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
+        if not 0 < self.quantile < 1:
+            raise AtlasError("--quantile must be between 0 and 1")
+
+
+@dataclass
+class ClusterConfig:
+    n_clusters: int = field(default=0, metadata={
+        "help": "number of clusters (0: about twice the square root of the number of neurons, at most 1,024)"})
+    cluster_seed: int = field(default=0, metadata={"help": "seed of k-means and of the map layout"})
+    neighbours: int = field(default=10, metadata={"help": "nearest neighbours by `out` cosine stored per neuron"})
+    neighbour_probe: int = field(default=0, metadata={
+        "help": f"clusters searched for each neuron's neighbours (0: exact search up to {EXACT_MAX:,} "
+                f"neurons, {DEFAULT_PROBE} clusters above)"})
+
+    def validate(self) -> None:
+        if self.n_clusters < 0 or self.neighbours < 0 or self.neighbour_probe < 0:
+            raise AtlasError("--n-clusters, --neighbours and --neighbour-probe must not be negative")
+
+
+@dataclass
+class ClampConfig:
+    # On a sample of the default atlas's CPU selection, the share of neurons whose decoded
+    # tokens rise was flat from 1x to 4x and lower at 8x (over-pushed neurons spill into
+    # other tokens): 4x is the strongest push before that (README, "Clamp check").
+    clamp_multiple: float = field(default=4.0, metadata={
+        "help": "each neuron is set to this multiple of its normaliser at every prompt position"})
+    clamp_budget: int = field(default=-1, metadata={
+        "help": "neurons to measure: -1 all on a GPU and the strongest of each cluster and layer "
+                f"up to {CPU_BUDGET} on a CPU, 0 none, N the strongest N"})
+    clamp_prompts: str = field(default="default", metadata={
+        "help": "text file of probe prompts, one a line ('default': the neutral prompts shipped with atlas)"})
+    clamp_batch: int = field(default=64, metadata={"help": "neurons per forward pass (one per batch row)"})
+    clamp_top_k: int = field(default=10, metadata={"help": "rising and falling tokens stored per neuron"})
+    clamp_own: int = field(default=10, metadata={
+        "help": "top decoded `out` tokens per neuron whose change makes its faithfulness"})
+
+    def validate(self) -> None:
+        if not math.isfinite(self.clamp_multiple) or self.clamp_multiple == 0:
+            raise AtlasError("--clamp-multiple must be a finite non-zero number")
+        if self.clamp_budget < -1:
+            raise AtlasError("--clamp-budget must be -1 (auto), 0 (skip) or a positive count")
+        if self.clamp_batch < 1 or self.clamp_top_k < 1 or self.clamp_own < 1:
+            raise AtlasError("--clamp-batch, --clamp-top-k and --clamp-own must be at least 1")
+
+
+@dataclass
+class RenderConfig:
+    site_url: str = field(default="", metadata={
+        "help": "absolute URL the site will be published at, e.g. https://example.org/atlas/ "
+                "(permanent URLs in citations, canonical links, a sitemap); empty keeps every link relative"})
+    workers: int = field(default=0, metadata={
+        "help": "processes writing neuron pages (0: one per CPU core; small sites use one)"})
+    layer_preview: int = field(default=3, metadata={
+        "help": "top `out` tokens listed per neuron on the layer pages"})
+    search_postings: int = field(default=100, metadata={
+        "help": "strongest neurons kept per word in the concept-search index"})
+    pagefind_max_neurons: int = field(default=100_000, metadata={
+        "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
+                "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
+    exports: bool = field(default=True, metadata={
+        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
+    memory_mb: int = field(default=2048, metadata={
+        "help": "DuckDB memory of the render (the search index spills to disk beyond it); each page worker "
+                "gets a quarter, at least 256 MiB"})
+
+    def validate(self) -> None:
+        if self.memory_mb < 256:
+            raise AtlasError(f"--memory-mb {self.memory_mb}: give at least 256 (MiB)")
