@@ -19,7 +19,7 @@ class BuildPyWithTemplates(build_py):
             return
         dest = Path(self.build_lib) / "atlas" / "_bundled"
         shutil.rmtree(dest, ignore_errors=True)        # a template removed since the last build stays out
-        shutil.copytree("site_templates", dest / "site_templates", dirs_exist_ok=True)
+        shutil.copytree("site_templates", dest / "site_templates")
         shutil.copy2("mkdocs.yml", dest / "mkdocs.yml")
 
 

@@ -5,23 +5,23 @@ Apart from the stage (atlas/clamp.py), which needs torch, so that page workers d
 
 from __future__ import annotations
 
-import json
 import math
+
+from .store import finished_stage
 
 HOLDS = 0.9     # faithfulness at which a neuron's decoded meaning counts as holding up
 SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
 
 
 def has_clamp(con) -> bool:
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()
-    return bool(row) and json.loads(row[0]).get("status") == "done"
+    return finished_stage(con, "clamp") is not None
 
 
 def summary(con) -> dict | None:
     """What the home and method pages say about the clamp check, or None without one."""
-    if not has_clamp(con):
+    status = finished_stage(con, "clamp")
+    if status is None:
         return None
-    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.clamp'").fetchone()[0])
     stats = status.get("stats", {})
     n = stats.get("neurons") or 0
     return {**stats, "share": (stats.get("holds", 0) / n) if n else None, "probe_prompts": status.get("prompts", [])}

@@ -13,21 +13,20 @@ it does not react to are plain text.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 from markupsafe import Markup
 
 from .render_text import fmt_stat, strip_text, token_cell
+from .store import finished_stage
 
 SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 4, 3, 5     # per page (a page stays under 10 KB); the JSON carries all rows
 SHADES = 5                                      # colour buckets per sign
 
 
 def has_corpus(con) -> bool:
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.exemplars'").fetchone()
-    return bool(row) and json.loads(row[0]).get("status") == "done"
+    return finished_stage(con, "exemplars") is not None
 
 
 def strip_vocab(con) -> list[str]:

@@ -40,6 +40,7 @@ from typing import Callable
 import pyarrow as pa
 
 from .errors import AtlasError
+from .store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
@@ -109,11 +110,6 @@ def _tables(con) -> set[str]:
     return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
-def _stage_done(con, stage: str) -> bool:
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = ?", [f"stage.{stage}"]).fetchone()
-    return bool(row) and json.loads(row[0]).get("status") == "done"
-
-
 def _term_table(con) -> pa.Table:
     """token_id -> term for every token with a searchable term (a vocabulary is a few 100k rows)."""
     rows = con.execute("SELECT token_id, token FROM vocab").fetchall()
@@ -141,7 +137,7 @@ def score(strength: int, src: int, check: int) -> int:
 def _check_sql(con) -> str:
     """The neurons' faithfulness x 100 as an integer, -1 where the clamp stage did not measure one."""
     has = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'neurons' "
-                      "AND column_name = 'faithfulness'").fetchone()[0] and _stage_done(con, "clamp")
+                      "AND column_name = 'faithfulness'").fetchone()[0] and finished_stage(con, "clamp") is not None
     # NaN (a neuron without decoded `out` tokens to check) counts as not measured, like NULL.
     return ("CASE WHEN isfinite(n.faithfulness) THEN CAST(floor(CAST(n.faithfulness AS DOUBLE) * 100 + 0.5) "
             "AS INTEGER) ELSE -1 END" if has else "-1")
@@ -178,7 +174,8 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
         raise AtlasError("--search-postings must be at least 1")
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    with_exemplars = _stage_done(con, "exemplars") and {"exemplars", "corpus_docs"} <= _tables(con)
+    with_exemplars = finished_stage(con, "exemplars") is not None and {"exemplars", "corpus_docs"} <= _tables(con)
+    check = _check_sql(con)
     con.register("search_terms", _term_table(con))
     try:
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
@@ -189,7 +186,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
             WITH matches AS (
                 SELECT term, layer, neuron, src, rank, token_id, z, "check",
                        CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
-                FROM ({_matches_sql(with_exemplars, _check_sql(con))}) WHERE z IS NOT NULL AND isfinite(z)
+                FROM ({_matches_sql(with_exemplars, check)}) WHERE z IS NOT NULL AND isfinite(z)
             ), best AS (
                 SELECT *, CASE WHEN src = {OUT_TOP} AND "check" >= 0
                                THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
@@ -222,7 +219,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
                 pass
     n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
-            "clamp_weighted": _check_sql(con) != "-1",
+            "clamp_weighted": check != "-1",
             "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars}
     (out_dir / META_NAME).write_text(_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),

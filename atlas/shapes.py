@@ -16,7 +16,6 @@ from .errors import AtlasError
 from .model import LoadedModel, pick_device, pick_dtype
 
 
-
 def shape_config(name: str, n_layers: int | None = None):
     """The transformers config of a known shape; ``n_layers`` keeps only that many layers."""
     from transformers import AutoConfig

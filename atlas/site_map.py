@@ -8,13 +8,13 @@ never committed): WebGL scatter keeps half a million points responsive.
 
 from __future__ import annotations
 
-import json
 import shutil
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import AtlasError
+from .store import finished_stage
 
 MAP_TOKENS = 3          # top `out` tokens listed per member on cluster pages
 _cache: dict = {}       # per process: cluster labels of the store being rendered
@@ -24,8 +24,7 @@ def has_clusters(con) -> bool:
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     if "neighbours" not in tables:
         return False
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.cluster'").fetchone()
-    return bool(row) and json.loads(row[0]).get("status") == "done"
+    return finished_stage(con, "cluster") is not None
 
 
 @lru_cache(maxsize=1 << 16)      # neighbour labels repeat across the pages of a block
@@ -74,7 +73,7 @@ def summary(con) -> dict | None:
     """What the home and method pages say about the clusters, or None without a cluster stage."""
     if not has_clusters(con):
         return None
-    status = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.cluster'").fetchone()[0])
+    status = finished_stage(con, "cluster")
     stats = status.get("stats", {})
     return {"n_clusters": con.execute("SELECT count(*) FROM clusters").fetchone()[0],
             "within": stats.get("within_cosine"), "across": stats.get("across_cosine"),

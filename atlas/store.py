@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BI
 """
 
 
+def finished_stage(con, stage: str) -> dict | None:
+    """What a finished ``stage`` recorded on the connection ``con``, or None if it has not finished."""
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = ?", [f"stage.{stage}"]).fetchone()
+    status = json.loads(row[0]) if row else None
+    return status if status and status.get("status") == "done" else None
+
+
 def without_timings(value: Any) -> Any:
     """``value`` (atlas_meta JSON) less its timings (``seconds``, ``*_s``), which differ between equal builds."""
     if isinstance(value, dict):

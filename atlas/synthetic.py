@@ -19,6 +19,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from . import __version__
+from .clamp_site import HOLDS
+from .config import ClampConfig
 from .store import SIDES, SIDE_STATS, Store
 
 # Token texts that break a page if any renderer forgets to escape them. They take the
@@ -103,7 +105,7 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
 
 
 N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 16      # WINDOW as in activations.py
-CLAMP_TOP, CLAMP_OWN = 10, 10                                  # the clamp stage's defaults
+CLAMP = ClampConfig()                                          # the clamp stage's defaults
 
 
 def _corpus_docs(words: list[str], rng: np.random.Generator) -> pa.Table:
@@ -170,19 +172,19 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
     return neurons, {"exemplars": exemplars, "histograms": histograms, "attributions": attributions}
 
 
-def _clamp_layer(layer: int, neurons: pa.Table, decoded: pa.Table, top_k: int, n_top: int, n_own: int,
+def _clamp_layer(layer: int, neurons: pa.Table, decoded: pa.Table, top_k: int, cfg: ClampConfig,
                  rng: np.random.Generator) -> tuple[pa.Table, pa.Table]:
     """One layer's clamp_effects (rises, falls and the own top `out` tokens) and its neurons
     with clamp_value, clamp_lift and faithfulness, shaped like the clamp stage's output."""
-    d = neurons.num_rows
+    d, n_top = neurons.num_rows, cfg.clamp_top_k
     vocab_ids = decoded.column("token_id").to_numpy()
     tokens = decoded.column("token").combine_chunks()
     sides = decoded.column("side").chunk(0).dictionary.to_pylist()
     per_neuron = len(vocab_ids) // d
     # The own tokens are the top `out` tokens, ranks 0..n_own-1, as the stage picks them.
     out_first = sides.index("out") * (per_neuron // len(sides))
-    own_rows = (np.arange(d)[:, None] * per_neuron + out_first + np.arange(min(n_own, top_k))).ravel()
-    n_own = min(n_own, top_k)
+    n_own = min(cfg.clamp_own, top_k)
+    own_rows = (np.arange(d)[:, None] * per_neuron + out_first + np.arange(n_own)).ravel()
     rise = np.sort(rng.exponential(2.0, (d, n_top)), 1)[:, ::-1] + 0.5
     fall = -(np.sort(rng.exponential(2.0, (d, n_top)), 1)[:, ::-1] + 0.5)
     own = rng.normal(1.0, 2.0, (d, n_own))
@@ -205,7 +207,7 @@ def _clamp_layer(layer: int, neurons: pa.Table, decoded: pa.Table, top_k: int, n
         "token": pa.concat_arrays(rows["token"]),
         "delta_logprob": pa.array(np.concatenate(rows["delta"]).astype(np.float32))})
     normaliser = neurons.column("normaliser").to_numpy()
-    stats = {"clamp_value": 4 * normaliser, "clamp_lift": own.mean(1), "faithfulness": rng.beta(8, 2, d)}
+    stats = {"clamp_value": cfg.clamp_multiple * normaliser, "clamp_lift": own.mean(1), "faithfulness": rng.beta(8, 2, d)}
     for name, values in stats.items():
         neurons = neurons.append_column(name, pa.array(np.asarray(values, np.float32)))
     return neurons, effects
@@ -282,8 +284,7 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                 if corpus:
                     neurons, tables = _corpus_layer(layer, neurons, k, tokens, rng)
                 if clamp:
-                    neurons, tables["clamp_effects"] = _clamp_layer(layer, neurons, decoded, top_k, CLAMP_TOP,
-                                                                    CLAMP_OWN, rng)
+                    neurons, tables["clamp_effects"] = _clamp_layer(layer, neurons, decoded, top_k, CLAMP, rng)
                 for name, table in tables.items():
                     con.register(f"{name}_arrow", table)
                     con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {name}_arrow")
@@ -323,11 +324,12 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             n = n_layers * d_mlp
             store.set_meta("stage.clamp", {
                 "status": "done", "fingerprint": f"synthetic-{seed}",
-                "config": {"clamp_multiple": 4.0, "clamp_top_k": CLAMP_TOP, "clamp_own": CLAMP_OWN},
+                "config": {"clamp_multiple": CLAMP.clamp_multiple, "clamp_top_k": CLAMP.clamp_top_k,
+                           "clamp_own": CLAMP.clamp_own},
                 "prompts": ["The", "I think that"],
-                "stats": {"neurons": n, "of": n, "prompts": 2, "multiple": 4.0, "device": "synthetic",
-                          "hold_threshold": 0.9, "holds": int(con.execute(
-                              "SELECT count(*) FROM neurons WHERE faithfulness >= 0.9").fetchone()[0]),
+                "stats": {"neurons": n, "of": n, "prompts": 2, "multiple": CLAMP.clamp_multiple,
+                          "device": "synthetic", "hold_threshold": HOLDS, "holds": int(con.execute(
+                              "SELECT count(*) FROM neurons WHERE faithfulness >= ?", [HOLDS]).fetchone()[0]),
                           "median_faithfulness": float(con.execute(
                               "SELECT median(faithfulness) FROM neurons").fetchone()[0])}})
         if clusters:
