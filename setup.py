@@ -1,8 +1,8 @@
-"""Wheels carry the site templates and mkdocs.yml inside the package, as ``atlas/_bundled/``.
+"""Wheels carry the site templates, mkdocs.yml and data/ inside the package, as ``atlas/_bundled/``.
 
 In a checkout (and an editable install) atlas reads them from the top-level
-``site_templates/`` and ``mkdocs.yml``; an installed wheel has no checkout to read, so
-``build_py`` copies both into the package. Everything else is in pyproject.toml.
+``site_templates/``, ``mkdocs.yml`` and ``data/`` (atlas/resources.py); an installed wheel has no checkout to read, so
+``build_py`` copies all three into the package. Everything else is in pyproject.toml.
 """
 
 import shutil
@@ -21,6 +21,7 @@ class BuildPyWithTemplates(build_py):
         shutil.rmtree(dest, ignore_errors=True)        # a template removed since the last build stays out
         shutil.copytree("site_templates", dest / "site_templates")
         shutil.copy2("mkdocs.yml", dest / "mkdocs.yml")
+        shutil.copytree("data", dest / "data")
 
 
 setup(cmdclass={"build_py": BuildPyWithTemplates})

@@ -1,3 +1,3 @@
-from .cli import main
+from atlas.cli import main
 
 main()

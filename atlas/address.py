@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 _ADDRESS = re.compile(r"^\s*(?:neurons/)?L?(-?\d+)\s*[/:]\s*N?(-?\d+)/?\s*$", re.IGNORECASE)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 import duckdb
 
-from . import __version__
+from atlas import __version__
 # Settings only: the stages, which import torch (a second or more), load when a command runs.
-from .config import SHAPES as SHAPE_NAMES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
-from .errors import AtlasError
+from atlas.config import SHAPES as SHAPE_NAMES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
+from atlas.errors import AtlasError
 
 
 class IntOrAll(click.ParamType):
@@ -147,7 +147,7 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --out out/smollm2 --corpus my_texts/ --max-tokens all
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
     """
-    from .pipeline import build as run_build
+    from atlas.pipeline import build as run_build
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
     _print_summary(run_build(out, model, decode, render, config_from(ExemplarConfig, kw), device=device,
                              dtype=dtype, force=force, progress=not quiet, cluster=config_from(ClusterConfig, kw),
@@ -168,7 +168,7 @@ def decode(out, model, device, dtype, quiet, **kw):
     Example:
       atlas decode --out out/smollm2 --top-k 50
     """
-    from .pipeline import Build
+    from atlas.pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(config_from(DecodeConfig, kw)))
 
 
@@ -186,7 +186,7 @@ def exemplars(out, model, device, dtype, quiet, **kw):
     Example:
       atlas exemplars --out out/smollm2 --corpus my_texts/ --max-tokens 1000000
     """
-    from .pipeline import Build
+    from atlas.pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).exemplars(config_from(ExemplarConfig, kw)))
 
 
@@ -205,7 +205,7 @@ def cluster(out, model, device, dtype, quiet, **kw):
       atlas cluster --out out/smollm2
       atlas cluster --out out/smollm2 --n-clusters 300 --neighbours 20
     """
-    from .pipeline import Build
+    from atlas.pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(config_from(ClusterConfig, kw)))
 
 
@@ -225,7 +225,7 @@ def clamp(out, model, device, dtype, quiet, **kw):
       atlas clamp --out out/smollm2 --clamp-budget 0      # skip: no neuron measured
       atlas clamp --out out/smollm2 --clamp-multiple 4 --clamp-budget 512
     """
-    from .pipeline import Build
+    from atlas.pipeline import Build
     _print_summary(Build(out, model, device, dtype, progress=not quiet).clamp(config_from(ClampConfig, kw)))
 
 
@@ -250,7 +250,7 @@ def steer(prompt, neurons, values, tokens, atlas_dir, model, device, dtype, as_j
       atlas steer --neuron 13/777 --value 8 "My favourite animal is"
       atlas steer --atlas out/smollm2 --neuron 13/777 --value 6x --neuron 20/5 --value -4 "Today"
     """
-    from .steer import steer_cli
+    from atlas.steer import steer_cli
     result = steer_cli(prompt, neurons, values, tokens, atlas_dir, model, device, dtype)
     if as_json:
         _print_summary(result)
@@ -274,7 +274,7 @@ def render(out, force, quiet, **kw):
     Example:
       atlas render out/smollm2
     """
-    from .pipeline import render_site
+    from atlas.pipeline import render_site
     _print_summary(render_site(out, config_from(RenderConfig, kw), not quiet, force))
 
 
@@ -289,7 +289,7 @@ def serve(path, host, port):
     Example:
       atlas serve out/smollm2 --port 8000
     """
-    from .serve import serve as run_serve
+    from atlas.site.serve import serve as run_serve
     run_serve(path, host=host, port=port)
 
 
@@ -306,7 +306,7 @@ def search(path, query, limit, as_json):
       atlas search out/smollm2 dog
       atlas search out/smollm2 "new york" --limit 50 --json
     """
-    from .search import format_hits, search as run_search
+    from atlas.site.search import format_hits, search as run_search
     result = run_search(path, query, limit)
     if as_json:
         _print_summary(result)
@@ -326,8 +326,8 @@ def info(out, as_json, neuron):
       atlas info out/smollm2
       atlas info out/smollm2 --neuron L13/N777
     """
-    from .pipeline import store_path
-    from .store import Store
+    from atlas.pipeline import store_path
+    from atlas.store import Store
     with Store(store_path(out), read_only=True) as store:
         if neuron is not None:
             _print_neuron(store, neuron, as_json)
@@ -351,8 +351,8 @@ def info(out, as_json, neuron):
 
 
 def _print_neuron(store, address: str, as_json: bool) -> None:
-    from .address import resolve_neuron
-    from .site_map import visible       # labels are corpus-derived: no raw control characters on a terminal
+    from atlas.address import resolve_neuron
+    from atlas.site.clusters import visible       # labels are corpus-derived: no raw control characters on a terminal
     layer, neuron = resolve_neuron(store.con, address)
     cur = store.con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, neuron])
     row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
@@ -400,12 +400,12 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
       atlas bench render                            # 458,752 neuron pages
       atlas bench render --layers 2 --neurons 2048
     """
-    from . import bench as b
-    from .model import pick_device
+    from atlas.bench import stages as b
+    from atlas.model.load import pick_device
     results = {}
     if what in ("render", "all"):
-        from .bench_render import bench_render, print_render_table
-        from .shapes import SHAPES
+        from atlas.bench.render import bench_render, print_render_table
+        from atlas.model.shapes import SHAPES
         _, n_layers, _, d_mlp, *_ = SHAPES[shape or "llama-3.1-8b"]
         results["render"] = bench_render(f"{n_layers}x{d_mlp}", layers or 0, neurons, store)
         print_render_table(results["render"])
@@ -423,7 +423,7 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
         results["corpus"] = b.bench_corpus(model, device, dtype, batches=batches, shape=shape, layers=layers)
         b.print_corpus_table(results["corpus"])
     if json_path:
-        from .io import write_json_atomic
+        from atlas.files import write_json_atomic
         write_json_atomic(json_path, results if what == "all" else results[what])
 
 

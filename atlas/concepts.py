@@ -15,27 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .clamp import clamped, load_prompts, next_logprobs
-from .errors import AtlasError
-from .model import LoadedModel
+from atlas.stages.clamp import clamped, load_prompts, next_logprobs
+from atlas.errors import AtlasError
+from atlas.resources import concepts
+from atlas.model.load import LoadedModel
 
-# Everyday concepts: animals, a place, food, a sport, an emotion, and a few more; chosen
-# before looking at any result.
-CONCEPTS = ["dog", "cat", "water", "music", "France", "food", "football", "happy", "king", "money"]
-
-# Topic-free prompts, none of them a probe prompt of the clamp stage (a test checks this).
-HELD_OUT = [
-    "In my opinion, the best",
-    "We spent the whole afternoon looking at the",
-    "The picture on the wall shows a",
-    "He could not stop thinking about",
-    "The next chapter of the book is about",
-    "Everyone in the room was talking about",
-    "This morning I read an article about",
-    "The children asked many questions about",
-    "At the end of the day, it was all about",
-    "The teacher wrote one word on the board:",
-]
+# Everyday concepts (animals, a place, food, a sport, an emotion, ...) chosen before looking
+# at any result, and topic-free prompts, none of them a probe prompt of the clamp stage (a
+# test checks this): data/concepts.json.
+CONCEPTS = concepts("clamp_check")
+HELD_OUT = concepts("held_out_prompts")
 
 
 @dataclass

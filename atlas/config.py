@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import AtlasError
-from .store import SIDES
+from atlas.errors import AtlasError
+from atlas.schema import SIDES
 
 CPU_BUDGET = 2048           # neurons the clamp stage measures by default without a GPU (see README: ~2 min)
 EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 LOCK_NAME = ".atlas.lock"
 _held: dict[Path, list[int]] = {}      # lock path -> [fd, depth], for this process

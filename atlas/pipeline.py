@@ -12,16 +12,16 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .clamp import ClampConfig, run_clamp
-from .cluster import ClusterConfig, run_cluster
-from .decode import DecodeConfig, fingerprint, run_decode
-from .errors import AtlasError
-from .exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
-from .lock import output_lock
-from .model import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, pick_device, resolve
-from .render import RenderConfig, render
-from .store import Store
+from atlas import __version__
+from atlas.stages.clamp import ClampConfig, run_clamp
+from atlas.stages.cluster import ClusterConfig, run_cluster
+from atlas.stages.decode import DecodeConfig, fingerprint, run_decode
+from atlas.errors import AtlasError
+from atlas.stages.exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
+from atlas.lock import output_lock
+from atlas.model.load import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, pick_device, resolve
+from atlas.site.render import RenderConfig, render
+from atlas.store import Store
 
 STORE_NAME = "atlas.duckdb"
 SITE_NAME = "site"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .clamp import check_address, clamped
-from .errors import AtlasError
-from .model import LoadedModel
+from atlas.stages.clamp import check_address, clamped
+from atlas.errors import AtlasError
+from atlas.model.load import LoadedModel
 
 _ADDRESS = re.compile(r"^\s*L?(\d+)\s*[/:]\s*N?(\d+)\s*$", re.IGNORECASE)
 _VALUE = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(x?)\s*$", re.IGNORECASE)
@@ -96,14 +96,14 @@ def resolve_values(addresses: list[tuple[int, int]], values: list[tuple[float, b
 def steer_cli(prompt: str, neurons, values, tokens: int, atlas_dir, model: str | None, device: str,
               dtype: str) -> dict:
     """What `atlas steer` runs: parse the flags, read normalisers from an atlas if given, steer."""
-    from .model import DEFAULT_MODEL, load_model
+    from atlas.model.load import DEFAULT_MODEL, load_model
 
     addresses = [parse_address(n) for n in neurons]
     parsed = [parse_value(v) for v in values]
     normaliser = None
     if atlas_dir is not None:
-        from .pipeline import store_path
-        from .store import Store
+        from atlas.pipeline import store_path
+        from atlas.store import Store
 
         with Store(store_path(atlas_dir), read_only=True) as store:
             model = model or (store.meta("model") or {}).get("source")

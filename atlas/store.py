@@ -1,6 +1,6 @@
 """The DuckDB store: one file that holds every number an atlas shows.
 
-Table and column names in ``SCHEMA`` are a public API (see DESIGN.md): add, never rename.
+The tables are defined in ``atlas/schema.py``; their names are a public API (see DESIGN.md).
 Every stage writes inside a transaction and records its progress in the same transaction,
 so a crash leaves either the old state or the new one, never a store that looks complete.
 """
@@ -10,69 +10,14 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import duckdb
 
-from . import __version__
-from .errors import AtlasError
+from atlas import __version__
+from atlas.errors import AtlasError
+from atlas.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
-# Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
-# A store older than the oldest registered step is refused with a message that says so.
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {}
-SIDES = ("in", "gate", "out")
-SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
-
-_neuron_stat_cols = ",\n    ".join(f"{s}_{c} FLOAT" for s in SIDES for c in SIDE_STATS)
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS atlas_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS stage_progress (stage VARCHAR, unit VARCHAR, fingerprint VARCHAR,
-    PRIMARY KEY (stage, unit));
-CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, token VARCHAR, piece VARCHAR);
-CREATE TABLE IF NOT EXISTS neurons (
-    layer SMALLINT NOT NULL,
-    neuron INTEGER NOT NULL,
-    label VARCHAR,
-    cluster_id INTEGER,
-    x FLOAT,
-    y FLOAT,
-    normaliser FLOAT,
-    act_mean FLOAT,
-    act_std FLOAT,
-    act_max FLOAT,
-    act_min FLOAT,
-    density FLOAT,
-    attr_mean_abs FLOAT,
-    {_neuron_stat_cols},
-    PRIMARY KEY (layer, neuron)
-);
-CREATE TABLE IF NOT EXISTS decoded_tokens (
-    layer SMALLINT NOT NULL,
-    neuron INTEGER NOT NULL,
-    side VARCHAR NOT NULL,
-    polarity VARCHAR NOT NULL,
-    rank SMALLINT NOT NULL,
-    token_id INTEGER NOT NULL,
-    token VARCHAR,
-    logit FLOAT,
-    prob FLOAT
-);
-CREATE TABLE IF NOT EXISTS clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR,
-    x FLOAT, y FLOAT, cohesion FLOAT);
-CREATE TABLE IF NOT EXISTS neighbours (layer SMALLINT, neuron INTEGER, rank SMALLINT,
-    nb_layer SMALLINT, nb_neuron INTEGER, cosine FLOAT);
-CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
-    token_ids INTEGER[]);
-CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,
-    rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT,
-    window_start INTEGER, window_activations FLOAT[16]);
-CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SMALLINT,
-    token_id INTEGER, token VARCHAR, attribution FLOAT, polarity VARCHAR, doc_id INTEGER,
-    token_pos INTEGER);
-CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BIGINT[64]);
-"""
 
 
 def finished_stage(con, stage: str) -> dict | None:

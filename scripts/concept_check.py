@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atlas.clamp import ClampConfig
+from atlas.stages.clamp import ClampConfig
 from atlas.concepts import HELD_OUT, check, markdown
 from atlas.errors import AtlasError
-from atlas.model import load_model
+from atlas.model.load import load_model
 from atlas.pipeline import store_path
 from atlas.store import Store
 

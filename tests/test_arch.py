@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from atlas.arch import adapter_for
+from atlas.model.arch import adapter_for
 from atlas.errors import AtlasError
 from conftest import ARCHS, tiny_model
 

@@ -16,9 +16,9 @@ import duckdb
 import numpy as np
 import pytest
 
-from atlas.corpus import MAX_LINE_BYTES, cut_rows
-from atlas.decode import DecodeConfig
-from atlas.exemplars import ExemplarConfig
+from atlas.stages.corpus import MAX_LINE_BYTES, cut_rows
+from atlas.stages.decode import DecodeConfig
+from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from test_cli import assert_one_line_error
 from test_faults import BUILD, atlas_run, make_inputs, store_rows

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from atlas.cli import main
-from atlas.shapes import SHAPES, random_model, shape_config
+from atlas.model.shapes import SHAPES, random_model, shape_config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -57,7 +57,7 @@ def test_unknown_shape_is_a_one_line_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_matches_the_cpu_in_bfloat16():
     """The GPU path (bf16, device top-k, pinned copies) gives the same top tokens as float32 on the CPU."""
-    from atlas.decode_core import Unembedding, decode_directions
+    from atlas.stages.decode_kernel import Unembedding, decode_directions
     gpu = random_model("smollm2-135m", "cuda", "bfloat16", n_layers=1)
     a, m = gpu.adapter, gpu.model
     V = a.direction(m, 0, "out")[:64]

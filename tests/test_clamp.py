@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.clamp import ClampConfig, clamped, load_prompts, measure, next_logprobs
-from atlas.cluster import ClusterConfig
-from atlas.decode import DecodeConfig
+from atlas.stages.clamp import ClampConfig, clamped, load_prompts, measure, next_logprobs
+from atlas.stages.cluster import ClusterConfig
+from atlas.stages.decode import DecodeConfig
 from atlas.errors import AtlasError
-from atlas.exemplars import ExemplarConfig
-from atlas.model import load_model
+from atlas.stages.exemplars import ExemplarConfig
+from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
 from atlas.steer import Intervention, steer
 from test_cli import assert_one_line_error, atlas

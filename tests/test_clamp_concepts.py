@@ -6,10 +6,10 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from atlas.clamp import ClampConfig
+from atlas.stages.clamp import ClampConfig
 from atlas.concepts import CONCEPTS, HELD_OUT, check, markdown
-from atlas.decode import DecodeConfig
-from atlas.exemplars import ExemplarConfig
+from atlas.stages.decode import DecodeConfig
+from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.cluster import ClusterConfig, cluster_store, compute_geometry, unit_directions
-from atlas.render import RenderConfig, render
-from atlas.synthetic import make_synthetic_store, synthetic_directions
+from atlas.stages.cluster import ClusterConfig, cluster_store, compute_geometry, unit_directions
+from atlas.site.render import RenderConfig, render
+from atlas.bench.synthetic import make_synthetic_store, synthetic_directions
 
 from test_render import parse, resolve
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from atlas import decode as decode_mod
-from atlas.decode import DecodeConfig
-from atlas.decode_core import Unembedding, decode_directions
+from atlas.stages import decode as decode_mod
+from atlas.stages.decode import DecodeConfig
+from atlas.stages.decode_kernel import Unembedding, decode_directions
 from atlas.errors import AtlasError
 from atlas.pipeline import Build
 from atlas.store import Store

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from atlas import exemplars as ex_mod
-from atlas.activations import WINDOW_BEFORE, PassState
-from atlas.attribution import attribute_batch
-from atlas.corpus import open_corpus
-from atlas.decode import DecodeConfig
-from atlas.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
+from atlas.stages import exemplars as ex_mod
+from atlas.stages.activations import WINDOW_BEFORE, PassState
+from atlas.stages.attribution import attribute_batch
+from atlas.stages.corpus import open_corpus
+from atlas.stages.decode import DecodeConfig
+from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
 from conftest import tiny_model
 from test_cli import assert_one_line_error, atlas
@@ -188,7 +188,7 @@ def test_attribution_matches_finite_differences():
     # so in float64 a central difference is exact to many digits.
     torch.manual_seed(0)
     model = tiny_model("gpt2").double()
-    from atlas.arch import adapter_for
+    from atlas.model.arch import adapter_for
     adapter = adapter_for(model)
     ids = torch.randint(3, 64, (3, 10))
     pos = torch.tensor([2, 5, 8])

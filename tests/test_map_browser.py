@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from atlas.render import RenderConfig, render
-from atlas.synthetic import make_synthetic_store
+from atlas.site.render import RenderConfig, render
+from atlas.bench.synthetic import make_synthetic_store
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from atlas.render import RenderConfig, render
-from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN
-from atlas.synthetic import make_synthetic_store
+from atlas.site.render import RenderConfig, render
+from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
+from atlas.bench.synthetic import make_synthetic_store
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"

@@ -50,7 +50,7 @@ def test_the_wheel_carries_every_template(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     templates = {p.relative_to(REPO).as_posix() for p in (REPO / "site_templates").rglob("*") if p.is_file()}
     assert templates and {f"atlas/_bundled/{t}" for t in templates} == {n for n in names if "/site_templates/" in n}
-    assert "atlas/_bundled/mkdocs.yml" in names and "atlas/data/probe_prompts.txt" in names
+    assert "atlas/_bundled/mkdocs.yml" in names and "atlas/_bundled/data/probe_prompts.txt" in names
 
 
 def test_an_installed_wheel_renders_a_site(wheel, tmp_path):
@@ -58,9 +58,9 @@ def test_an_installed_wheel_renders_a_site(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(target)
     script = """
 import sys
-import atlas.render as r
-from atlas.render import RenderConfig, render
-from atlas.synthetic import make_synthetic_store
+import atlas.site.render as r
+from atlas.site.render import RenderConfig, render
+from atlas.bench.synthetic import make_synthetic_store
 assert r.__file__.startswith(sys.argv[1]), r.__file__          # the installed copy, not the checkout
 assert r.TEMPLATES.is_relative_to(sys.argv[1]), r.TEMPLATES
 store = make_synthetic_store("atlas.duckdb", 2, 16, vocab_size=256, corpus=True, clamp=True)

@@ -11,12 +11,12 @@ import duckdb
 import numpy as np
 import pytest
 
-from atlas.clamp_site import SHOWN as CLAMP_SHOWN
-from atlas.export import EXPORT_TABLES
-from atlas.render import RenderConfig, render
-from atlas.render_corpus import SHOWN_MAX, SHOWN_MIN
-from atlas.render_text import fmt_logit, fmt_stat, token_cell
-from atlas.synthetic import make_synthetic_store
+from atlas.site.clamp_sections import SHOWN as CLAMP_SHOWN
+from atlas.schema import EXPORT_TABLES
+from atlas.site.render import RenderConfig, render
+from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
+from atlas.site.text import fmt_logit, fmt_stat, token_cell
+from atlas.bench.synthetic import make_synthetic_store
 
 from test_render import parse, resolve
 

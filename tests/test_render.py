@@ -13,12 +13,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from atlas import render as render_mod
-from atlas import render_page
+from atlas.site import render as render_mod
+from atlas.site import neuron_pages as render_page
 from atlas.errors import AtlasError
-from atlas.render import RenderConfig, render, show_token
+from atlas.site.render import RenderConfig, render, show_token
+from atlas.schema import SCHEMA_VERSION
 from atlas.store import Store
-from atlas.synthetic import make_synthetic_store
+from atlas.bench.synthetic import make_synthetic_store
 
 N_LAYERS, D_MLP = 2, 8
 SCRIPT = "<script>alert(1)</script>"
@@ -89,7 +90,7 @@ def test_json_equals_the_store_rows(site, store_path):
         for layer in range(N_LAYERS):
             for n in range(D_MLP):
                 data = json.loads((site / "neurons" / str(layer) / f"{n}.json").read_text())
-                assert (data["layer"], data["neuron"], data["schema_version"]) == (layer, n, 1)
+                assert (data["layer"], data["neuron"], data["schema_version"]) == (layer, n, SCHEMA_VERSION)
                 cur = con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, n])
                 row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
                 assert set(data["neurons"]) == set(row)
@@ -276,7 +277,7 @@ def test_serve_finds_the_site_and_serves_pages(site, tmp_path):
     import threading
     import urllib.request
 
-    from atlas.serve import make_server, site_root
+    from atlas.site.serve import make_server, site_root
 
     assert site_root(site) == site and site_root(site.parent) == site.parent / "site"
     with pytest.raises(AtlasError, match="no built site"):
@@ -295,7 +296,7 @@ def test_serve_finds_the_site_and_serves_pages(site, tmp_path):
 
 
 def test_exemplar_strips_share_one_element_per_shaded_run():
-    from atlas.render_corpus import strip_html
+    from atlas.site.corpus_sections import strip_html
 
     vocab = ["a", "b", "c", "d", "e", "&lt;f&gt;"]         # strip_vocab entries are already escaped
     html = strip_html([0, 1, 2, 3, 4, 5, 0], [1, 1, 0, 2, 2, -1, -1], 3, vocab)

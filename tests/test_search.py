@@ -10,14 +10,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from atlas.decode import DecodeConfig
+from atlas.stages.decode import DecodeConfig
 from atlas.errors import AtlasError
-from atlas.exemplars import ExemplarConfig
+from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
-from atlas.render import RenderConfig, render
-from atlas.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
+from atlas.site.render import RenderConfig, render
+from atlas.site.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
-from atlas.synthetic import make_synthetic_store
+from atlas.bench.synthetic import make_synthetic_store
 from test_cli import assert_one_line_error, atlas
 
 SIDES = ("in", "gate", "out")

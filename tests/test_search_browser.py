@@ -16,9 +16,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from atlas.render import RenderConfig, render
-from atlas.search import normalise, search
-from atlas.synthetic import make_synthetic_store
+from atlas.site.render import RenderConfig, render
+from atlas.site.search import normalise, search
+from atlas.bench.synthetic import make_synthetic_store
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -223,7 +223,7 @@ def test_fulltext_escapes_hostile_labels(served, browser):
 
 
 def test_page_and_python_agree_on_terms_and_shards(served, browser):
-    from atlas.search import POSTING, SCHEMA, OUT_TOP, query_terms, score, shard_of
+    from atlas.site.search import POSTING, SCHEMA, OUT_TOP, query_terms, score, shard_of
 
     _, base = served
     samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",

@@ -29,29 +29,21 @@ import jinja2
 from markupsafe import Markup
 from tqdm.auto import tqdm
 
-from . import __version__, faults
-from .errors import AtlasError
-from . import site_map
-from .export import human_bytes, write_exports
-from .render_corpus import has_corpus
-from .render_page import BLOCK, JSON_TABLES, json_sql, neurons_sql, render_block
-from .render_text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
-from .store import Store, without_timings
-from .clamp_site import has_clamp, summary as clamp_summary
-from .config import RenderConfig  # noqa: F401 (re-exported)
+from atlas import __version__
+from atlas import faults
+from atlas.errors import AtlasError
+from atlas.resources import MKDOCS_YML, ROOT, TEMPLATES
+from atlas.site import clusters as site_map
+from atlas.site.exports import human_bytes, write_exports
+from atlas.site.corpus_sections import has_corpus
+from atlas.schema import JSON_TABLES
+from atlas.site.neuron_pages import BLOCK, json_sql, neurons_sql, render_block
+from atlas.site.text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
+from atlas.store import Store, without_timings
+from atlas.site.clamp_sections import has_clamp, summary as clamp_summary
+from atlas.config import RenderConfig  # noqa: F401 (re-exported)
 
 
-def _resource_root() -> Path:
-    """Where ``site_templates/`` and ``mkdocs.yml`` are: the checkout, or inside an installed wheel."""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "site_templates").is_dir() and (checkout / "mkdocs.yml").is_file():
-        return checkout
-    return Path(__file__).resolve().parent / "_bundled"          # see setup.py
-
-
-ROOT = _resource_root()
-TEMPLATES = ROOT / "site_templates"
-MKDOCS_YML = ROOT / "mkdocs.yml"
 SITE_MARKER = "atlas-site.json"
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
@@ -408,7 +400,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             if has_clusters:
                 site_map.write_cluster_site(store.con, _env(), building, page["site"], layer_sizes, TEMPLATES)
                 faults.point("render", "cluster pages and map written")
-            from .search_site import write_search_site
+            from atlas.site.search_page import write_search_site
             search = write_search_site(store.con, _env(), building, page["site"], sum(layer_sizes), TEMPLATES,
                                        cfg.search_postings, cfg.pagefind_max_neurons)
             (building / SITE_MARKER).write_text(_to_json({

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import AtlasError
-from .search import INDEX_DIR, SCHEMA, write_index
+from atlas.errors import AtlasError
+from atlas.site.search import INDEX_DIR, SCHEMA, write_index
 
 PAGEFIND_DIR = "pagefind"
 DOC_SIDES = ("out", "in", "gate")   # order of the tokens in a full-text document
@@ -90,7 +90,7 @@ def write_fulltext(con, site: Path) -> dict:
 def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, templates: Path,
                       postings: int, pagefind_max_neurons: int) -> dict:
     """Write ``search/`` (page and concept index) and, for atlases small enough, ``pagefind/``."""
-    from .site_map import _markup, _to_json
+    from atlas.site.clusters import _markup, _to_json
 
     info = {"concept": write_index(con, site / INDEX_DIR, postings)}
     fulltext = 0 < n_neurons <= pagefind_max_neurons

@@ -7,17 +7,17 @@ import time
 
 import torch
 
-from .decode import default_chunk
-from .decode_core import Unembedding, bare_matmul_topk, decode_directions
-from .activations import PassState
-from .model import LoadedModel, load_model
+from atlas.stages.decode import default_chunk
+from atlas.stages.decode_kernel import Unembedding, bare_matmul_topk, decode_directions
+from atlas.stages.activations import PassState
+from atlas.model.load import LoadedModel, load_model
 
 
 def _load(model: str, shape: str | None, device: str, dtype: str, layers: int | None) -> tuple[LoadedModel, int]:
     """The model to time and its real layer count: a checkpoint, or random weights of a known
     shape (keeping only ``layers`` layers, so a big shape fits a small machine)."""
     if shape:
-        from .shapes import SHAPES, random_model
+        from atlas.model.shapes import SHAPES, random_model
         lm = random_model(shape, device, dtype, layers or None)
         return lm, SHAPES[shape][1]
     lm = load_model(model, device, dtype)
@@ -92,12 +92,12 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
                  batch_size: int = 16, context: int = 128, repeats: int = 1, shape: str | None = None,
                  layers: int | None = None) -> dict:
     """The hooked corpus pass vs the same forward passes without statistics, interleaved batch by batch."""
-    from .exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows, spare_slots
+    from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows, spare_slots
 
     lm, _ = _load(model, shape, device, dtype, layers)
     cfg = ExemplarConfig(max_tokens=batches * batch_size * context, context=context, batch_size=batch_size)
     if lm.tokenizer is None:   # a random shape has no tokenizer; random ids cost the same
-        from .corpus import Row
+        from atlas.stages.corpus import Row
         gen = torch.Generator().manual_seed(0)
         vocab = lm.adapter.W_U(lm.model).shape[0]
         rows = [Row(i, "random", torch.randint(0, vocab, (context,), generator=gen).tolist())

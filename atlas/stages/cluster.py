@@ -37,10 +37,10 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
-from .config import DEFAULT_PROBE, EXACT_MAX, ClusterConfig  # noqa: F401 (re-exported)
-from .errors import AtlasError
-from .store import Store
+from atlas import faults
+from atlas.config import DEFAULT_PROBE, EXACT_MAX, ClusterConfig  # noqa: F401 (re-exported)
+from atlas.errors import AtlasError
+from atlas.store import Store
 
 STAGE = "cluster"
 FIT_MAX = 65_536            # neurons on which k-means fits its centroids (all of them up to this)
@@ -326,7 +326,6 @@ def compute_geometry(X: np.ndarray, layer: np.ndarray, neuron: np.ndarray, cfg: 
 # -- the store -------------------------------------------------------------------------
 def write_geometry(con, g: Geometry) -> None:
     """Replace cluster ids, coordinates, clusters and neighbours; call inside a transaction."""
-    con.execute("ALTER TABLE clusters ADD COLUMN IF NOT EXISTS cohesion FLOAT")   # stores from v0.1
     placed = pa.table({"layer": g.layer, "neuron": g.neuron, "cluster_id": g.cluster,
                        "x": g.xy[:, 0], "y": g.xy[:, 1]})
     clusters = pa.table({"cluster_id": np.arange(len(g.size), dtype=np.int32), "size": g.size.astype(np.int32),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .store import finished_stage
+from atlas.store import finished_stage
 
 HOLDS = 0.9     # faithfulness at which a neuron's decoded meaning counts as holding up
 SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows

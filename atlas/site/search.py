@@ -39,8 +39,8 @@ from typing import Callable
 
 import pyarrow as pa
 
-from .errors import AtlasError
-from .store import finished_stage
+from atlas.errors import AtlasError
+from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
@@ -265,7 +265,7 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
 
 
 def _json(obj) -> str:
-    from .render import _to_json       # the site's one JSON writer: sorted, and safe inside HTML
+    from atlas.site.render import _to_json       # the site's one JSON writer: sorted, and safe inside HTML
     return _to_json(obj)
 
 
@@ -339,7 +339,7 @@ def search(path: str | Path, query: str, limit: int = 20) -> dict:
 
 def format_hits(result: dict) -> list[str]:
     """The lines ``atlas search`` prints: per term its count, then one line per neuron."""
-    from .render import show_token
+    from atlas.site.render import show_token
     lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
     if not result["hits"]:
         return lines + ["no neuron decodes to or fires on these words"]

@@ -23,10 +23,11 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .search import INDEX_DIR, META_NAME, query_terms, shard_name, shard_of
-from .store import Store
+from atlas.resources import concepts
+from atlas.site.search import INDEX_DIR, META_NAME, query_terms, shard_name, shard_of
+from atlas.store import Store
 
-EVERYDAY = ("dog", "cat", "water", "music", "France", "food", "red", "king", "money", "happy", "the", "and")
+EVERYDAY = tuple(concepts("everyday")) + ("the", "and")      # and two words that every atlas has
 
 
 def query_bytes(idx: Path, meta: dict, query: str) -> tuple[int, int]:
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--browser", action="store_true", help="also measure in headless Chromium")
     args = ap.parse_args(argv)
 
-    from .render import _env, RenderConfig, TEMPLATES
-    from .search_site import write_search_site
+    from atlas.site.render import _env, RenderConfig, TEMPLATES
+    from atlas.site.search_page import write_search_site
 
     (args.out / "assets").mkdir(parents=True, exist_ok=True)
     (args.out / "search").mkdir(exist_ok=True)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     import sys
 
-    from .errors import AtlasError
+    from atlas.errors import AtlasError
     try:
         main()
     except AtlasError as e:

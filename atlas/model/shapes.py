@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .arch import adapter_for
-from .config import SHAPES  # noqa: F401 (re-exported)
-from .errors import AtlasError
-from .model import LoadedModel, pick_device, pick_dtype
+from atlas.model.arch import adapter_for
+from atlas.config import SHAPES  # noqa: F401 (re-exported)
+from atlas.errors import AtlasError
+from atlas.model.load import LoadedModel, pick_device, pick_dtype
 
 
 def shape_config(name: str, n_layers: int | None = None):

@@ -22,18 +22,14 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from .render_corpus import corpus_sections, strip_vocab
-from .render_text import fmt_logit, token_cell
-from .store import SIDE_STATS, SIDES
+from atlas.site.corpus_sections import corpus_sections, strip_vocab
+from atlas.site.text import fmt_logit, token_cell
+from atlas.schema import SIDE_STATS, SIDES
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 # Short on purpose: they are on every page; the method page says how each direction is made.
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
-# Tables a neuron's JSON carries, with the order of their rows; the page shows the same rows.
-JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
-               "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank",
-               "clamp_effects": "direction, rank"}
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -142,14 +138,14 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
                                  {row["neuron"]: row["normaliser"] for row, _ in neurons})
     clustering: dict[int, dict] = {}
     if job["has_clusters"]:
-        from .site_map import cluster_sections
+        from atlas.site.clusters import cluster_sections
         clustering = cluster_sections(con, layer, lo, hi, job["site"])
         for sec in clustering.values():
             sec["neighbours"] = neighbour_rows(sec["neighbours"])
 
     clamping: dict[int, dict] = {}
     if job.get("has_clamp"):
-        from .clamp_site import clamp_sections
+        from atlas.site.clamp_sections import clamp_sections
         clamping = clamp_sections(con, layer, lo, hi)
 
     sizes, site = job["layer_sizes"], job["page"]["site"]

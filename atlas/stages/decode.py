@@ -18,11 +18,12 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
-from .decode_core import Decoded, Unembedding, chunk_rows, decode_directions
-from .config import DecodeConfig  # noqa: F401 (re-exported)
-from .model import LoadedModel, vocab_strings
-from .store import SIDE_STATS, Store
+from atlas import faults
+from atlas.stages.decode_kernel import Decoded, Unembedding, chunk_rows, decode_directions
+from atlas.config import DecodeConfig  # noqa: F401 (re-exported)
+from atlas.model.load import LoadedModel, vocab_strings
+from atlas.schema import SIDE_STATS
+from atlas.store import Store
 
 STAGE = "decode"
 

@@ -21,15 +21,15 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import faults
-from .activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
-from .attribution import AttributionState, attribute_batch
-from .corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
-from .config import ExemplarConfig  # noqa: F401 (re-exported)
-from .errors import AtlasError
-from .io import write_bytes_atomic
-from .model import LoadedModel
-from .store import Store
+from atlas import faults
+from atlas.stages.activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
+from atlas.stages.attribution import AttributionState, attribute_batch
+from atlas.stages.corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
+from atlas.config import ExemplarConfig  # noqa: F401 (re-exported)
+from atlas.errors import AtlasError
+from atlas.files import write_bytes_atomic
+from atlas.model.load import LoadedModel
+from atlas.store import Store
 
 STAGE = "exemplars"
 

@@ -18,29 +18,18 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from . import __version__
-from .clamp_site import HOLDS
-from .config import ClampConfig
-from .store import SIDES, SIDE_STATS, Store
+from atlas import __version__
+from atlas.resources import hostile
+from atlas.site.clamp_sections import HOLDS
+from atlas.config import ClampConfig
+from atlas.schema import SIDES, SIDE_STATS
+from atlas.store import Store
 
 # Token texts that break a page if any renderer forgets to escape them. They take the
 # first vocab ids and fill the top of layer 0 / neuron 0's `out` side, so the home page,
 # the layer-0 page and the first neuron page all show them.
-HOSTILE_TOKENS = (
-    "<script>alert(1)</script>",
-    "<img src=x onerror=\"document.title='pwned'\">",
-    "\" onmouseover=\"x",
-    "javascript:alert(1)",
-    "\u202eevil",
-    " </td></tr></table>",
-    "{{ 7*7 }}",
-    "*not emphasis*",
-    "&amp;",
-    "\n\n",
-    "  ",
-    "",
-)
-HOSTILE_LABELS = ("<script>alert(1)</script>", "a\nlabel with a newline & \"quotes\"")
+HOSTILE_TOKENS = tuple(hostile("tokens"))
+HOSTILE_LABELS = tuple(hostile("labels"))
 
 CREATED_AT = "2024-01-01T00:00:00Z"
 _SYLLABLES = np.array(["ka", "lo", "mi", "ne", "su", "ta", "ri", "do", "ve", "pa", "qu", "zo",
@@ -273,9 +262,6 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             with store.transaction():
                 con.register("docs_arrow", _corpus_docs(words, rng))
                 con.execute("INSERT INTO corpus_docs SELECT * FROM docs_arrow")
-        if clamp:
-            from .clamp import ensure_tables
-            ensure_tables(con)
         for layer in tqdm(range(n_layers), desc="synthetic store", unit="layer", disable=not progress):
             with store.transaction():
                 neurons = _neurons_layer(layer, d_mlp, sides, words, rng)
@@ -333,7 +319,7 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                           "median_faithfulness": float(con.execute(
                               "SELECT median(faithfulness) FROM neurons").fetchone()[0])}})
         if clusters:
-            from .cluster import ClusterConfig, cluster_store
+            from atlas.stages.cluster import ClusterConfig, cluster_store
             cluster_store(store, lambda: synthetic_directions(n_layers, d_mlp, d_model, seed), ClusterConfig(),
                           f"sha256:{seed:064x}", progress=False)
     return path

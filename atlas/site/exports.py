@@ -12,23 +12,9 @@ from pathlib import Path
 
 import duckdb
 
-from .errors import AtlasError
+from atlas.errors import AtlasError
+from atlas.schema import EXPORT_TABLES
 
-# The public tables (DESIGN.md's contract and those the README documents), each with the
-# key its rows are sorted by; stage_progress is bookkeeping and stays out.
-EXPORT_TABLES = {
-    "atlas_meta": "key",
-    "neurons": "layer, neuron",
-    "decoded_tokens": "layer, neuron, side, polarity, rank",
-    "vocab": "token_id",
-    "clusters": "cluster_id",
-    "neighbours": "layer, neuron, rank",
-    "corpus_docs": "doc_id",
-    "exemplars": "layer, neuron, polarity, rank",
-    "attributions": "layer, neuron, polarity, rank",
-    "histograms": "layer, neuron",
-    "clamp_effects": "layer, neuron, direction, rank",
-}
 STORE_FILE = "atlas.duckdb"
 
 

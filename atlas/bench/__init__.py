@@ -1,0 +1,1 @@
+"""`atlas bench`: stages timed against lower bounds measured in the same run."""

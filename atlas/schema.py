@@ -1,0 +1,107 @@
+"""The store's schema: every table, every migration, and the table order that exports and JSON use.
+
+Table and column names are a public API (DESIGN.md's data contract): add, never rename.
+Stages never create or alter tables themselves; a column a stage needs is declared here,
+and a store of an older version is brought up to date by ``MIGRATIONS`` when it is opened
+for writing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import duckdb
+
+SCHEMA_VERSION = 2
+SIDES = ("in", "gate", "out")
+SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
+
+_neuron_stat_cols = ",\n    ".join(f"{s}_{c} FLOAT" for s in SIDES for c in SIDE_STATS)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS atlas_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS stage_progress (stage VARCHAR, unit VARCHAR, fingerprint VARCHAR,
+    PRIMARY KEY (stage, unit));
+CREATE TABLE IF NOT EXISTS vocab (token_id INTEGER PRIMARY KEY, token VARCHAR, piece VARCHAR);
+CREATE TABLE IF NOT EXISTS neurons (
+    layer SMALLINT NOT NULL,
+    neuron INTEGER NOT NULL,
+    label VARCHAR,
+    cluster_id INTEGER,
+    x FLOAT,
+    y FLOAT,
+    normaliser FLOAT,
+    act_mean FLOAT,
+    act_std FLOAT,
+    act_max FLOAT,
+    act_min FLOAT,
+    density FLOAT,
+    attr_mean_abs FLOAT,
+    {_neuron_stat_cols},
+    clamp_value FLOAT,
+    clamp_lift FLOAT,
+    faithfulness FLOAT,
+    PRIMARY KEY (layer, neuron)
+);
+CREATE TABLE IF NOT EXISTS decoded_tokens (
+    layer SMALLINT NOT NULL,
+    neuron INTEGER NOT NULL,
+    side VARCHAR NOT NULL,
+    polarity VARCHAR NOT NULL,
+    rank SMALLINT NOT NULL,
+    token_id INTEGER NOT NULL,
+    token VARCHAR,
+    logit FLOAT,
+    prob FLOAT
+);
+CREATE TABLE IF NOT EXISTS clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR,
+    x FLOAT, y FLOAT, cohesion FLOAT);
+CREATE TABLE IF NOT EXISTS neighbours (layer SMALLINT, neuron INTEGER, rank SMALLINT,
+    nb_layer SMALLINT, nb_neuron INTEGER, cosine FLOAT);
+CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
+    token_ids INTEGER[]);
+CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,
+    rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT,
+    window_start INTEGER, window_activations FLOAT[16]);
+CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SMALLINT,
+    token_id INTEGER, token VARCHAR, attribution FLOAT, polarity VARCHAR, doc_id INTEGER,
+    token_pos INTEGER);
+CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BIGINT[64]);
+CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
+    rank SMALLINT, token_id INTEGER, token VARCHAR, delta_logprob FLOAT);
+"""
+
+
+def _v1_to_v2(con: duckdb.DuckDBPyConnection) -> None:
+    """v1 stores got the clamp columns and clusters.cohesion from the stages that wrote them; v2 has them always."""
+    con.execute("""
+        ALTER TABLE clusters ADD COLUMN IF NOT EXISTS cohesion FLOAT;
+        ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_value FLOAT;
+        ALTER TABLE neurons ADD COLUMN IF NOT EXISTS clamp_lift FLOAT;
+        ALTER TABLE neurons ADD COLUMN IF NOT EXISTS faithfulness FLOAT;""")
+
+
+# Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
+# A store older than the oldest registered step is refused with a message that says so.
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2}
+
+# The public tables, in the order exports list them, each with the key its rows are sorted
+# by; stage_progress is bookkeeping and stays out.
+EXPORT_TABLES = {
+    "atlas_meta": "key",
+    "neurons": "layer, neuron",
+    "decoded_tokens": "layer, neuron, side, polarity, rank",
+    "vocab": "token_id",
+    "clusters": "cluster_id",
+    "neighbours": "layer, neuron, rank",
+    "corpus_docs": "doc_id",
+    "exemplars": "layer, neuron, polarity, rank",
+    "attributions": "layer, neuron, polarity, rank",
+    "histograms": "layer, neuron",
+    "clamp_effects": "layer, neuron, direction, rank",
+}
+
+# The tables a neuron's JSON carries, in this order, with the order of one neuron's rows.
+JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
+               "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank",
+               "clamp_effects": "direction, rank"}

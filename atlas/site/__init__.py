@@ -1,0 +1,1 @@
+"""The static site, rendered from the store's rows. Nothing in this package imports torch."""

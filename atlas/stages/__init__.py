@@ -1,0 +1,1 @@
+"""The build's stages, each a module on one contract (``contract``)."""
