@@ -327,6 +327,8 @@ def info(out, as_json, neuron):
       atlas info out/smollm2 --neuron L13/N777
     """
     from atlas.pipeline import store_path
+    from atlas.stages import STAGES
+    from atlas.stages.contract import stale_stages
     from atlas.store import Store
     with Store(store_path(out), read_only=True) as store:
         if neuron is not None:
@@ -335,8 +337,9 @@ def info(out, as_json, neuron):
         meta = store.all_meta()
         counts = {t: store.count(t) for t in ("neurons", "decoded_tokens", "vocab", "clusters",
                                               "corpus_docs", "exemplars", "attributions")}
+        stale = stale_stages(store.con, STAGES)
     if as_json:
-        _print_summary({"meta": meta, "counts": counts})
+        _print_summary({"meta": meta, "counts": counts, "stale": stale})
         return
     model = meta.get("model", {})
     click.echo(f"atlas of {model.get('id', '?')} ({model.get('architecture', '?')}, "
@@ -345,7 +348,9 @@ def info(out, as_json, neuron):
         click.echo(f"  {key}: {meta.get(key)}")
     for key, value in meta.items():
         if key.startswith("stage."):
-            click.echo(f"  stage {key[6:]}: {value.get('status')} (fingerprint {value.get('fingerprint')})")
+            name = key[6:]
+            why = f"; stale: {stale[name]}, `atlas build` reruns it" if name in stale else ""
+            click.echo(f"  stage {name}: {value.get('status')} (fingerprint {value.get('fingerprint')}{why})")
     for table, n in counts.items():
         click.echo(f"  {table}: {n:,} rows")
 

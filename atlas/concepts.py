@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atlas.stages.clamp import clamped, load_prompts, next_logprobs
+from atlas.intervene import clamped, load_prompts, next_logprobs
 from atlas.errors import AtlasError
 from atlas.resources import concepts
 from atlas.model.load import LoadedModel

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from atlas.errors import AtlasError
 from atlas.schema import SIDES
 
+HOLDS = 0.9             # faithfulness at which a neuron's decoded meaning counts as holding up
 CPU_BUDGET = 2048           # neurons the clamp stage measures by default without a GPU (see README: ~2 min)
 EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search
 DEFAULT_PROBE = 16          # clusters searched per neuron above EXACT_MAX

@@ -7,25 +7,19 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import os
 import tempfile
 from pathlib import Path
 
-from atlas import __version__
-from atlas.stages.clamp import ClampConfig, run_clamp
-from atlas.stages.cluster import ClusterConfig, run_cluster
-from atlas.stages.decode import DecodeConfig, fingerprint, run_decode
+from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
 from atlas.errors import AtlasError
-from atlas.stages.exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
 from atlas.lock import output_lock
-from atlas.model.load import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, pick_device, resolve
-from atlas.site.render import RenderConfig, render
+from atlas.model.files import DEFAULT_MODEL, hash_weights, resolve
+from atlas.stages import STAGES
+from atlas.stages.contract import Context
 from atlas.store import Store
 
 STORE_NAME = "atlas.duckdb"
 SITE_NAME = "site"
-HOOK_POINT = "input of the MLP's down projection (mlp.out)"
 
 
 def prepare_out(out: str | Path) -> Path:
@@ -45,22 +39,6 @@ def prepare_out(out: str | Path) -> Path:
 def store_path(out: str | Path) -> Path:
     out = Path(out)
     return out if out.suffix == ".duckdb" else out / STORE_NAME
-
-
-def _created_at() -> str:
-    # SOURCE_DATE_EPOCH pins the one timestamp an atlas carries, for reproducible builds.
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
-    return when.replace(microsecond=0).isoformat()
-
-
-def record_model(store: Store, lm: LoadedModel, weights_hash: str) -> None:
-    store.set_meta("model", lm.describe())
-    store.set_meta("weights_hash", weights_hash)
-    store.set_meta("tool_version", __version__)
-    store.set_meta("hook_point", HOOK_POINT)
-    if store.meta("created_at") is None:
-        store.set_meta("created_at", _created_at())
 
 
 def _check_same_model(store: Store, weights_hash: str, force: bool) -> None:
@@ -86,41 +64,38 @@ class Build:
                 store_path(self.out).unlink()
             with Store(store_path(self.out)) as store:
                 _check_same_model(store, self.weights_hash, force)
-        self._lm: LoadedModel | None = None
+        self._lm = None
 
     @property
-    def lm(self) -> LoadedModel:
+    def lm(self):
         if self._lm is None:
+            from atlas.model.load import load_model           # torch: only once a stage needs the model
             self._lm = load_model(self.model_spec, self.device, self.dtype)
         return self._lm
 
-    def decode(self, cfg: DecodeConfig = DecodeConfig()) -> dict:
+    def _device_type(self) -> str:
+        from atlas.model.load import pick_device
+        return pick_device(self.device).type
+
+    def run_stage(self, name: str, cfg=None) -> dict:
+        """Run one registered stage (``decode``, ``exemplars``, ``cluster``, ``clamp`` ...) on this build."""
+        stage = STAGES[name]
+        cfg = stage.config() if cfg is None else cfg
         with output_lock(self.out), Store(store_path(self.out)) as store:
-            if store.stage_done("decode", fingerprint(self.weights_hash, cfg)):
-                return {"skipped": True}
-            record_model(store, self.lm, self.weights_hash)
-            return run_decode(store, self.lm, cfg, self.weights_hash, self.progress)
+            ctx = Context(store, stage, self.weights_hash, lambda: self.lm, self._device_type(), self.progress)
+            return stage.run(ctx, cfg)
+
+    def decode(self, cfg: DecodeConfig = DecodeConfig()) -> dict:
+        return self.run_stage("decode", cfg)
 
     def exemplars(self, cfg: ExemplarConfig = ExemplarConfig()) -> dict:
-        with output_lock(self.out), Store(store_path(self.out)) as store:
-            if store.stage_status("decode") is None or store.stage_status("decode").get("status") != "done":
-                raise AtlasError(f"{store.path} has no finished decode stage; run `atlas decode` first")
-            cfg.validate()
-            done = store.stage_status("exemplars") or {}
-            if done.get("status") == "done" and done.get("quick_key") == quick_key(self.weights_hash, cfg):
-                return {"skipped": True}
-            return run_exemplars(store, self.lm, cfg, self.weights_hash, self.progress)
+        return self.run_stage("exemplars", cfg)
 
     def cluster(self, cfg: ClusterConfig = ClusterConfig()) -> dict:
-        # The model loads only if the geometry must be computed; relabelling needs the store alone.
-        with output_lock(self.out), Store(store_path(self.out)) as store:
-            return run_cluster(store, lambda: self.lm, cfg, self.weights_hash, self.progress)
+        return self.run_stage("cluster", cfg)
 
     def clamp(self, cfg: ClampConfig = ClampConfig()) -> dict:
-        # Reads normalisers (exemplars) and, when present, clusters to pick neurons on a CPU.
-        with output_lock(self.out), Store(store_path(self.out)) as store:
-            return run_clamp(store, lambda: self.lm, cfg, self.weights_hash, pick_device(self.device).type,
-                             self.progress)
+        return self.run_stage("clamp", cfg)
 
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
         return render_site(self.out, cfg, self.progress, force)
@@ -128,6 +103,8 @@ class Build:
 
 def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool = True,
                 force: bool = False) -> dict:
+    from atlas.site.render import render
+
     out = Path(out)
     # A directory that does not exist holds no store: render says so, with nothing to lock.
     with output_lock(out) if out.is_dir() else contextlib.nullcontext():
@@ -137,14 +114,20 @@ def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool
 def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConfig = DecodeConfig(),
           render: RenderConfig | None = None, exemplars: ExemplarConfig = ExemplarConfig(),
           device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
-          cluster: ClusterConfig = ClusterConfig(), clamp: ClampConfig = ClampConfig()) -> dict:
-    """Run every stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped."""
-    for cfg in (decode, exemplars, cluster, clamp, render or RenderConfig()):
+          cluster: ClusterConfig = ClusterConfig(), clamp: ClampConfig = ClampConfig(),
+          configs: dict | None = None) -> dict:
+    """Run every registered stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped.
+
+    ``configs`` maps the name of any other registered stage to its config.
+    """
+    from atlas.stages.exemplars import check_corpus
+
+    configs = {"decode": decode, "exemplars": exemplars, "cluster": cluster, "clamp": clamp, **(configs or {})}
+    configs = {name: configs.get(name) or stage.config() for name, stage in STAGES.items()}
+    for cfg in (*configs.values(), render or RenderConfig()):
         cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
-    check_corpus(exemplars)
+    check_corpus(configs["exemplars"])
     b = Build(out, model, device, dtype, force, progress)
-    # Clustering runs after the corpus pass so that cluster labels can use exemplar tokens.
     with output_lock(b.out):        # held across the stages: a second build is refused, not interleaved
-        # The clamp check runs after clustering so that a CPU budget can take neurons from every cluster.
-        return {"decode": b.decode(decode), "exemplars": b.exemplars(exemplars), "cluster": b.cluster(cluster),
-                "clamp": b.clamp(clamp), "render": b.render(render, force)}
+        results = {name: b.run_stage(name, cfg) for name, cfg in configs.items()}
+        return {**results, "render": b.render(render, force)}

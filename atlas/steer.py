@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atlas.stages.clamp import check_address, clamped
+from atlas.intervene import check_address, clamped
 from atlas.errors import AtlasError
 from atlas.model.load import LoadedModel
 
@@ -96,7 +96,8 @@ def resolve_values(addresses: list[tuple[int, int]], values: list[tuple[float, b
 def steer_cli(prompt: str, neurons, values, tokens: int, atlas_dir, model: str | None, device: str,
               dtype: str) -> dict:
     """What `atlas steer` runs: parse the flags, read normalisers from an atlas if given, steer."""
-    from atlas.model.load import DEFAULT_MODEL, load_model
+    from atlas.model.files import DEFAULT_MODEL
+    from atlas.model.load import load_model
 
     addresses = [parse_address(n) for n in neurons]
     parsed = [parse_value(v) for v in values]

@@ -117,14 +117,7 @@ class Store:
         self.con.execute("INSERT OR REPLACE INTO atlas_meta VALUES (?, ?)",
                          [key, json.dumps(value, sort_keys=True)])
 
-    # -- stage bookkeeping -----------------------------------------------------------
-    def stage_status(self, stage: str) -> dict | None:
-        return self.meta(f"stage.{stage}")
-
-    def stage_done(self, stage: str, fingerprint: str) -> bool:
-        status = self.stage_status(stage)
-        return bool(status) and status.get("status") == "done" and status.get("fingerprint") == fingerprint
-
+    # -- units of a stage's work (the records themselves: atlas/stages/contract.py) ------
     def units_done(self, stage: str, fingerprint: str) -> set[str]:
         rows = self.con.execute("SELECT unit FROM stage_progress WHERE stage = ? AND fingerprint = ?",
                                 [stage, fingerprint]).fetchall()

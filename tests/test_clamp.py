@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.stages.clamp import ClampConfig, clamped, load_prompts, measure, next_logprobs
+from atlas.config import ClampConfig
+from atlas.intervene import clamped, load_prompts, next_logprobs
+from atlas.stages.clamp import measure
 from atlas.stages.cluster import ClusterConfig
 from atlas.stages.decode import DecodeConfig
 from atlas.errors import AtlasError

@@ -219,8 +219,11 @@ def test_a_store_without_clusters_renders_without_the_map(tmp_path):
 
 def test_cluster_store_refuses_a_store_without_decode(tmp_path):
     from atlas.errors import AtlasError
+    from atlas.stages import STAGES
+    from atlas.stages.contract import Context
     from atlas.store import Store
 
     with Store(tmp_path / "atlas.duckdb") as store:
+        ctx = Context(store, STAGES["cluster"], "sha256:0", get_lm=None, progress=False)
         with pytest.raises(AtlasError, match="decode"):
-            cluster_store(store, lambda: synthetic_directions(1, 4, 8), ClusterConfig(), "sha256:0")
+            cluster_store(ctx, ClusterConfig(), lambda: synthetic_directions(1, 4, 8))

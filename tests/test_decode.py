@@ -94,7 +94,7 @@ def test_interrupted_decode_resumes_to_the_same_store(tiny_model_dir, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         Build(tmp_path / "crashed", model, progress=False).decode(cfg)
     with Store(tmp_path / "crashed" / "atlas.duckdb", read_only=True) as store:
-        assert store.stage_status("decode")["status"] == "running"
+        assert store.meta("stage.decode")["status"] == "running"
         assert store.con.execute("SELECT DISTINCT layer FROM neurons").fetchall() == [(0,)]
     monkeypatch.setattr(decode_mod, "_write_layer", real_write)
     result = Build(tmp_path / "crashed", model, progress=False).decode(cfg)

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from atlas import __version__
 from atlas.resources import hostile
-from atlas.site.clamp_sections import HOLDS
-from atlas.config import ClampConfig
+from atlas.config import HOLDS, ClampConfig, ClusterConfig
 from atlas.schema import SIDES, SIDE_STATS
+from atlas.stages import STAGES
+from atlas.stages.contract import Context, write_record
 from atlas.store import Store
 
 # Token texts that break a page if any renderer forgets to escape them. They take the
@@ -296,32 +297,30 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
         store.set_meta("tool_version", __version__)
         store.set_meta("created_at", CREATED_AT)
         store.set_meta("hook_point", "input of mlp.down_proj")
-        store.set_meta("stage.decode", {"status": "done", "fingerprint": f"synthetic-{seed}",
-                                        "config": {"top_k": top_k, "bottom_k": bottom_k,
-                                                   "sides": list(sides)},
-                                        "seconds": 0.0})
+        write_record(store, STAGES["decode"], "done", f"synthetic-{seed}",
+                     {"top_k": top_k, "bottom_k": bottom_k, "sides": list(sides)}, seconds=0.0)
         if corpus:
             store.set_meta("corpus", {"source": "atlas.synthetic", "rows": N_DOCS, "context": CONTEXT,
                                       "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}"})
             store.set_meta("histogram_edges", [float(e) for e in np.sinh(np.linspace(-9.0, 9.0, 65)) * 0.05])
-            store.set_meta("stage.exemplars", {"status": "done", "fingerprint": f"synthetic-{seed}",
-                                               "config": {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"}})
+            write_record(store, STAGES["exemplars"], "done", f"synthetic-{seed}",
+                         {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"})
+        if clusters:
+            from atlas.stages.cluster import cluster_store
+            ctx = Context(store, STAGES["cluster"], f"sha256:{seed:064x}", get_lm=None, progress=False)
+            cluster_store(ctx, ClusterConfig(), lambda: synthetic_directions(n_layers, d_mlp, d_model, seed))
         if clamp:
             n = n_layers * d_mlp
-            store.set_meta("stage.clamp", {
-                "status": "done", "fingerprint": f"synthetic-{seed}",
-                "config": {"clamp_multiple": CLAMP.clamp_multiple, "clamp_top_k": CLAMP.clamp_top_k,
-                           "clamp_own": CLAMP.clamp_own},
-                "prompts": ["The", "I think that"],
-                "stats": {"neurons": n, "of": n, "prompts": 2, "multiple": CLAMP.clamp_multiple,
-                          "device": "synthetic", "hold_threshold": HOLDS, "holds": int(con.execute(
-                              "SELECT count(*) FROM neurons WHERE faithfulness >= ?", [HOLDS]).fetchone()[0]),
-                          "median_faithfulness": float(con.execute(
-                              "SELECT median(faithfulness) FROM neurons").fetchone()[0])}})
-        if clusters:
-            from atlas.stages.cluster import ClusterConfig, cluster_store
-            cluster_store(store, lambda: synthetic_directions(n_layers, d_mlp, d_model, seed), ClusterConfig(),
-                          f"sha256:{seed:064x}", progress=False)
+            # After the clusters, which the clamp stage reads: its record names their fingerprint.
+            holds = con.execute("SELECT count(*) FROM neurons WHERE faithfulness >= ?", [HOLDS]).fetchone()[0]
+            median = con.execute("SELECT median(faithfulness) FROM neurons").fetchone()[0]
+            write_record(store, STAGES["clamp"], "done", f"synthetic-{seed}",
+                         {"clamp_multiple": CLAMP.clamp_multiple, "clamp_top_k": CLAMP.clamp_top_k,
+                          "clamp_own": CLAMP.clamp_own},
+                         prompts=["The", "I think that"],
+                         stats={"neurons": n, "of": n, "prompts": 2, "multiple": CLAMP.clamp_multiple,
+                                "device": "synthetic", "hold_threshold": HOLDS, "holds": int(holds),
+                                "median_faithfulness": float(median)})
     return path
 
 

@@ -1,15 +1,15 @@
 """The clamp check on the site: what the home, method and neuron pages show of it.
 
-Apart from the stage (atlas/clamp.py), which needs torch, so that page workers do not import it.
+Apart from the stage (atlas/stages/clamp.py), which needs torch, so that page workers do not import it.
 """
 
 from __future__ import annotations
 
 import math
 
+from atlas.config import HOLDS
 from atlas.store import finished_stage
 
-HOLDS = 0.9     # faithfulness at which a neuron's decoded meaning counts as holding up
 SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
 
 

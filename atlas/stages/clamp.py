@@ -15,13 +15,10 @@ faithfulness figure: the mean percentile of those tokens' rise within the whole 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,163 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas import faults
-from atlas.site.clamp_sections import HOLDS
-from atlas.config import CPU_BUDGET, ClampConfig  # noqa: F401 (re-exported)
+from atlas.config import CPU_BUDGET, HOLDS, ClampConfig
 from atlas.errors import AtlasError
-from atlas.resources import PROBE_PROMPTS
+from atlas.intervene import block_inputs, clamped, load_prompts, next_logprobs, prompt_ids, start_at
 from atlas.model.load import LoadedModel
-from atlas.store import Store
+from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 
 STAGE = "clamp"
-
-def load_prompts(spec: str = "default") -> list[str]:
-    path = PROBE_PROMPTS if spec == "default" else Path(spec).expanduser()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AtlasError(f"cannot read probe prompts {path}: {getattr(e, 'strerror', None) or e}") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise AtlasError(f"probe prompt file {path} has no prompts")
-    return prompts
-
-
-# -- the intervention ---------------------------------------------------------------------
-@contextmanager
-def clamped(lm: LoadedModel, rows: Sequence[int], layers: Sequence[int], neurons: Sequence[int],
-            values: Sequence[float]) -> Iterator[None]:
-    """While active, activation ``neurons[i]`` of layer ``layers[i]`` in batch row ``rows[i]`` is
-    ``values[i]`` at every position; other rows and neurons are untouched.
-
-    Several entries may share a row (several neurons steered together) or a layer.
-    """
-    model, adapter = lm.model, lm.adapter
-    n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
-    for layer, neuron in zip(layers, neurons):
-        check_address(int(layer), int(neuron), n_layers, d_mlp)
-    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
-    layers_t = torch.as_tensor(list(layers), dtype=torch.long)
-    neurons_t = torch.as_tensor(list(neurons), dtype=torch.long)
-    values_t = torch.as_tensor(list(values), dtype=torch.float32)
-
-    def hook_for(sel: torch.Tensor):
-        r, n, v = rows_t[sel], neurons_t[sel], values_t[sel]
-        cache: dict = {}
-
-        def hook(module, args):
-            x = args[0]                                                        # [batch, pos, d_mlp]
-            if cache.get("device") != x.device or cache.get("dtype") != x.dtype:
-                cache.update(device=x.device, dtype=x.dtype, r=r.to(x.device), n=n.to(x.device),
-                             v=v.to(x.device, x.dtype).unsqueeze(1))
-            x = x.clone()
-            x[cache["r"], :, cache["n"]] = cache["v"]
-            return (x, *args[1:])
-        return hook
-
-    handles = [adapter.out_module(model, layer).register_forward_pre_hook(hook_for(layers_t == layer))
-               for layer in sorted(set(int(layer) for layer in layers_t.tolist()))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def check_address(layer: int, neuron: int, n_layers: int, d_mlp: int) -> None:
-    if not (0 <= layer < n_layers and 0 <= neuron < d_mlp):
-        raise AtlasError(f"neuron {layer}/{neuron} is out of range: the model has layers 0-{n_layers - 1} "
-                         f"of neurons 0-{d_mlp - 1}")
-
-
-def prompt_ids(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
-    ids = [lm.tokenizer(p).input_ids for p in prompts]
-    empty = [p for p, i in zip(prompts, ids) if not i]
-    if empty:
-        raise AtlasError(f"probe prompt {empty[0]!r} has no tokens")
-    return ids
-
-
-@torch.inference_mode()
-def next_logprobs(lm: LoadedModel, ids: Sequence[int], rows: int = 1) -> torch.Tensor:
-    """Log-probabilities of the next token after ``ids``, for ``rows`` copies of it: [rows, vocab]."""
-    x = torch.tensor([list(ids)], device=lm.device).expand(rows, -1)
-    logits = lm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _hidden_arg(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for a decoder block below every clamped layer: its output is its input."""
-
-    def __init__(self, as_tuple: bool):
-        super().__init__()
-        self.as_tuple = as_tuple
-
-    def forward(self, *args, **kwargs):
-        h = _hidden_arg(args, kwargs)
-        return (h,) if self.as_tuple else h
-
-
-@torch.inference_mode()
-def block_inputs(lm: LoadedModel, ids: Sequence[int]) -> tuple[list[torch.Tensor], bool]:
-    """The residual stream entering every decoder block for one prompt ([1, T, d_model] each),
-    and whether blocks return tuples (older transformers) rather than tensors."""
-    blocks = lm.adapter.blocks(lm.model)
-    seen: dict[int, torch.Tensor] = {}
-    kind = {}
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            seen[i] = _hidden_arg(args, kwargs).detach().clone()
-        return hook
-
-    def post(module, args, output):
-        kind["tuple"] = isinstance(output, tuple)
-
-    hooks = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    hooks.append(blocks[0].register_forward_hook(post))
-    try:
-        lm.model(input_ids=torch.tensor([list(ids)], device=lm.device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [seen[i] for i in range(len(blocks))], kind["tuple"]
-
-
-@contextmanager
-def start_at(lm: LoadedModel, layer: int, inputs: tuple[list[torch.Tensor], bool] | None) -> Iterator[None]:
-    """Run the model from block ``layer`` on, fed the residual that blocks 0..layer-1 would have
-    produced (``inputs`` from ``block_inputs``): a clamp at ``layer`` or later cannot change them.
-
-    The blocks below are swapped for pass-throughs rather than cut out of the list, so every
-    block keeps its index (models that look up a per-layer attention type by index).
-    """
-    if layer == 0 or inputs is None:
-        yield
-        return
-    hidden, as_tuple = inputs[0][layer], inputs[1]                             # [1, T, d_model]
-    blocks = lm.adapter.blocks(lm.model)
-    saved = [blocks[i] for i in range(layer)]
-
-    def feed(module, args, kwargs):
-        h = _hidden_arg(args, kwargs)
-        new = hidden.to(h.dtype).expand(h.shape[0], -1, -1)
-        if args:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": new}
-
-    for i in range(layer):
-        blocks[i] = _PassThrough(as_tuple)
-    handle = blocks[layer].register_forward_pre_hook(feed, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-        for i, block in enumerate(saved):
-            blocks[i] = block
 
 
 @dataclass
@@ -313,42 +160,34 @@ def select(con, cfg: ClampConfig, budget: int | None) -> Selection:
     return Selection(layers, neurons, values, own)
 
 
-def fingerprint(weights_hash: str, prompts: list[str], sel: Selection, cfg: ClampConfig) -> str:
+def run(ctx: Context, cfg: ClampConfig) -> dict:
+    """Measure the clamp effect of the selected neurons; the model loads only if there is work."""
+    cfg.validate()
+    ctx.require("exemplars", "normalisers")
+    store = ctx.store
+    prompts = load_prompts(cfg.clamp_prompts)
+    sel = select(store.con, cfg, budget_for(cfg, ctx.device_type))
     # The budget and the multiple are inside the selection; batching changes only the speed.
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("clamp_batch", "clamp_budget", "clamp_prompts")}
-    inputs = {"weights": weights_hash, "prompts": prompts, "selection": sel.digest(), **settings}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def run_clamp(store: Store, get_lm, cfg: ClampConfig, weights_hash: str, device_type: str,
-              progress: bool = True) -> dict:
-    """Measure the clamp effect of the selected neurons; ``get_lm()`` loads the model only if needed."""
-    cfg.validate()
-    status = store.stage_status("exemplars") or {}
-    if status.get("status") != "done":
-        raise AtlasError(f"{store.path} has no finished exemplars stage (normalisers); run `atlas exemplars` first")
-    prompts = load_prompts(cfg.clamp_prompts)
-    sel = select(store.con, cfg, budget_for(cfg, device_type))
-    fp = fingerprint(weights_hash, prompts, sel, cfg)
-    if store.stage_done(STAGE, fp):
+    fp = ctx.fingerprint(weights=ctx.weights_hash, prompts=prompts, selection=sel.digest(), **settings)
+    if ctx.is_done(fp):
         return {"skipped": True}
-    lm = get_lm()
+    lm = ctx.lm
     began, began_cpu = time.perf_counter(), time.process_time()
     eff = measure(lm, prompt_ids(lm, prompts), sel.layers, sel.neurons, sel.values, sel.own_ids,
-                  cfg.clamp_top_k, cfg.clamp_batch, progress)
+                  cfg.clamp_top_k, cfg.clamp_batch, ctx.progress)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu
     faults.point(STAGE, "measured")
     n_total = store.count("neurons")
     faith = eff.faithfulness[np.isfinite(eff.faithfulness)]
     stats = {"neurons": int(len(sel.layers)), "of": int(n_total), "prompts": len(prompts),
-             "multiple": cfg.clamp_multiple, "device": device_type, "hold_threshold": HOLDS,
+             "multiple": cfg.clamp_multiple, "device": ctx.device_type, "hold_threshold": HOLDS,
              "holds": int((faith >= HOLDS).sum()),
              "median_faithfulness": float(np.median(faith)) if len(faith) else None,
              "neurons_per_s": round(len(sel.layers) / max(seconds, 1e-9), 1), "cpu_s": round(cpu_seconds, 1)}
     with store.transaction() as con:
         _write(con, sel, eff)
-        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
-                                          "prompts": prompts, "stats": stats, "seconds": round(seconds, 1)})
+        ctx.finish(fp, cfg, prompts=prompts, stats=stats, seconds=round(seconds, 1))
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     return {**stats, "seconds": round(seconds, 1)}
@@ -376,16 +215,10 @@ def _write(con, sel: Selection, eff: Effects) -> None:
             "direction": pa.array(np.full(len(i), direction, object), pa.string()),
             "rank": pa.array(rank.astype(np.int16)), "token_id": pa.array(ids[i, rank].astype(np.int32)),
             "delta_logprob": pa.array(deltas[i, rank].astype(np.float32))}))
-    con.register("new_rows", pa.concat_tables(parts))
-    con.execute("""INSERT INTO clamp_effects (layer, neuron, direction, rank, token_id, token, delta_logprob)
-                   SELECT t.layer, t.neuron, t.direction, t.rank, t.token_id, v.token, t.delta_logprob
-                   FROM new_rows t LEFT JOIN vocab v USING (token_id) ORDER BY t.layer, t.neuron, t.direction, t.rank""")
-    con.unregister("new_rows")
-    con.register("new_stats", pa.table({
+    insert_arrow(con, "clamp_effects", pa.concat_tables(parts), join="LEFT JOIN vocab v USING (token_id)",
+                 select="t.layer, t.neuron, t.direction, t.rank, t.token_id, v.token, t.delta_logprob",
+                 order="t.layer, t.neuron, t.direction, t.rank")
+    update_from_arrow(con, "neurons", pa.table({
         "layer": pa.array(sel.layers.astype(np.int16)), "neuron": pa.array(sel.neurons.astype(np.int32)),
         "clamp_value": pa.array(sel.values.astype(np.float32)), "clamp_lift": _nullable(eff.lift),
         "faithfulness": _nullable(eff.faithfulness)}))
-    con.execute("""UPDATE neurons SET clamp_value = s.clamp_value, clamp_lift = s.clamp_lift,
-                   faithfulness = s.faithfulness FROM new_stats s
-                   WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")
-    con.unregister("new_stats")

@@ -25,8 +25,6 @@ the same clusters and coordinates.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -38,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas import faults
-from atlas.config import DEFAULT_PROBE, EXACT_MAX, ClusterConfig  # noqa: F401 (re-exported)
+from atlas.config import DEFAULT_PROBE, EXACT_MAX, ClusterConfig
 from atlas.errors import AtlasError
-from atlas.store import Store
+from atlas.stages.contract import Context, digest, insert_arrow, update_from_arrow
 
 STAGE = "cluster"
 FIT_MAX = 65_536            # neurons on which k-means fits its centroids (all of them up to this)
@@ -49,19 +47,6 @@ LABEL_TOKENS = 3            # tokens in a cluster label
 MIN_LIFT = 3.0              # how much more common in a cluster than overall a label token must be
 _EDGE_SPACE = r"^[\s\x{00a0}\x{3000}]+|[\s\x{00a0}\x{3000}]+$"    # RE2's \s is ASCII only
 RECALL_SAMPLE = 256         # queries checked against exact search when the search is approximate
-
-
-def fingerprint(weights_hash: str, cfg: ClusterConfig) -> str:
-    """What the geometry (clusters, coordinates, neighbours) depends on."""
-    inputs = {"weights": weights_hash, **asdict(cfg)}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def label_fingerprint(store: Store, geometry: str) -> str:
-    """What the labels depend on besides the geometry: the decoded tokens and any exemplars."""
-    inputs = {"geometry": geometry,
-              **{s: (store.stage_status(s) or {}).get("fingerprint") for s in ("decode", "exemplars")}}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- the geometry ----------------------------------------------------------------------
@@ -338,18 +323,12 @@ def write_geometry(con, g: Geometry) -> None:
                      "rank": np.tile(np.arange(k, dtype=np.int16), n)[valid],
                      "nb_layer": g.layer[nb], "nb_neuron": g.neuron[nb],
                      "cosine": g.nb_cosine.ravel()[valid]})
-    con.register("new_placed", placed)
-    con.register("new_clusters", clusters)
-    con.register("new_neighbours", rows)
     con.execute("UPDATE neurons SET cluster_id = NULL, x = NULL, y = NULL")
-    con.execute("""UPDATE neurons SET cluster_id = p.cluster_id, x = p.x, y = p.y FROM new_placed p
-                   WHERE neurons.layer = p.layer AND neurons.neuron = p.neuron""")
+    update_from_arrow(con, "neurons", placed)
     con.execute("DELETE FROM clusters")
-    con.execute("INSERT INTO clusters BY NAME SELECT * FROM new_clusters")
+    insert_arrow(con, "clusters", clusters)
     con.execute("DELETE FROM neighbours")
-    con.execute("INSERT INTO neighbours SELECT * FROM new_neighbours ORDER BY layer, neuron, rank")
-    for name in ("new_placed", "new_clusters", "new_neighbours"):
-        con.unregister(name)
+    insert_arrow(con, "neighbours", rows, order="layer, neuron, rank")
 
 
 def write_labels(con, exemplars: bool) -> None:
@@ -405,27 +384,28 @@ def _layer_directions(lm) -> Iterable[torch.Tensor]:
         yield lm.adapter.direction(lm.model, layer, "out")                  # [d_mlp, d_model]
 
 
-def run_cluster(store: Store, lm, cfg: ClusterConfig, weights_hash: str, progress: bool = True) -> dict:
-    """Cluster, place and link every neuron of ``lm`` into ``store``; skipped when up to date.
+def run(ctx: Context, cfg: ClusterConfig) -> dict:
+    """Cluster, place and link every neuron of the model into the store; skipped when up to date.
 
-    ``lm`` is a LoadedModel or a function that loads one; it is only called when the
-    geometry must be computed. With a geometry already stored under the same settings
-    (say, before a corpus pass added exemplars), only the labels are redone.
+    The model loads only if the geometry must be computed. With a geometry already stored
+    under the same settings (say, before a corpus pass added exemplars), only the labels
+    are redone.
     """
-    return cluster_store(store, lambda: _layer_directions(lm() if callable(lm) else lm), cfg,
-                         weights_hash, progress)
+    return cluster_store(ctx, cfg, lambda: _layer_directions(ctx.lm))
 
 
-def cluster_store(store: Store, directions, cfg: ClusterConfig, weights_hash: str,
-                  progress: bool = True) -> dict:
+def cluster_store(ctx: Context, cfg: ClusterConfig, directions) -> dict:
     """The stage on any source of per-layer `out` directions (``directions()`` yields [d_mlp, d_model])."""
     cfg.validate()
-    if (store.stage_status("decode") or {}).get("status") != "done":
-        raise AtlasError(f"{store.path} has no finished decode stage; run `atlas decode` first")
-    geometry = fingerprint(weights_hash, cfg)
-    labels = label_fingerprint(store, geometry)
-    status = store.stage_status(STAGE) or {}
-    if store.stage_done(STAGE, labels):
+    ctx.require("decode", "the neurons to cluster")
+    store = ctx.store
+    # The geometry is written into decode's neuron rows, so it depends on decode too; the
+    # labels depend on the geometry and on the exemplars, whose tokens vote.
+    decode = ctx.inputs()["decode"]
+    geometry = digest({"weights": ctx.weights_hash, "decode": decode, **asdict(cfg)})
+    labels = ctx.fingerprint(geometry=geometry)
+    status = ctx.record()
+    if ctx.is_done(labels):
         return {"skipped": True}
     exemplars = store.count("exemplars") > 0
     start = time.perf_counter()
@@ -433,13 +413,13 @@ def cluster_store(store: Store, directions, cfg: ClusterConfig, weights_hash: st
         stats = status.get("stats", {})
         with store.transaction() as con:
             write_labels(con, exemplars)
-            store.set_meta(f"stage.{STAGE}", dict(status, fingerprint=labels, exemplar_labels=exemplars))
+            ctx.finish(labels, cfg, **_kept(status), exemplar_labels=exemplars)
             faults.point(STAGE, "labels written, not committed")
         return {"relabelled": True, "seconds": time.perf_counter() - start, **stats}
     X, layer, neuron, device = unit_directions(directions(), n_rows=store.count("neurons"))
     faults.point(STAGE, "directions read")
     start = time.perf_counter()          # loading the model is the build's cost, not this stage's
-    g = compute_geometry(X, layer, neuron, cfg, progress, device)
+    g = compute_geometry(X, layer, neuron, cfg, ctx.progress, device)
     faults.point(STAGE, "geometry computed")
     del X
     with store.transaction() as con:
@@ -448,8 +428,12 @@ def cluster_store(store: Store, directions, cfg: ClusterConfig, weights_hash: st
         write_labels(con, exemplars)
         seconds = time.perf_counter() - start
         g.stats["seconds"] = round(seconds, 3)
-        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": labels, "geometry": geometry,
-                                          "config": asdict(cfg), "side": "out", "seconds": seconds,
-                                          "exemplar_labels": exemplars, "stats": g.stats})
+        ctx.finish(labels, cfg, geometry=geometry, side="out", seconds=seconds, exemplar_labels=exemplars,
+                   stats=g.stats)
     faults.point(STAGE, "committed")
     return {"seconds": seconds, **g.stats}
+
+
+def _kept(record: dict) -> dict:
+    """What a relabelling keeps of the record of the geometry it relabels."""
+    return {k: v for k, v in record.items() if k in ("geometry", "side", "seconds", "stats")}

@@ -8,30 +8,25 @@ run resumes at the first unfinished layer.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import datetime as dt
+import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from atlas import faults
+from atlas import __version__, faults
 from atlas.stages.decode_kernel import Decoded, Unembedding, chunk_rows, decode_directions
-from atlas.config import DecodeConfig  # noqa: F401 (re-exported)
+from atlas.config import DecodeConfig
 from atlas.model.load import LoadedModel, vocab_strings
 from atlas.schema import SIDE_STATS
+from atlas.stages.contract import Context, insert_arrow
 from atlas.store import Store
 
 STAGE = "decode"
-
-
-def fingerprint(weights_hash: str, cfg: DecodeConfig) -> str:
-    """What the decoded rows depend on; chunking changes speed, not results, so it is left out."""
-    inputs = {"weights": weights_hash, "top_k": cfg.top_k, "bottom_k": cfg.bottom_k, "sides": cfg.sides}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+HOOK_POINT = "input of the MLP's down projection (mlp.out)"
 
 
 def default_chunk(device: torch.device, vocab: int, chunk_mb: int) -> int:
@@ -47,15 +42,16 @@ def default_chunk(device: torch.device, vocab: int, chunk_mb: int) -> int:
     return chunk_rows(vocab, budget)
 
 
-def run_decode(store: Store, lm: LoadedModel, cfg: DecodeConfig, weights_hash: str,
-               progress: bool = True) -> dict:
+def run(ctx: Context, cfg: DecodeConfig) -> dict:
     """Decode every layer not yet stored under this configuration; returns timing and counts."""
     cfg.validate()
-    fp = fingerprint(weights_hash, cfg)
-    if store.stage_done(STAGE, fp):
+    # What the decoded rows depend on; chunking changes speed, not results, so it is left out.
+    fp = ctx.fingerprint(weights=ctx.weights_hash, top_k=cfg.top_k, bottom_k=cfg.bottom_k, sides=cfg.sides)
+    if ctx.is_done(fp):
         return {"skipped": True}
-    status = store.stage_status(STAGE)
-    if status is None or status.get("fingerprint") != fp:
+    store, lm = ctx.store, ctx.lm
+    record_model(store, lm, ctx.weights_hash)
+    if ctx.record().get("fingerprint") != fp:
         _reset(store, lm)
     model, adapter = lm.model, lm.adapter
     sides = cfg.side_list(adapter.sides)
@@ -66,9 +62,10 @@ def run_decode(store: Store, lm: LoadedModel, cfg: DecodeConfig, weights_hash: s
     chunk = default_chunk(device, U.vocab, cfg.chunk_mb)
     done = store.units_done(STAGE, fp)
     todo = [layer for layer in range(n_layers) if f"layer:{layer}" not in done]
-    store.set_meta(f"stage.{STAGE}", {"status": "running", "fingerprint": fp, "config": asdict(cfg)})
+    # Running from here on: every stage that read the old rows is stale until it runs again.
+    ctx.start(fp, cfg)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo) * len(sides), desc="decode", unit="side", disable=not progress)
+    bar = tqdm(total=len(todo) * len(sides), desc="decode", unit="side", disable=not ctx.progress)
     for layer in todo:
         decoded = {}
         for side in sides:
@@ -84,10 +81,26 @@ def run_decode(store: Store, lm: LoadedModel, cfg: DecodeConfig, weights_hash: s
         faults.point(STAGE, f"layer {layer} committed")
     bar.close()
     seconds = time.perf_counter() - start
-    store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
-                                      "sides": sides, "chunk_rows": chunk})
+    ctx.finish(fp, cfg, sides=sides, chunk_rows=chunk)
     return {"layers": len(todo), "sides": sides, "seconds": seconds,
             "neurons": store.count("neurons")}
+
+
+def record_model(store: Store, lm: LoadedModel, weights_hash: str) -> None:
+    """The model's provenance in atlas_meta; ``created_at`` is set once, by the first decode."""
+    store.set_meta("model", lm.describe())
+    store.set_meta("weights_hash", weights_hash)
+    store.set_meta("tool_version", __version__)
+    store.set_meta("hook_point", HOOK_POINT)
+    if store.meta("created_at") is None:
+        store.set_meta("created_at", _created_at())
+
+
+def _created_at() -> str:
+    # SOURCE_DATE_EPOCH pins the one timestamp an atlas carries, for reproducible builds.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch else dt.datetime.now(dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat()
 
 
 def _reset(store: Store, lm: LoadedModel) -> None:
@@ -101,9 +114,7 @@ def _reset(store: Store, lm: LoadedModel) -> None:
         con.execute("DELETE FROM decoded_tokens")
         con.execute("DELETE FROM neurons")
         con.execute("DELETE FROM vocab")
-        con.register("new_vocab", vocab)
-        con.execute("INSERT INTO vocab SELECT * FROM new_vocab")
-        con.unregister("new_vocab")
+        insert_arrow(con, "vocab", vocab)
 
 
 def _token_rows(layer: int, side: str, polarity: str, ids: torch.Tensor, logits: torch.Tensor,
@@ -132,27 +143,17 @@ def _write_layer(con, layer: int, decoded: dict[str, tuple[Decoded, torch.Tensor
         for i, stat in enumerate(SIDE_STATS[1:]):
             neurons[f"{side}_{stat}"] = d.stats[:, i].numpy().astype(np.float32)
     rows = pa.table({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    con.register("new_tokens", rows)
-    con.register("new_neurons", pa.table(neurons))
     con.execute("DELETE FROM decoded_tokens WHERE layer = ?", [layer])
     con.execute("DELETE FROM neurons WHERE layer = ?", [layer])
-    con.execute("""
-        INSERT INTO decoded_tokens
-        SELECT t.layer, t.neuron, t.side, t.polarity, t.rank, t.token_id, v.token, t.logit, t.prob
-        FROM new_tokens t JOIN vocab v USING (token_id)
-        ORDER BY t.neuron, t.side, t.polarity DESC, t.rank""")
+    insert_arrow(con, "decoded_tokens", rows, join="JOIN vocab v USING (token_id)",
+                 select="t.layer, t.neuron, t.side, t.polarity, t.rank, t.token_id, v.token, t.logit, t.prob",
+                 order="t.neuron, t.side, t.polarity DESC, t.rank")
+    insert_arrow(con, "neurons", pa.table(neurons), order="t.neuron")
     # The provisional label is the neuron's three strongest `out` tokens; the labels stage
     # replaces it once exemplars exist.
     label_side = "out" if "out" in decoded else next(iter(decoded))
-    cols = ", ".join(f"n.{c}" for c in neurons)
-    con.execute(f"""
-        INSERT INTO neurons (label, {", ".join(neurons)})
-        SELECT l.label, {cols}
-        FROM new_neurons n LEFT JOIN (
-            SELECT t.neuron, string_agg(trim(v.token), ' · ' ORDER BY t.rank) AS label
-            FROM new_tokens t JOIN vocab v USING (token_id)
-            WHERE t.side = ? AND t.polarity = 'top' AND t.rank < 3
-            GROUP BY t.neuron) l ON l.neuron = n.neuron
-        ORDER BY n.neuron""", [label_side])
-    con.unregister("new_tokens")
-    con.unregister("new_neurons")
+    con.execute("""
+        UPDATE neurons SET label = l.label FROM (
+            SELECT neuron, string_agg(trim(token), ' · ' ORDER BY rank) AS label FROM decoded_tokens
+            WHERE layer = ? AND side = ? AND polarity = 'top' AND rank < 3 GROUP BY neuron) l
+        WHERE neurons.layer = ? AND neurons.neuron = l.neuron""", [layer, label_side, layer])

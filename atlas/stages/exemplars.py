@@ -8,9 +8,7 @@ last checkpoint and ends with exactly the state of an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 import time
 from dataclasses import asdict
@@ -25,10 +23,11 @@ from atlas import faults
 from atlas.stages.activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from atlas.stages.attribution import AttributionState, attribute_batch
 from atlas.stages.corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
-from atlas.config import ExemplarConfig  # noqa: F401 (re-exported)
+from atlas.config import ExemplarConfig
 from atlas.errors import AtlasError
 from atlas.files import write_bytes_atomic
 from atlas.model.load import LoadedModel
+from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 from atlas.store import Store
 
 STAGE = "exemplars"
@@ -60,19 +59,20 @@ def check_corpus(cfg: ExemplarConfig) -> None:
         raise AtlasError(f"corpus {cfg.corpus} is empty (no text)")
 
 
-def fingerprint(weights_hash: str, rows_hash: str, cfg: ExemplarConfig) -> str:
+def _settings(cfg: ExemplarConfig, *also_ignored: str) -> dict:
     # Batch size and checkpointing change the speed, not the numbers.
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every", "corpus")}
-    inputs = {"weights": weights_hash, "corpus": rows_hash, **settings}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every", *also_ignored)}
 
 
-def quick_key(weights_hash: str, cfg: ExemplarConfig) -> str:
+def fingerprint(ctx: Context, rows_hash: str, cfg: ExemplarConfig) -> str:
+    return ctx.fingerprint(weights=ctx.weights_hash, corpus=rows_hash, **_settings(cfg, "corpus"))
+
+
+def quick_key(ctx: Context, cfg: ExemplarConfig) -> str:
     """Like ``fingerprint`` but from the corpus files' names, sizes and times instead of their
     tokens: equal keys let a rerun skip the stage without loading the model or the corpus."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every")}
-    inputs = {"weights": weights_hash, "corpus_files": corpus_identity(cfg.corpus, cfg.text_column), **settings}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return ctx.fingerprint(weights=ctx.weights_hash, corpus_files=corpus_identity(cfg.corpus, cfg.text_column),
+                           **_settings(cfg))
 
 
 def k_tail(cfg: ExemplarConfig, n_tokens: int) -> int:
@@ -133,13 +133,17 @@ def _checkpoint_path(store: Store) -> Path:
     return store.path.with_name(f".{store.path.name}.{STAGE}.ckpt")
 
 
-def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_hash: str,
-                  progress: bool = True) -> dict:
+def run(ctx: Context, cfg: ExemplarConfig) -> dict:
     cfg.validate()
+    ctx.require("decode", "the neuron rows this stage fills in")
+    if ctx.record().get("status") == "done" and ctx.record().get("quick_key") == quick_key(ctx, cfg):
+        return {"skipped": True}            # without loading the model or reading the corpus
+    check_corpus(cfg)
+    store, lm = ctx.store, ctx.lm
     rows = read_rows(cfg, lm.tokenizer)
     rows_hash = corpus_hash(rows)
-    fp = fingerprint(weights_hash, rows_hash, cfg)
-    if store.stage_done(STAGE, fp):
+    fp = fingerprint(ctx, rows_hash, cfg)
+    if ctx.is_done(fp):
         return {"skipped": True}
     adapter, model = lm.adapter, lm.model
     n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
@@ -150,7 +154,7 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if saved.get("fingerprint") == fp:
             state, start = PassState.from_state_dict(saved["state"]).to(lm.device), int(saved["batches"])
-    store.set_meta(f"stage.{STAGE}", {"status": "running", "fingerprint": fp, "config": asdict(cfg)})
+    ctx.start(fp, cfg)
 
     def checkpoint(done: int, st: PassState) -> None:
         if done % cfg.checkpoint_every == 0:
@@ -158,19 +162,18 @@ def run_exemplars(store: Store, lm: LoadedModel, cfg: ExemplarConfig, weights_ha
         faults.point(STAGE, f"batch {done}")
 
     began = time.perf_counter()
-    hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, progress)
+    hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, ctx.progress)
     pass_s = time.perf_counter() - began
     attr = None
     if cfg.attribution_rows:
-        attr = attribute_rows(lm, rows, cfg, progress)
+        attr = attribute_rows(lm, rows, cfg, ctx.progress)
     normaliser = state.normaliser(cfg.quantile).cpu()
     with store.transaction() as con:
         _write(con, lm, rows, state.to("cpu").finished(), normaliser, attr, cfg)
         store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
                                   "tokens": n_tokens, "hash": rows_hash})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
-        store.set_meta(f"stage.{STAGE}", {"status": "done", "fingerprint": fp, "config": asdict(cfg),
-                                          "quick_key": quick_key(weights_hash, cfg)})
+        ctx.finish(fp, cfg, quick_key=quick_key(ctx, cfg))
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     ckpt.unlink(missing_ok=True)
@@ -217,7 +220,7 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
                      "source": pa.array([r.source for r in rows], pa.string()),
                      "text": pa.array(texts, pa.string()),
                      "token_ids": pa.array([r.token_ids for r in rows], pa.list_(pa.int32()))})
-    _insert(con, "corpus_docs", docs)
+    insert_arrow(con, "corpus_docs", docs)
     L, _, d = state.top_vals.shape
     k = cfg.k
     norm = normaliser.numpy()                                                  # [L, d]
@@ -239,7 +242,7 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
             "window_start": pa.array((p % T - WINDOW_BEFORE).astype(np.int32)),
             "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1).astype(np.float32)), WINDOW),
         }))
-    _insert(con, "exemplars", pa.concat_tables(parts), order="layer, neuron, polarity, rank")
+    insert_arrow(con, "exemplars", pa.concat_tables(parts), order="layer, neuron, polarity, rank")
     n_tok = max(int(state.n_tokens), 1)
     mean = (state.act_sum / n_tok)
     std = (state.act_sumsq / n_tok - mean.square()).clamp_min(0).sqrt()
@@ -256,26 +259,14 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
         "density": pa.array(density.ravel().astype(np.float32)),
         "attr_mean_abs": pa.array((attr.mean_abs().numpy().ravel() if attr else np.full(L * d, np.nan)).astype(np.float32)),
     })
-    con.register("new_stats", stats)
-    con.execute("""UPDATE neurons SET normaliser = s.normaliser, act_mean = s.act_mean, act_std = s.act_std,
-                   act_max = s.act_max, act_min = s.act_min, density = s.density, attr_mean_abs = s.attr_mean_abs
-                   FROM new_stats s WHERE neurons.layer = s.layer AND neurons.neuron = s.neuron""")
-    con.unregister("new_stats")
+    update_from_arrow(con, "neurons", stats)
     hists = pa.table({"layer": pa.array(layer.ravel().astype(np.int16)),
                       "neuron": pa.array(neuron.ravel().astype(np.int32)),
                       "counts": pa.FixedSizeListArray.from_arrays(
                           pa.array(hist.reshape(-1).astype(np.int64)), hist.shape[2])})
-    _insert(con, "histograms", hists, order="layer, neuron")
+    insert_arrow(con, "histograms", hists, order="layer, neuron")
     if attr is not None:
-        _insert(con, "attributions", attr.table(T), order="layer, neuron, polarity DESC, rank",
+        insert_arrow(con, "attributions", attr.table(T), order="layer, neuron, polarity DESC, rank",
                 select="t.layer, t.neuron, t.rank, t.token_id, v.token, t.attribution, t.polarity, "
                        "t.doc_id, t.token_pos", join="JOIN vocab v USING (token_id)")
 
-
-def _insert(con, table: str, data: pa.Table, order: str | None = None, select: str = "*", join: str = "") -> None:
-    con.register("new_rows", data)
-    cols = ", ".join(data.column_names) if select == "*" else None
-    target = f"{table} ({cols})" if cols else table
-    con.execute(f"INSERT INTO {target} SELECT {select} FROM new_rows t {join}"
-                + (f" ORDER BY {order}" if order else ""))
-    con.unregister("new_rows")
