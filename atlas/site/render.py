@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,7 +37,7 @@ from atlas.site.exports import human_bytes, write_exports
 from atlas.site.corpus_sections import has_corpus
 from atlas.schema import JSON_TABLES
 from atlas.site.neuron_pages import BLOCK, json_sql, neurons_sql, render_block
-from atlas.site.text import delta_list, fmt_logit, fmt_prob, fmt_stat, show_token
+from atlas.site.text import delta_list, fmt_logit, fmt_prob, fmt_stat, html_safe_json, md_safe, show_label, show_token, to_json
 from atlas.store import Store, without_timings
 from atlas.site.clamp_sections import has_clamp, summary as clamp_summary
 from atlas.config import RenderConfig  # noqa: F401 (re-exported)
@@ -51,19 +50,6 @@ ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
 PAGES_CSS = "atlas-pages.css"                  # written by _theme_assets
 
 
-def show_label(label: str | None) -> str:
-    # Labels are made of token text: the same control and bidi characters must not act.
-    return site_map.visible(label)
-
-
-_MARKDOWN_SYNTAX = set("\\`*_{}[]()<>#!|~&\"'")
-
-
-def md_safe(text: str | None) -> Markup:
-    """Text for a markdown page that neither HTML nor markdown reads as markup (links, code spans)."""
-    return Markup("".join(f"&#{ord(ch)};" if ch in _MARKDOWN_SYNTAX else ch for ch in site_map.visible(text)))
-
-
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
@@ -71,21 +57,6 @@ def _env() -> jinja2.Environment:
     env.filters.update(show_token=show_token, show_label=show_label, md_safe=md_safe, fmt_logit=fmt_logit,
                        fmt_prob=fmt_prob, fmt_stat=fmt_stat, delta_list=delta_list)
     return env
-
-
-def _to_json(obj: Any) -> str:
-    """Sorted, compact JSON that is also safe to inline in HTML (no raw ``<``, ``>``, ``&``)."""
-    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(ch, esc)
-    # DEL, C1 controls and bidi controls stay in the data but not raw in the file, where a
-    # viewer would obey them (json.dumps escapes only the C0 controls).
-    text = _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    return text + "\n"
-
-
-_INVISIBLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 # -- neuron pages ------------------------------------------------------------------------
@@ -319,8 +290,12 @@ def _swap(building: Path, old: Path, site_dir: Path) -> None:
 def _inputs_fingerprint(meta: dict, cfg: RenderConfig) -> str:
     """Everything a site is made from: the store's provenance and stage marks, settings, templates."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "memory_mb")}   # speed only
-    h = hashlib.sha256(_to_json({"meta": without_timings(meta), "config": settings,
-                                 "version": __version__}).encode())
+    # Hashed, not published: written as the standard library writes JSON, as it always was,
+    # so that a site rendered before the site's JSON moved to orjson (which spells 1e-05 as
+    # 0.00001) is still recognised as up to date.
+    text = json.dumps({"meta": without_timings(meta), "config": settings, "version": __version__},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    h = hashlib.sha256((html_safe_json(text) + "\n").encode())
     for path in sorted(p for p in TEMPLATES.rglob("*") if p.is_file()) + [MKDOCS_YML]:
         h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
@@ -388,7 +363,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                       or (t in ("exemplars", "attributions", "histograms") and has_corpus_)
                       or (t == "clamp_effects" and has_clamp_)]
             common = {"site": str(building), "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
-                      "schema_version": meta.get("schema_version"), "model_json": json.dumps(model["id"]),
+                      "schema_version": meta.get("schema_version"), "model_json": to_json(model["id"]).rstrip("\n"),
                       "sql": {"neurons": neurons_sql(store.con),
                               "json": {t: json_sql(store.con, t, JSON_TABLES[t]) for t in tables}},
                       "has_corpus": has_corpus_, "has_clusters": has_clusters, "has_clamp": has_clamp_}
@@ -403,7 +378,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             from atlas.site.search_page import write_search_site
             search = write_search_site(store.con, _env(), building, page["site"], sum(layer_sizes), TEMPLATES,
                                        cfg.search_postings, cfg.pagefind_max_neurons)
-            (building / SITE_MARKER).write_text(_to_json({
+            (building / SITE_MARKER).write_text(to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),
                 encoding="utf-8")
