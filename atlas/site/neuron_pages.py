@@ -22,11 +22,11 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from atlas.schema import SIDE_STATS, SIDES
+from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
 from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_vocab
-from atlas.site.text import fmt_logit, html_safe_json, token_cell
+from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 # Short on purpose: they are on every page; the method page says how each direction is made.
@@ -111,6 +111,25 @@ def bibtex_text(text: str) -> str:
     """Text as a BibTeX field value keeps it: braces and LaTeX specials are escaped."""
     out = str(text).replace("\\", "/").replace("{", "(").replace("}", ")")
     return re.sub(r"([#$%&_^~])", r"\\\1", out)
+
+
+def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, site_url: str,
+               has_corpus: bool, has_clusters: bool, has_clamp: bool) -> list[dict]:
+    """The site's neuron pages as blocks of up to ``BLOCK`` neurons of one layer.
+
+    Each job is a plain dict (workers receive it pickled) holding all that ``render_block``
+    needs besides a connection: where to write, the page globals, the queries, and which
+    stages the store has. Only the JSON tables of those stages are read.
+    """
+    tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
+              or (t in ("exemplars", "attributions", "histograms") and has_corpus)
+              or (t == "clamp_effects" and has_clamp)]
+    common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
+              "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
+              "sql": {"neurons": neurons_sql(con), "json": {t: json_sql(con, t, JSON_TABLES[t]) for t in tables}},
+              "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp}
+    return [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
+            for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
 
 
 # -- a block of neurons --------------------------------------------------------------------
