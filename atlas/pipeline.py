@@ -20,7 +20,8 @@ from atlas.errors import AtlasError
 from atlas.stages.exemplars import ExemplarConfig, check_corpus, quick_key, run_exemplars
 from atlas.lock import output_lock
 from atlas.model.load import DEFAULT_MODEL, LoadedModel, hash_weights, load_model, pick_device, resolve
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.store import Store
 
 STORE_NAME = "atlas.duckdb"
