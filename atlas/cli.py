@@ -357,7 +357,7 @@ def info(out, as_json, neuron):
 
 def _print_neuron(store, address: str, as_json: bool) -> None:
     from atlas.address import resolve_neuron
-    from atlas.site.clusters import visible       # labels are corpus-derived: no raw control characters on a terminal
+    from atlas.site.text import visible       # labels are corpus-derived: no raw control characters on a terminal
     layer, neuron = resolve_neuron(store.con, address)
     cur = store.con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, neuron])
     row = dict(zip([d[0] for d in cur.description], cur.fetchone()))

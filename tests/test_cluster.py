@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from atlas.stages.cluster import ClusterConfig, cluster_store, compute_geometry, unit_directions
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.bench.synthetic import make_synthetic_store, synthetic_directions
 
 from test_render import parse, resolve

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.bench.synthetic import make_synthetic_store
 
 pytestmark = pytest.mark.browser

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
 from atlas.bench.synthetic import make_synthetic_store
 

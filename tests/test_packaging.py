@@ -59,7 +59,8 @@ def test_an_installed_wheel_renders_a_site(wheel, tmp_path):
     script = """
 import sys
 import atlas.site.render as r
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.bench.synthetic import make_synthetic_store
 assert r.__file__.startswith(sys.argv[1]), r.__file__          # the installed copy, not the checkout
 assert r.TEMPLATES.is_relative_to(sys.argv[1]), r.TEMPLATES

@@ -13,7 +13,8 @@ import pytest
 
 from atlas.site.clamp_sections import SHOWN as CLAMP_SHOWN
 from atlas.schema import EXPORT_TABLES
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
 from atlas.site.text import fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import make_synthetic_store

@@ -16,7 +16,9 @@ import pytest
 from atlas.site import render as render_mod
 from atlas.site import neuron_pages as render_page
 from atlas.errors import AtlasError
-from atlas.site.render import RenderConfig, render, show_token
+from atlas.config import RenderConfig
+from atlas.site.render import render
+from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
 from atlas.store import Store
 from atlas.bench.synthetic import make_synthetic_store

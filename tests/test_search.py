@@ -14,7 +14,8 @@ from atlas.stages.decode import DecodeConfig
 from atlas.errors import AtlasError
 from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.site.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store

@@ -16,7 +16,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from atlas.site.render import RenderConfig, render
+from atlas.config import RenderConfig
+from atlas.site.render import render
 from atlas.site.search import normalise, search
 from atlas.bench.synthetic import make_synthetic_store
 

@@ -38,7 +38,8 @@ def _render_child(store: str, site: str, workers: int) -> None:
     """Runs in the child process: render, then print the stats and this process tree's peak memory."""
     import resource
 
-    from atlas.site.render import RenderConfig, render
+    from atlas.config import RenderConfig
+    from atlas.site.render import render
 
     stats = render(store, site, RenderConfig(workers=workers, exports=False), progress=False, force=True)
     stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--browser", action="store_true", help="also measure in headless Chromium")
     args = ap.parse_args(argv)
 
-    from atlas.site.render import _env, RenderConfig, TEMPLATES
+    from atlas.config import RenderConfig
+    from atlas.resources import TEMPLATES
+    from atlas.site.templates import environment
     from atlas.site.search_page import write_search_site
 
     (args.out / "assets").mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     with Store(args.store, read_only=True, memory_mb=RenderConfig().memory_mb) as store:
         n = store.count("neurons")
         start = time.perf_counter()
-        info = write_search_site(store.con, _env(), args.out, page_site, n, TEMPLATES, args.postings,
+        info = write_search_site(store.con, environment(), args.out, page_site, n, TEMPLATES, args.postings,
                                  n if args.pagefind else 0)
         info["seconds"] = round(time.perf_counter() - start, 1)
         queries = sample_queries(store.con, args.queries)

@@ -9,11 +9,10 @@ never committed): WebGL scatter keeps half a million points responsive.
 from __future__ import annotations
 
 import shutil
-import unicodedata
-from functools import lru_cache
 from pathlib import Path
 
 from atlas.errors import AtlasError
+from atlas.site.text import script_json, to_json, visible
 from atlas.store import finished_stage
 
 MAP_TOKENS = 3          # top `out` tokens listed per member on cluster pages
@@ -25,20 +24,6 @@ def has_clusters(con) -> bool:
     if "neighbours" not in tables:
         return False
     return finished_stage(con, "cluster") is not None
-
-
-@lru_cache(maxsize=1 << 16)      # neighbour labels repeat across the pages of a block
-def visible(text: str | None) -> str:
-    """Label text on one line, with control and direction-changing characters shown as code points."""
-    if not text:
-        return ""
-    out = []
-    for ch in " ".join(text.split()):
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            out.append(f"\u27e8U+{ord(ch):04X}\u27e9")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _clusters(con, key: str) -> dict[int, tuple[str, str]]:
@@ -79,11 +64,6 @@ def summary(con) -> dict | None:
             "within": stats.get("within_cosine"), "across": stats.get("across_cosine"),
             "search": stats.get("neighbour_search", {}), "config": status.get("config", {}),
             "exemplar_labels": bool(status.get("exemplar_labels"))}
-
-
-def _to_json(obj) -> str:
-    from atlas.site.render import _to_json as to_json
-    return to_json(obj)
 
 
 def _plotly_bundle() -> Path:
@@ -147,16 +127,10 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
         data = {"x": [round(r[0], 3) if r[0] is not None else None for r in rows],
                 "y": [round(r[1], 3) if r[1] is not None else None for r in rows],
                 "cluster": [r[2] for r in rows], "label": [visible(r[3]) for r in rows]}
-        (points / f"{layer}.json").write_text(_to_json(data), encoding="utf-8")
+        (points / f"{layer}.json").write_text(to_json(data), encoding="utf-8")
     data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters]}}
     (site / "map" / "index.html").write_text(env.get_template("map.html").render(
         site=page_site, root="../", canonical=None, n_neurons=sum(layer_sizes), n_clusters=len(clusters),
-        n_layers=len(layer_sizes), data_json=_markup(_to_json(data))), encoding="utf-8")
+        n_layers=len(layer_sizes), data_json=script_json(data)), encoding="utf-8")
     return {"clusters": len(clusters)}
-
-
-def _markup(text: str):
-    # _to_json escapes <, > and &, so the JSON can sit inside a <script> element as it is.
-    from markupsafe import Markup
-    return Markup(text)
 

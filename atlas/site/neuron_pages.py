@@ -22,9 +22,11 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
+from atlas.site.clamp_sections import clamp_sections
+from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_vocab
-from atlas.site.text import fmt_logit, token_cell
-from atlas.schema import SIDE_STATS, SIDES
+from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 # Short on purpose: they are on every page; the method page says how each direction is made.
@@ -111,6 +113,25 @@ def bibtex_text(text: str) -> str:
     return re.sub(r"([#$%&_^~])", r"\\\1", out)
 
 
+def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, site_url: str,
+               has_corpus: bool, has_clusters: bool, has_clamp: bool) -> list[dict]:
+    """The site's neuron pages as blocks of up to ``BLOCK`` neurons of one layer.
+
+    Each job is a plain dict (workers receive it pickled) holding all that ``render_block``
+    needs besides a connection: where to write, the page globals, the queries, and which
+    stages the store has. Only the JSON tables of those stages are read.
+    """
+    tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
+              or (t in ("exemplars", "attributions", "histograms") and has_corpus)
+              or (t == "clamp_effects" and has_clamp)]
+    common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
+              "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
+              "sql": {"neurons": neurons_sql(con), "json": {t: json_sql(con, t, JSON_TABLES[t]) for t in tables}},
+              "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp}
+    return [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
+            for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
+
+
 # -- a block of neurons --------------------------------------------------------------------
 _worker: dict[str, Any] = {}     # per process: the jinja template and per-site lookups
 
@@ -138,14 +159,12 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
                                  {row["neuron"]: row["normaliser"] for row, _ in neurons})
     clustering: dict[int, dict] = {}
     if job["has_clusters"]:
-        from atlas.site.clusters import cluster_sections
         clustering = cluster_sections(con, layer, lo, hi, job["site"])
         for sec in clustering.values():
             sec["neighbours"] = neighbour_rows(sec["neighbours"])
 
     clamping: dict[int, dict] = {}
     if job.get("has_clamp"):
-        from atlas.site.clamp_sections import clamp_sections
         clamping = clamp_sections(con, layer, lo, hi)
 
     sizes, site = job["layer_sizes"], job["page"]["site"]
@@ -181,30 +200,12 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
             parts.append(f',"{table}":{by_neuron.get(n, "[]")}')
         if job["has_clusters"] and n in clustering:
             parts.append(f',"clusters":[{clustering[n]["json"]}]')
-        data = _html_safe("".join(parts) + "}\n")
+        data = html_safe_json("".join(parts) + "}") + "\n"
         page_dir = os.path.join(out_dir, str(n))
         os.mkdir(page_dir)
         page_bytes += _write(os.path.join(page_dir, "index.html"), html)
         json_bytes += _write(os.path.join(out_dir, f"{n}.json"), data)
     return len(neurons), page_bytes, json_bytes
-
-
-def _html_safe(text: str) -> str:
-    """JSON text that can also sit inside HTML: no raw ``<``, ``>`` or ``&`` (all are in strings).
-
-    Bidi and C1 control characters would act when the JSON is shown as text: they are escaped
-    too. Most pages have none of these characters, so one scan finds that out first.
-    """
-    if text.isascii():
-        # DuckDB's JSON escapes C0 controls already; in ASCII only these can remain.
-        if "<" not in text and ">" not in text and "&" not in text and "\x7f" not in text:
-            return text
-    elif _UNSAFE.search(text) is None:
-        return text
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-_UNSAFE = re.compile("[<>&\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _write(path: str, text: str) -> int:

@@ -40,6 +40,7 @@ from typing import Callable
 import pyarrow as pa
 
 from atlas.errors import AtlasError
+from atlas.site.text import show_token, to_json
 from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
@@ -221,7 +222,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
             "clamp_weighted": check != "-1",
             "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars}
-    (out_dir / META_NAME).write_text(_json(meta), encoding="utf-8")
+    (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
             "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3)}
 
@@ -237,7 +238,7 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
 
     def flush():
         if bucket is not None:
-            data = _json(shard).encode("utf-8")
+            data = to_json(shard).encode("utf-8")
             (out_dir / shard_name(bucket, n_shards)).write_bytes(data)
             sizes.append(len(data))
 
@@ -256,17 +257,12 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
             entry["p"].extend((layer, neuron, strength, src, rank, variants.index(token), check))
     flush()
     # Every bucket gets a file, so a query never meets a 404 (which browsers log as an error).
-    empty = _json({}).encode("utf-8")
+    empty = to_json({}).encode("utf-8")
     for b in range(n_shards):
         if not (out_dir / shard_name(b, n_shards)).exists():
             (out_dir / shard_name(b, n_shards)).write_bytes(empty)
             sizes.append(len(empty))
     return sizes
-
-
-def _json(obj) -> str:
-    from atlas.site.render import _to_json       # the site's one JSON writer: sorted, and safe inside HTML
-    return _to_json(obj)
 
 
 # -- querying ------------------------------------------------------------------------------
@@ -339,7 +335,6 @@ def search(path: str | Path, query: str, limit: int = 20) -> dict:
 
 def format_hits(result: dict) -> list[str]:
     """The lines ``atlas search`` prints: per term its count, then one line per neuron."""
-    from atlas.site.render import show_token
     lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
     if not result["hits"]:
         return lines + ["no neuron decodes to or fires on these words"]

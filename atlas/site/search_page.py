@@ -19,6 +19,7 @@ from pathlib import Path
 
 from atlas.errors import AtlasError
 from atlas.site.search import INDEX_DIR, SCHEMA, write_index
+from atlas.site.text import script_json
 
 PAGEFIND_DIR = "pagefind"
 DOC_SIDES = ("out", "in", "gate")   # order of the tokens in a full-text document
@@ -90,8 +91,6 @@ def write_fulltext(con, site: Path) -> dict:
 def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, templates: Path,
                       postings: int, pagefind_max_neurons: int) -> dict:
     """Write ``search/`` (page and concept index) and, for atlases small enough, ``pagefind/``."""
-    from atlas.site.clusters import _markup, _to_json
-
     info = {"concept": write_index(con, site / INDEX_DIR, postings)}
     fulltext = 0 < n_neurons <= pagefind_max_neurons
     if fulltext:
@@ -100,5 +99,5 @@ def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, tem
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
     (site / "search" / "index.html").write_text(env.get_template("search.html").render(
         site=page_site, root="../", canonical=None, n_neurons=n_neurons, postings=postings, fulltext=fulltext,
-        data_json=_markup(_to_json({"schema": SCHEMA, "fulltext": fulltext}))), encoding="utf-8")
+        data_json=script_json({"schema": SCHEMA, "fulltext": fulltext})), encoding="utf-8")
     return info

@@ -1,0 +1,176 @@
+"""The frame of a site: home, layer and method pages, built with mkdocs-material.
+
+Pages come from the jinja-rendered markdown in ``site_templates/frame/``; the layers'
+neuron tables are added after the build (see ``frame/layer.md``). Atlas's own pages
+(neurons, clusters, map, search) are not mkdocs pages, but they share the frame's theme
+through one stylesheet (``theme_assets``) and what ``page_site`` says about the atlas.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+from markupsafe import Markup
+
+from atlas import __version__
+from atlas.config import RenderConfig
+from atlas.errors import AtlasError
+from atlas.resources import MKDOCS_YML, TEMPLATES
+from atlas.site import clusters
+from atlas.site.clamp_sections import summary as clamp_summary
+from atlas.site.corpus_sections import has_corpus
+from atlas.site.exports import human_bytes
+from atlas.site.templates import environment
+from atlas.store import Store
+
+LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
+ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
+PAGES_CSS = "atlas-pages.css"                  # written by theme_assets
+
+
+def site_url(cfg: RenderConfig) -> str:
+    """The site's absolute URL with one trailing slash, or '' for a site of relative links."""
+    return cfg.site_url.rstrip("/") + "/" if cfg.site_url else ""
+
+
+def short_hash(digest: str) -> str:
+    """``sha256:`` and 16 hex digits (64 bits name an input well enough); the home page has it whole."""
+    return digest if len(digest) <= 24 else digest[:23] + "\u2026"
+
+
+def page_site(meta: dict, store: Store, site_name: str, stylesheets: list[str], palette: dict,
+              cfg: RenderConfig) -> dict:
+    """What every neuron page shows about the atlas as a whole: provenance, citation data."""
+    corpus = meta.get("corpus") if has_corpus(store.con) else None
+    if corpus:
+        corpus_line = f"{corpus.get('source', '?')}, {corpus.get('tokens', 0):,} tokens seen, {short_hash(corpus.get('hash', ''))}"
+    else:
+        corpus_line = "none yet (no corpus pass)"
+    exemplar_cfg = (meta.get("stage.exemplars") or {}).get("config", {})
+    return {"name": site_name, "model_id": meta["model"]["id"], "hook_point": meta.get("hook_point", ""),
+            "stylesheets": stylesheets, "palette": palette, "weights_hash": meta.get("weights_hash", ""),
+            "weights_short": short_hash(meta.get("weights_hash", "")),
+            "tool_version": meta.get("tool_version", ""), "schema_version": meta.get("schema_version"),
+            "corpus": corpus_line, "exemplars_k": exemplar_cfg.get("k", 0) if corpus else 0,
+            # the tables the reproduce snippet reads, as a Python tuple (fixed names, no escaping needed)
+            "tables": Markup("(" + ", ".join(f'"{t}"' for t in ("neurons", "decoded_tokens")
+                                             + (("exemplars", "attributions") if corpus else ())) + ")"),
+            "exports": cfg.exports, "site_url": site_url(cfg), "year": str(meta["created_at"])[:4]}
+
+
+@contextmanager
+def _source_date_epoch(created_at: str) -> Iterator[None]:
+    """Pin mkdocs' build date (sitemap, gzip header) to the store's created_at."""
+    stamp = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    old = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = str(int(stamp.timestamp()))
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = old
+
+
+def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, site_name: str,
+                cfg: RenderConfig, downloads: list[dict]) -> dict:
+    """Build home, layer and method pages into ``site`` with mkdocs; returns the theme palette they use."""
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    env = environment()
+    decode_cfg = meta["stage.decode"].get("config", {})
+    with tempfile.TemporaryDirectory(prefix="atlas-docs-") as docs:
+        docs = Path(docs)
+        (docs / "layers").mkdir()
+        (docs / "assets").mkdir()
+        for name in ASSETS:
+            shutil.copyfile(TEMPLATES / "assets" / name, docs / "assets" / name)
+        stages = sorted((k.split(".", 1)[1], v) for k, v in meta.items() if k.startswith("stage."))
+        # No timings: the same inputs give the same pages (timings stay in the store).
+        stages = [(name, {"status": v.get("status"), "fingerprint": v.get("fingerprint")}) for name, v in stages]
+        (docs / "index.md").write_text(env.get_template("frame/index.md").render(
+            model=meta["model"], n_neurons=sum(layer_sizes), layers=list(enumerate(layer_sizes)),
+            hook_point=meta.get("hook_point", ""), weights_hash=meta.get("weights_hash", ""),
+            tool_version=meta.get("tool_version", ""), render_version=__version__,
+            schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
+            clusters=clusters.summary(store.con), downloads=downloads, human_bytes=human_bytes,
+            clamp=clamp_summary(store.con)),
+            encoding="utf-8")
+        (docs / "method.md").write_text(env.get_template("frame/method.md").render(
+            hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
+            bottom_k=decode_cfg.get("bottom_k", "k"), clusters=clusters.summary(store.con),
+            corpus=meta.get("corpus") if has_corpus(store.con) else None,
+            clamp=clamp_summary(store.con)), encoding="utf-8")
+        layer_md = env.get_template("frame/layer.md")
+        for layer, size in enumerate(layer_sizes):
+            (docs / "layers" / f"{layer}.md").write_text(layer_md.render(
+                layer=layer, n_neurons=size, preview=cfg.layer_preview, marker=Markup(LAYER_TABLE_MARKER)),
+                encoding="utf-8")
+
+        nav = [{"Home": "index.md"},
+               {"Layers": [{f"Layer {layer}": f"layers/{layer}.md"} for layer in range(len(layer_sizes))]},
+               {"Method": "method.md"}]
+        mk_logger = logging.getLogger("mkdocs")
+        level = mk_logger.level
+        mk_logger.setLevel(logging.WARNING)     # mkdocs narrates every step at INFO
+        try:
+            with _source_date_epoch(meta["created_at"]):
+                mk = load_config(config_file=str(MKDOCS_YML), site_name=site_name, docs_dir=str(docs),
+                                 site_dir=str(site), nav=nav, site_url=cfg.site_url or None,
+                                 extra_css=["assets/atlas.css"])
+                mk.plugins.on_startup(command="build", dirty=False)
+                try:
+                    build(mk)
+                finally:
+                    mk.plugins.on_shutdown()
+        finally:
+            mk_logger.setLevel(level)
+    table = env.get_template("partials/layer_table.html")
+    for layer in range(len(layer_sizes)):
+        page = site / "layers" / str(layer) / "index.html"
+        html = page.read_text(encoding="utf-8")
+        if html.count(LAYER_TABLE_MARKER) != 1:
+            raise RuntimeError(f"layer page {page} lost its table marker")
+        rows = layer_rows(store, layer, cfg.layer_preview)
+        page.write_text(html.replace(LAYER_TABLE_MARKER, table.render(layer=layer, rows=rows)), encoding="utf-8")
+    palette = mk.theme.get("palette") or {}
+    palette = palette[0] if isinstance(palette, list) else palette
+    return {k: str(palette.get(k, "default" if k == "scheme" else "indigo")).replace(" ", "-")
+            for k in ("scheme", "primary", "accent")}
+
+
+def layer_rows(store: Store, layer: int, preview: int) -> list[tuple[int, str | None, list[str]]]:
+    """(neuron, label, top `out` tokens) for every neuron of a layer, in two bulk queries."""
+    labels = store.con.execute("SELECT neuron, label FROM neurons WHERE layer = ? ORDER BY neuron",
+                               [layer]).fetchall()
+    tokens: dict[int, list[str]] = {}
+    for n, tok in store.con.execute(
+            "SELECT neuron, token FROM decoded_tokens WHERE layer = ? AND side = 'out' "
+            "AND polarity = 'top' AND rank < ? ORDER BY neuron, rank", [layer, preview]).fetchall():
+        tokens.setdefault(n, []).append(tok)
+    return [(n, label, tokens.get(n, [])) for n, label in labels]
+
+
+def theme_assets(site: Path) -> list[str]:
+    """The one stylesheet that atlas's own pages link: it imports the frame's theme
+    stylesheets (their names carry a hash) and atlas.css, so each page needs one link, not
+    three, and the browser has them cached from the frame's pages."""
+    imports = []
+    for pattern in ("main.*.min.css", "palette.*.min.css"):
+        matches = sorted((site / "assets" / "stylesheets").glob(pattern))
+        if not matches:
+            raise AtlasError(f"mkdocs-material produced no assets/stylesheets/{pattern}; is the theme installed?")
+        imports.append(matches[0].relative_to(site / "assets").as_posix())
+    (site / "assets" / PAGES_CSS).write_text(
+        "/* atlas's own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n"
+        + "".join(f'@import url("{path}");\n' for path in imports + ["atlas.css"]), encoding="utf-8")
+    return [f"assets/{PAGES_CSS}"]
