@@ -32,7 +32,9 @@ from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
 from atlas.site.text import html_safe_json, to_json
 from atlas.site.workers import cpu_seconds, run_jobs
-from atlas.store import Store, without_timings
+from atlas.stages import STAGES
+from atlas.stages.contract import stale_stages
+from atlas.store import finished_stage, Store, without_timings
 
 SITE_MARKER = "atlas-site.json"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
@@ -99,8 +101,12 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
     cfg.validate()
     with Store(store_path, read_only=True, memory_mb=cfg.memory_mb) as store:
         meta = store.all_meta()
-        if (meta.get("stage.decode") or {}).get("status") != "done":
+        if finished_stage(store.con, "decode") is None:
             raise AtlasError(f"{store_path} has no finished decode stage; run `atlas decode` first")
+        stale = stale_stages(store.con, STAGES)
+        if stale:
+            raise AtlasError(f"{store_path} has stale stages ({'; '.join(f'{n}: {why}' for n, why in stale.items())}); "
+                             "run `atlas build` to bring them up to date")
         missing = [k for k in ("model", "created_at") if k not in meta]
         if missing:
             raise AtlasError(f"{store_path} lacks atlas_meta {', '.join(missing)}; rebuild it with `atlas build`")

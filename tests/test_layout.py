@@ -1,0 +1,121 @@
+"""The house rules of the package, read from the source with ``ast``.
+
+- no import cycle among atlas's modules (imports inside functions count: they only hide one);
+- no private name (``_x``) imported from another module;
+- nothing under ``atlas/site/`` reaches torch or transformers, directly or through other
+  atlas modules;
+- test modules never import each other; shared code lives in tests/helpers.py and conftest.py.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import atlas
+
+PACKAGE = Path(atlas.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
+HEAVY = {"torch", "transformers"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "_bundled" not in p.parts}
+
+
+def _imports(name: str) -> list[tuple[str, list[str], int]]:
+    """(module imported, names taken from it, line) for every import in module ``name``, absolute."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            out.append((base, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _edges(name: str) -> set[str]:
+    """The atlas modules that module ``name`` imports (a name taken from a package may be a submodule)."""
+    edges = set()
+    for module, names, _ in _imports(name):
+        if module.split(".")[0] != "atlas":
+            continue
+        subs = {f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES}
+        edges |= subs
+        if len(subs) < len(names) or not names:
+            edges.add(module)
+    return edges - {name}
+
+
+GRAPH = {name: _edges(name) for name in MODULES}
+
+
+def test_the_walk_sees_every_package():
+    assert {"atlas.site.render", "atlas.site.text", "atlas.stages.contract", "atlas.model.load",
+            "atlas.bench.stages", "atlas.schema", "atlas.pipeline"} <= set(MODULES)
+    assert "atlas.site.text" in GRAPH["atlas.site.render"]
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(GRAPH.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(GRAPH):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_private_name_crosses_a_module():
+    crossings = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} imports {n} from {module}"
+                 for name in MODULES for module, names, line in _imports(name)
+                 for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not crossings, "\n".join(crossings)
+
+
+def test_the_site_never_reaches_torch():
+    site = [name for name in MODULES if name.startswith("atlas.site")]
+    assert len(site) > 5
+    bad = []
+    for start in site:
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            heavy = [m for m, _, _ in _imports(name) if m.split(".")[0] in HEAVY]
+            if heavy:
+                bad.append(f"{start} reaches {name}, which imports {heavy[0]}")
+            todo += GRAPH[name]
+    assert not bad, "\n".join(bad)
+
+
+def test_test_modules_do_not_import_each_other():
+    found = []
+    for path in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(TESTS)}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] == "conftest" or n.split(".")[0].startswith("test_")]
+    assert not found, "\n".join(found)
