@@ -14,7 +14,7 @@ import duckdb
 
 from atlas import __version__
 # Settings only: the stages, which import torch (a second or more), load when a command runs.
-from atlas.config import SHAPES as SHAPE_NAMES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
+from atlas.config import SHAPES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
 from atlas.errors import AtlasError
 
 
@@ -379,7 +379,7 @@ def _print_neuron(store, address: str, as_json: bool) -> None:
 @model_option
 @device_option
 @dtype_option
-@click.option("--shape", type=click.Choice(list(SHAPE_NAMES)), default=None,
+@click.option("--shape", type=click.Choice(list(SHAPES)), default=None,
               help="time a randomly initialised model of this shape instead of --model (no weights needed); "
                    "render: the synthetic store's shape (default llama-3.1-8b, 458,752 neurons)")
 @click.option("--layers", default=None, type=int,
@@ -410,7 +410,6 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
     results = {}
     if what in ("render", "all"):
         from atlas.bench.render import bench_render, print_render_table
-        from atlas.model.shapes import SHAPES
         _, n_layers, _, d_mlp, *_ = SHAPES[shape or "llama-3.1-8b"]
         results["render"] = bench_render(f"{n_layers}x{d_mlp}", layers or 0, neurons, store)
         print_render_table(results["render"])

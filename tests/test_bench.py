@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from atlas.cli import main
-from atlas.model.shapes import SHAPES, random_model, shape_config
+from atlas.config import SHAPES
+from atlas.model.shapes import random_model, shape_config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))

@@ -17,7 +17,8 @@ def _load(model: str, shape: str | None, device: str, dtype: str, layers: int | 
     """The model to time and its real layer count: a checkpoint, or random weights of a known
     shape (keeping only ``layers`` layers, so a big shape fits a small machine)."""
     if shape:
-        from atlas.model.shapes import SHAPES, random_model
+        from atlas.config import SHAPES
+        from atlas.model.shapes import random_model
         lm = random_model(shape, device, dtype, layers or None)
         return lm, SHAPES[shape][1]
     lm = load_model(model, device, dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from atlas.model.arch import adapter_for
-from atlas.config import SHAPES  # noqa: F401 (re-exported)
+from atlas.config import SHAPES
 from atlas.errors import AtlasError
 from atlas.model.load import LoadedModel, pick_device, pick_dtype
 
