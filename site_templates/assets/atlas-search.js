@@ -1,6 +1,6 @@
 // The search page: concept search over the sharded token index in idx/, and full-text
 // search over labels and tokens with pagefind where the site has a pagefind index.
-// normalise, queryTerms, shardOf and rank are twins of those in atlas/search.py: the
+// normalise, queryTerms, shardOf and rank are twins of those in atlas/site/search.py: the
 // command line and this page must give the same ranking. Every string from the index is
 // untrusted (token text, labels) and reaches the page through textContent only.
 (function () {
@@ -10,10 +10,10 @@
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
   var SHOWN = 50;
-  var SCHEMA = 2, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/search.py
+  var SCHEMA = 2, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
-  // The term of a token or query word: see atlas/search.py for the definition.
+  // The term of a token or query word: see atlas/site/search.py for the definition.
   function normalise(text) {
     if (!text) return "";
     // Strip in two steps like the Python loop: leading markers and edge characters first,
