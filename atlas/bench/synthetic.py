@@ -23,7 +23,7 @@ from atlas.resources import hostile
 from atlas.config import HOLDS, ClampConfig, ClusterConfig
 from atlas.schema import SIDES, SIDE_STATS
 from atlas.stages import STAGES
-from atlas.stages.contract import Context, write_record
+from atlas.stages.contract import Context, insert_arrow, write_record
 from atlas.store import Store
 
 # Token texts that break a page if any renderer forgets to escape them. They take the
@@ -257,12 +257,10 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
         with store.transaction():
             vocab = pa.table({"token_id": pa.array(np.arange(vocab_size, dtype=np.int32)),
                               "token": tokens, "piece": pa.array(pieces, pa.string())})
-            con.register("vocab_arrow", vocab)
-            con.execute("INSERT INTO vocab SELECT * FROM vocab_arrow")
+            insert_arrow(con, "vocab", vocab)
         if corpus:
             with store.transaction():
-                con.register("docs_arrow", _corpus_docs(words, rng))
-                con.execute("INSERT INTO corpus_docs SELECT * FROM docs_arrow")
+                insert_arrow(con, "corpus_docs", _corpus_docs(words, rng))
         for layer in tqdm(range(n_layers), desc="synthetic store", unit="layer", disable=not progress):
             with store.transaction():
                 neurons = _neurons_layer(layer, d_mlp, sides, words, rng)
@@ -273,16 +271,10 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                 if clamp:
                     neurons, tables["clamp_effects"] = _clamp_layer(layer, neurons, decoded, top_k, CLAMP, rng)
                 for name, table in tables.items():
-                    con.register(f"{name}_arrow", table)
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {name}_arrow")
-                    con.unregister(f"{name}_arrow")
-                con.register("neurons_arrow", neurons)
-                con.execute("INSERT INTO neurons BY NAME SELECT * FROM neurons_arrow")
-                con.register("decoded_arrow", decoded)
-                con.execute("INSERT INTO decoded_tokens SELECT layer, neuron, side::VARCHAR, "
-                            "polarity::VARCHAR, rank, token_id, token, logit, prob FROM decoded_arrow")
-        for name in ("vocab_arrow", "neurons_arrow", "decoded_arrow") + (("docs_arrow",) if corpus else ()):
-            con.unregister(name)
+                    insert_arrow(con, name, table)
+                insert_arrow(con, "neurons", neurons)
+                insert_arrow(con, "decoded_tokens", decoded, select="t.layer, t.neuron, t.side::VARCHAR, "
+                             "t.polarity::VARCHAR, t.rank, t.token_id, t.token, t.logit, t.prob")
 
         store.set_meta("model", {
             "id": f"synthetic/{'gated' if gated else 'plain'}-{n_layers}x{d_mlp}",

@@ -30,7 +30,7 @@ from atlas.config import CPU_BUDGET, HOLDS, ClampConfig
 from atlas.errors import AtlasError
 from atlas.intervene import block_inputs, clamped, load_prompts, next_logprobs, prompt_ids, start_at
 from atlas.model.load import LoadedModel
-from atlas.stages.contract import Context, insert_arrow, update_from_arrow
+from atlas.stages.contract import Context, insert_arrow, registered, update_from_arrow
 
 STAGE = "clamp"
 
@@ -147,14 +147,12 @@ def select(con, cfg: ClampConfig, budget: int | None) -> Selection:
     values = np.array([r[2] * cfg.clamp_multiple for r in rows], dtype=np.float32)
     own = np.full((len(rows), cfg.clamp_own), -1, dtype=np.int64)
     index = {(int(layer), int(n)): i for i, (layer, n) in enumerate(zip(layers, neurons))}
-    con.register("clamp_sel", pa.table({"layer": pa.array(layers, pa.int16()), "neuron": pa.array(neurons, pa.int32())}))
-    try:
+    chosen = pa.table({"layer": pa.array(layers, pa.int16()), "neuron": pa.array(neurons, pa.int32())})
+    with registered(con, "clamp_sel", chosen):
         for layer, n, rank, token_id in con.execute(
                 "SELECT d.layer, d.neuron, d.rank, d.token_id FROM decoded_tokens d JOIN clamp_sel USING (layer, neuron) "
                 "WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < ? ORDER BY ALL", [cfg.clamp_own]).fetchall():
             own[index[(layer, n)], rank] = token_id
-    finally:
-        con.unregister("clamp_sel")
     if len(rows) and (own[:, 0] < 0).all():
         raise AtlasError("the clamp stage needs the decode stage's `out` side; run `atlas decode --sides in,gate,out`")
     return Selection(layers, neurons, values, own)

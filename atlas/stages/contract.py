@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -107,6 +108,16 @@ def write_record(store: Store, stage: Stage, status: str, fingerprint: str, conf
                                            "config": config, "inputs": inputs_of(store.con, stage)})
 
 
+@contextmanager
+def registered(con, name: str, data: pa.Table) -> Iterator[None]:
+    """``data`` visible to SQL as the view ``name`` while the block runs."""
+    con.register(name, data)
+    try:
+        yield
+    finally:
+        con.unregister(name)
+
+
 def insert_arrow(con, table: str, data: pa.Table, order: str | None = None, select: str = "t.*",
                  join: str = "", by_name: bool = True) -> None:
     """Insert the Arrow table ``data`` (aliased ``t``) into ``table``, optionally joined, selected and ordered.
@@ -114,24 +125,18 @@ def insert_arrow(con, table: str, data: pa.Table, order: str | None = None, sele
     With the default ``select`` the columns go in by name, so ``data`` may hold a subset of
     the table's columns in any order.
     """
-    con.register("atlas_new_rows", data)
-    try:
-        target = f"{table} BY NAME" if by_name and select == "t.*" else table
+    target = f"{table} BY NAME" if by_name and select == "t.*" else table
+    with registered(con, "atlas_new_rows", data):
         con.execute(f"INSERT INTO {target} SELECT {select} FROM atlas_new_rows t {join}"
                     + (f" ORDER BY {order}" if order else ""))
-    finally:
-        con.unregister("atlas_new_rows")
 
 
 def update_from_arrow(con, table: str, data: pa.Table, keys: tuple[str, ...] = ("layer", "neuron")) -> None:
     """Set ``table``'s columns named in ``data`` from the rows of ``data`` with the same ``keys``."""
-    con.register("atlas_new_rows", data)
-    try:
-        sets = ", ".join(f"{c} = s.{c}" for c in data.column_names if c not in keys)
-        match = " AND ".join(f"{table}.{k} = s.{k}" for k in keys)
+    sets = ", ".join(f"{c} = s.{c}" for c in data.column_names if c not in keys)
+    match = " AND ".join(f"{table}.{k} = s.{k}" for k in keys)
+    with registered(con, "atlas_new_rows", data):
         con.execute(f"UPDATE {table} SET {sets} FROM atlas_new_rows s WHERE {match}")
-    finally:
-        con.unregister("atlas_new_rows")
 
 
 def stage_records(con) -> dict[str, dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from atlas.errors import AtlasError
+from atlas.stages.contract import digest
 
 Doc = tuple[str, str]          # (source, text)
 READERS: dict[str, Callable[..., Iterator[Doc]]] = {}
@@ -178,7 +179,7 @@ def corpus_identity(path: str | None, text_column: str = "text") -> str:
     else:
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
         parts = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return hashlib.sha256(json.dumps([kind, text_column, parts]).encode()).hexdigest()[:16]
+    return digest([kind, text_column, parts])
 
 
 @dataclass
