@@ -27,12 +27,25 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "_bundled" not in p.parts}
 
 
-def _imports(name: str) -> list[tuple[str, list[str], int]]:
-    """(module imported, names taken from it, line) for every import in module ``name``, absolute."""
+def _top_level(tree: ast.Module):
+    """The statements that run on import: the module's body, into if/try blocks but not into functions."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", []) + \
+                [s for h in getattr(node, "handlers", []) for s in h.body]
+
+
+def _imports(name: str, on_import_only: bool = False) -> list[tuple[str, list[str], int]]:
+    """(module imported, names taken from it, line) for every import in module ``name``, absolute;
+    with ``on_import_only`` just those that run when the module is imported."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in (_top_level(tree) if on_import_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -44,10 +57,10 @@ def _imports(name: str) -> list[tuple[str, list[str], int]]:
     return out
 
 
-def _edges(name: str) -> set[str]:
+def _edges(name: str, on_import_only: bool = False) -> set[str]:
     """The atlas modules that module ``name`` imports (a name taken from a package may be a submodule)."""
     edges = set()
-    for module, names, _ in _imports(name):
+    for module, names, _ in _imports(name, on_import_only):
         if module.split(".")[0] != "atlas":
             continue
         subs = {f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES}
@@ -107,6 +120,24 @@ def test_the_site_never_reaches_torch():
             if heavy:
                 bad.append(f"{start} reaches {name}, which imports {heavy[0]}")
             todo += GRAPH[name]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_command_line_and_the_build_load_torch_only_when_a_stage_runs():
+    """`atlas info`, `render`, `search` and `--help` start in a fraction of a second: importing
+    the CLI, the pipeline or the stage registry runs no import of torch or transformers."""
+    bad = []
+    for start in ("atlas.cli", "atlas.pipeline", "atlas.stages", "atlas"):
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            heavy = [m for m, _, _ in _imports(name, True) if m.split(".")[0] in HEAVY]
+            if heavy:
+                bad.append(f"importing {start} imports {name}, which imports {heavy[0]}")
+            todo += _edges(name, True) | ({name.rpartition(".")[0]} if "." in name else set())
     assert not bad, "\n".join(bad)
 
 
