@@ -361,7 +361,7 @@ def write_labels(con, exemplars: bool) -> None:
                 WHERE n.cluster_id IS NOT NULL AND s.spelling <> '' AND NOT contains(s.spelling, '\ufffd')),
             per_member AS (SELECT DISTINCT cluster_id, layer, neuron, key FROM votes),
             spelling AS (
-                SELECT cluster_id, key, arg_max(spelling, c) AS spelling FROM (
+                SELECT cluster_id, key, first(spelling ORDER BY c DESC, spelling) AS spelling FROM (
                     SELECT cluster_id, key, spelling, count(*) AS c FROM votes GROUP BY ALL) GROUP BY ALL),
             counts AS (SELECT cluster_id, key, count(*) AS c FROM per_member GROUP BY ALL),
             overall AS (SELECT key, count(*) AS total FROM per_member GROUP BY key),
