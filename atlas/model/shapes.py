@@ -16,11 +16,14 @@ from atlas.errors import AtlasError
 from atlas.model.load import LoadedModel, pick_device, pick_dtype
 
 
-def shape_config(name: str, n_layers: int | None = None):
-    """The transformers config of a known shape; ``n_layers`` keeps only that many layers."""
+def shape_config(name: str | tuple, n_layers: int | None = None):
+    """The transformers config of a known shape; ``n_layers`` keeps only that many layers.
+
+    ``name`` may also be a tuple laid out like a ``SHAPES`` entry, for a shape of one's own.
+    """
     from transformers import AutoConfig
     try:
-        kind, layers, d_model, d_mlp, heads, kv, vocab = SHAPES[name]
+        kind, layers, d_model, d_mlp, heads, kv, vocab = name if isinstance(name, tuple) else SHAPES[name]
     except KeyError:
         raise AtlasError(f"unknown shape {name!r} (known: {', '.join(SHAPES)})") from None
     layers = min(layers, n_layers) if n_layers else layers
@@ -32,7 +35,7 @@ def shape_config(name: str, n_layers: int | None = None):
                                 max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def random_model(name: str, device: str = "auto", dtype: str = "auto", n_layers: int | None = None,
+def random_model(name: str | tuple, device: str = "auto", dtype: str = "auto", n_layers: int | None = None,
                  seed: int = 0) -> LoadedModel:
     """A model of shape ``name`` with seeded random weights, ready for `atlas bench`."""
     from transformers import AutoModelForCausalLM
@@ -56,6 +59,19 @@ def random_model(name: str, device: str = "auto", dtype: str = "auto", n_layers:
     model.eval().requires_grad_(False)
     return LoadedModel(model, None, adapter_for(model), f"random {name} shape"
                        + (f" ({config.num_hidden_layers} layers)" if n_layers else ""), f"shape:{name}", [])
+
+
+def save_random_model(name: str | tuple, path, tokenizer=None, n_layers: int | None = None,
+                      device: str = "auto", dtype: str = "auto", seed: int = 0):
+    """Save a random model of a shape as a local Hugging Face directory (config and safetensors,
+    plus ``tokenizer`` when given), so that ``atlas build --model PATH`` runs every stage on it."""
+    from pathlib import Path
+    path = Path(path)
+    lm = random_model(name, device, dtype, n_layers, seed)
+    lm.model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def _restore_buffers(model, config, device) -> None:
