@@ -27,6 +27,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from atlas.schema import SCHEMA_VERSION
 from atlas.store import without_timings
 from helpers import BUILD, EPOCH, FAULT_COUNTS, assert_one_line_error, atlas, corpus_file, store_rows
 
@@ -219,7 +220,7 @@ def _old_store(path: Path, meta: dict) -> dict[str, str]:
 
 @pytest.mark.parametrize("meta, needle", [
     ({"schema_version": 0, "model": {"id": "m"}}, "has store schema v0; this atlas"),
-    ({"schema_version": 99, "model": {"id": "m"}}, "newer than the v1"),
+    ({"schema_version": 99, "model": {"id": "m"}}, f"newer than the v{SCHEMA_VERSION}"),
     ({"model": {"id": "m"}}, "has no schema_version"),
 ])
 def test_a_store_of_another_version_is_refused_untouched(inputs, tmp_path, meta, needle):
