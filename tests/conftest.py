@@ -1,21 +1,19 @@
-"""Shared fixtures: seeds, and tiny randomly initialised models built from a config, nothing downloaded."""
+"""Shared fixtures: seeds, the fault-count summary, and the expensive things built once per session:
+tiny models (one per architecture), the default atlas, and a headless Chromium.
+
+Plain helpers (model factories, the CLI runner, the static server) are in helpers.py.
+"""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-# Token strings a tokenizer may hold and a page must never run: the site escapes them all.
-HOSTILE_TOKENS = ["<script>alert(1)</script>", '" onmouseover="alert(1)', "javascript:alert(1)",
-                  "\u202eevil", "<img src=x onerror=alert(1)>", "&amp;", "{{ 7*7 }}"]
-
-
-# What the fault-injection tests tried (tests/test_faults.py, test_bad_input.py, test_hostile.py,
-# and every one-line-error check): printed at the end of the run, quoted in the README.
-FAULT_COUNTS: dict[str, set] = {"kill points": set(), "bad inputs": set(), "hostile strings": set()}
+from helpers import CHROMIUM, CHROMIUM_ARGS, DEFAULT_BUILD, FAULT_COUNTS, atlas, save_tiny_model
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -32,69 +30,49 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_config(arch: str, vocab: int = 64):
-    """A 2-layer, d_model=32 config of each supported family."""
-    import transformers as tf
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``make(arch="llama", vocab=64)``: the directory of a saved tiny model with its tokenizer.
 
-    common = dict(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
-                  intermediate_size=48, max_position_embeddings=64)
-    if arch == "llama":
-        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
-    if arch == "mistral":
-        return tf.MistralConfig(num_key_value_heads=2, **common)
-    if arch == "qwen2":
-        return tf.Qwen2Config(num_key_value_heads=2, **common)
-    if arch == "qwen3":
-        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
-    if arch == "gemma":
-        return tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **common)
-    if arch == "gemma2":
-        return tf.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, **common)
-    if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, **common)
-    if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=32, n_inner=48, n_positions=64)
-    if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(**common)
-    if arch == "opt":  # a causal LM family atlas has no adapter for
-        return tf.OPTConfig(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
-                            ffn_dim=48, word_embed_proj_dim=32, max_position_embeddings=64)
-    raise KeyError(arch)
+    Each (arch, vocab) is built once per session and shared, so tests only read it (copy it
+    to change it)."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def make(arch: str = "llama", vocab: int = 64) -> Path:
+        if (arch, vocab) not in made:
+            made[arch, vocab] = save_tiny_model(tmp_path_factory.mktemp(f"model-{arch}-{vocab}"), arch, vocab)
+        return made[arch, vocab]
+    return make
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox"]
+@pytest.fixture(scope="session")
+def default_atlas(tmp_path_factory) -> Path:
+    """The embedded default model built once by `atlas build` (the slow tests share it; see DEFAULT_BUILD)."""
+    out = tmp_path_factory.mktemp("default-atlas")
+    proc = atlas("build", "--out", out, *DEFAULT_BUILD, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
 
 
-def tiny_model(arch: str, vocab: int = 64):
-    """A random model whose norm gains are random too, so that a missing gain shows in the tests."""
-    from transformers import AutoModelForCausalLM
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium driven by Playwright for the whole session."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+    from playwright.sync_api import sync_playwright
 
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name:
-                p.normal_(0.5 if p.ndim == 1 else 0.0, 0.3)
-    return model.eval()
-
-
-def tiny_tokenizer(vocab: int = 64):
-    """A word-level tokenizer whose vocabulary includes hostile strings."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>"] + HOSTILE_TOKENS + [" dog", "dog", " cat", " Paris"]
-    words += [f"w{i}" for i in range(vocab - len(words))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture
-def tiny_model_dir(tmp_path_factory):
-    """Save a tiny model of an architecture with its tokenizer; returns the directory."""
-    def make(arch: str = "llama", vocab: int = 64):
-        path = tmp_path_factory.mktemp(f"model-{arch}")
-        tiny_model(arch, vocab).save_pretrained(path)
-        tiny_tokenizer(vocab).save_pretrained(path)
-        return path
-    return make
+def browser(chromium):
+    """The session's Chromium; the contexts (and pages) a test opens are closed after it."""
+    before = set(chromium.contexts)
+    yield chromium
+    for context in chromium.contexts:
+        if context not in before:
+            context.close()

@@ -20,8 +20,7 @@ from atlas.stages.corpus import MAX_LINE_BYTES, cut_rows
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
-from test_cli import assert_one_line_error
-from test_faults import BUILD, atlas_run, make_inputs, store_rows
+from helpers import BUILD, assert_one_line_error, atlas, corpus_file, store_rows, tiny_tokenizer
 
 pytestmark = pytest.mark.faults
 
@@ -43,10 +42,10 @@ def _gguf(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory):
+def catalogue(tiny_model_dir, tmp_path_factory):
     """(arguments, words the error line must contain) for every bad input, with the files they need."""
     root = tmp_path_factory.mktemp("bad")
-    model, corpus = make_inputs(root)
+    model, corpus = tiny_model_dir("llama"), corpus_file(root, 1000)
     out = root / "out"
 
     def model_copy(name: str) -> Path:
@@ -119,7 +118,7 @@ def catalogue(tmp_path_factory):
 def test_every_bad_input_gets_one_line_and_exit_code_2(catalogue):
     cases = catalogue["cases"]
     with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda case: atlas_run(*case[0]), cases))
+        procs = list(pool.map(lambda case: atlas(*case[0]), cases))
     failures = []
     for (args, needles), proc in zip(cases, procs):
         try:
@@ -133,12 +132,11 @@ def test_every_bad_input_gets_one_line_and_exit_code_2(catalogue):
 
 
 def test_a_good_address_and_all_tokens(catalogue):
-    proc = atlas_run("info", catalogue["out"], "--neuron", "neurons/1/47", "--json")
+    proc = atlas("info", catalogue["out"], "--neuron", "neurons/1/47", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["page"] == "neurons/1/47/"
     # `--max-tokens all` reads the whole corpus; a cap stops at whole inputs below it.
     from atlas.cli import IntOrAll
-    from conftest import tiny_tokenizer
 
     assert IntOrAll().convert("all", None, None) is None and IntOrAll().convert("64", None, None) == 64
     ExemplarConfig(max_tokens=None).validate()

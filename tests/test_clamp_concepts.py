@@ -6,23 +6,19 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from atlas.stages.clamp import ClampConfig
 from atlas.concepts import CONCEPTS, HELD_OUT, check, markdown
-from atlas.stages.decode import DecodeConfig
-from atlas.stages.exemplars import ExemplarConfig
-from atlas.pipeline import Build
+from atlas.model.load import load_model
+from atlas.stages.clamp import ClampConfig
 
 pytestmark = pytest.mark.slow
 
 
-def test_concept_neurons_raise_their_concept_on_held_out_prompts(tmp_path):
-    b = Build(tmp_path / "atlas", device="cpu", progress=False)
-    # Only what the check reads: `out` decodings and normalisers (on the same corpus slice as
-    # the README's run).
-    b.decode(DecodeConfig(sides="out"))
-    b.exemplars(ExemplarConfig(max_tokens=16384, attribution_rows=0))
-    with duckdb.connect(str(b.out / "atlas.duckdb"), read_only=True) as con:
-        results = check(con, b.lm, ClampConfig.clamp_multiple)
+def test_concept_neurons_raise_their_concept_on_held_out_prompts(default_atlas):
+    # The check reads `out` decodings and normalisers: those of the session's default build
+    # (on the same corpus slice as the README's run), with the model loaded once more here.
+    lm = load_model(device="cpu")
+    with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
+        results = check(con, lm, ClampConfig.clamp_multiple)
     print(markdown(results, ClampConfig.clamp_multiple, len(HELD_OUT)))
     assert [r.concept for r in results] == CONCEPTS
     assert sum(r.rises for r in results) >= 8

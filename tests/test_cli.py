@@ -7,22 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAULT_COUNTS, tiny_config
-
-
-def atlas(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "atlas", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    FAULT_COUNTS["bad inputs"].add(lines[0])
+from helpers import assert_one_line_error, atlas, tiny_config
 
 
 def test_missing_model_path(tmp_path):

@@ -19,64 +19,21 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from atlas.schema import SCHEMA_VERSION
 from atlas.store import without_timings
-from conftest import FAULT_COUNTS, tiny_model, tiny_tokenizer
-from test_cli import assert_one_line_error
+from helpers import BUILD, EPOCH, FAULT_COUNTS, assert_one_line_error, atlas, corpus_file, store_rows
 
-EPOCH = "1700000000"          # pins created_at, so that sites of different runs compare byte for byte
-BUILD = ["--context", 16, "--batch-size", 4, "--k", 5, "--attribution-rows", 8, "--checkpoint-every", 2,
-         "--top-k", 5, "--bottom-k", 3, "--quiet"]
 SEED = int(os.environ.get("ATLAS_FAULT_SEED", "0"))
 KILLS_PER_STAGE = int(os.environ.get("ATLAS_FAULT_KILLS", "2"))
 pytestmark = pytest.mark.faults
-WORDS = ["dog", " dog", "cat", "Paris", "w5", "w7", "w9", "w11", "w13", "w20", "w30"]
-
-
-def atlas_run(*args, env: dict | None = None, fsize: int | None = None, wait: bool = True):
-    """``python -m atlas ARGS`` in a real process; ``fsize`` caps any file it writes (RLIMIT_FSIZE)."""
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
-    cmd = [sys.executable, "-m", "atlas", *map(str, args)]
-    full_env = dict(os.environ, **(env or {}))
-    if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=limit)
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, preexec_fn=limit)
-
-
-def make_inputs(root: Path, n_words: int = 1000) -> tuple[Path, Path]:
-    """A tiny random llama and a small word corpus."""
-    model = root / "model"
-    tiny_model("llama").save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
-    return model, corpus
-
-
-def store_rows(path: Path) -> dict[str, str]:
-    """Every table's rows in a canonical order (atlas_meta less its timings), as text to compare."""
-    with duckdb.connect(str(path), read_only=True) as con:
-        tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
-        out = {}
-        for t in tables:
-            if t == "atlas_meta":
-                out[t] = repr(sorted((k, without_timings(json.loads(v)))
-                                     for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()))
-            else:
-                out[t] = repr(con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall())   # repr: NaN == NaN
-    return out
 
 
 # The exported store file is the store itself (compared by content in store_rows); its
@@ -98,8 +55,9 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return make_inputs(tmp_path_factory.mktemp("fault-inputs"))
+def inputs(tiny_model_dir, tmp_path_factory):
+    """The session's tiny llama and a small word corpus."""
+    return tiny_model_dir("llama"), corpus_file(tmp_path_factory.mktemp("fault-inputs"), 1000)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +66,7 @@ def clean(inputs, tmp_path_factory):
     model, corpus = inputs
     root = tmp_path_factory.mktemp("clean")
     trace = root / "trace.txt"
-    proc = atlas_run("build", "--out", root / "out", "--model", model, "--corpus", corpus, *BUILD,
+    proc = atlas("build", "--out", root / "out", "--model", model, "--corpus", corpus, *BUILD,
                      env={"ATLAS_FAULT_TRACE": str(trace), "SOURCE_DATE_EPOCH": EPOCH})
     assert proc.returncode == 0, proc.stderr
     points: dict[str, list[str]] = {}              # stage -> the names of its points, in order
@@ -148,7 +106,7 @@ def test_killed_builds_resume_to_the_same_store_and_site(clean, inputs, tmp_path
     def run_chain(j: int) -> list[str]:
         out, problems = tmp_path / f"chain{j}", []
         for stage, n in chains[j]:
-            proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+            proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
                              env={"ATLAS_FAULT": f"{stage}:{n}", "SOURCE_DATE_EPOCH": EPOCH})
             if proc.returncode != -signal.SIGKILL:
                 problems.append(f"{stage}:{n} was not killed (exit {proc.returncode}): {proc.stderr[-500:]}")
@@ -157,7 +115,7 @@ def test_killed_builds_resume_to_the_same_store_and_site(clean, inputs, tmp_path
             # Never a half site: after any kill there is no site, or a whole one.
             if (out / "site").exists() and site_tree(out / "site") != clean["site"]:
                 problems.append(f"after a kill at {stage}:{n}, {out / 'site'} is neither absent nor whole")
-        proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+        proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
                          env={"SOURCE_DATE_EPOCH": EPOCH})
         if proc.returncode != 0:
             problems.append(f"the build after the kills failed: {proc.stderr[-500:]}")
@@ -178,12 +136,12 @@ def test_a_kill_between_the_two_renames_keeps_the_published_site(clean, tmp_path
     """A re-render killed after moving the old site aside: the next run puts it back, whole."""
     out = tmp_path / "out"
     shutil.copytree(clean["out"], out)
-    proc = atlas_run("render", out, "--layer-preview", 2, "--quiet",
+    proc = atlas("render", out, "--layer-preview", 2, "--quiet",
                      env={"ATLAS_FAULT": "render:old site moved aside", "SOURCE_DATE_EPOCH": EPOCH})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     FAULT_COUNTS["kill points"].add(("render", "old site moved aside"))
     assert not (out / "site").exists() and site_tree(out / ".site.old") == clean["site"]
-    proc = atlas_run("render", out, "--quiet")      # the published settings: the old site is current
+    proc = atlas("render", out, "--quiet")      # the published settings: the old site is current
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["skipped"] is True
     assert site_tree(out / "site") == clean["site"]
@@ -206,7 +164,7 @@ def test_same_inputs_give_the_same_site_byte_for_byte(clean, inputs, tmp_path):
 
     The later time is in the same year, because neuron pages cite the atlas with its year."""
     model, corpus = inputs
-    proc = atlas_run("build", "--out", tmp_path / "again", "--model", model, "--corpus", corpus, *BUILD,
+    proc = atlas("build", "--out", tmp_path / "again", "--model", model, "--corpus", corpus, *BUILD,
                      env={"SOURCE_DATE_EPOCH": str(int(EPOCH) + 3600)})
     assert proc.returncode == 0, proc.stderr
     a, b = clean["out"], tmp_path / "again"
@@ -232,14 +190,14 @@ def test_same_inputs_give_the_same_site_byte_for_byte(clean, inputs, tmp_path):
 def test_a_second_build_into_the_same_directory_is_refused(inputs, tmp_path):
     model, corpus = inputs
     out = tmp_path / "out"
-    first = atlas_run("decode", "--out", out, "--model", model, "--top-k", 3, "--quiet",
+    first = atlas("decode", "--out", out, "--model", model, "--top-k", 3, "--quiet",
                       env={"ATLAS_FAULT": "decode:1:stop"}, wait=False)
     try:
         _, status = os.waitpid(first.pid, os.WUNTRACED)         # held still inside its decode stage
         assert os.WIFSTOPPED(status), status
-        second = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD)
+        second = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD)
         assert_one_line_error(second, f"another atlas build is running in {out} (pid {first.pid})")
-        assert_one_line_error(atlas_run("render", out), f"(pid {first.pid})")
+        assert_one_line_error(atlas("render", out), f"(pid {first.pid})")
     finally:
         os.kill(first.pid, signal.SIGCONT)
     _, stderr = first.communicate(timeout=300)
@@ -262,16 +220,16 @@ def _old_store(path: Path, meta: dict) -> dict[str, str]:
 
 @pytest.mark.parametrize("meta, needle", [
     ({"schema_version": 0, "model": {"id": "m"}}, "has store schema v0; this atlas"),
-    ({"schema_version": 99, "model": {"id": "m"}}, "newer than the v1"),
+    ({"schema_version": 99, "model": {"id": "m"}}, f"newer than the v{SCHEMA_VERSION}"),
     ({"model": {"id": "m"}}, "has no schema_version"),
 ])
 def test_a_store_of_another_version_is_refused_untouched(inputs, tmp_path, meta, needle):
     model, corpus = inputs
     store = tmp_path / "out" / "atlas.duckdb"
     before = _old_store(store, meta)
-    assert_one_line_error(atlas_run("build", "--out", tmp_path / "out", "--model", model, "--corpus", corpus,
+    assert_one_line_error(atlas("build", "--out", tmp_path / "out", "--model", model, "--corpus", corpus,
                                     *BUILD), needle, str(store))
-    assert_one_line_error(atlas_run("info", tmp_path / "out"), needle)
+    assert_one_line_error(atlas("info", tmp_path / "out"), needle)
     assert store_rows(store) == before
 
 
@@ -295,11 +253,11 @@ def test_a_full_disk_fails_in_one_line_and_a_rerun_finishes(clean, inputs, tmp_p
     """RLIMIT_FSIZE makes the kernel refuse writes past 64 KiB: here the store's first big commit fails."""
     model, corpus = inputs
     out = tmp_path / "out"
-    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+    proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
                      env={"SOURCE_DATE_EPOCH": EPOCH}, fsize=64 << 10)
     assert_one_line_error(proc, "out of disk space writing the store", "File too large", "rerun to resume")
     assert not (out / "site").exists()
-    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
+    proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD,
                      env={"SOURCE_DATE_EPOCH": EPOCH})
     assert proc.returncode == 0, proc.stderr
     assert_same_store(out / "atlas.duckdb", clean["out"] / "atlas.duckdb")
@@ -312,7 +270,7 @@ def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_p
     shutil.copytree(clean["out"], out)
     rows = store_rows(out / "atlas.duckdb")
     # Another render setting makes the site stale; the plotly bundle (4 MB) cannot be written.
-    proc = atlas_run("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD, "--layer-preview", 2,
+    proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD, "--layer-preview", 2,
                      env={"SOURCE_DATE_EPOCH": EPOCH}, fsize=1 << 20)
     assert_one_line_error(proc, "out of disk space")
     assert site_tree(out / "site") == clean["site"]

@@ -11,51 +11,20 @@ and fails on any trap, dialog, event-handler attribute or ``javascript:`` URL.
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 import re
-import threading
 import urllib.parse
 from html.parser import HTMLParser
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import FAULT_COUNTS, tiny_model
-from test_faults import atlas_run
+from atlas.resources import hostile
+from helpers import FAULT_COUNTS, atlas, served, tiny_model
 
 pytestmark = pytest.mark.faults
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
-PAYLOADS = [
-    "<script>window.__pwned='script'</script>",
-    "</script><script>window.__pwned='close-script'</script>",
-    "<img src=x onerror=\"window.__pwned='img'\">",
-    "\"'><svg onload=window.__pwned='svg'>",
-    "' onmouseover='window.__pwned=\"attr-single\"' x='",
-    "\" autofocus onfocus=\"window.__pwned='attr-double'\" x=\"",
-    "javascript:window.__pwned='js-url'",
-    "<a href=\"javascript:window.__pwned='link'\">click me</a>",
-    "<iframe srcdoc=\"<script>parent.__pwned='iframe'</script>\"></iframe>",
-    "<svg><animate onbegin=\"window.__pwned='animate'\" attributeName=x dur=1s>",
-    "<details open ontoggle=\"window.__pwned='details'\">",
-    "<style>@import 'javascript:window.__pwned=1';</style>",
-    "--><script>window.__pwned='comment'</script><!--",
-    "]]><script>window.__pwned='cdata'</script>",
-    "&lt;script&gt;window.__pwned='entity'&lt;/script&gt;",
-    "{{constructor.constructor('window.__pwned=\"template\"')()}}",
-    "${window.__pwned='template-literal'}",
-    "[click](javascript:window.__pwned='markdown')",
-    "`code` **bold** <b>bold</b>",
-    "\u202eevil\u202c right-to-left override",
-    "\u2066isolate\u2069 and \u200f marks",
-    "bell\x07 escape\x1b[31m red\x1b[0m delete\x7f vertical\x0b tab",
-    "line\u2028separator\u2029paragraph",
-    "<img src=x " + "a" * 10_000 + " onerror=\"window.__pwned='long'\">",
-]
+PAYLOADS = hostile("payloads")            # data/hostile.json: corpus and vocabulary text
 VOCAB_ONLY = ["nul\x00byte", "<script>window.__pwned='vocab'</script>\x00"]    # NUL cannot be in a text corpus
 MODEL_NAME = "model \"><svg onload=window.__pwned='model'>"
 CORPUS_NAME = "corpus `x` [y](javascript:window.__pwned='path') <b>.txt"
@@ -82,7 +51,7 @@ def hostile_site(tmp_path_factory):
     corpus = root / CORPUS_NAME
     corpus.write_text("\n".join(rng.choice(PAYLOADS + [f"w{i}" for i in range(16)]) for _ in range(1500)),
                       encoding="utf-8")
-    proc = atlas_run("build", "--out", root / "out", "--model", model, "--corpus", corpus, "--context", 16,
+    proc = atlas("build", "--out", root / "out", "--model", model, "--corpus", corpus, "--context", 16,
                      "--batch-size", 8, "--k", 5, "--attribution-rows", 8, "--quiet")
     assert proc.returncode == 0, proc.stderr
     for s in PAYLOADS + VOCAB_ONLY + [MODEL_NAME, CORPUS_NAME]:
@@ -151,21 +120,10 @@ def test_every_file_holds_the_text_escaped(hostile_site):
 
 
 @pytest.fixture(scope="module")
-def browser_page(hostile_site):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
-    from playwright.sync_api import sync_playwright
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(hostile_site)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+def browser_page(hostile_site, chromium):
+    with served(hostile_site) as base:
+        context = chromium.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
         page.pwned, page.dialogs = [], []
         # A trap on the canary: any script that sets it, in any frame, at any time, is reported.
         page.add_init_script("""(() => {
@@ -177,10 +135,9 @@ def browser_page(hostile_site):
         })();""")
         page.on("console", lambda m: page.pwned.append(m.text) if m.text.startswith("PWNED:") else None)
         page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
-        page.base = f"http://127.0.0.1:{server.server_address[1]}/"
+        page.base = base
         yield page
-        browser.close()
-    server.shutdown()
+        context.close()
 
 
 def _dom_problems(page) -> list[str]:

@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import duckdb
 import pytest
 import torch
 
+from atlas.resources import concepts
+from helpers import DEFAULT_BUILD, atlas, check_concepts
+
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def default_atlas(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default-atlas")
-    proc = subprocess.run([sys.executable, "-m", "atlas", "build", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+# The session's `default_atlas` fixture (conftest.py) is the one build of the default model.
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +135,7 @@ def test_site_has_a_page_per_neuron(default_atlas):
 
 
 def test_rebuild_skips_finished_stages(default_atlas):
-    proc = subprocess.run([sys.executable, "-m", "atlas", "build", "--out", str(default_atlas), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    proc = atlas("build", "--out", default_atlas, *DEFAULT_BUILD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["decode"] == {"skipped": True}
 
@@ -162,14 +155,11 @@ def test_neuron_page_in_chromium(default_atlas, tmp_path):
     assert shot.stat().st_size > 10_000   # a blank page compresses to far less
 
 
-EVERYDAY_CONCEPTS = ("dog", "cat", "water", "music", "France", "food", "red", "king", "money", "happy")
+EVERYDAY_CONCEPTS = concepts("everyday")
 
 
 @pytest.mark.browser
-def test_concept_search_finds_everyday_concepts_in_chromium(default_atlas):
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
-    from test_search_browser import check_concepts
-
+def test_concept_search_finds_everyday_concepts_in_chromium(default_atlas, browser):
     # Each concept lists neurons in the page's ranking, equal to `atlas search`'s, all pages existing.
-    found = check_concepts(default_atlas / "site", list(EVERYDAY_CONCEPTS))
+    found = check_concepts(browser, default_atlas / "site", EVERYDAY_CONCEPTS)
     assert all(found[c] > 0 for c in EVERYDAY_CONCEPTS), found

@@ -19,7 +19,7 @@ from atlas.site.render import render
 from atlas.site.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
-from test_cli import assert_one_line_error, atlas
+from helpers import assert_one_line_error, atlas
 
 SIDES = ("in", "gate", "out")
 

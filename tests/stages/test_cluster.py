@@ -16,7 +16,7 @@ from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.bench.synthetic import make_synthetic_store, synthetic_directions
 
-from test_render import parse, resolve
+from helpers import parse, resolve
 
 
 def _rows(path: Path, sql: str) -> list[tuple]:
@@ -25,15 +25,11 @@ def _rows(path: Path, sql: str) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_model_dir, tmp_path_factory):
     """A tiny llama decoded and clustered through the Python API; also its `out` directions."""
     from atlas.pipeline import Build
-    from conftest import tiny_model, tiny_tokenizer
 
-    torch.manual_seed(0)
-    model_dir = tmp_path_factory.mktemp("model")
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = tiny_model_dir("llama")
     out = tmp_path_factory.mktemp("atlas")
     b = Build(out, model=str(model_dir), device="cpu", progress=False)
     b.decode()

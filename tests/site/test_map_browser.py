@@ -2,59 +2,35 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import re
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
+from atlas.bench.synthetic import make_synthetic_store
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.bench.synthetic import make_synthetic_store
+from helpers import served, watch_errors
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+def site_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("map")
     store = make_synthetic_store(root / "atlas.duckdb", 3, 64, vocab_size=512, clusters=True)
     render(store, root / "site", RenderConfig(workers=1), progress=False)
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root / "site")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
+    with served(root / "site") as base:
+        yield base
 
 
 @pytest.fixture
-def page(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.errors = []
-        # Chromium's software WebGL logs performance notes as warnings; errors are what count.
-        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: page.errors.append(str(e)))
-        page.goto(served + "map/")
-        page.wait_for_selector("#atlas-map[data-points]", timeout=60_000)
-        yield page
-        browser.close()
+def page(site_url, browser):
+    # Chromium's software WebGL logs performance notes as warnings; errors are what count.
+    page = watch_errors(browser.new_page(viewport={"width": 1200, "height": 900}))
+    page.goto(site_url + "map/")
+    page.wait_for_selector("#atlas-map[data-points]", timeout=60_000)
+    return page
 
 
 def _point_on_screen(page, layer: int, neuron: int) -> tuple[float, float]:

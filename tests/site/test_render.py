@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import duckdb
 import numpy as np
@@ -22,6 +20,7 @@ from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
 from atlas.store import Store
 from atlas.bench.synthetic import make_synthetic_store
+from helpers import parse, resolve
 
 N_LAYERS, D_MLP = 2, 8
 SCRIPT = "<script>alert(1)</script>"
@@ -42,36 +41,6 @@ def site(store_path, tmp_path_factory) -> Path:
 
 def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-class _Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.hrefs: list[str] = []
-        self.attrs_seen: set[str] = set()
-        self.tags: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        for name, value in attrs:
-            self.attrs_seen.add(name)
-            if name in ("href", "src") and value is not None:
-                self.hrefs.append(value)
-
-
-def parse(text: str) -> _Links:
-    parser = _Links()
-    parser.feed(text)
-    return parser
-
-
-def resolve(page: Path, href: str) -> Path | None:
-    """The file a relative link from ``page`` opens on a static server; None for other sites."""
-    parts = urlsplit(href)
-    if parts.scheme or parts.netloc or href.startswith("#"):
-        return None
-    target = (page.parent / parts.path).resolve()
-    return target / "index.html" if parts.path.endswith("/") or target.is_dir() else target
 
 
 def test_every_neuron_has_a_page_and_json(site):

@@ -19,8 +19,7 @@ from atlas.stages.exemplars import ExemplarConfig
 from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
 from atlas.steer import Intervention, steer
-from test_cli import assert_one_line_error, atlas
-from test_exemplars import CFG, corpus_file
+from helpers import CFG, HOSTILE_TOKENS, assert_one_line_error, assert_tokens_escaped, atlas, corpus_file
 
 PROMPTS = [[5, 9, 13], [20, 21], [7, 30, 31, 32]]
 
@@ -70,14 +69,8 @@ def test_clamped_activation_equals_the_set_value_and_nothing_else_moves(tiny_mod
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    from conftest import tiny_model, tiny_tokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clamp-model")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return load_model(str(path), device="cpu")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir("llama")), device="cpu")
 
 
 def _neurons():
@@ -229,6 +222,10 @@ def test_pages_show_the_clamp_check(tiny_atlas):
     html = (site / "neurons" / str(layer) / str(neuron) / "index.html").read_text()
     assert '<section id=clamp>' in html and f"faithfulness <strong>{faith:.2f}</strong>" in html
     assert "<script>alert" not in html
+    # The tiny vocabulary's hostile tokens (data/hostile.json) reach the decoded tables and the
+    # clamp effects: every page holds them escaped, and shows them as the same text.
+    shown = assert_tokens_escaped(site, HOSTILE_TOKENS)
+    assert len(shown) >= 4 and all(shown.values()), shown
     data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
     assert {r["direction"] for r in data["clamp_effects"]} == {"rises", "falls", "own"}
     assert data["neurons"]["faithfulness"] == pytest.approx(faith, abs=1e-6)

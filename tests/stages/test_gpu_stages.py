@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from helpers import tiny_model, tiny_tokenizer
 
 ON = os.environ.get("ATLAS_GPU_TESTS_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = [pytest.mark.gpu,

@@ -19,7 +19,7 @@ from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
 from atlas.site.text import fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import make_synthetic_store
 
-from test_render import parse, resolve
+from helpers import parse, resolve
 
 N_LAYERS, D_MLP = 2, 24
 SAMPLE = [(0, 0), (0, 1), (0, 17), (1, 3), (1, 23)]

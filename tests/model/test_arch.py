@@ -8,7 +8,7 @@ from torch import nn
 
 from atlas.model.arch import adapter_for
 from atlas.errors import AtlasError
-from conftest import ARCHS, tiny_model
+from helpers import ARCHS, tiny_config, tiny_model
 
 
 def _normalised(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,6 @@ def test_adapter_matches_forward_pass(arch):
 def test_unsupported_architecture_is_named():
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_config
 
     model = AutoModelForCausalLM.from_config(tiny_config("opt"))
     with pytest.raises(AtlasError, match="unsupported architecture 'opt'"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import duckdb
 import numpy as np
@@ -20,20 +19,7 @@ from atlas.stages.corpus import open_corpus
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
-from conftest import tiny_model
-from test_cli import assert_one_line_error, atlas
-
-WORDS = ["dog", " dog", "cat", "Paris", "w5", "w7", "w9", "w11", "w13", "w20", "w30"]
-
-
-def corpus_file(tmp_path, n_words: int = 2400):
-    rng = random.Random(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
-    return path
-
-
-CFG = dict(context=16, batch_size=4, k=5, attribution_rows=8, checkpoint_every=2)
+from helpers import CFG, assert_one_line_error, atlas, corpus_file, tiny_model
 
 
 @pytest.fixture

@@ -6,104 +6,26 @@ link the page makes must be relative.
 
 from __future__ import annotations
 
-import functools
 import json
-import threading
 import urllib.parse
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from atlas.bench.synthetic import make_synthetic_store
 from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.site.search import normalise, search
-from atlas.bench.synthetic import make_synthetic_store
+from helpers import check_concepts, result_links, search_page, served
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
 PREFIX = "atlas/"
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def serve(root: Path):
-    """Serve ``root`` on a free port; returns (server, base URL)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
-
-
-def open_browser(p):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    return p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-
-
-def search_page(browser, base: str, query: str, fulltext: bool = False):
-    """Open search/?q=query and wait for the results; returns the page, whose .errors lists console errors."""
-    page = browser.new_page()
-    page.errors = []
-    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.goto(base + "search/?q=" + urllib.parse.quote(query))
-    page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=60_000)
-    if fulltext:
-        page.wait_for_selector("#atlas-fulltext-status[data-state=done]", timeout=60_000)
-    return page
-
-
-def result_links(page, list_id: str = "atlas-search-results") -> list[tuple[str, str]]:
-    """(href as written, absolute URL) of every result link."""
-    return page.evaluate(f"""Array.from(document.querySelectorAll('#{list_id} a'))
-                             .map(a => [a.getAttribute('href'), a.href])""")
-
-
-def check_concepts(site: Path, queries: list[str], min_hits: int = 1) -> dict[str, int]:
-    """In Chromium, each query lists the neurons `atlas search` ranks, in order, each page existing.
-
-    Returns the hits per query. Used here on a synthetic atlas and by the smoke test on the default one.
-    """
-    from playwright.sync_api import sync_playwright
-
-    server, base = serve(site)
-    found = {}
-    try:
-        with sync_playwright() as p:
-            browser = open_browser(p)
-            for query in queries:
-                page = search_page(browser, base, query)
-                links = result_links(page)
-                want = search(site, query, limit=50)["hits"]
-                assert [href for href, _ in links] == [f"../neurons/{h['layer']}/{h['neuron']}/" for h in want], query
-                assert len(links) >= min_hits, (query, page.text_content("#atlas-search-status"))
-                for href, url in links:
-                    rel = url.removeprefix(base)
-                    assert (site / rel / "index.html").is_file(), (query, href)
-                scores = page.eval_on_selector_all(".atlas-search-strength", "els => els.map(e => e.textContent)")
-                assert scores == [f"{h['score']:.2f}" for h in want], query
-                pushed = page.eval_on_selector_all("#atlas-search-results li", """els => els.map(e => {
-                    const p = e.querySelector('.atlas-search-pushed'); return p ? p.textContent : null; })""")
-                assert pushed == [None if h["faithfulness"] is None else f"pushed {h['faithfulness']:.2f}"
-                                  for h in want], query
-                assert page.errors == [], (query, page.errors)
-                found[query] = len(links)
-                page.close()
-            browser.close()
-    finally:
-        server.shutdown()
-    return found
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+def search_site(tmp_path_factory):
+    """A synthetic atlas rendered under www/atlas/ and served from www/; yields (root, base URL of the site)."""
     root = tmp_path_factory.mktemp("search-site")
     store = make_synthetic_store(root / "atlas.duckdb", 3, 64, vocab_size=512, corpus=True, clamp=True)
     # As on a CPU budget: only some neurons were pushed, so results mix weighted and plain scores.
@@ -111,19 +33,8 @@ def served(tmp_path_factory):
         con.execute("UPDATE neurons SET clamp_value = NULL, clamp_lift = NULL, faithfulness = NULL WHERE neuron % 2 = 1")
         con.execute("DELETE FROM clamp_effects WHERE neuron % 2 = 1")
     render(store, root / "www" / PREFIX, RenderConfig(workers=1), progress=False)
-    server, base = serve(root / "www")
-    yield root, base + PREFIX
-    server.shutdown()
-
-
-@pytest.fixture
-def browser(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = open_browser(p)
-        yield b
-        b.close()
+    with served(root / "www") as base:
+        yield root, base + PREFIX
 
 
 def _some_terms(store: Path) -> list[str]:
@@ -134,8 +45,8 @@ def _some_terms(store: Path) -> list[str]:
     return [normalise(t) for t in tokens if normalise(t)]
 
 
-def test_results_equal_the_cli_ranking_and_link_to_pages(served, browser):
-    root, base = served
+def test_results_equal_the_cli_ranking_and_link_to_pages(search_site, browser):
+    root, base = search_site
     site = root / "www" / PREFIX
     a, b, c = _some_terms(root / "atlas.duckdb")[:3]
     queries = [a, f" {b.upper()}", f"{a} {c}"]
@@ -152,18 +63,18 @@ def test_results_equal_the_cli_ranking_and_link_to_pages(served, browser):
         page.close()
 
 
-def test_check_concepts_helper_on_a_synthetic_site(served):
-    root, _ = served
+def test_check_concepts_helper_on_a_synthetic_site(search_site, browser):
+    root, _ = search_site
     terms = _some_terms(root / "atlas.duckdb")[3:6]
-    found = check_concepts(root / "www" / PREFIX, terms)
+    found = check_concepts(browser, root / "www" / PREFIX, terms)
     assert sorted(found) == sorted(terms) and all(n > 0 for n in found.values())
     # The pages it compared show both kinds of result: pushed neurons and ones never measured.
     checks = {h["faithfulness"] is None for t in terms for h in search(root / "www" / PREFIX, t)["hits"]}
     assert checks == {True, False}
 
 
-def test_the_form_makes_a_linkable_url(served, browser):
-    root, base = served
+def test_the_form_makes_a_linkable_url(search_site, browser):
+    root, base = search_site
     term = _some_terms(root / "atlas.duckdb")[0]
     page = search_page(browser, base, "")
     assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
@@ -177,8 +88,8 @@ def test_the_form_makes_a_linkable_url(served, browser):
     assert page.errors == []
 
 
-def test_unknown_words_say_so(served, browser):
-    _, base = served
+def test_unknown_words_say_so(search_site, browser):
+    _, base = search_site
     for query in ("zzzqqq", "constructor toString __proto__ hasOwnProperty"):   # not Object's own keys
         page = search_page(browser, base, query)
         assert page.get_attribute("#atlas-search-results", "data-hits") == "0"
@@ -187,8 +98,8 @@ def test_unknown_words_say_so(served, browser):
         page.close()
 
 
-def test_hostile_tokens_show_as_text(served, browser):
-    _, base = served
+def test_hostile_tokens_show_as_text(search_site, browser):
+    _, base = search_site
     page = search_page(browser, base, "<script>alert(1)</script> <img src=x onerror=\"document.title='pwned'\">")
     assert int(page.get_attribute("#atlas-search-results", "data-hits")) > 0
     codes = page.eval_on_selector_all("#atlas-search-results code", "els => els.map(e => e.textContent)")
@@ -197,8 +108,8 @@ def test_hostile_tokens_show_as_text(served, browser):
     assert page.title() != "pwned" and page.errors == []
 
 
-def test_fulltext_search_with_pagefind_finds_labels(served, browser):
-    root, base = served
+def test_fulltext_search_with_pagefind_finds_labels(search_site, browser):
+    root, base = search_site
     site = root / "www" / PREFIX
     with duckdb.connect(str(root / "atlas.duckdb"), read_only=True) as con:
         label, = con.execute("SELECT label FROM neurons WHERE layer = 1 AND neuron = 17").fetchone()
@@ -214,8 +125,8 @@ def test_fulltext_search_with_pagefind_finds_labels(served, browser):
     assert page.errors == []
 
 
-def test_fulltext_escapes_hostile_labels(served, browser):
-    _, base = served
+def test_fulltext_escapes_hostile_labels(search_site, browser):
+    _, base = search_site
     page = search_page(browser, base, "alert", fulltext=True)
     titles = page.eval_on_selector_all("#atlas-fulltext-results a", "els => els.map(e => e.textContent)")
     assert "L0/N0 · <script>alert(1)</script>" in titles
@@ -223,10 +134,10 @@ def test_fulltext_escapes_hostile_labels(served, browser):
     assert page.title() != "pwned" and page.errors == []
 
 
-def test_page_and_python_agree_on_terms_and_shards(served, browser):
+def test_page_and_python_agree_on_terms_and_shards(search_site, browser):
     from atlas.site.search import POSTING, SCHEMA, OUT_TOP, query_terms, score, shard_of
 
-    _, base = served
+    _, base = search_site
     samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",
                "\u0130stanbul", "caf\u0065\u0301", "\u202eevil", "  ", "dog\u0120", "\U0001F436dog\U0001F436",
                "new\u00a0york\u2028city", "a\u0085b", "<script>alert(1)</script>", "x" * 40]
@@ -245,11 +156,11 @@ def test_page_and_python_agree_on_terms_and_shards(served, browser):
     assert page.errors == []
 
 
-def test_an_index_of_another_schema_is_refused_in_words(served, browser, tmp_path):
+def test_an_index_of_another_schema_is_refused_in_words(search_site, browser, tmp_path):
     """A stale cached script must not misread a newer index: the page says what is wrong."""
     import shutil
 
-    root, base = served
+    root, base = search_site
     site = root / "www" / PREFIX
     meta_path = site / "search" / "idx" / "meta.json"
     saved = tmp_path / "meta.json"

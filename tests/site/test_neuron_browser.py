@@ -3,66 +3,36 @@ and the core content is there with JavaScript turned off."""
 
 from __future__ import annotations
 
-import functools
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
 import pytest
 
+from atlas.bench.synthetic import make_synthetic_store
+from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
-from atlas.bench.synthetic import make_synthetic_store
+from helpers import served, watch_errors
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed (pip install playwright)")
+def site_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("neuron-browser")
     store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True, clamp=True)
     render(store, root / "site", RenderConfig(workers=1), progress=False)
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root / "site")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-
-
-@pytest.fixture
-def browser(served):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
+    with served(root / "site") as base:
+        yield base
 
 
 def _open(context, url):
-    page = context.new_page()
-    page.errors = []
-    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page = watch_errors(context.new_page())
     page.goto(url)
     return page
 
 
-def test_cite_box_copies_the_bibtex(served, browser):
+def test_cite_box_copies_the_bibtex(site_url, browser):
     context = browser.new_context()
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=served.rstrip("/"))
-    page = _open(context, served + "neurons/1/3/")
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site_url.rstrip("/"))
+    page = _open(context, site_url + "neurons/1/3/")
     button = page.locator('button[data-copy="atlas-bibtex"]')
     assert button.is_visible()                       # revealed by the script
     button.click()
@@ -76,22 +46,22 @@ def test_cite_box_copies_the_bibtex(served, browser):
     assert page.title() != "pwned" and page.errors == []
 
 
-def test_keys_move_between_neurons_and_layers(served, browser):
-    page = _open(browser.new_context(), served + "neurons/1/3/")
+def test_keys_move_between_neurons_and_layers(site_url, browser):
+    page = _open(browser.new_context(), site_url + "neurons/1/3/")
     for key, path in (("j", "neurons/1/4/"), ("ArrowLeft", "neurons/1/3/"), ("k", "neurons/1/2/"),
                       ("ArrowRight", "neurons/1/3/"), ("[", "neurons/0/3/"), ("]", "neurons/1/3/"), ("u", "layers/1/")):
         with page.expect_navigation(timeout=10_000):
             page.keyboard.press(key)
-        assert page.url == served + path, (key, page.url)
-    page.goto(served + "neurons/0/7/")
+        assert page.url == site_url + path, (key, page.url)
+    page.goto(site_url + "neurons/0/7/")
     with page.expect_navigation(timeout=10_000):
         page.keyboard.press("j")                    # the last neuron of a layer leads to the next layer
-    assert page.url == served + "neurons/1/0/"
+    assert page.url == site_url + "neurons/1/0/"
     assert page.errors == []
 
 
-def test_core_content_renders_without_javascript(served, browser):
-    page = _open(browser.new_context(java_script_enabled=False), served + "neurons/0/0/")
+def test_core_content_renders_without_javascript(site_url, browser):
+    page = _open(browser.new_context(java_script_enabled=False), site_url + "neurons/0/0/")
     assert page.text_content("h1") == "Layer 0 · neuron 0"
     assert page.locator("table.atlas-logits tr td:first-child").count() == 3 * (20 + 10)
     assert page.locator("table.atlas-logits").first.is_visible()

@@ -1,0 +1,298 @@
+"""Shared test factories and checks: plain functions and constants, imported as ``from helpers import ...``.
+
+Fixtures live in ``conftest.py`` (whose folder, ``tests/``, pytest puts on ``sys.path``, so
+test files in any subfolder import this module the same way). Test modules never import
+each other: what two of them share is here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import threading
+import urllib.parse
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import duckdb
+import torch
+
+from atlas.resources import hostile
+from atlas.store import without_timings
+
+# -- fault counts ------------------------------------------------------------------------------
+# What the fault-injection tests tried (tests/test_faults.py, test_bad_input.py, test_hostile.py,
+# and every one-line-error check): conftest.py prints it at the end of the run, the README quotes it.
+FAULT_COUNTS: dict[str, set] = {"kill points": set(), "bad inputs": set(), "hostile strings": set()}
+
+# -- tiny models -------------------------------------------------------------------------------
+# Token strings a tokenizer may hold and a page must never run (data/hostile.json): the tiny
+# tokenizer's vocabulary holds every distinct non-empty one, and the site escapes them all.
+HOSTILE_TOKENS = [t for t in dict.fromkeys(hostile("tokens")) if t]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox"]
+
+
+def tiny_config(arch: str, vocab: int = 64):
+    """A 2-layer, d_model=32 config of each supported family."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                  intermediate_size=48, max_position_embeddings=64)
+    if arch == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
+    if arch == "gemma":
+        return tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, **common)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_layer=2, n_head=4, n_embd=32, n_inner=48, n_positions=64)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**common)
+    if arch == "opt":  # a causal LM family atlas has no adapter for
+        return tf.OPTConfig(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                            ffn_dim=48, word_embed_proj_dim=32, max_position_embeddings=64)
+    raise KeyError(arch)
+
+
+def tiny_model(arch: str, vocab: int = 64):
+    """A random model whose norm gains are random too, so that a missing gain shows in the tests."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.normal_(0.5 if p.ndim == 1 else 0.0, 0.3)
+    return model.eval()
+
+
+def tiny_tokenizer(vocab: int = 64):
+    """A word-level tokenizer whose vocabulary includes the hostile strings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + HOSTILE_TOKENS + [" dog", "dog", " cat", " Paris"]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_model(path: Path, arch: str = "llama", vocab: int = 64) -> Path:
+    """Save a tiny model (seeded: the same weights whoever asks first) with its tokenizer into ``path``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tiny_model(arch, vocab).save_pretrained(path)
+    tiny_tokenizer(vocab).save_pretrained(path)
+    return path
+
+
+# -- a small corpus and the settings the stage tests build with ----------------------------------
+WORDS = ["dog", " dog", "cat", "Paris", "w5", "w7", "w9", "w11", "w13", "w20", "w30"]
+CFG = dict(context=16, batch_size=4, k=5, attribution_rows=8, checkpoint_every=2)     # ExemplarConfig
+EPOCH = "1700000000"          # pins created_at, so that sites of different runs compare byte for byte
+BUILD = ["--context", 16, "--batch-size", 4, "--k", 5, "--attribution-rows", 8, "--checkpoint-every", 2,
+         "--top-k", 5, "--bottom-k", 3, "--quiet"]                                    # `atlas build` flags
+
+
+# The one build of the embedded default model that the slow tests share (conftest's
+# `default_atlas`): the default settings on a small corpus slice, the one of the README's
+# concept table. A rerun with the same flags must skip every stage.
+DEFAULT_BUILD = ["--max-tokens", 16384, "--quiet"]
+
+
+def corpus_file(folder: Path, n_words: int = 2400, name: str = "corpus.txt") -> Path:
+    """A seeded random text of the tiny vocabulary's words."""
+    rng = random.Random(0)
+    path = Path(folder) / name
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n_words)))
+    return path
+
+
+# -- the command line, in real processes ---------------------------------------------------------
+def atlas(*args, env: dict | None = None, fsize: int | None = None, wait: bool = True, cwd=None,
+          timeout: int = 600):
+    """``python -m atlas ARGS`` in a real process; ``fsize`` caps any file it writes (RLIMIT_FSIZE).
+
+    Returns the finished process, or with ``wait=False`` the running ``Popen``."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    cmd = [sys.executable, "-m", "atlas", *map(str, args)]
+    full_env = dict(os.environ, **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=limit, cwd=cwd)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, preexec_fn=limit,
+                          cwd=cwd)
+
+
+def assert_one_line_error(proc, *needles):
+    """Exit code 2 and one ``error:`` line holding every needle, no traceback; counted in FAULT_COUNTS."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    FAULT_COUNTS["bad inputs"].add(lines[0])
+
+
+# -- stores and sites ------------------------------------------------------------------------------
+def store_rows(path: Path) -> dict[str, str]:
+    """Every table's rows in a canonical order (atlas_meta less its timings), as text to compare."""
+    with duckdb.connect(str(path), read_only=True) as con:
+        tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
+        out = {}
+        for t in tables:
+            if t == "atlas_meta":
+                out[t] = repr(sorted((k, without_timings(json.loads(v)))
+                                     for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()))
+            else:
+                out[t] = repr(con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall())   # repr: NaN == NaN
+    return out
+
+
+class Links(HTMLParser):
+    """The tags, attribute names and link targets of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.attrs_seen: set[str] = set()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            self.attrs_seen.add(name)
+            if name in ("href", "src") and value is not None:
+                self.hrefs.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(text: str) -> Links:
+    parser = Links()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+def resolve(page: Path, href: str) -> Path | None:
+    """The file a relative link from ``page`` opens on a static server; None for other sites."""
+    parts = urlsplit(href)
+    if parts.scheme or parts.netloc or href.startswith("#"):
+        return None
+    target = (page.parent / parts.path).resolve()
+    return target / "index.html" if parts.path.endswith("/") or target.is_dir() else target
+
+
+def assert_tokens_escaped(site: Path, tokens: list[str]) -> dict[str, int]:
+    """No page holds a token with markup as it is, no page gains an event handler, and each such
+    token that the site shows reads back as the same text. Returns how many pages show each."""
+    markup = [t for t in tokens if set(t) & set("<>\"")]
+    shown = dict.fromkeys(markup, 0)
+    for page in sorted(site.rglob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        parsed = parse(html)
+        for t in markup:
+            assert t not in html, (page.relative_to(site).as_posix(), t)
+        assert not {a for a in parsed.attrs_seen if a.startswith("on")} - {"onsubmit"}, page
+        text = "".join(parsed.text)
+        for t in markup:
+            shown[t] += t.replace(" ", "␣") in text or t in text
+    return shown
+
+
+# -- a static server and the browser ---------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def served(root: Path):
+    """Serve ``root`` on a free port of 127.0.0.1 as any static file server would; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def watch_errors(page):
+    """Collect the page's console errors and uncaught exceptions in ``page.errors``."""
+    page.errors = []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    return page
+
+
+def search_page(browser, base: str, query: str, fulltext: bool = False):
+    """Open search/?q=query and wait for the results; returns the page, whose .errors lists console errors."""
+    page = watch_errors(browser.new_page())
+    page.goto(base + "search/?q=" + urllib.parse.quote(query))
+    page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=60_000)
+    if fulltext:
+        page.wait_for_selector("#atlas-fulltext-status[data-state=done]", timeout=60_000)
+    return page
+
+
+def result_links(page, list_id: str = "atlas-search-results") -> list[tuple[str, str]]:
+    """(href as written, absolute URL) of every result link."""
+    return page.evaluate(f"""Array.from(document.querySelectorAll('#{list_id} a'))
+                             .map(a => [a.getAttribute('href'), a.href])""")
+
+
+def check_concepts(browser, site: Path, queries: list[str], min_hits: int = 1) -> dict[str, int]:
+    """In Chromium, each query lists the neurons `atlas search` ranks, in order, each page existing.
+
+    Returns the hits per query. Used on a synthetic atlas and by the smoke test on the default one.
+    """
+    from atlas.site.search import search
+
+    found = {}
+    with served(site) as base:
+        for query in queries:
+            page = search_page(browser, base, query)
+            links = result_links(page)
+            want = search(site, query, limit=50)["hits"]
+            assert [href for href, _ in links] == [f"../neurons/{h['layer']}/{h['neuron']}/" for h in want], query
+            assert len(links) >= min_hits, (query, page.text_content("#atlas-search-status"))
+            for href, url in links:
+                rel = url.removeprefix(base)
+                assert (site / rel / "index.html").is_file(), (query, href)
+            scores = page.eval_on_selector_all(".atlas-search-strength", "els => els.map(e => e.textContent)")
+            assert scores == [f"{h['score']:.2f}" for h in want], query
+            pushed = page.eval_on_selector_all("#atlas-search-results li", """els => els.map(e => {
+                const p = e.querySelector('.atlas-search-pushed'); return p ? p.textContent : null; })""")
+            assert pushed == [None if h["faithfulness"] is None else f"pushed {h['faithfulness']:.2f}"
+                              for h in want], query
+            assert page.errors == [], (query, page.errors)
+            found[query] = len(links)
+            page.close()
+    return found
