@@ -238,15 +238,33 @@ def test_a_registered_migration_upgrades_an_old_store(tmp_path, monkeypatch):
     from atlas.errors import AtlasError
 
     path = tmp_path / "atlas.duckdb"
-    _old_store(path, {"schema_version": 1, "model": {"id": "m"}})
-    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_mod.MIGRATIONS, 1,
+    current = store_mod.SCHEMA_VERSION
+    _old_store(path, {"schema_version": current, "model": {"id": "m"}})
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", current + 1)       # a future version, one step ahead
+    monkeypatch.setitem(store_mod.MIGRATIONS, current,
                         lambda con: con.execute("UPDATE neurons SET label = 'migrated' WHERE label IS NOT NULL"))
     with pytest.raises(AtlasError, match="run `atlas build` on it once"):
         store_mod.Store(path, read_only=True)
     with store_mod.Store(path) as store:
-        assert store.meta("schema_version") == 2
+        assert store.meta("schema_version") == current + 1
         assert store.con.execute("SELECT label FROM neurons").fetchall() == [("migrated",)]
+
+
+def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
+    """Store v1 had clusters.cohesion and the clamp columns only if those stages had run; v2 always has them."""
+    from atlas.schema import SCHEMA_VERSION
+    from atlas.store import Store
+
+    path = tmp_path / "atlas.duckdb"
+    _old_store(path, {"schema_version": 1, "model": {"id": "m"}})
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
+    with Store(path) as store:
+        assert store.meta("schema_version") == SCHEMA_VERSION == 2
+        cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
+        assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
+        assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
+        assert store.count("clamp_effects") == 0
 
 
 def test_a_full_disk_fails_in_one_line_and_a_rerun_finishes(clean, inputs, tmp_path):
