@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -57,11 +59,29 @@ def config_from(cls, kwargs: dict):
     return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that cleanup runs
+    (transactions roll back, render stops its page workers and removes its half-built site)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class AtlasGroup(click.Group):
     """Turns AtlasError and OS errors into one line and exit code 2; tracebacks only with --debug."""
 
     def invoke(self, ctx):
         debug = "--debug" in sys.argv
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+        try:
+            return self._invoke(ctx, debug)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old_term)
+
+    def _invoke(self, ctx, debug: bool):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:      # one line too, like every other bad input
@@ -73,6 +93,8 @@ class AtlasGroup(click.Group):
             _fail(f"error: {e}", 2, debug)
         except KeyboardInterrupt:
             _fail("interrupted: rerun the same command to resume where it stopped", 130, debug)
+        except Terminated:
+            _fail("terminated (SIGTERM): rerun the same command to resume where it stopped", 143, debug)
         except OSError as e:
             # shutil names the source first and the file it was writing second.
             path = getattr(e, "filename2", None) or getattr(e, "filename", None)
