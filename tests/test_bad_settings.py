@@ -270,3 +270,28 @@ def test_a_model_without_a_usable_tokenizer_says_why_in_full(atlas_dir, tmp_path
                           "could not load the tokenizer", "no-tokenizer")
     assert not line.rstrip().endswith(("from one of:", "one of")), line
     assert "sentencepiece" in line, line
+
+
+# -- exports of two builds that differ only in their timings ---------------------------------
+def test_exports_leave_the_stage_timings_out(tmp_path):
+    from atlas.bench.synthetic import make_synthetic_store
+
+    trees, metas = [], []
+    for i, seconds in enumerate((1.5, 97.25)):
+        out = tmp_path / f"build{i}"
+        out.mkdir()
+        make_synthetic_store(out / "atlas.duckdb", n_layers=1, d_mlp=32, vocab_size=256, top_k=5, bottom_k=3)
+        with duckdb.connect(str(out / "atlas.duckdb")) as con:     # what a real build's timings look like
+            (value,) = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.decode'").fetchone()
+            record = dict(json.loads(value), seconds=seconds, load_s=seconds / 3)
+            con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'stage.decode'", [json.dumps(record, sort_keys=True)])
+        proc = atlas("render", out, "--pagefind-max-neurons", 0, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        exports = out / "site" / "exports"
+        trees.append({p.name: p.read_bytes() for p in exports.glob("*.parquet")})
+        with duckdb.connect(str(exports / "atlas.duckdb"), read_only=True) as con:
+            metas.append(con.execute("SELECT * FROM atlas_meta ORDER BY key").fetchall())
+    assert "atlas_meta.parquet" in trees[0]
+    assert [n for n in trees[0] if trees[0][n] != trees[1].get(n)] == [], "Parquet exports differ"
+    assert metas[0] == metas[1]
+    assert not any('"seconds"' in v or '_s"' in v for _, v in metas[0]), metas[0]
