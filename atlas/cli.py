@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import duckdb
 
 from atlas import __version__
 # Settings only: the stages, which import torch (a second or more), load when a command runs.
-from atlas.config import SHAPES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
+from atlas.config import SHAPES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig, check_device
 from atlas.errors import AtlasError
 
 
@@ -57,11 +59,29 @@ def config_from(cls, kwargs: dict):
     return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that cleanup runs
+    (transactions roll back, render stops its page workers and removes its half-built site)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 class AtlasGroup(click.Group):
     """Turns AtlasError and OS errors into one line and exit code 2; tracebacks only with --debug."""
 
     def invoke(self, ctx):
         debug = "--debug" in sys.argv
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+        try:
+            return self._invoke(ctx, debug)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old_term)
+
+    def _invoke(self, ctx, debug: bool):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:      # one line too, like every other bad input
@@ -73,6 +93,8 @@ class AtlasGroup(click.Group):
             _fail(f"error: {e}", 2, debug)
         except KeyboardInterrupt:
             _fail("interrupted: rerun the same command to resume where it stopped", 130, debug)
+        except Terminated:
+            _fail("terminated (SIGTERM): rerun the same command to resume where it stopped", 143, debug)
         except OSError as e:
             # shutil names the source first and the file it was writing second.
             path = getattr(e, "filename2", None) or getattr(e, "filename", None)
@@ -84,16 +106,21 @@ class AtlasGroup(click.Group):
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             # The store could not be written (a failed commit says so too): the disk, not a bug.
+            if isinstance(e, duckdb.Error) and any(s in msg for s in _DAMAGED_TEXT):
+                _fail(f"error: the store is damaged ({msg}); a rerun cannot resume it: rebuild the atlas "
+                      "(`atlas build --force` on the same --out, or another --out)", 2, debug)
             if isinstance(e, duckdb.Error) and (isinstance(e, duckdb.IOException) or "Could not write" in msg):
-                what = "out of disk space writing the store" if any(s in msg for s in _NO_SPACE_TEXT) \
-                    else "the store could not be read or written"
-                _fail(f"error: {what} ({msg}); rerun to resume once fixed", 2, debug)
+                if any(s in msg for s in _NO_SPACE_TEXT):
+                    _fail(f"error: out of disk space writing the store ({msg}); rerun to resume once fixed", 2, debug)
+                _fail(f"error: the store could not be read or written ({msg})", 2, debug)
             # Anything else is a bug: say so in one line, keep the traceback for --debug.
             _fail(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", 1, debug)
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _NO_SPACE_TEXT = ("No space left", "File too large", "quota exceeded")
+# DuckDB's words for a file whose blocks are cut short or do not match their checksums.
+_DAMAGED_TEXT = ("Corrupt database", "checksum", "Could not read enough bytes", "not a valid DuckDB database")
 
 
 def _fail(message: str, code: int, debug: bool) -> None:
@@ -147,11 +174,14 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --out out/smollm2 --corpus my_texts/ --max-tokens all
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
     """
-    from atlas.pipeline import build as run_build
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
-    _print_summary(run_build(out, model, decode, render, config_from(ExemplarConfig, kw), device=device,
-                             dtype=dtype, force=force, progress=not quiet, cluster=config_from(ClusterConfig, kw),
-                             clamp=config_from(ClampConfig, kw)))
+    exemplar_cfg, cluster_cfg, clamp_cfg = (config_from(c, kw) for c in (ExemplarConfig, ClusterConfig, ClampConfig))
+    check_device(device)
+    for cfg in (decode, exemplar_cfg, cluster_cfg, clamp_cfg, render):
+        cfg.validate()              # in a fraction of a second: before the pipeline imports torch
+    from atlas.pipeline import build as run_build
+    _print_summary(run_build(out, model, decode, render, exemplar_cfg, device=device, dtype=dtype, force=force,
+                             progress=not quiet, cluster=cluster_cfg, clamp=clamp_cfg))
 
 
 @main.command()
@@ -169,7 +199,9 @@ def decode(out, model, device, dtype, quiet, **kw):
       atlas decode --out out/smollm2 --top-k 50
     """
     from atlas.pipeline import Build
-    _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(config_from(DecodeConfig, kw)))
+    cfg = config_from(DecodeConfig, kw)
+    cfg.validate()                  # before the output directory or the store is touched
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).decode(cfg))
 
 
 @main.command()
@@ -187,7 +219,9 @@ def exemplars(out, model, device, dtype, quiet, **kw):
       atlas exemplars --out out/smollm2 --corpus my_texts/ --max-tokens 1000000
     """
     from atlas.pipeline import Build
-    _print_summary(Build(out, model, device, dtype, progress=not quiet).exemplars(config_from(ExemplarConfig, kw)))
+    cfg = config_from(ExemplarConfig, kw)
+    cfg.validate()                  # before the output directory or the store is touched
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).exemplars(cfg))
 
 
 @main.command()
@@ -206,7 +240,9 @@ def cluster(out, model, device, dtype, quiet, **kw):
       atlas cluster --out out/smollm2 --n-clusters 300 --neighbours 20
     """
     from atlas.pipeline import Build
-    _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(config_from(ClusterConfig, kw)))
+    cfg = config_from(ClusterConfig, kw)
+    cfg.validate()                  # before the output directory or the store is touched
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(cfg))
 
 
 @main.command()
@@ -226,7 +262,9 @@ def clamp(out, model, device, dtype, quiet, **kw):
       atlas clamp --out out/smollm2 --clamp-multiple 4 --clamp-budget 512
     """
     from atlas.pipeline import Build
-    _print_summary(Build(out, model, device, dtype, progress=not quiet).clamp(config_from(ClampConfig, kw)))
+    cfg = config_from(ClampConfig, kw)
+    cfg.validate()                  # before the output directory or the store is touched
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).clamp(cfg))
 
 
 @main.command()
@@ -281,7 +319,7 @@ def render(out, force, quiet, **kw):
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port, 1 to 65535 (0: any free port)")
 def serve(path, host, port):
     """Serve a rendered atlas (DIR or DIR/site) on localhost.
 
@@ -296,7 +334,7 @@ def serve(path, host, port):
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("query")
-@click.option("--limit", default=20, show_default=True, type=int, help="neurons listed")
+@click.option("--limit", default=20, show_default=True, type=int, help="neurons listed (at least 1)")
 @click.option("--json", "as_json", is_flag=True, help="print the terms, counts and hits as JSON")
 def search(path, query, limit, as_json):
     """Concept search on a rendered atlas (DIR or DIR/site), ranked as its search page ranks.

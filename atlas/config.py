@@ -7,7 +7,9 @@ renderer and its page workers start without importing it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from atlas.errors import AtlasError
 from atlas.schema import SIDES
@@ -27,6 +29,22 @@ SHAPES = {
     "gpt2-xl": ("gpt2", 48, 1600, 6400, 25, 25, 50257),
 }
 
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` torch cannot name, before a model loads or anything is written."""
+    if not DEVICE.fullmatch(str(device)):
+        raise AtlasError(f"--device {device!r}: use auto, cpu, cuda, cuda:N (a GPU's index), mps or xpu")
+
+
+def check_positions(what: str, tokens: int, positions: int | None) -> None:
+    """Refuse ``tokens`` per input on a model with learned positions for only ``positions`` of them."""
+    if positions is not None and tokens > positions:
+        raise AtlasError(f"{what} {tokens} is more than the {positions:,} positions this model has "
+                         f"(its position embeddings end there); give at most {positions:,}")
+
+
 @dataclass
 class DecodeConfig:
     top_k: int = field(default=20, metadata={"help": "tokens kept per side with the largest logits"})
@@ -45,6 +63,12 @@ class DecodeConfig:
     def validate(self) -> None:
         if self.top_k < 1 or self.bottom_k < 1:
             raise AtlasError("--top-k and --bottom-k must be at least 1")
+
+    def check_model(self, vocab: int, positions: int | None) -> None:
+        """The settings that depend on the model, checked as soon as it loads."""
+        for flag, k in (("--top-k", self.top_k), ("--bottom-k", self.bottom_k)):
+            if k > vocab:
+                raise AtlasError(f"{flag} {k} is more than the model's vocabulary of {vocab:,} tokens")
 
 
 @dataclass
@@ -74,6 +98,13 @@ class ExemplarConfig:
             raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if not 0 < self.quantile < 1:
             raise AtlasError("--quantile must be between 0 and 1")
+        if self.checkpoint_every < 1:
+            raise AtlasError(f"--checkpoint-every {self.checkpoint_every}: give at least 1 (batches)")
+        if self.attribution_rows < 0:
+            raise AtlasError(f"--attribution-rows {self.attribution_rows}: give 0 (no attribution) or more")
+
+    def check_model(self, vocab: int, positions: int | None) -> None:
+        check_positions("--context", self.context, positions)
 
 
 @dataclass
@@ -116,6 +147,10 @@ class ClampConfig:
         if self.clamp_batch < 1 or self.clamp_top_k < 1 or self.clamp_own < 1:
             raise AtlasError("--clamp-batch, --clamp-top-k and --clamp-own must be at least 1")
 
+    def check_model(self, vocab: int, positions: int | None) -> None:
+        if self.clamp_top_k > vocab:
+            raise AtlasError(f"--clamp-top-k {self.clamp_top_k} is more than the model's vocabulary of {vocab:,} tokens")
+
 
 @dataclass
 class RenderConfig:
@@ -140,3 +175,24 @@ class RenderConfig:
     def validate(self) -> None:
         if self.memory_mb < 256:
             raise AtlasError(f"--memory-mb {self.memory_mb}: give at least 256 (MiB)")
+        if self.site_url:
+            check_site_url(self.site_url)
+
+
+# Characters a site's base URL may hold and still go into an HTML attribute, XML or markdown
+# as it is (RFC 3986's unreserved and reserved characters and '%', less the quote, '&', and
+# the query and fragment marks a base URL has no use for): no quotes, whitespace or markup.
+URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/\[\]@!$()*+,;=%]+")
+
+
+def check_site_url(url: str) -> None:
+    """``--site-url`` must be an absolute http(s) URL with a host and nothing that could end an attribute."""
+    shown = url if len(url) <= 80 else url[:77] + "..."
+    if not URL_CHARS.fullmatch(url):
+        bad = next((c for c in url if not URL_CHARS.fullmatch(c)), "")
+        raise AtlasError(f"--site-url {shown!r} holds {bad!r}, which a URL cannot hold unencoded; "
+                         "give an absolute http(s) URL such as https://example.org/atlas/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AtlasError(f"--site-url {shown!r} is not an absolute http(s) URL; "
+                         "give one such as https://example.org/atlas/")

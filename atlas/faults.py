@@ -10,7 +10,8 @@ with neither set, ``point`` costs one dictionary lookup.
     itself ``SIGKILL`` (action ``kill``, the default): a real, uncatchable kill, as from the
     OOM killer or a pulled plug, with no ``finally`` blocks and no flushing. Action ``stop``
     sends ``SIGSTOP`` instead, so a test can hold a build still at a known point (it resumes
-    on ``SIGCONT``).
+    on ``SIGCONT``). Action ``term`` sends ``SIGTERM``, as a service manager or ``kill`` does,
+    which the command line turns into a clean stop with one line.
 ``ATLAS_FAULT_TRACE=<file>``
     append one line ``<stage> <n> <where>`` per point reached, so that a test learns how
     many points each stage has and can choose among them.
@@ -24,7 +25,7 @@ import os
 import signal
 
 _reached: dict[str, int] = {}
-_ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+_ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 
 
 def _target() -> tuple[str, str, signal.Signals] | None:

@@ -10,7 +10,7 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
+from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig, check_device
 from atlas.errors import AtlasError
 from atlas.lock import output_lock
 from atlas.model.files import DEFAULT_MODEL, hash_weights, resolve
@@ -54,6 +54,7 @@ class Build:
 
     def __init__(self, out: str | Path, model: str | None = DEFAULT_MODEL, device: str = "auto",
                  dtype: str = "auto", force: bool = False, progress: bool = True):
+        check_device(device)
         self.out = prepare_out(out)
         self.model_spec, self.device, self.dtype = model, device, dtype
         self.progress = progress
@@ -65,12 +66,18 @@ class Build:
             with Store(store_path(self.out)) as store:
                 _check_same_model(store, self.weights_hash, force)
         self._lm = None
+        # Stage settings to check against the model as soon as it loads, before a stage writes:
+        # `build` adds every stage's, so that a --context the model cannot read fails before decode.
+        self.settings: list = []
 
     @property
     def lm(self):
         if self._lm is None:
             from atlas.model.load import load_model           # torch: only once a stage needs the model
-            self._lm = load_model(self.model_spec, self.device, self.dtype)
+            lm = load_model(self.model_spec, self.device, self.dtype)
+            for cfg in self.settings:
+                check_model_settings(cfg, lm.limits())
+            self._lm = lm
         return self._lm
 
     def _device_type(self) -> str:
@@ -81,6 +88,11 @@ class Build:
         """Run one registered stage (``decode``, ``exemplars``, ``cluster``, ``clamp`` ...) on this build."""
         stage = STAGES[name]
         cfg = stage.config() if cfg is None else cfg
+        cfg.validate()
+        if self._lm is not None:
+            check_model_settings(cfg, self._lm.limits())
+        elif cfg not in self.settings:
+            self.settings.append(cfg)
         with output_lock(self.out), Store(store_path(self.out)) as store:
             ctx = Context(store, stage, self.weights_hash, lambda: self.lm, self._device_type(), self.progress)
             return stage.run(ctx, cfg)
@@ -99,6 +111,13 @@ class Build:
 
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
         return render_site(self.out, cfg, self.progress, force)
+
+
+def check_model_settings(cfg, limits: dict) -> None:
+    """Run a stage config's ``check_model`` (settings that depend on the model), where it has one."""
+    check = getattr(cfg, "check_model", None)
+    if check is not None:
+        check(**limits)
 
 
 def render_site(out: str | Path, cfg: RenderConfig | None = None, progress: bool = True,
@@ -128,6 +147,7 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
         cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
     check_corpus(configs["exemplars"])
     b = Build(out, model, device, dtype, force, progress)
+    b.settings.extend(configs.values())
     with output_lock(b.out):        # held across the stages: a second build is refused, not interleaved
         results = {name: b.run_stage(name, cfg) for name, cfg in configs.items()}
         return {**results, "render": b.render(render, force)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from atlas.config import check_device
 from atlas.intervene import check_address, clamped
 from atlas.errors import AtlasError
 from atlas.model.load import LoadedModel
@@ -57,6 +58,10 @@ def steer(lm: LoadedModel, prompt: str, interventions: list[Intervention], token
         check_address(iv.layer, iv.neuron, n_layers, d_mlp)
     tok = lm.tokenizer
     ids = torch.tensor([tok(prompt).input_ids], device=lm.device).expand(2, -1)   # [2, T]
+    positions = lm.limits()["positions"]
+    if positions is not None and ids.shape[1] + tokens > positions:
+        raise AtlasError(f"--tokens {tokens} after a prompt of {ids.shape[1]} tokens is more than the "
+                         f"{positions:,} positions this model has; give at most {max(0, positions - ids.shape[1])}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     with clamped(lm, [1] * len(interventions), [iv.layer for iv in interventions],
                  [iv.neuron for iv in interventions], [iv.value for iv in interventions]):
@@ -117,5 +122,6 @@ def steer_cli(prompt: str, neurons, values, tokens: int, atlas_dir, model: str |
     interventions = resolve_values(addresses, parsed, normaliser)
     if tokens < 1:
         raise AtlasError("--tokens must be at least 1")
+    check_device(device)
     lm = load_model(model or DEFAULT_MODEL, device, dtype)
     return steer(lm, prompt, interventions, tokens)

@@ -8,6 +8,7 @@ so a crash leaves either the old state or the new one, never a store that looks 
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,14 @@ def without_timings(value: Any) -> Any:
     return value
 
 
+def lock_holder(message: str) -> str:
+    """Who holds the store, as DuckDB's lock error names it ("... is held in /usr/bin/python3 (PID 123)")."""
+    m = re.search(r"held in (.*?) \(PID (\d+)\)", message)
+    if not m:
+        return "another process"
+    return f"another process (PID {m.group(2)}, {Path(m.group(1)).name})"
+
+
 class Store:
     """An open ``atlas.duckdb``. Use as a context manager, or call ``close()``."""
 
@@ -51,7 +60,8 @@ class Store:
         except duckdb.IOException as e:
             msg = str(e).splitlines()[0]
             if "lock" in msg.lower():
-                raise AtlasError(f"{self.path} is in use by another atlas process") from None
+                raise AtlasError(f"{self.path} is in use by {lock_holder(msg)}; close it there "
+                                 "(a notebook's duckdb.connect, another atlas command) and rerun") from None
             raise AtlasError(f"cannot open store {self.path}: {msg}") from None
         except duckdb.Error as e:
             raise AtlasError(f"{self.path} is not an atlas store ({str(e).splitlines()[0]})") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from atlas.config import check_device
 from atlas.model.arch import Adapter, adapter_for
 from atlas.errors import AtlasError
 from atlas.model.files import DEFAULT_MODEL, hash_weights, resolve
@@ -31,6 +32,16 @@ class LoadedModel:
     def weights_hash(self) -> str:
         return hash_weights(self.weights_files)
 
+    def limits(self) -> dict:
+        """What settings are checked against once the model loads: its vocabulary, and the
+        number of positions for a model with learned position embeddings (GPT-2's ``wpe``),
+        which cannot read past them; None for rotary models, which can."""
+        positions = None
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_EMBEDDINGS:
+                positions = module.num_embeddings
+        return {"vocab": int(self.adapter.W_U(self.model).shape[0]), "positions": positions}
+
     def describe(self) -> dict:
         """The provenance recorded in ``atlas_meta['model']``."""
         m, a = self.model, self.adapter
@@ -48,7 +59,11 @@ def _jsonable(v) -> bool:
     return isinstance(v, (str, int, float, bool, type(None), list, dict))
 
 
+POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings")
+
+
 def pick_device(device: str = "auto") -> torch.device:
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -75,6 +90,7 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    loading = "the model"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -84,12 +100,18 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
             if config.model_type not in ADAPTERS:
                 raise AtlasError(f"unsupported architecture {config.model_type!r} "
                                  f"(supported: {', '.join(sorted(ADAPTERS))})")
+            loading = "its tokenizer"
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            loading = "the model"
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
     except AtlasError:
         raise
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean "bad model input"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        # The whole message on one line: transformers' tokenizer errors list their causes on
+        # the lines after "... from one of:".
+        first = " ".join(str(e).split())[:600] or type(e).__name__
+        if loading == "its tokenizer":
+            raise AtlasError(f"could not load the tokenizer of {spec or location}: {first}") from None
         if "gguf_file" in kwargs:
             from atlas.model.gguf_check import gguf_problem
             first = gguf_problem(Path(location) / kwargs["gguf_file"]) or first

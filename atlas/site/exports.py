@@ -3,10 +3,15 @@
 Written by ``render`` into ``exports/`` beside the pages, from the same store the pages are
 rendered from, so a reader can check any number on a page against the rows it came from.
 Rows are written in key order, so the same store gives the same files, byte for byte.
+Stage timings are left out of both copies of ``atlas_meta`` (they differ between builds of
+the same inputs, and stay in the build's own store); the exported ``atlas.duckdb`` then holds
+the same rows for the same inputs, though not the same bytes: DuckDB does not lay out a
+file the same way twice, even for two copies of one store.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import duckdb
 
 from atlas.errors import AtlasError
 from atlas.schema import EXPORT_TABLES
+from atlas.store import without_timings
 
 STORE_FILE = "atlas.duckdb"
 
@@ -32,7 +38,7 @@ def write_exports(con, store_path: Path, out_dir: Path) -> list[dict]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     con.execute("SET enable_progress_bar = false")
-    written = []
+    written: list[dict] = []
     target = out_dir / STORE_FILE
     if store_path.with_name(store_path.name + ".wal").exists():
         copier = duckdb.connect()
@@ -47,18 +53,34 @@ def write_exports(con, store_path: Path, out_dir: Path) -> list[dict]:
             copier.close()
     else:
         shutil.copyfile(store_path, target)
-    written.append({"file": STORE_FILE, "table": None, "rows": None, "bytes": target.stat().st_size})
-
-    present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    for table, order in EXPORT_TABLES.items():
-        if table not in present:
-            continue
-        path = out_dir / f"{table}.parquet"
-        con.execute(f"COPY (SELECT * FROM {table} ORDER BY {order}) TO {_quote(path)} "
-                    "(FORMAT parquet, COMPRESSION zstd)")
-        rows = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-        written.append({"file": path.name, "table": table, "rows": rows, "bytes": path.stat().st_size})
+    copy = duckdb.connect(str(target))
+    try:
+        copy.execute("SET enable_progress_bar = false")
+        _drop_timings(copy)
+        present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        for table, order in EXPORT_TABLES.items():
+            if table not in present:
+                continue
+            path = out_dir / f"{table}.parquet"
+            source = copy if table == "atlas_meta" else con    # the copy's atlas_meta has no timings
+            source.execute(f"COPY (SELECT * FROM {table} ORDER BY {order}) TO {_quote(path)} "
+                           "(FORMAT parquet, COMPRESSION zstd)")
+            rows = source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            written.append({"file": path.name, "table": table, "rows": rows, "bytes": path.stat().st_size})
+    finally:
+        copy.close()
+    written.insert(0, {"file": STORE_FILE, "table": None, "rows": None, "bytes": target.stat().st_size})
     return written
+
+
+def _drop_timings(copy) -> None:
+    """Rewrite the exported store's atlas_meta without stage timings (``store.without_timings``)."""
+    rows = copy.execute("SELECT key, value FROM atlas_meta ORDER BY key").fetchall()
+    changed = [(json.dumps(without_timings(json.loads(v)), sort_keys=True), k) for k, v in rows]
+    changed = [(v, k) for (v, k), (_, old) in zip(changed, rows) if v != old]
+    if changed:
+        copy.executemany("UPDATE atlas_meta SET value = ? WHERE key = ?", changed)
+        copy.execute("CHECKPOINT")
 
 
 def human_bytes(n: int) -> str:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 from markupsafe import Markup
 
@@ -33,11 +34,19 @@ from atlas.store import Store
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
 ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
 PAGES_CSS = "atlas-pages.css"                  # written by theme_assets
+URL_SAFE = "-._~:/[]@!$()*+,;=%"                # what check_site_url lets through, left as it is
 
 
 def site_url(cfg: RenderConfig) -> str:
-    """The site's absolute URL with one trailing slash, or '' for a site of relative links."""
-    return cfg.site_url.rstrip("/") + "/" if cfg.site_url else ""
+    """The site's absolute URL with one trailing slash, or '' for a site of relative links.
+
+    ``RenderConfig.validate`` refuses a URL with quotes, whitespace or markup; what reaches
+    here is percent-encoded once more all the same, because mkdocs' templates write it into
+    attributes (404.html's links, the canonical link, the sitemap) without escaping it.
+    """
+    if not cfg.site_url:
+        return ""
+    return quote(cfg.site_url.rstrip("/"), safe=URL_SAFE) + "/"
 
 
 def short_hash(digest: str) -> str:
@@ -125,7 +134,7 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
         try:
             with _source_date_epoch(meta["created_at"]):
                 mk = load_config(config_file=str(MKDOCS_YML), site_name=site_name, docs_dir=str(docs),
-                                 site_dir=str(site), nav=nav, site_url=cfg.site_url or None,
+                                 site_dir=str(site), nav=nav, site_url=site_url(cfg) or None,
                                  extra_css=["assets/atlas.css"])
                 mk.plugins.on_startup(command="build", dirty=False)
                 try:

@@ -315,6 +315,8 @@ def index_dir(path: str | Path) -> Path:
 
 def search(path: str | Path, query: str, limit: int = 20) -> dict:
     """Search the built site at ``path`` as its search page does; see ``rank``."""
+    if limit < 1:
+        raise AtlasError(f"--limit {limit}: give at least 1 (the neurons to list)")
     idx = index_dir(path)
     try:
         meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))

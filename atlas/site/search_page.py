@@ -11,12 +11,14 @@ Pagefind's page list grows by about 5 bytes per page and every query downloads i
 from __future__ import annotations
 
 import html
+import json
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from atlas import faults
 from atlas.errors import AtlasError
 from atlas.site.search import INDEX_DIR, SCHEMA, write_index
 from atlas.site.text import script_json
@@ -77,15 +79,49 @@ def write_fulltext(con, site: Path) -> dict:
         proc = subprocess.run([str(binary), "--site", tmp, "--output-path", str(site / PAGEFIND_DIR),
                                "--glob", "neurons/**/index.html", "--force-language", "en", "--silent"],
                               capture_output=True, text=True)
+    faults.point("render", "pagefind finished")
     if proc.returncode != 0:
         last = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
         raise AtlasError(f"pagefind could not index the site: {last}")
     # The UI bundles and playground are not used: the search page draws its own results.
     for extra in (site / PAGEFIND_DIR).glob("pagefind-*ui*"):
         extra.unlink()
+    check_bundle(site / PAGEFIND_DIR, docs)
     size = sum(p.stat().st_size for p in (site / PAGEFIND_DIR).rglob("*") if p.is_file())
     return {"documents": docs, "bytes": size, "documents_seconds": round(docs_s, 3),
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def check_bundle(bundle: Path, documents: int) -> None:
+    """Refuse a pagefind bundle that is not whole, in one line.
+
+    Pagefind exits 0 even when its writes fail: on a full disk it left its entry file, worker
+    and wasm as 0-byte files, and the site that replaced the good one could not search. So
+    what it wrote is checked: every file non-empty, the entry JSON whole and counting every
+    document, and each language's metadata and wasm file present.
+    """
+    def broken(why: str) -> AtlasError:
+        return AtlasError(f"pagefind wrote a broken search bundle ({why}); is the disk full? "
+                          "the published site was left as it was")
+
+    empty = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and not p.stat().st_size)
+    if empty:
+        raise broken(f"{len(empty)} empty files, e.g. {empty[0]}")
+    for name in ("pagefind.js", "pagefind-worker.js", "pagefind-entry.json"):
+        if not (bundle / name).is_file():
+            raise broken(f"no {name}")
+    try:
+        languages = json.loads((bundle / "pagefind-entry.json").read_text(encoding="utf-8"))["languages"]
+        pages = sum(int(lang["page_count"]) for lang in languages.values())
+        needed = [f"pagefind.{lang['hash']}.pf_meta" for lang in languages.values()]
+        needed += [f"wasm.{lang['wasm']}.pagefind" for lang in languages.values()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise broken(f"pagefind-entry.json does not parse: {type(e).__name__}") from None
+    if pages != documents:
+        raise broken(f"its entry counts {pages} of the {documents} documents")
+    missing = [name for name in needed if not (bundle / name).is_file()]
+    if missing:
+        raise broken(f"no {missing[0]}")
 
 
 def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, templates: Path,

@@ -7,6 +7,7 @@ nothing installed and serves the same bytes a publisher would upload.
 from __future__ import annotations
 
 import functools
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,12 +24,31 @@ def site_root(path: str | Path) -> Path:
                      f"or {path / 'index.html'}); run `atlas render` first")
 
 
+class SiteHandler(SimpleHTTPRequestHandler):
+    """Python's static file handler, answering a path it cannot map to a file with 400, not a traceback."""
+
+    def send_head(self):
+        try:
+            return super().send_head()
+        except ValueError:      # e.g. /%00: "embedded null byte" from os.stat
+            self.send_error(HTTPStatus.BAD_REQUEST, "Bad path")
+            return None
+
+
+class SiteServer(ThreadingHTTPServer):
+    # The standard library listens with a backlog of 5: at 20 concurrent clients on loopback
+    # the rest waited for a SYN retransmit, 1 s or more (p99 1,034 ms; 27 ms with 128).
+    request_queue_size = 128
+
+
 def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A server for the site under ``path``, bound but not yet serving (port 0: any free port)."""
+    if not 0 <= port <= 65535:
+        raise AtlasError(f"--port {port}: give a TCP port from 1 to 65535 (or 0 for any free port)")
     root = site_root(path)
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler = functools.partial(SiteHandler, directory=str(root))
     try:
-        return ThreadingHTTPServer((host, port), handler)
+        return SiteServer((host, port), handler)
     except OSError as e:
         raise AtlasError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 

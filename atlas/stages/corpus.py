@@ -114,6 +114,12 @@ def _arrow_text(table, text_column: str, where: Path, name: str) -> Iterator[Doc
     if text_column not in table.column_names:
         raise AtlasError(f"{where} has no {text_column!r} column (columns: {', '.join(table.column_names)}); "
                          "pass --text-column")
+    import pyarrow as pa
+    kind = table.schema.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise AtlasError(f"{where}: column {text_column!r} holds {kind}, not text; "
+                         "pass --text-column with a column of strings")
     for i, text in enumerate(table.column(text_column).to_pylist()):
         if isinstance(text, str):
             yield f"{name}:{i}", text
