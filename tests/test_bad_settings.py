@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import socket
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
+
+from helpers import FAULT_COUNTS
 
 pytestmark = pytest.mark.faults
 QUICK_S = 2.0
@@ -142,12 +143,14 @@ def test_a_bad_setting_fails_before_the_model_loads(unchanged, name, args, needl
     proc = atlas(*_argv(args, unchanged))
     seconds = time.perf_counter() - start
     one_line_error(proc, *needles)
+    FAULT_COUNTS["bad inputs"].add(name)
     assert seconds < QUICK_S, f"{name} took {seconds:.2f} s: was it checked before the imports and the model?"
 
 
 @pytest.mark.parametrize("name,args,needles", AFTER_LOAD, ids=[c[0] for c in AFTER_LOAD])
 def test_a_setting_the_model_cannot_take_fails_right_after_it_loads(unchanged, name, args, needles):
     one_line_error(atlas(*_argv(args, unchanged)), *needles)
+    FAULT_COUNTS["bad inputs"].add(name)
 
 
 def test_a_context_the_model_cannot_take_leaves_a_new_directory_without_stages(atlas_dir, tmp_path):

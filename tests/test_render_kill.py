@@ -25,6 +25,7 @@ import pytest
 
 from atlas.bench.synthetic import make_synthetic_store
 from atlas.site.render import PAGES_PER_WORKER
+from helpers import FAULT_COUNTS
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 SEED = int(os.environ.get("ATLAS_FAULT_SEED", "0"))
@@ -99,6 +100,7 @@ def clean(tmp_path_factory):
 
 @pytest.mark.parametrize("sig,moment", KILLS, ids=[f"{s}-{m}" for s, m in KILLS])
 def test_a_killed_multi_worker_render_leaves_no_process_and_reruns(clean, sig, moment, tmp_path):
+    FAULT_COUNTS["kill points"].add(("render with 2 workers", sig, moment))
     out = tmp_path / "out"
     out.mkdir()
     (out / "atlas.duckdb").write_bytes(clean["store"].read_bytes())
