@@ -13,7 +13,6 @@ import functools
 import threading
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -67,19 +66,6 @@ def test_no_file_holds_the_url_raw(sites, url):
             assert payload not in text, f"{path.relative_to(site)} holds the raw URL"
     not_found = (site / "404.html").read_text(encoding="utf-8")
     assert ("/a%22onerror=%22" if '"' in url else "/a%27%3E%3Cimg%20") in not_found   # encoded, still a link
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium")
-    pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.browser
