@@ -105,39 +105,41 @@ def test_no_private_name_crosses_a_module():
     assert not crossings, "\n".join(crossings)
 
 
+def _heavy_reached(start: str, on_import_only: bool = False) -> list[tuple[str, str]]:
+    """(module, torch-like import) for every atlas module ``start`` reaches that imports torch or transformers.
+
+    With ``on_import_only`` only the imports that run on import count, and a module also
+    reaches its parent packages (Python runs their ``__init__`` first).
+    """
+    found, seen, todo = [], set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        heavy = [m for m, _, _ in _imports(name, on_import_only) if m.split(".")[0] in HEAVY]
+        if heavy:
+            found.append((name, heavy[0]))
+        if on_import_only:
+            todo += _edges(name, True) | ({name.rpartition(".")[0]} if "." in name else set())
+        else:
+            todo += GRAPH[name]
+    return found
+
+
 def test_the_site_never_reaches_torch():
     site = [name for name in MODULES if name.startswith("atlas.site")]
     assert len(site) > 5
-    bad = []
-    for start in site:
-        seen, todo = set(), [start]
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            heavy = [m for m, _, _ in _imports(name) if m.split(".")[0] in HEAVY]
-            if heavy:
-                bad.append(f"{start} reaches {name}, which imports {heavy[0]}")
-            todo += GRAPH[name]
+    bad = [f"{start} reaches {name}, which imports {heavy}" for start in site for name, heavy in _heavy_reached(start)]
     assert not bad, "\n".join(bad)
 
 
 def test_the_command_line_and_the_build_load_torch_only_when_a_stage_runs():
     """`atlas info`, `render`, `search` and `--help` start in a fraction of a second: importing
     the CLI, the pipeline or the stage registry runs no import of torch or transformers."""
-    bad = []
-    for start in ("atlas.cli", "atlas.pipeline", "atlas.stages", "atlas"):
-        seen, todo = set(), [start]
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            heavy = [m for m, _, _ in _imports(name, True) if m.split(".")[0] in HEAVY]
-            if heavy:
-                bad.append(f"importing {start} imports {name}, which imports {heavy[0]}")
-            todo += _edges(name, True) | ({name.rpartition(".")[0]} if "." in name else set())
+    bad = [f"importing {start} imports {name}, which imports {heavy}"
+           for start in ("atlas.cli", "atlas.pipeline", "atlas.stages", "atlas")
+           for name, heavy in _heavy_reached(start, on_import_only=True)]
     assert not bad, "\n".join(bad)
 
 
