@@ -318,6 +318,51 @@ def render(out, force, quiet, **kw):
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--check", "check_host", metavar="HOST", help="only check the site against HOST's limits")
+@click.option("--to", "to_host", metavar="HOST", help="check, then publish the site to HOST")
+@click.option("--remote", default="", help="git hosts: the repository to push to (URL or path); object storage: "
+              "s3://, r2:// or gs://BUCKET/PREFIX; cloudflare-pages: the project name")
+@click.option("--branch", default="", help="git hosts: the branch to push (default: gh-pages, main or pages by host)")
+@quiet_option
+def publish(path, check_host, to_host, remote, branch, quiet):
+    """Check a rendered atlas (DIR or DIR/site) against a host's limits, then publish it.
+
+    Every limit the site breaks is named with the file or folder that breaks it, and
+    nothing is uploaded (exit code 2). Hosts: github-pages, huggingface, gitlab-pages,
+    cloudflare-pages, cloudflare-pages-paid, object-storage. Git hosts get a commit on a
+    branch, pushed (a rerun pushes only what changed); the others get the exact upload command.
+
+    \b
+    Example:
+      atlas publish out/smollm2 --check github-pages
+      atlas publish out/smollm2 --to github-pages --remote git@github.com:me/atlas.git
+      atlas publish out/smollm2 --to object-storage --remote s3://my-bucket/atlas
+    """
+    from atlas.publish import check, publish as run_publish
+    from atlas.publish.hosts import HOSTS
+
+    if bool(check_host) == bool(to_host):
+        raise AtlasError("give one of --check HOST or --to HOST (hosts: " + ", ".join(HOSTS) + ")")
+    if check_host:
+        stats, broken = check(path, check_host)
+        click.echo(f"{stats['bytes']:,} bytes in {stats['files']:,} files; fullest folder "
+                   f"{stats['fullest_folder']}/ ({stats['fullest_entries']:,} entries); largest file "
+                   f"{stats['largest_file']} ({stats['largest_bytes']:,} bytes)")
+        if broken:
+            from atlas.publish import SiteTooBig
+            raise SiteTooBig(HOSTS[check_host], broken)
+        click.echo(f"fits {check_host}: {HOSTS[check_host].note}")
+        return
+    result = run_publish(path, to_host, remote, branch, progress=not quiet)
+    result.pop("stats", None)
+    if "command" in result:
+        click.echo(result["command"])
+    else:
+        _print_summary(result)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port, 1 to 65535 (0: any free port)")
 def serve(path, host, port):

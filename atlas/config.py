@@ -167,7 +167,14 @@ class RenderConfig:
         "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
                 "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
     exports: bool = field(default=True, metadata={
-        "help": "write exports/: a copy of atlas.duckdb and a Parquet file per table, linked from the home page"})
+        "help": "write exports/ beside the site (DIR/exports): a copy of atlas.duckdb and a Parquet file per "
+                "table, to publish as a release or a dataset; the home page lists them"})
+    exports_url: str = field(default="", metadata={
+        "help": "where the exports are published, e.g. https://huggingface.co/datasets/me/atlas/resolve/main/; "
+                "the home page links each file there (empty: listed without links, or linked inside the site "
+                "with --exports-inside)"})
+    exports_inside: bool = field(default=False, metadata={
+        "help": "put exports/ inside the site instead of beside it (small atlases: it counts against the host's size limit)"})
     memory_mb: int = field(default=2048, metadata={
         "help": "DuckDB memory of the render (the search index spills to disk beyond it); each page worker "
                 "gets a quarter, at least 256 MiB"})
@@ -177,6 +184,8 @@ class RenderConfig:
             raise AtlasError(f"--memory-mb {self.memory_mb}: give at least 256 (MiB)")
         if self.site_url:
             check_site_url(self.site_url)
+        if self.exports_url:
+            check_site_url(self.exports_url, "--exports-url")
 
 
 # Characters a site's base URL may hold and still go into an HTML attribute, XML or markdown
@@ -185,14 +194,14 @@ class RenderConfig:
 URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/\[\]@!$()*+,;=%]+")
 
 
-def check_site_url(url: str) -> None:
+def check_site_url(url: str, option: str = "--site-url") -> None:
     """``--site-url`` must be an absolute http(s) URL with a host and nothing that could end an attribute."""
     shown = url if len(url) <= 80 else url[:77] + "..."
     if not URL_CHARS.fullmatch(url):
         bad = next((c for c in url if not URL_CHARS.fullmatch(c)), "")
-        raise AtlasError(f"--site-url {shown!r} holds {bad!r}, which a URL cannot hold unencoded; "
+        raise AtlasError(f"{option} {shown!r} holds {bad!r}, which a URL cannot hold unencoded; "
                          "give an absolute http(s) URL such as https://example.org/atlas/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise AtlasError(f"--site-url {shown!r} is not an absolute http(s) URL; "
+        raise AtlasError(f"{option} {shown!r} is not an absolute http(s) URL; "
                          "give one such as https://example.org/atlas/")

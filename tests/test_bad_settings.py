@@ -290,7 +290,7 @@ def test_exports_leave_the_stage_timings_out(tmp_path):
             con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'stage.decode'", [json.dumps(record, sort_keys=True)])
         proc = atlas("render", out, "--pagefind-max-neurons", 0, "--quiet")
         assert proc.returncode == 0, proc.stderr
-        exports = out / "site" / "exports"
+        exports = out / "exports"        # beside the site
         trees.append({p.name: p.read_bytes() for p in exports.glob("*.parquet")})
         with duckdb.connect(str(exports / "atlas.duckdb"), read_only=True) as con:
             metas.append(con.execute("SELECT * FROM atlas_meta ORDER BY key").fetchall())

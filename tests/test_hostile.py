@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from atlas.resources import hostile
+from atlas.site.neuron_json import table_rows
 from helpers import FAULT_COUNTS, atlas, served, tiny_model
 
 pytestmark = pytest.mark.faults
@@ -112,7 +113,7 @@ def test_every_file_holds_the_text_escaped(hostile_site):
     for rel, text in texts.items():
         if re.fullmatch(r"neurons/\d+/\d+\.json", rel):
             data = json.loads(text)
-            tokens |= {r["token"] for r in data["decoded_tokens"]}
+            tokens |= {r["token"] for r in table_rows(data, "decoded_tokens")}
             assert data["model"] == MODEL_NAME
     assert set(PAYLOADS) <= tokens, set(PAYLOADS) - tokens
     method = texts["method/index.html"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from atlas.resources import concepts
+from atlas.site.neuron_json import table_rows
 from helpers import DEFAULT_BUILD, atlas, check_concepts
 
 pytestmark = pytest.mark.slow
@@ -125,7 +126,7 @@ def test_site_has_a_page_per_neuron(default_atlas):
         data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
         html = page.read_text()
         assert data["neurons"]["layer"] == layer and data["neurons"]["neuron"] == neuron
-        top_out = next(r for r in data["decoded_tokens"]
+        top_out = next(r for r in table_rows(data, "decoded_tokens")
                        if r["side"] == "out" and r["polarity"] == "top" and r["rank"] == 0)
         import html as html_mod
         shown = html_mod.escape(top_out["token"].replace(" ", "␣"), quote=False)

@@ -71,7 +71,7 @@ def page_site(meta: dict, store: Store, site_name: str, stylesheets: list[str], 
             # the tables the reproduce snippet reads, as a Python tuple (fixed names, no escaping needed)
             "tables": Markup("(" + ", ".join(f'"{t}"' for t in ("neurons", "decoded_tokens")
                                              + (("exemplars", "attributions") if corpus else ())) + ")"),
-            "exports": cfg.exports, "site_url": site_url(cfg), "year": str(meta["created_at"])[:4]}
+            "exports": cfg.exports and cfg.exports_inside, "site_url": site_url(cfg), "year": str(meta["created_at"])[:4]}
 
 
 @contextmanager

@@ -4,9 +4,10 @@ A block is up to ``BLOCK`` neurons of one layer: every table is read for the blo
 query, so memory is bounded at any model size and the database does the scanning. Page
 and JSON are made from the same fetch of the same rows:
 
-- the JSON is each contract table's rows for the neuron, serialised by DuckDB itself
-  (``to_json``), floats as their shortest float32 decimal; DuckDB writes it in C++, which
-  at half a million neurons is the difference between minutes and seconds;
+- the JSON is each contract table's rows for the neuron in the compact layout of
+  ``neuron_json`` (columns, token text once, four significant digits), serialised by DuckDB
+  itself (``to_json``) in C++, which at half a million neurons is the difference between
+  minutes and seconds;
 - the page is the jinja template ``neuron.html`` filled from the same rows, with the dense
   repeated parts (logit rows, exemplar strips, neighbours) joined in Python: a template
   loop costs about five times as much per row, and there are ~200 such rows on a page.
@@ -26,6 +27,7 @@ from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
 from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_vocab
+from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, tokens_sql
 from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
@@ -58,39 +60,6 @@ def neighbour_rows(rows: list[tuple]) -> Markup:
 
 
 # -- what every page of a site shares ----------------------------------------------------
-def json_sql(con, table: str, order: str) -> str:
-    """A query for ``table``'s rows of one block as one JSON array per neuron, in ``order``.
-
-    Floats are their shortest float32 decimal (``0.1``, not the float64 widening
-    ``0.10000000149011612``); NaN and infinities, which JSON cannot carry, become null.
-    The layer and neuron columns are left out of the rows: the JSON says them once.
-    """
-    fields = []
-    for name, dtype, *_ in con.execute(f"DESCRIBE {table}").fetchall():
-        if name in ("layer", "neuron"):
-            continue
-        fields.append(f'"{name}" := {_shortest(name, dtype)}')
-    return (f"SELECT neuron, to_json(list(struct_pack({', '.join(fields)}) ORDER BY {order})) FROM {table} "
-            "WHERE layer = ? AND neuron >= ? AND neuron < ? GROUP BY neuron")
-
-
-def neurons_sql(con) -> str:
-    """The neurons rows of one block, each also as a JSON object, floats as in ``json_sql``."""
-    cols = ", ".join(f'{_shortest(name, dtype)} AS "{name}"'
-                     for name, dtype, *_ in con.execute("DESCRIBE neurons").fetchall())
-    return (f"SELECT t.*, to_json(t) FROM (SELECT {cols} FROM neurons WHERE layer = ? AND neuron >= ? "
-            "AND neuron < ?) t ORDER BY neuron")
-
-
-def _shortest(name: str, dtype: str) -> str:
-    finite = "CASE WHEN isfinite({0}) THEN CAST(CAST({0} AS VARCHAR) AS DOUBLE) END"
-    if dtype in ("FLOAT", "DOUBLE"):
-        return finite.format(f'"{name}"')
-    if dtype.startswith(("FLOAT[", "DOUBLE[")):
-        return f'[{finite.format("a")} FOR a IN "{name}"]'
-    return f'"{name}"'
-
-
 def bibtex(site: dict, layer: int, neuron: int, url: str) -> str:
     """A BibTeX entry for one neuron page; ``site`` holds the model id, weights hash, versions, year."""
     return (f"@misc{{{bibtex_key(site['model_id'], layer, neuron)},\n"
@@ -126,7 +95,8 @@ def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, s
               or (t == "clamp_effects" and has_clamp)]
     common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
               "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
-              "sql": {"neurons": neurons_sql(con), "json": {t: json_sql(con, t, JSON_TABLES[t]) for t in tables}},
+              "sql": {"neurons": neurons_sql(con), "json": {t: table_sql(con, t, JSON_TABLES[t]) for t in tables},
+                      "tokens": tokens_sql(con, tables)},
               "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp}
     return [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
             for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
@@ -150,6 +120,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     for n, side, polarity, token, logit in zip(*(cols[c].tolist() for c in ("neuron", "side", "polarity", "token", "logit"))):
         decoded.setdefault(n, {}).setdefault(side, {"top": [], "bottom": []})[polarity].append((token, logit))
     rows_json = {table: dict(con.execute(sql, args).fetchall()) for table, sql in job["sql"]["json"].items()}
+    tokens_json = dict(con.execute(job["sql"]["tokens"], args).fetchall()) if job["sql"]["tokens"] else {}
 
     corpus: dict[int, dict] = {}
     if job["has_corpus"]:
@@ -176,7 +147,8 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     page_globals = _worker["globals"]
     out_dir = os.path.join(job["site"], "neurons", str(layer))
     os.makedirs(out_dir, exist_ok=True)
-    head = f'{{"schema_version":{job["schema_version"]},"model":{job["model_json"]},"layer":{layer},'
+    head = (f'{{"format":{FORMAT},"schema_version":{job["schema_version"]},"model":{job["model_json"]},'
+            f'"layer":{layer},')
     page_bytes = json_bytes = 0
     for row, row_json in neurons:
         n = row["neuron"]
@@ -196,8 +168,10 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
             corpus_data=NS(**corpus[n]) if n in corpus else None,
             cluster_data=NS(**clustering[n]) if n in clustering else None, clamp_data=clamping.get(n))
         parts = [head, f'"neuron":{n},"neurons":{row_json}']
+        if job["sql"]["tokens"]:
+            parts.append(f',"tokens":{tokens_json.get(n, "{}")}')
         for table, by_neuron in rows_json.items():
-            parts.append(f',"{table}":{by_neuron.get(n, "[]")}')
+            parts.append(f',"{table}":{by_neuron.get(n, "{}")}')
         if job["has_clusters"] and n in clustering:
             parts.append(f',"clusters":[{clustering[n]["json"]}]')
         data = html_safe_json("".join(parts) + "}") + "\n"

@@ -25,7 +25,7 @@ from atlas.resources import MKDOCS_YML, ROOT, TEMPLATES
 from atlas.site import clusters
 from atlas.site.clamp_sections import has_clamp
 from atlas.site.corpus_sections import has_corpus
-from atlas.site.exports import write_exports
+from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
 from atlas.site.neuron_pages import block_jobs
 from atlas.site.search_page import write_search_site
@@ -37,6 +37,7 @@ from atlas.stages.contract import stale_stages
 from atlas.store import finished_stage, Store, without_timings
 
 SITE_MARKER = "atlas-site.json"
+EXPORTS_DIR = "exports"
 PAGES_PER_WORKER = 2000     # fewest pages per worker process that repay its start-up
 
 
@@ -57,12 +58,35 @@ def _prepare(site_dir: Path) -> tuple[Path, Path]:
     return building, old
 
 
+def exports_beside(site_dir: Path) -> Path:
+    """Where the exports go by default: ``exports/`` beside the site (``DIR/exports`` for ``DIR/site``),
+    so they are published as a release or a dataset and do not count against the host's size limit.
+
+    A folder of that name that holds anything but an earlier export is refused, never replaced.
+    """
+    target = site_dir.with_name(EXPORTS_DIR)
+    if target.exists() and any(target.iterdir()) and not (target / STORE_FILE).is_file():
+        raise AtlasError(f"{target} exists and is not an atlas export; move it, or render with "
+                         "--exports-inside or --no-exports")
+    return target
+
+
 def _swap(building: Path, old: Path, site_dir: Path) -> None:
     if site_dir.exists():
         site_dir.rename(old)
         faults.point("render", "old site moved aside")
     building.rename(site_dir)
     faults.point("render", "new site in place")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Put the freshly written exports at ``target``, moving an earlier export aside first."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -128,13 +152,17 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
 
         exports = building.with_name(f".{site_dir.name}.exports")     # mkdocs empties the site dir it builds
         shutil.rmtree(exports, ignore_errors=True)
+        beside = exports_beside(site_dir) if cfg.exports and not cfg.exports_inside else None
         try:
             downloads = write_exports(store.con, store_path, exports) if cfg.exports else []
+            for d in downloads:
+                d["href"] = (cfg.exports_url.rstrip("/") + "/" + d["file"] if cfg.exports_url
+                             else f"exports/{d['file']}" if cfg.exports_inside else None)
             exports_s = time.perf_counter() - start
             palette = build_frame(store, meta, layer_sizes, building, site_name, cfg, downloads)
             faults.point("render", "frame built")
-            if cfg.exports:
-                exports.rename(building / "exports")
+            if cfg.exports and cfg.exports_inside:
+                exports.rename(building / EXPORTS_DIR)
             frame_s = time.perf_counter() - start - exports_s
             page = {"site": page_site(meta, store, site_name, theme_assets(building), palette, cfg),
                     "root": "../../../"}
@@ -158,6 +186,8 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             shutil.rmtree(exports, ignore_errors=True)
             raise
     _swap(building, old, site_dir)
+    if beside is not None:
+        _replace(exports, beside)
     n = sum(layer_sizes)
     return {"site_dir": str(site_dir), "neurons": n, "layers": len(layer_sizes),
             "seconds": round(time.perf_counter() - start, 3), "frame_seconds": round(frame_s, 3),

@@ -18,6 +18,7 @@ from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
+from atlas.site.neuron_json import FORMAT, table_rows
 from atlas.store import Store
 from atlas.bench.synthetic import make_synthetic_store
 from helpers import parse, resolve
@@ -62,25 +63,27 @@ def test_json_equals_the_store_rows(site, store_path):
             for n in range(D_MLP):
                 data = json.loads((site / "neurons" / str(layer) / f"{n}.json").read_text())
                 assert (data["layer"], data["neuron"], data["schema_version"]) == (layer, n, SCHEMA_VERSION)
+                assert data["format"] == FORMAT
                 cur = con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, n])
                 row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
                 assert set(data["neurons"]) == set(row)
                 for key, value in row.items():
-                    if isinstance(value, float):
-                        assert np.float32(data["neurons"][key]) == np.float32(value), key
+                    if isinstance(value, float):        # 3 significant digits (neuron_json.FLOAT_DIGITS)
+                        assert data["neurons"][key] == pytest.approx(value, rel=5.1e-3), key
                     else:
                         assert data["neurons"][key] == value, key
                 cur = con.execute("SELECT * EXCLUDE (layer, neuron) FROM decoded_tokens WHERE layer = ? AND neuron = ? "
                                   "ORDER BY side, polarity, rank", [layer, n])
                 names = [d[0] for d in cur.description]
                 rows = [dict(zip(names, r)) for r in cur.fetchall()]
-                assert len(data["decoded_tokens"]) == len(rows) == 3 * (20 + 10)
-                for got, want in zip(data["decoded_tokens"], rows):
+                got_rows = table_rows(data, "decoded_tokens")
+                assert len(got_rows) == len(rows) == 3 * (20 + 10)
+                for got, want in zip(got_rows, rows):
                     assert set(got) == set(names)          # the table's columns, less layer and neuron
                     assert {k: got[k] for k in names if k not in ("logit", "prob")} == \
                            {k: want[k] for k in names if k not in ("logit", "prob")}
-                    assert np.float32(got["logit"]) == np.float32(want["logit"])
-                    assert np.float32(got["prob"]) == np.float32(want["prob"])
+                    assert got["logit"] == pytest.approx(want["logit"], rel=5.1e-3)
+                    assert got["prob"] == pytest.approx(want["prob"], rel=5.1e-3)
     finally:
         con.close()
 
@@ -107,7 +110,7 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
     data = json.loads((site / "neurons/0/0.json").read_text())
     assert data["neurons"]["label"] == SCRIPT      # the JSON escapes `<` yet decodes to the original
-    assert IMG in {r["token"] for r in data["decoded_tokens"]}
+    assert IMG in {r["token"] for r in table_rows(data, "decoded_tokens")}
 
 
 def test_links_resolve_to_existing_files(site):
@@ -145,7 +148,7 @@ def test_rendering_twice_gives_identical_bytes(site, store_path, tmp_path, monke
     assert tree(again) == tree(site)
     render(store_path, again, RenderConfig(workers=1), progress=False)     # in place, over the old one
     assert tree(again) == tree(site)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]         # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "exports"]   # no temporary left behind
 
 
 def test_site_url_makes_permanent_urls_absolute(store_path, tmp_path):
@@ -227,7 +230,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
     if chromium is None:
         pytest.skip("Debian's `chromium` is not installed (apt-get install chromium)")
     data = json.loads((site / "neurons/0/0.json").read_text())
-    plain = [show_token(r["token"]) for r in data["decoded_tokens"] if r["token"].strip().isalpha()]
+    plain = [show_token(r["token"]) for r in table_rows(data, "decoded_tokens") if r["token"].strip().isalpha()]
     for page, title in (("neurons/0/0/index.html", "L0/N0"), ("layers/0/index.html", "Layer 0")):
         dom = subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

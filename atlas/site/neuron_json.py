@@ -1,0 +1,119 @@
+"""The per-neuron JSON file (``neurons/<layer>/<neuron>.json``): compact, complete, versioned.
+
+A site holds one such file per neuron, so its bytes are the site's bytes. The layout
+(``FORMAT``, documented on the method page) is derived from the store's schema, not
+written per table, so a table added to ``schema.JSON_TABLES`` is compacted the same way
+with no code of its own:
+
+- each table is one object of columns, ``{"rank": [0, 1, ...], "logit": [...]}``, in the
+  table's row order, instead of a list of row objects that repeat every key; a table whose
+  key order (``JSON_TABLES``) starts with text columns is nested by them first, so that
+  ``side`` and ``polarity`` are written once: ``{"out": {"top": {"rank": [...], ...}}}``;
+- a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
+  every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
+- floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
+  three), and the values of a float array are rounded to one step, ``FLOAT_DIGITS``
+  significant digits of the array's largest magnitude; NaN and infinities are null;
+- ``layer`` and ``neuron`` are said once, at the top.
+
+DuckDB writes each of these objects in C++ (``to_json``), a block of neurons per query.
+``table_rows`` turns a loaded file back into the store's rows, for readers and tests.
+"""
+
+from __future__ import annotations
+
+from atlas.schema import JSON_TABLES
+
+FORMAT = 2              # 1: row objects with float32-exact floats (before the site budgets)
+FLOAT_DIGITS = 3
+_FLOATS = ("FLOAT", "DOUBLE")
+_BLOCK = "WHERE layer = $1 AND neuron >= $2 AND neuron < $3"
+
+
+def _columns(con, table: str) -> list[tuple[str, str]]:
+    return [(name, dtype) for name, dtype, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
+
+
+def has_token_text(columns: list[tuple[str, str]]) -> bool:
+    names = {name for name, _ in columns}
+    return {"token_id", "token"} <= names
+
+
+def compact(name: str, dtype: str) -> str:
+    """SQL for column ``name`` with its floats cut to the digits that carry meaning (module doc)."""
+    rounded = f"CASE WHEN isfinite({{0}}) THEN CAST(printf('%.{FLOAT_DIGITS}g', {{0}}) AS DOUBLE) END"
+    if dtype in _FLOATS:
+        return rounded.format(f'"{name}"')
+    if dtype.startswith(tuple(f"{t}[" for t in _FLOATS)):
+        # An array (an exemplar's window of activations) is one measurement: its values are
+        # rounded to the same step, FLOAT_DIGITS significant digits of its largest magnitude,
+        # so that values near zero do not spend digits on noise.
+        top = f'list_max([abs(a) FOR a IN "{name}" IF isfinite(a)])'
+        step = f"(CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {FLOAT_DIGITS - 1})"
+        return (f'[CASE WHEN isfinite(a) THEN round(CAST(a AS DOUBLE), -{step}) + 0.0 END FOR a IN "{name}"]')
+    return f'"{name}"'
+
+
+def table_sql(con, table: str, order: str) -> str:
+    """A query for ``table``'s rows of one block, one JSON object per neuron (see the module doc).
+
+    Its parameters are ``$1`` layer, ``$2`` first neuron, ``$3`` end of the block.
+    """
+    columns = _columns(con, table)
+    types = dict(columns)
+    keys = [k.strip() for k in order.split(",")]
+    # The leading text keys of the order nest the table: {"out": {"top": {columns}}}.
+    levels = []
+    for key in keys:
+        if types.get(key) != "VARCHAR":
+            break
+        levels.append(key)
+    rest = ", ".join(keys[len(levels):]) or "1"
+    drop = {"layer", "neuron", *levels} | ({"token"} if has_token_text(columns) else set())
+    fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
+    query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "
+             f"FROM {table} {_BLOCK} GROUP BY ALL")
+    for depth in range(len(levels) - 1, -1, -1):
+        outer = "".join(f"{k}, " for k in levels[:depth])
+        query = (f"SELECT neuron, {outer}map_from_entries(list({{'k': {levels[depth]}, 'v': v}} "
+                 f"ORDER BY {levels[depth]})) AS v FROM ({query}) GROUP BY ALL")
+    return f"SELECT neuron, to_json(v) FROM ({query})"
+
+
+def tokens_sql(con, tables: list[str]) -> str | None:
+    """A query for the text of every token that ``tables`` mention, one JSON object per neuron."""
+    sources = [f"SELECT neuron, token_id, token FROM {t} {_BLOCK}" for t in tables if has_token_text(_columns(con, t))]
+    if not sources:
+        return None
+    return ("SELECT neuron, to_json(map_from_entries(list(struct_pack(k := CAST(token_id AS VARCHAR), v := token) "
+            f"ORDER BY token_id))) FROM (SELECT DISTINCT * FROM ({' UNION ALL '.join(sources)})) GROUP BY neuron")
+
+
+def neurons_sql(con) -> str:
+    """The neurons rows of one block as the store holds them (for the page), each followed by
+    the same row as one compact JSON object (for the file)."""
+    cols = ", ".join(f'"{name}" := {compact(name, dtype)}' for name, dtype in _columns(con, "neurons"))
+    return f"SELECT *, to_json(struct_pack({cols})) FROM neurons {_BLOCK} ORDER BY neuron"
+
+
+def table_rows(data: dict, table: str) -> list[dict]:
+    """``table``'s rows from a loaded neuron JSON file, as the store holds them (less layer and
+    neuron, floats as written), in key order; token text is put back from ``"tokens"``."""
+    keys = [k.strip() for k in JSON_TABLES[table].split(",")]
+    rows: list[dict] = []
+
+    def walk(node: dict, path: dict, depth: int) -> None:
+        if node and all(isinstance(v, dict) for v in node.values()):
+            for value, child in node.items():
+                walk(child, {**path, keys[depth]: value}, depth + 1)
+            return
+        n = len(next(iter(node.values()))) if node else 0
+        rows.extend({**path, **{name: col[i] for name, col in node.items()}} for i in range(n))
+
+    walk(data.get(table) or {}, {}, 0)
+    tokens = data.get("tokens")
+    if tokens is not None:
+        for row in rows:
+            if "token_id" in row:
+                row["token"] = tokens.get(str(row["token_id"]))
+    return rows
