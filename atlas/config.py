@@ -163,9 +163,6 @@ class RenderConfig:
         "help": "top `out` tokens listed per neuron on the layer pages"})
     search_postings: int = field(default=100, metadata={
         "help": "strongest neurons kept per word in the concept-search index"})
-    pagefind_max_neurons: int = field(default=100_000, metadata={
-        "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
-                "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})
     exports: bool = field(default=True, metadata={
         "help": "write exports/ beside the site (DIR/exports): a copy of atlas.duckdb and a Parquet file per "
                 "table, to publish as a release or a dataset; the home page lists them"})

@@ -252,13 +252,11 @@ def watch_errors(page):
     return page
 
 
-def search_page(browser, base: str, query: str, fulltext: bool = False):
+def search_page(browser, base: str, query: str):
     """Open search/?q=query and wait for the results; returns the page, whose .errors lists console errors."""
     page = watch_errors(browser.new_page())
     page.goto(base + "search/?q=" + urllib.parse.quote(query))
     page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=60_000)
-    if fulltext:
-        page.wait_for_selector("#atlas-fulltext-status[data-state=done]", timeout=60_000)
     return page
 
 

@@ -30,7 +30,7 @@ QUICK_S = 2.0
 VOCAB, POSITIONS = 64, 64
 HOSTILE_URL = 'https://ex.org/a"onerror="window.__pwned=1"x="/'
 BUILD = ["--context", 16, "--batch-size", 4, "--k", 5, "--attribution-rows", 8, "--top-k", 5, "--bottom-k", 3,
-         "--clamp-budget", 0, "--no-exports", "--pagefind-max-neurons", 0, "--quiet"]
+         "--clamp-budget", 0, "--no-exports", "--quiet"]
 
 
 def atlas(*args, timeout: float = 300):
@@ -288,7 +288,7 @@ def test_exports_leave_the_stage_timings_out(tmp_path):
             (value,) = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.decode'").fetchone()
             record = dict(json.loads(value), seconds=seconds, load_s=seconds / 3)
             con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'stage.decode'", [json.dumps(record, sort_keys=True)])
-        proc = atlas("render", out, "--pagefind-max-neurons", 0, "--quiet")
+        proc = atlas("render", out, "--quiet")
         assert proc.returncode == 0, proc.stderr
         exports = out / "exports"        # beside the site
         trees.append({p.name: p.read_bytes() for p in exports.glob("*.parquet")})

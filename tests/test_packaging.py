@@ -65,7 +65,7 @@ from atlas.bench.synthetic import make_synthetic_store
 assert r.__file__.startswith(sys.argv[1]), r.__file__          # the installed copy, not the checkout
 assert r.TEMPLATES.is_relative_to(sys.argv[1]), r.TEMPLATES
 store = make_synthetic_store("atlas.duckdb", 2, 16, vocab_size=256, corpus=True, clamp=True)
-print(render(store, "site", RenderConfig(workers=1, pagefind_max_neurons=0), progress=False)["neurons"])
+print(render(store, "site", RenderConfig(workers=1), progress=False)["neurons"])
 """
     env = {**os.environ, "PYTHONPATH": str(target)}
     done = subprocess.run([sys.executable, "-c", script, str(target)], cwd=tmp_path, env=env,

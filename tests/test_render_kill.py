@@ -29,7 +29,7 @@ from helpers import FAULT_COUNTS
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 SEED = int(os.environ.get("ATLAS_FAULT_SEED", "0"))
-RENDER = ["--workers", "2", "--pagefind-max-neurons", "0", "--no-exports", "--quiet"]
+RENDER = ["--workers", "2", "--no-exports", "--quiet"]
 SURVIVAL_S = 5.0            # the longest any process may outlive the killed parent
 
 # (signal, moment): a fault point's name in ATLAS_FAULT, or "random" after the workers started.

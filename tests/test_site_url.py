@@ -48,7 +48,7 @@ def sites(tmp_path_factory):
     for i, url in enumerate(HOSTILE_URLS):
         with pytest.raises(AtlasError, match="--site-url"):
             RenderConfig(site_url=url).validate()
-        cfg = UncheckedURL(site_url=url, exports=False, pagefind_max_neurons=0)
+        cfg = UncheckedURL(site_url=url, exports=False)
         render(store, root / f"site{i}", cfg, progress=False)
         out[url] = root / f"site{i}"
     return out

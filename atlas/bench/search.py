@@ -1,13 +1,12 @@
 """Search at scale, measured: index build time and the bytes one query downloads.
 
-    python -m atlas.search_bench STORE OUT [--pagefind] [--browser]
+    python -m atlas.bench.search STORE OUT [--browser]
 
-Writes the search part of a site (page, concept index and, with ``--pagefind``, the
-full-text bundle) for the store into OUT without rendering neuron pages, so a
+Writes the search part of a site (page and concept index) for the store into OUT without rendering neuron pages, so a
 458,752-neuron synthetic store can be measured in minutes. Bytes per query are counted
 from the files a query fetches (index meta plus one shard per word); with ``--browser``
 headless Chromium loads ``search/?q=...`` in a fresh context per query and every response
-body is counted, pagefind's included.
+body is counted.
 """
 
 from __future__ import annotations
@@ -67,12 +66,9 @@ def browser_bytes(site: Path, queries: list[str], chromium: str = "/usr/bin/chro
                 page.on("requestfinished", lambda r: sizes.__setitem__(r.url, r.sizes()["responseBodySize"]))
                 page.goto(base + "?q=" + q)
                 page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=120_000)
-                if page.locator("#atlas-fulltext-status").count():
-                    page.wait_for_selector("#atlas-fulltext-status[data-state=done]", timeout=120_000)
                 page.wait_for_load_state("networkidle")
                 concept = sum(v for k, v in sizes.items() if "/search/" in k)
                 out.append({"query": q, "bytes": sum(sizes.values()), "concept_bytes": concept,
-                            "pagefind_bytes": sum(v for k, v in sizes.items() if "/pagefind/" in k),
                             "requests": len(sizes), "hits": int(page.get_attribute("#atlas-search-results",
                                                                                    "data-hits") or 0)})
                 context.close()
@@ -88,7 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("out", type=Path, help="directory to write the search part of a site into")
     ap.add_argument("--postings", type=int, default=100)
     ap.add_argument("--queries", type=int, default=1000, help="random vocabulary tokens queried")
-    ap.add_argument("--pagefind", action="store_true", help="also build and measure pagefind's index")
     ap.add_argument("--browser", action="store_true", help="also measure in headless Chromium")
     args = ap.parse_args(argv)
 
@@ -105,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     with Store(args.store, read_only=True, memory_mb=RenderConfig().memory_mb) as store:
         n = store.count("neurons")
         start = time.perf_counter()
-        info = write_search_site(store.con, environment(), args.out, page_site, n, TEMPLATES, args.postings,
-                                 n if args.pagefind else 0)
+        info = write_search_site(store.con, environment(), args.out, page_site, n, TEMPLATES, args.postings)
         info["seconds"] = round(time.perf_counter() - start, 1)
         queries = sample_queries(store.con, args.queries)
     idx = args.out / INDEX_DIR

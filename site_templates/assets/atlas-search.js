@@ -1,5 +1,5 @@
 // The search page: concept search over the sharded token index in idx/, and full-text
-// search over labels and tokens with pagefind where the site has a pagefind index.
+// (full-text search with pagefind was removed with the site budgets: see the README).
 // normalise, queryTerms, shardOf and rank are twins of those in atlas/site/search.py: the
 // command line and this page must give the same ranking. Every string from the index is
 // untrusted (token text, labels) and reaches the page through textContent only.
@@ -167,47 +167,9 @@
     });
   }
 
-  // Full text with pagefind: its excerpts are HTML with <mark>; they are parsed into an
-  // inert document and only their text is shown.
-  function fullText(query) {
-    var fstatus = document.getElementById("atlas-fulltext-status");
-    var flist = document.getElementById("atlas-fulltext-results");
-    if (!fstatus || !query.trim()) return Promise.resolve();
-    var root = new URL("../", window.location.href);
-    fstatus.textContent = "searching\u2026";
-    return import(new URL("pagefind/pagefind.js", root).href).then(function (pagefind) {
-      return pagefind.options({ baseUrl: root.pathname }).then(function () {
-        return pagefind.search(query);
-      }).then(function (search) {
-        return Promise.all(search.results.slice(0, 10).map(function (r) { return r.data(); }))
-          .then(function (pages) {
-            var parser = new DOMParser();
-            flist.textContent = "";
-            pages.forEach(function (d) {
-              var li = el("li");
-              var a = el("a", "atlas-search-neuron", d.meta && d.meta.title ? d.meta.title : d.url);
-              a.href = d.url;
-              li.appendChild(a);
-              var text = parser.parseFromString(d.excerpt || "", "text/html").body.textContent;
-              li.appendChild(el("span", "atlas-search-evidence", text));
-              flist.appendChild(li);
-            });
-            fstatus.textContent = search.results.length.toLocaleString("en") + " pages match" +
-              (search.results.length > 10 ? "; showing the first 10." : ".");
-            flist.setAttribute("data-hits", String(search.results.length));
-            fstatus.setAttribute("data-state", "done");
-          });
-      });
-    }).catch(function (err) {
-      fstatus.textContent = "full-text search failed: " + err.message;
-      fstatus.setAttribute("data-state", "error");
-    });
-  }
-
   var query = new URLSearchParams(window.location.search).get("q") || "";
   input.value = query;
   conceptSearch(query);
-  fullText(query);
   window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
                          schema: SCHEMA, pageSchema: data.schema };
 })();

@@ -186,13 +186,12 @@ def test_exemplar_tokens_are_matched(tiny_model_dir, tmp_path):
     b = Build(out, str(tiny_model_dir("llama")), progress=False)
     b.decode(DecodeConfig(top_k=3, bottom_k=2))
     b.exemplars(ExemplarConfig(corpus=str(corpus), context=16, batch_size=4, k=5, attribution_rows=0))
-    b.render(RenderConfig(workers=1, pagefind_max_neurons=0))
+    b.render(RenderConfig(workers=1))
     expected = brute_force(out / "atlas.duckdb", with_exemplars=True)
     result = search(out, "Dog", limit=1000)
     assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in result["hits"]] == expected["dog"][:100]
     assert any(m["source"].startswith("exemplar") for h in result["hits"] for m in h["matches"])
-    assert not (out / "site" / "pagefind").exists()   # pagefind_max_neurons=0 leaves full text out
-    assert 'id="fulltext"' not in (out / "site" / "search" / "index.html").read_text()
+    assert not (out / "site" / "pagefind").exists()   # no full-text index: one file per neuron
 
 
 def test_cli_prints_the_same_ranking(site):
