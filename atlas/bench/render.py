@@ -22,6 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from atlas.errors import AtlasError
+from atlas.publish.hosts import scan
 
 
 def parse_shape(shape: str) -> tuple[int, int]:
@@ -114,6 +115,8 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
                 results = list(pool.map(_write_block, jobs))
         # Each process timed its own writes; with the same processes sharing the work, the
         # bound's wall time is their sum over the number of processes.
+        # What the site holds, as a host counts it (exports are written beside it, not in it).
+        site_stats = scan(site)
         bound_s = sum(r[0] for r in results) / bound_workers
         bound_cpu_s = sum(r[1] for r in results)
         total_bytes = sum(r[2] for r in results)
@@ -135,6 +138,10 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
         "bytes": total_bytes, "avg_page_bytes": r["avg_page_bytes"],
         "avg_json_bytes": r["avg_json_bytes"], "peak_rss_mb": r["peak_rss_mb"],
         "peak_rss_worker_mb": r["peak_rss_worker_mb"], "clusters": clusters,
+        "site_bytes": site_stats["bytes"], "site_files": site_stats["files"],
+        "bytes_per_neuron": site_stats["bytes"] / n, "files_per_neuron": site_stats["files"] / n,
+        "fullest_folder": site_stats["fullest_folder"], "fullest_entries": site_stats["fullest_entries"],
+        "largest_file": site_stats["largest_file"], "largest_bytes": site_stats["largest_bytes"],
     }
 
 
@@ -152,6 +159,10 @@ def print_render_table(r: dict) -> None:
         ("machine", f"load average {r['load_average']:.1f} at the end (other work shares the CPUs)"),
         ("bytes", f"{r['bytes'] / 2**30:,.2f} GiB; page {r['avg_page_bytes']:,} B, JSON {r['avg_json_bytes']:,} B "
                   "on average (plus shared assets)"),
+        ("site", f"{r['site_bytes'] / 1e9:,.2f} GB in {r['site_files']:,} files: {r['bytes_per_neuron'] / 1000:,.1f} KB "
+                 f"and {r['files_per_neuron']:.3f} files per neuron, everything included"),
+        ("largest folder", f"{r['fullest_folder']}/ ({r['fullest_entries']:,} entries)"),
+        ("largest file", f"{r['largest_file']} ({r['largest_bytes'] / 2**20:,.2f} MiB)"),
         ("peak memory", f"{r['peak_rss_mb']:,.0f} MiB main process, {r['peak_rss_worker_mb']:,.0f} MiB largest worker"),
     ]
     width = max(len(k) for k, _ in rows)

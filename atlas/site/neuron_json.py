@@ -12,7 +12,7 @@ with no code of its own:
 - a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
   every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
 - floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
-  three), and the values of a float array are rounded to one step, ``FLOAT_DIGITS``
+  three), and the values of a float array are rounded to one step, ``ARRAY_DIGITS``
   significant digits of the array's largest magnitude; NaN and infinities are null;
 - ``layer`` and ``neuron`` are said once, at the top.
 
@@ -26,6 +26,7 @@ from atlas.schema import JSON_TABLES
 
 FORMAT = 2              # 1: row objects with float32-exact floats (before the site budgets)
 FLOAT_DIGITS = 3
+ARRAY_DIGITS = 2        # a window of activations is drawn in fifths of the normaliser on the page
 _FLOATS = ("FLOAT", "DOUBLE")
 _BLOCK = "WHERE layer = $1 AND neuron >= $2 AND neuron < $3"
 
@@ -46,10 +47,10 @@ def compact(name: str, dtype: str) -> str:
         return rounded.format(f'"{name}"')
     if dtype.startswith(tuple(f"{t}[" for t in _FLOATS)):
         # An array (an exemplar's window of activations) is one measurement: its values are
-        # rounded to the same step, FLOAT_DIGITS significant digits of its largest magnitude,
+        # rounded to the same step, ARRAY_DIGITS significant digits of its largest magnitude,
         # so that values near zero do not spend digits on noise.
         top = f'list_max([abs(a) FOR a IN "{name}" IF isfinite(a)])'
-        step = f"(CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {FLOAT_DIGITS - 1})"
+        step = f"(CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {ARRAY_DIGITS - 1})"
         return (f'[CASE WHEN isfinite(a) THEN round(CAST(a AS DOUBLE), -{step}) + 0.0 END FOR a IN "{name}"]')
     return f'"{name}"'
 
