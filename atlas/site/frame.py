@@ -143,6 +143,9 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
                     mk.plugins.on_shutdown()
         finally:
             mk_logger.setLevel(level)
+    # The theme ships lunr's search scripts (34 files, about 1 MB) even with its search plugin
+    # off; no page loads them, and on a host that counts files they are pure cost.
+    shutil.rmtree(site / "assets" / "javascripts" / "lunr", ignore_errors=True)
     table = env.get_template("partials/layer_table.html")
     for layer in range(len(layer_sizes)):
         page = site / "layers" / str(layer) / "index.html"
