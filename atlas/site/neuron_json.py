@@ -8,7 +8,8 @@ with no code of its own:
 - each table is one object of columns, ``{"rank": [0, 1, ...], "logit": [...]}``, in the
   table's row order, instead of a list of row objects that repeat every key; a table whose
   key order (``JSON_TABLES``) starts with text columns is nested by them first, so that
-  ``side`` and ``polarity`` are written once: ``{"out": {"top": {"rank": [...], ...}}}``;
+  ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token_id": [...], ...}}}``;
+  a key order that ends in ``rank`` leaves the rank out, as the rows' place in their group;
 - a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
   every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
 - floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
@@ -26,6 +27,7 @@ from atlas.schema import JSON_TABLES
 
 FORMAT = 2              # 1: row objects with float32-exact floats (before the site budgets)
 FLOAT_DIGITS = 3
+POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
 ARRAY_DIGITS = 2        # a window of activations is drawn in fifths of the normaliser on the page
 _FLOATS = ("FLOAT", "DOUBLE")
 _BLOCK = "WHERE layer = $1 AND neuron >= $2 AND neuron < $3"
@@ -71,6 +73,8 @@ def table_sql(con, table: str, order: str) -> str:
         levels.append(key)
     rest = ", ".join(keys[len(levels):]) or "1"
     drop = {"layer", "neuron", *levels} | ({"token"} if has_token_text(columns) else set())
+    if keys[-1] == POSITION:        # a rank is the row's place in its group: 0, 1, 2, ...
+        drop.add(POSITION)
     fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
     query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "
              f"FROM {table} {_BLOCK} GROUP BY ALL")
@@ -109,7 +113,9 @@ def table_rows(data: dict, table: str) -> list[dict]:
                 walk(child, {**path, keys[depth]: value}, depth + 1)
             return
         n = len(next(iter(node.values()))) if node else 0
-        rows.extend({**path, **{name: col[i] for name, col in node.items()}} for i in range(n))
+        implied = {POSITION: None} if keys[-1] == POSITION and POSITION not in node else {}
+        rows.extend({**path, **{k: i for k in implied}, **{name: col[i] for name, col in node.items()}}
+                    for i in range(n))
 
     walk(data.get(table) or {}, {}, 0)
     tokens = data.get("tokens")
