@@ -42,18 +42,29 @@ def has_token_text(columns: list[tuple[str, str]]) -> bool:
     return {"token_id", "token"} <= names
 
 
+def _is_array(dtype: str) -> bool:
+    return dtype.startswith(tuple(f"{t}[" for t in _FLOATS))
+
+
+def array_step(name: str) -> str:
+    """SQL for the decimal exponent an array's values are rounded to (one per row, see ``compact``)."""
+    top = f'list_max([abs(a) FOR a IN "{name}" IF isfinite(a)])'
+    return f"CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {ARRAY_DIGITS - 1}"
+
+
 def compact(name: str, dtype: str) -> str:
-    """SQL for column ``name`` with its floats cut to the digits that carry meaning (module doc)."""
+    """SQL for column ``name`` with its floats cut to the digits that carry meaning (module doc).
+
+    An array column needs its row's ``array_step`` as column ``"__step_<name>"``.
+    """
     rounded = f"CASE WHEN isfinite({{0}}) THEN CAST(printf('%.{FLOAT_DIGITS}g', {{0}}) AS DOUBLE) END"
     if dtype in _FLOATS:
         return rounded.format(f'"{name}"')
-    if dtype.startswith(tuple(f"{t}[" for t in _FLOATS)):
+    if _is_array(dtype):
         # An array (an exemplar's window of activations) is one measurement: its values are
         # rounded to the same step, ARRAY_DIGITS significant digits of its largest magnitude,
         # so that values near zero do not spend digits on noise.
-        top = f'list_max([abs(a) FOR a IN "{name}" IF isfinite(a)])'
-        step = f"(CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {ARRAY_DIGITS - 1})"
-        return (f'[CASE WHEN isfinite(a) THEN round(CAST(a AS DOUBLE), -{step}) + 0.0 END FOR a IN "{name}"]')
+        return f'[CASE WHEN isfinite(a) THEN round(CAST(a AS DOUBLE), -"__step_{name}") + 0.0 END FOR a IN "{name}"]'
     return f'"{name}"'
 
 
@@ -76,8 +87,9 @@ def table_sql(con, table: str, order: str) -> str:
     if keys[-1] == POSITION:        # a rank is the row's place in its group: 0, 1, 2, ...
         drop.add(POSITION)
     fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
+    steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
     query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "
-             f"FROM {table} {_BLOCK} GROUP BY ALL")
+             f"FROM (SELECT *{steps} FROM {table} {_BLOCK}) GROUP BY ALL")
     for depth in range(len(levels) - 1, -1, -1):
         outer = "".join(f"{k}, " for k in levels[:depth])
         query = (f"SELECT neuron, {outer}map_from_entries(list({{'k': {levels[depth]}, 'v': v}} "
@@ -97,8 +109,12 @@ def tokens_sql(con, tables: list[str]) -> str | None:
 def neurons_sql(con) -> str:
     """The neurons rows of one block as the store holds them (for the page), each followed by
     the same row as one compact JSON object (for the file)."""
-    cols = ", ".join(f'"{name}" := {compact(name, dtype)}' for name, dtype in _columns(con, "neurons"))
-    return f"SELECT *, to_json(struct_pack({cols})) FROM neurons {_BLOCK} ORDER BY neuron"
+    columns = _columns(con, "neurons")
+    cols = ", ".join(f'"{name}" := {compact(name, dtype)}' for name, dtype in columns)
+    steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
+    plain = ", ".join(f'"{name}"' for name, _ in columns)
+    return (f"SELECT {plain}, to_json(struct_pack({cols})) FROM (SELECT *{steps} FROM neurons {_BLOCK}) "
+            "ORDER BY neuron")
 
 
 def table_rows(data: dict, table: str) -> list[dict]:
