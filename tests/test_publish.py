@@ -104,3 +104,12 @@ def test_object_storage_gets_the_exact_sync_command(atlas_dir):
     gcs = atlas("publish", atlas_dir, "--to", "object-storage", "--remote", "gs://b/p")
     assert gcs.stdout.startswith("gcloud storage rsync --recursive")
     assert os.path.isdir(atlas_dir / "site")
+
+
+def test_a_space_gets_the_front_matter_that_makes_it_static(atlas_dir, tmp_path):
+    bare = tmp_path / "space.git"
+    _git("init", "--bare", "-q", str(bare))
+    proc = atlas("publish", atlas_dir, "--to", "huggingface", "--remote", bare, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "sdk: static" in _git("show", "main:README.md", cwd=bare)
+    assert _git("show", "main:index.html", cwd=bare) == (atlas_dir / "site/index.html").read_text()

@@ -73,6 +73,9 @@ def publish(path: Path, host_name: str, remote: str = "", branch: str = "", prog
     # GitHub Pages would run Jekyll over the site without this file, which hides nothing of
     # ours today but costs minutes per deploy at half a million files.
     extra = {".nojekyll": b""} if host.name == "github-pages" else {}
+    if host.name == "huggingface" and not (site / "README.md").exists():
+        # A Space is configured by its README's front matter: a static Space serves index.html.
+        extra["README.md"] = b"---\ntitle: Neuron atlas\nsdk: static\napp_file: index.html\n---\n"
     result = push_site(site, atlas_dir / PUBLISH_DIR / f"{host.name}.git", remote, branch or host.branch,
                        "atlas publish", extra, progress)
     return {"host": host.name, "remote": remote, "branch": branch or host.branch, "stats": stats, **result}

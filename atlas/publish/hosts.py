@@ -30,8 +30,9 @@ class Host:
 HOSTS = {h.name: h for h in (
     Host("github-pages", "git", 1 * GB, None, None, 100 * MiB, branch="gh-pages",
          note="GitHub Pages: published site at most 1 GB; GitHub refuses files over 100 MiB in a push"),
-    Host("huggingface", "git", 1 * GB, 100_000, 10_000, None, branch="main",
-         note="Hugging Face Spaces: 1 GB repository, fewer than 100,000 files, fewer than 10,000 in one folder"),
+    Host("huggingface", "git", 1 * GB, 100_000, 10_000, 10 * 10**6, branch="main",
+         note="Hugging Face Spaces: 1 GB repository, fewer than 100,000 files, fewer than 10,000 in one folder; "
+              "a plain git push refuses files over 10 MB (they need Git LFS)"),
     Host("gitlab-pages", "git", 1 * GB, None, None, None, branch="pages",
          note="GitLab Pages: 1 GB site"),
     Host("cloudflare-pages", "command", None, 20_000, None, 25 * MiB,
