@@ -113,3 +113,9 @@ def test_a_space_gets_the_front_matter_that_makes_it_static(atlas_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sdk: static" in _git("show", "main:README.md", cwd=bare)
     assert _git("show", "main:index.html", cwd=bare) == (atlas_dir / "site/index.html").read_text()
+
+
+def test_a_bad_exports_url_is_refused_in_one_line(atlas_dir):
+    proc = atlas("render", atlas_dir, "--exports-url", "ftp://example.org/x/", "--quiet")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --exports-url 'ftp://example.org/x/' is not")
+    assert len(proc.stderr.strip().splitlines()) == 1
