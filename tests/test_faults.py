@@ -128,7 +128,7 @@ def test_killed_builds_resume_to_the_same_store_and_site(clean, inputs, tmp_path
         out = tmp_path / f"chain{j}"
         assert_same_store(out / "atlas.duckdb", clean["out"] / "atlas.duckdb")
         assert site_tree(out / "site") == clean["site"], f"chain {chains[j]}"
-        assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"], \
+        assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "exports", "site"], \
             f"temporary files left behind after {chains[j]}"
 
 
@@ -145,7 +145,7 @@ def test_a_kill_between_the_two_renames_keeps_the_published_site(clean, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["skipped"] is True
     assert site_tree(out / "site") == clean["site"]
-    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"]
+    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "exports", "site"]
 
 
 def _text_without(path: Path, old: str, new: str) -> bytes:
@@ -293,4 +293,4 @@ def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_p
     assert_one_line_error(proc, "out of disk space")
     assert site_tree(out / "site") == clean["site"]
     assert store_rows(out / "atlas.duckdb") == rows
-    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "site"]
+    assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "exports", "site"]

@@ -144,14 +144,16 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
         # Repair an interrupted swap first: the site it moved aside may be the current one.
         site_dir.parent.mkdir(parents=True, exist_ok=True)
         building, old = _prepare(site_dir)
+        # Exports being written when an earlier render died (mkdocs empties the site dir it builds).
+        exports = building.with_name(f".{site_dir.name}.exports")
+        shutil.rmtree(exports, ignore_errors=True)
+        shutil.rmtree(site_dir.with_name(f".{EXPORTS_DIR}.old"), ignore_errors=True)
         if not force and _up_to_date(site_dir, inputs):
             return {"skipped": True, "site_dir": str(site_dir)}
         model = meta["model"]
         # mkdocs does not escape site_name; a model id is a path-like name, so drop markup characters.
         site_name = "Neuron atlas: " + "".join(c for c in str(model["id"]) if c not in "<>&\"'")
 
-        exports = building.with_name(f".{site_dir.name}.exports")     # mkdocs empties the site dir it builds
-        shutil.rmtree(exports, ignore_errors=True)
         beside = exports_beside(site_dir) if cfg.exports and not cfg.exports_inside else None
         try:
             downloads = write_exports(store.con, store_path, exports) if cfg.exports else []
@@ -185,9 +187,11 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             shutil.rmtree(building, ignore_errors=True)
             shutil.rmtree(exports, ignore_errors=True)
             raise
-    _swap(building, old, site_dir)
+    # The exports first: a render killed between the two leaves the old site, which the next
+    # render replaces; the other order would leave a new site beside old exports.
     if beside is not None:
         _replace(exports, beside)
+    _swap(building, old, site_dir)
     n = sum(layer_sizes)
     return {"site_dir": str(site_dir), "neurons": n, "layers": len(layer_sizes),
             "seconds": round(time.perf_counter() - start, 3), "frame_seconds": round(frame_s, 3),
