@@ -5,7 +5,7 @@ A site holds one such file per neuron, so its bytes are the site's bytes. The la
 written per table, so a table added to ``schema.JSON_TABLES`` is compacted the same way
 with no code of its own:
 
-- each table is one object of columns, ``{"rank": [0, 1, ...], "logit": [...]}``, in the
+- each table is one object of columns, ``{"token_id": [42, 7, ...], "logit": [...]}``, in the
   table's row order, instead of a list of row objects that repeat every key; a table whose
   key order (``JSON_TABLES``) starts with text columns is nested by them first, so that
   ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token_id": [...], ...}}}``;
@@ -15,7 +15,8 @@ with no code of its own:
 - floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
   three), and the values of a float array are rounded to one step, ``ARRAY_DIGITS``
   significant digits of the array's largest magnitude; NaN and infinities are null;
-- ``layer`` and ``neuron`` are said once, at the top.
+- ``layer`` and ``neuron`` are said once, at the top (and in the ``neurons`` row, which is
+  the table's row as it is), and left out of every other table.
 
 DuckDB writes each of these objects in C++ (``to_json``), a block of neurons per query.
 ``table_rows`` turns a loaded file back into the store's rows, for readers and tests.
