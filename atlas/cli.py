@@ -176,6 +176,7 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --out out/smollm2
       atlas build --out out/smollm2 --corpus my_texts/ --max-tokens all
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
+      atlas build --model ./Llama-3.1-8B --out out/llama --ray auto   # every GPU of a local Ray cluster
     """
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
     exemplar_cfg, cluster_cfg, clamp_cfg = (config_from(c, kw) for c in (ExemplarConfig, ClusterConfig, ClampConfig))
@@ -220,6 +221,7 @@ def exemplars(out, model, device, dtype, quiet, **kw):
     \b
     Example:
       atlas exemplars --out out/smollm2 --corpus my_texts/ --max-tokens 1000000
+      atlas exemplars --out out/smollm2 --ray ray://head:10001 --max-tokens all
     """
     from atlas.pipeline import Build
     cfg = config_from(ExemplarConfig, kw)
@@ -263,6 +265,7 @@ def clamp(out, model, device, dtype, quiet, **kw):
       atlas clamp --out out/smollm2
       atlas clamp --out out/smollm2 --clamp-budget 0      # skip: no neuron measured
       atlas clamp --out out/smollm2 --clamp-multiple 4 --clamp-budget 512
+      atlas clamp --out out/llama --ray auto                # every neuron, one model copy per GPU
     """
     from atlas.pipeline import Build
     cfg = config_from(ClampConfig, kw)

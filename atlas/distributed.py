@@ -79,17 +79,19 @@ def connect(address: str) -> None:
 class ShardWorker:
     """A Ray actor holding one copy of the model; ``run`` folds one shard with it."""
 
-    def __init__(self, model: WorkerModel, device: str, threads: int, env: dict[str, str]):
-        os.environ.update(env)                          # the driver's fault points reach the workers
-        import torch
-
-        if device == "cpu":
-            torch.set_num_threads(threads)
+    def __init__(self, model: WorkerModel, device: str, threads: int):
         self.lm, self.problem, self.weights_hash = None, None, None
         try:
-            from atlas.model.load import load_model
-            self.lm = load_model(model.source, device, model.dtype)
-            self.weights_hash = self.lm.weights_hash()
+            # The weights are hashed before they load: a worker with other files loads nothing.
+            from atlas.model.files import hash_weights, resolve
+            self.weights_hash = hash_weights(resolve(model.source)[3])
+            if self.weights_hash == model.weights_hash:
+                import torch
+
+                from atlas.model.load import load_model
+                if device == "cpu":
+                    torch.set_num_threads(threads)
+                self.lm = load_model(model.source, device, model.dtype)
         except Exception as e:                          # reported by ready(), in one line
             self.problem = one_line(e)
 
@@ -97,7 +99,10 @@ class ShardWorker:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "problem": self.problem,
                 "weights_hash": self.weights_hash}
 
-    def run(self, task: Callable, index: int, job: Any, progress) -> Any:
+    def run(self, task: Callable, index: int, job: Any, progress, env: dict[str, str]) -> Any:
+        for name in [n for n in os.environ if n.startswith("ATLAS_FAULT") and n not in env]:
+            del os.environ[name]
+        os.environ.update(env)                          # the driver's fault points reach the workers
         return task(self.lm, job, lambda done: progress.set.remote(index, done))
 
 
@@ -138,8 +143,7 @@ def workers(model: WorkerModel, address: str, n: int, device: str = "auto", thre
     if not gpus and n * threads > cpus:
         raise AtlasError(f"--ray-workers {n}: the Ray cluster has {cpus} CPU core(s); "
                          f"{n} workers of {threads} thread(s) would wait for each other forever")
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ATLAS_FAULT")))
-    key = (model, address, "cuda" if gpus else "cpu", env)
+    key = (model, address, "cuda" if gpus else "cpu")
     pool = _POOLS.get(key, [])
     if len(pool) >= n:              # more threads or fewer change the speed, not the rows
         return pool[:n]
@@ -158,7 +162,7 @@ def workers(model: WorkerModel, address: str, n: int, device: str = "auto", thre
     remote = ray.remote(ShardWorker).options(
         max_restarts=RETRIES, max_task_retries=RETRIES,
         **({"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": threads}))
-    new = [remote.remote(model, "cuda" if gpus else "cpu", threads, dict(env)) for _ in range(n - len(pool))]
+    new = [remote.remote(model, "cuda" if gpus else "cpu", threads) for _ in range(n - len(pool))]
     try:
         infos = ray.get([w.ready.remote() for w in new])
     except ray.exceptions.RayError as e:
@@ -205,12 +209,13 @@ def run_shards(pool: Sequence, shards: Sequence[Shard], fold: Callable[[Shard, A
     finished: dict[int, tuple[Shard, Any]] = {}
     order = [s.index for s in shards]
     next_fold = 0
+    env = {k: v for k, v in os.environ.items() if k.startswith("ATLAS_FAULT")}
     began = time.perf_counter()
     try:
         while todo or running:
             while idle and todo:
                 shard, worker = todo.pop(), idle.pop()
-                running[worker.run.remote(shard.task, shard.index, shard.job, counter)] = (shard, worker)
+                running[worker.run.remote(shard.task, shard.index, shard.job, counter, env)] = (shard, worker)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
             for ref in ready:
                 shard, worker = running.pop(ref)

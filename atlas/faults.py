@@ -15,8 +15,8 @@ with neither set, ``point`` costs one dictionary lookup.
 ``ATLAS_FAULT_ONCE=<file>``
     the fault fires in the first process that reaches it, which creates ``<file>``; a process
     that finds the file there goes on. A Ray worker that Ray restarts after the kill thus gets
-    past the point where its predecessor died (the stage's workers see the driver's
-    ``ATLAS_FAULT*`` variables).
+    past the point where its predecessor died (the driver hands its ``ATLAS_FAULT*``
+    variables to its Ray workers with every shard).
 ``ATLAS_FAULT_TRACE=<file>``
     append one line ``<stage> <n> <where>`` per point reached, so that a test learns how
     many points each stage has and can choose among them.

@@ -29,27 +29,36 @@ def bench_corpus_ray(workers: list[int], model: str = "default", device: str = "
     rows = read_rows(cfg, lm.tokenizer)
     tokens = len(rows) * context
     # Shards of a few batches each, so that every worker count gets several per worker.
-    cfg.checkpoint_every = max(1, batches // (4 * max(workers)))
-    dtype_name = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    spec = distributed.WorkerModel(lm.source, dtype_name if dtype == "auto" and device == "cpu" else dtype,
-                                   lm.weights_hash())
+    cfg.checkpoint_every = 1
+    spec = distributed.WorkerModel(lm.source, dtype, lm.weights_hash())
     pool = distributed.workers(spec, address, max(workers), device, threads=1)
-    parts = shards(cfg, rows, 0, tokens)
+    parts = shards(cfg, rows, 0, tokens, max(workers))
+    merges: list[float] = []
+    merged: list = []
 
     def timed(n: int, part) -> float:
         acc = []
 
         def fold(shard, state):
+            t = time.perf_counter()
             acc[:] = [state if not acc else acc[0].merge(state)]
+            merges.append(time.perf_counter() - t)
 
         began = time.perf_counter()
         distributed.run_shards(pool[:n], part, fold, progress=False)
+        merged[:] = acc
         return time.perf_counter() - began
 
     timed(len(pool), parts[:len(pool)])             # warm-up: one shard on every worker
     load_before = os.getloadavg()
-    seconds = {n: min(timed(n, parts) for _ in range(max(1, repeats))) for n in workers}
+    runs = {n: [] for n in workers}
+    for _ in range(max(1, repeats)):                # worker counts alternate, so drift falls on all alike
+        for n in workers:
+            runs[n].append(timed(n, parts))
+    seconds = {n: min(t) for n, t in runs.items()}
     load_after = os.getloadavg()
+    # A shard's state has the shape of the merged one: k slots per neuron.
+    state_mb = sum(t.numel() * t.element_size() for t in merged[0].state_dict().values()) / 2**20
     one = tokens / seconds[min(workers)] / min(workers)
     return {
         "stage": "corpus on Ray", "model": lm.model_id, "tokens": tokens, "batch": f"{batch_size} x {context}",
@@ -57,7 +66,8 @@ def bench_corpus_ray(workers: list[int], model: str = "default", device: str = "
         "runs": [{"workers": n, "seconds": seconds[n], "tokens_per_s": tokens / seconds[n],
                   "efficiency": tokens / seconds[n] / (n * one)} for n in workers],
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "merge_s": sorted(merges)[len(merges) // 2] if merges else None,
+        "state_mb": state_mb,
     }
 
 
@@ -68,6 +78,7 @@ def print_scaling_table(r: dict) -> None:
     for run in r["runs"]:
         print(f"{run['workers']:>3} worker(s)    {run['seconds']:.2f} s  {run['tokens_per_s']:>9,.0f} tokens/s  "
               f"scaling efficiency {run['efficiency']:.2f}")
+    print(f"driver merge    {r['merge_s']:.2f} s per shard state of {r['state_mb']:.0f} MiB (median)")
     la = r["load_average"]
     print(f"load average    {' '.join(map(str, la['before']))} before, {' '.join(map(str, la['after']))} after "
           f"({r['cpus']} CPUs)")

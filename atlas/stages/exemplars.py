@@ -224,12 +224,18 @@ def shard_pass(lm: LoadedModel, job: ShardJob, report) -> PassState:
     return state.finished().to("cpu")
 
 
-def shards(cfg: ExemplarConfig, rows: list[Row], start: int, n_tokens: int) -> list[Shard]:
-    """Batches ``start..`` of the pass cut into shards of ``checkpoint_every`` batches, by input id."""
+SHARDS_PER_WORKER = 4         # enough to balance uneven workers; each shard's state is shipped and merged once
+
+
+def shards(cfg: ExemplarConfig, rows: list[Row], start: int, n_tokens: int, workers: int = 1) -> list[Shard]:
+    """Batches ``start..`` of the pass cut into shards by input id: ``checkpoint_every`` batches
+    each, or more so that there are about SHARDS_PER_WORKER shards per worker (the driver
+    merges every shard's O(k x neurons) state, so many small shards would make it the bottleneck)."""
     from atlas.distributed import Shard
 
-    bs, per, T = cfg.batch_size, cfg.checkpoint_every, cfg.context
+    bs, T = cfg.batch_size, cfg.context
     n_batches = math.ceil(len(rows) / bs)
+    per = max(cfg.checkpoint_every, math.ceil((n_batches - start) / (SHARDS_PER_WORKER * workers)))
     out = []
     for i, b in enumerate(range(start, n_batches, per)):
         end = min(b + per, n_batches)
@@ -255,7 +261,7 @@ def ray_pass(ctx: Context, cfg: ExemplarConfig, rows: list[Row], prefix: PassSta
             acc["saved"] = time.monotonic()
         faults.point(STAGE, f"shard {shard.index + 1} merged")
 
-    parts = shards(cfg, rows, start, len(rows) * cfg.context)
+    parts = shards(cfg, rows, start, len(rows) * cfg.context, len(pool))
     distributed.run_shards(pool, parts, fold, ctx.progress, f"corpus pass ({len(pool)} Ray workers)")
     return acc["state"].to("cpu")
 
