@@ -42,7 +42,10 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "int | None": In
 def config_options(cls):
     """Add one click option per field of a config dataclass, so flags and configs cannot drift."""
     def decorate(f):
+        have = {p.name for p in getattr(f, "__click_params__", [])}
         for fld in reversed(dataclasses.fields(cls)):
+            if fld.name in have:        # a setting two stages share (--ray): one flag sets both
+                continue
             flag = "--" + fld.name.replace("_", "-")
             help_ = fld.metadata.get("help", "")
             if _TYPES[str(fld.type)] is bool:
@@ -55,8 +58,8 @@ def config_options(cls):
 
 
 def config_from(cls, kwargs: dict):
-    """Pop a config's fields out of click's kwargs and build the config."""
-    return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls)})
+    """Take a config's fields out of click's kwargs and build the config (shared fields stay for the next)."""
+    return cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls)})
 
 
 class Terminated(BaseException):
@@ -173,6 +176,7 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --out out/smollm2
       atlas build --out out/smollm2 --corpus my_texts/ --max-tokens all
       atlas build --model ./Llama-3.1-8B --out out/llama --device cuda
+      atlas build --model ./Llama-3.1-8B --out out/llama --ray auto   # every GPU of a local Ray cluster
     """
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
     exemplar_cfg, cluster_cfg, clamp_cfg = (config_from(c, kw) for c in (ExemplarConfig, ClusterConfig, ClampConfig))
@@ -217,6 +221,7 @@ def exemplars(out, model, device, dtype, quiet, **kw):
     \b
     Example:
       atlas exemplars --out out/smollm2 --corpus my_texts/ --max-tokens 1000000
+      atlas exemplars --out out/smollm2 --ray ray://head:10001 --max-tokens all
     """
     from atlas.pipeline import Build
     cfg = config_from(ExemplarConfig, kw)
@@ -260,6 +265,7 @@ def clamp(out, model, device, dtype, quiet, **kw):
       atlas clamp --out out/smollm2
       atlas clamp --out out/smollm2 --clamp-budget 0      # skip: no neuron measured
       atlas clamp --out out/smollm2 --clamp-multiple 4 --clamp-budget 512
+      atlas clamp --out out/llama --ray auto                # every neuron, one model copy per GPU
     """
     from atlas.pipeline import Build
     cfg = config_from(ClampConfig, kw)
@@ -457,6 +463,16 @@ def _print_neuron(store, address: str, as_json: bool) -> None:
             click.echo(f"  {key}: {row[key]}")
 
 
+def _worker_counts(spec: str) -> list[int]:
+    try:
+        counts = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise AtlasError(f"--ray {spec!r}: give worker counts such as 1,2")
+    return sorted(set(counts))
+
+
 @main.command()
 @click.argument("what", type=click.Choice(["decode", "corpus", "render", "all"]), default="decode")
 @model_option
@@ -475,8 +491,11 @@ def _print_neuron(store, address: str, as_json: bool) -> None:
 @click.option("--neurons", default=0, type=int, help="render: neurons per layer, for a quick run (default: from the shape)")
 @click.option("--store", type=click.Path(path_type=Path),
               help="render: synthetic store to reuse, or to create and keep at this path")
+@click.option("--ray", "ray_workers", default="",
+              help="corpus: run the pass on Ray with each of these worker counts (one thread or GPU each), "
+                   "e.g. 1,2, and print the scaling efficiency")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, json_path):
+def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, ray_workers, json_path):
     """Time stages against their lower bounds measured in the same run.
 
     \b
@@ -487,6 +506,7 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
       atlas bench decode --shape llama-3.1-8b --layers 2
       atlas bench render                            # 458,752 neuron pages
       atlas bench render --layers 2 --neurons 2048
+      atlas bench corpus --ray 1,2                  # Ray workers of one thread: tokens/s and scaling
     """
     from atlas.bench import stages as b
     from atlas.model.load import pick_device
@@ -504,7 +524,14 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
         dec_layers = 6 if layers is None else layers
         results["decode"] = b.bench_decode(model, device, dtype, dec_layers, repeats, shape=shape)
         b.print_table(results["decode"])
-    if what in ("corpus", "all"):
+    if ray_workers:
+        counts = _worker_counts(ray_workers)
+        if what != "corpus" or shape:
+            raise AtlasError("--ray times the corpus pass of a model: use `atlas bench corpus --ray 1,2`")
+        from atlas.bench.scaling import bench_corpus_ray, print_scaling_table
+        results["corpus"] = bench_corpus_ray(counts, model, device, dtype, batches=batches, repeats=repeats)
+        print_scaling_table(results["corpus"])
+    elif what in ("corpus", "all"):
         if results:
             click.echo()
         results["corpus"] = b.bench_corpus(model, device, dtype, batches=batches, shape=shape, layers=layers)

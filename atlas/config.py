@@ -38,6 +38,34 @@ def check_device(device: str) -> None:
         raise AtlasError(f"--device {device!r}: use auto, cpu, cuda, cuda:N (a GPU's index), mps or xpu")
 
 
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
+
+
+def check_ray(ray: str, workers: int) -> None:
+    """``--ray`` is empty (one process), ``auto`` or a cluster's address; ``--ray-workers`` not negative."""
+    if ray and not RAY_ADDRESS.fullmatch(ray):
+        raise AtlasError(f"--ray {ray!r}: give auto (a local Ray cluster, started if none runs) "
+                         "or a cluster's address such as ray://head:10001 or head:6379")
+    if workers < 0:
+        raise AtlasError(f"--ray-workers {workers}: give 0 (one per GPU, or per CPU core without GPUs) or more")
+
+
+def ray_fields() -> tuple:
+    """The two settings that spread a stage over Ray workers: shared by the corpus pass and the clamp check
+    (one ``--ray`` flag sets both), and left out of fingerprints, since they change the speed, not the rows."""
+    return (
+        field(default="", metadata={
+            "help": "run on Ray: 'auto' (a local cluster, started if none runs) or a cluster's address "
+                    "(ray://head:10001); empty runs in this process. Needs pip install 'atlas-neurons[ray]'"}),
+        field(default=0, metadata={
+            "help": "Ray workers, each with one copy of the model (0: one per GPU of the cluster, or one per "
+                    "CPU core where it has no GPU)"}),
+    )
+
+
+RAY_SETTINGS = ("ray", "ray_workers")
+
+
 def check_positions(what: str, tokens: int, positions: int | None) -> None:
     """Refuse ``tokens`` per input on a model with learned positions for only ``positions`` of them."""
     if positions is not None and tokens > positions:
@@ -86,7 +114,10 @@ class ExemplarConfig:
     attribution_rows: int = field(default=64, metadata={
         "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
     attribution_seed: int = field(default=0, metadata={"help": "seed for the attribution positions"})
-    checkpoint_every: int = field(default=16, metadata={"help": "batches between checkpoints"})
+    checkpoint_every: int = field(default=16, metadata={
+        "help": "batches between checkpoints (on Ray also the batches of one shard)"})
+    ray: str = ray_fields()[0]
+    ray_workers: int = ray_fields()[1]
 
     def validate(self) -> None:
         if self.context < 2 or self.batch_size < 1 or self.k < 1:
@@ -102,6 +133,7 @@ class ExemplarConfig:
             raise AtlasError(f"--checkpoint-every {self.checkpoint_every}: give at least 1 (batches)")
         if self.attribution_rows < 0:
             raise AtlasError(f"--attribution-rows {self.attribution_rows}: give 0 (no attribution) or more")
+        check_ray(self.ray, self.ray_workers)
 
     def check_model(self, vocab: int, positions: int | None) -> None:
         check_positions("--context", self.context, positions)
@@ -138,6 +170,8 @@ class ClampConfig:
     clamp_top_k: int = field(default=10, metadata={"help": "rising and falling tokens stored per neuron"})
     clamp_own: int = field(default=10, metadata={
         "help": "top decoded `out` tokens per neuron whose change makes its faithfulness"})
+    ray: str = ray_fields()[0]
+    ray_workers: int = ray_fields()[1]
 
     def validate(self) -> None:
         if not math.isfinite(self.clamp_multiple) or self.clamp_multiple == 0:
@@ -146,6 +180,7 @@ class ClampConfig:
             raise AtlasError("--clamp-budget must be -1 (auto), 0 (skip) or a positive count")
         if self.clamp_batch < 1 or self.clamp_top_k < 1 or self.clamp_own < 1:
             raise AtlasError("--clamp-batch, --clamp-top-k and --clamp-own must be at least 1")
+        check_ray(self.ray, self.ray_workers)
 
     def check_model(self, vocab: int, positions: int | None) -> None:
         if self.clamp_top_k > vocab:

@@ -12,6 +12,11 @@ with neither set, ``point`` costs one dictionary lookup.
     sends ``SIGSTOP`` instead, so a test can hold a build still at a known point (it resumes
     on ``SIGCONT``). Action ``term`` sends ``SIGTERM``, as a service manager or ``kill`` does,
     which the command line turns into a clean stop with one line.
+``ATLAS_FAULT_ONCE=<file>``
+    the fault fires in the first process that reaches it, which creates ``<file>``; a process
+    that finds the file there goes on. A Ray worker that Ray restarts after the kill thus gets
+    past the point where its predecessor died (the driver hands its ``ATLAS_FAULT*``
+    variables to its Ray workers with every shard).
 ``ATLAS_FAULT_TRACE=<file>``
     append one line ``<stage> <n> <where>`` per point reached, so that a test learns how
     many points each stage has and can choose among them.
@@ -50,4 +55,10 @@ def point(stage: str, where: str = "") -> None:
             f.write(f"{stage} {n} {where}\n")
     target = _target()
     if target and target[0] == stage and target[1] in (str(n), where):
+        once = os.environ.get("ATLAS_FAULT_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), target[2])

@@ -94,7 +94,8 @@ class Build:
         elif cfg not in self.settings:
             self.settings.append(cfg)
         with output_lock(self.out), Store(store_path(self.out)) as store:
-            ctx = Context(store, stage, self.weights_hash, lambda: self.lm, self._device_type(), self.progress)
+            ctx = Context(store, stage, self.weights_hash, lambda: self.lm, self._device_type(), self.progress,
+                          self.model_spec, self.device, self.dtype)
             return stage.run(ctx, cfg)
 
     def decode(self, cfg: DecodeConfig = DecodeConfig()) -> dict:

@@ -55,6 +55,22 @@ def default_atlas(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session (2 CPUs, no dashboard, on loopback): starting
+    one costs seconds on 2 cores, so every Ray test joins this one (``--ray auto`` finds it)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'atlas-neurons[ray]')")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level=logging.ERROR)
+    yield ray
+    from atlas import distributed
+
+    distributed.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def chromium():
     """One headless Chromium driven by Playwright for the whole session."""
     if not Path(CHROMIUM).is_file():

@@ -152,3 +152,15 @@ def test_test_modules_do_not_import_each_other():
             found += [f"{path.relative_to(TESTS)}:{node.lineno} imports {n}" for n in names
                       if n.split(".")[0] == "conftest" or n.split(".")[0].startswith("test_")]
     assert not found, "\n".join(found)
+
+
+def test_only_a_run_with_ray_imports_ray():
+    """Ray is an optional extra: only ``atlas.distributed`` imports it, and every module reaches
+    ``atlas.distributed`` inside a function (a stage run with ``--ray``), never on import."""
+    direct = [f"{name} imports {m}" for name in MODULES for m, _, _ in _imports(name)
+              if m.split(".")[0] == "ray" and name != "atlas.distributed"]
+    on_import = [f"{name} imports atlas.distributed on import" for name in MODULES
+                 if "atlas.distributed" in _edges(name, on_import_only=True)]
+    users = [name for name in MODULES if "atlas.distributed" in GRAPH[name]]
+    assert {"atlas.stages.exemplars", "atlas.stages.clamp"} <= set(users)
+    assert not direct + on_import, "\n".join(direct + on_import)

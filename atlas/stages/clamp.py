@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas import faults
-from atlas.config import CPU_BUDGET, HOLDS, ClampConfig
+from atlas.config import CPU_BUDGET, HOLDS, RAY_SETTINGS, ClampConfig
 from atlas.errors import AtlasError
 from atlas.intervene import block_inputs, clamped, load_prompts, next_logprobs, prompt_ids, start_at
 from atlas.model.load import LoadedModel
@@ -45,6 +45,10 @@ class Effects:
     own: np.ndarray             # [n, m] Δ log p of each own token (NaN where a neuron has fewer)
     lift: np.ndarray            # [n] mean Δ log p of the own tokens
     faithfulness: np.ndarray    # [n] mean percentile of the own tokens' Δ within the vocabulary
+
+    def merge(self, other: "Effects") -> "Effects":
+        """The effects of this run of neurons followed by ``other``'s (shards of the clamp check)."""
+        return Effects(**{f: np.concatenate([getattr(self, f), getattr(other, f)]) for f in self.__dataclass_fields__})
 
 
 def measure(lm: LoadedModel, prompts: Sequence[Sequence[int]], layers: np.ndarray, neurons: np.ndarray,
@@ -165,15 +169,19 @@ def run(ctx: Context, cfg: ClampConfig) -> dict:
     store = ctx.store
     prompts = load_prompts(cfg.clamp_prompts)
     sel = select(store.con, cfg, budget_for(cfg, ctx.device_type))
-    # The budget and the multiple are inside the selection; batching changes only the speed.
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("clamp_batch", "clamp_budget", "clamp_prompts")}
+    # The budget and the multiple are inside the selection; batching and Ray change only the speed.
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("clamp_batch", "clamp_budget", "clamp_prompts", *RAY_SETTINGS)}
     fp = ctx.fingerprint(weights=ctx.weights_hash, prompts=prompts, selection=sel.digest(), **settings)
     if ctx.is_done(fp):
         return {"skipped": True}
-    lm = ctx.lm
     began, began_cpu = time.perf_counter(), time.process_time()
-    eff = measure(lm, prompt_ids(lm, prompts), sel.layers, sel.neurons, sel.values, sel.own_ids,
-                  cfg.clamp_top_k, cfg.clamp_batch, ctx.progress)
+    if cfg.ray and len(sel.layers):
+        eff = ray_measure(ctx, cfg, prompts, sel)
+    else:
+        lm = ctx.lm
+        eff = measure(lm, prompt_ids(lm, prompts), sel.layers, sel.neurons, sel.values, sel.own_ids,
+                      cfg.clamp_top_k, cfg.clamp_batch, ctx.progress)
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - began_cpu
     faults.point(STAGE, "measured")
     n_total = store.count("neurons")
@@ -189,6 +197,49 @@ def run(ctx: Context, cfg: ClampConfig) -> dict:
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     return {**stats, "seconds": round(seconds, 1)}
+
+
+# -- the clamp check on Ray -----------------------------------------------------------------
+SHARD_BATCHES = 4           # clamp batches per shard of a Ray run
+
+
+@dataclass(frozen=True)
+class ClampJob:
+    """A run of neurons (whole batches of the one-process order) with what measuring them needs."""
+    prompts: list[str]
+    sel: Selection
+    top_k: int
+    batch: int
+
+
+def shard_measure(lm: LoadedModel, job: ClampJob, report) -> Effects:
+    """On a Ray worker: the effects of one run of neurons; the worker tokenizes the prompts itself."""
+    s = Selection(*(np.array(a) for a in (job.sel.layers, job.sel.neurons, job.sel.values, job.sel.own_ids)))
+    eff = measure(lm, prompt_ids(lm, job.prompts), s.layers, s.neurons, s.values, s.own_ids, job.top_k, job.batch)
+    report(len(s.layers))
+    return eff
+
+
+def ray_measure(ctx: Context, cfg: ClampConfig, prompts: list[str], sel: Selection) -> Effects:
+    """``measure`` with the selection cut into runs of whole batches, one per shard, merged in order.
+
+    The driver needs no model of its own here: the workers load it and tokenize the prompts.
+    """
+    from atlas import distributed
+
+    pool = distributed.stage_workers(ctx, cfg.ray, cfg.ray_workers)
+    per = SHARD_BATCHES * cfg.clamp_batch
+    parts = [distributed.Shard(i, shard_measure, ClampJob(prompts, Selection(
+        sel.layers[a:a + per], sel.neurons[a:a + per], sel.values[a:a + per], sel.own_ids[a:a + per]),
+        cfg.clamp_top_k, cfg.clamp_batch), min(per, len(sel.layers) - a))
+        for i, a in enumerate(range(0, len(sel.layers), per))]
+    acc: list[Effects] = []
+
+    def fold(shard, eff: Effects) -> None:
+        acc[:] = [eff if not acc else acc[0].merge(eff)]
+
+    distributed.run_shards(pool, parts, fold, ctx.progress, f"clamp ({len(pool)} Ray workers)", unit="neuron")
+    return acc[0]
 
 
 def _nullable(values: np.ndarray) -> pa.Array:

@@ -59,6 +59,10 @@ class Context:
     get_lm: Callable[[], Any]           # loads the model the first time it is called
     device_type: str = "cpu"            # where the model runs: the clamp stage's default budget depends on it
     progress: bool = True
+    # How the model was asked for (``--model``, ``--device``, ``--dtype``): Ray workers load it the same way.
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
 
     @property
     def lm(self):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from atlas import faults
 from atlas.stages.activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
 from atlas.stages.attribution import AttributionState, attribute_batch
 from atlas.stages.corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
-from atlas.config import ExemplarConfig
+from atlas.config import RAY_SETTINGS, ExemplarConfig
 from atlas.errors import AtlasError
 from atlas.files import write_bytes_atomic
 from atlas.model.load import LoadedModel
@@ -60,8 +60,9 @@ def check_corpus(cfg: ExemplarConfig) -> None:
 
 
 def _settings(cfg: ExemplarConfig, *also_ignored: str) -> dict:
-    # Batch size and checkpointing change the speed, not the numbers.
-    return {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "checkpoint_every", *also_ignored)}
+    # Batch size, checkpointing and Ray change the speed, not the numbers.
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in ("batch_size", "checkpoint_every", *RAY_SETTINGS, *also_ignored)}
 
 
 def fingerprint(ctx: Context, rows_hash: str, cfg: ExemplarConfig) -> str:
@@ -152,7 +153,9 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
     state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device, spare_slots(cfg)), 0
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fp:
+        # A Ray run's checkpoint holds merged shards (k slots, no room to fold into): only
+        # a Ray run resumes from it; a Ray run resumes from either kind.
+        if saved.get("fingerprint") == fp and (cfg.ray or not saved.get("merged")):
             state, start = PassState.from_state_dict(saved["state"]).to(lm.device), int(saved["batches"])
     ctx.start(fp, cfg)
 
@@ -162,7 +165,10 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
         faults.point(STAGE, f"batch {done}")
 
     began = time.perf_counter()
-    hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, ctx.progress)
+    if cfg.ray:
+        state = ray_pass(ctx, cfg, rows, state if start else None, start, ckpt, fp)
+    else:
+        hooked_pass(lm, rows, state, start, cfg.batch_size, checkpoint, ctx.progress)
     pass_s = time.perf_counter() - began
     attr = None
     if cfg.attribution_rows:
@@ -181,10 +187,83 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
             "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}
 
 
-def _save_checkpoint(path: Path, fp: str, batches: int, state: PassState) -> None:
+def _save_checkpoint(path: Path, fp: str, batches: int, state: PassState, merged: bool = False) -> None:
     buf = io.BytesIO()
-    torch.save({"fingerprint": fp, "batches": batches, "state": state.state_dict()}, buf)
+    torch.save({"fingerprint": fp, "batches": batches, "state": state.state_dict(), "merged": merged}, buf)
     write_bytes_atomic(path, buf.getvalue())
+
+
+# -- the pass on Ray ----------------------------------------------------------------------
+RAY_CHECKPOINT_S = 30.0         # a Ray run's driver saves the merged shards at most this often (and after the first)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """The inputs of one shard of the pass: whole batches of rows, so that every forward pass
+    holds the same inputs as in one process."""
+    rows: list[Row]
+    batch_size: int
+    k: int
+    k_tail: int
+    spare: int
+    end_batch: int              # batches of the whole pass done once this shard is merged
+
+
+def shard_pass(lm: LoadedModel, job: ShardJob, report) -> PassState:
+    """On a Ray worker: fold one shard into a fresh state; returns it finished, on the CPU."""
+    adapter = lm.adapter
+    state = PassState.empty(adapter.n_layers(lm.model), adapter.d_mlp(lm.model), job.k, job.k_tail,
+                            lm.device, job.spare)
+    T = len(job.rows[0].token_ids)
+
+    def on_batch(done: int, st) -> None:
+        report(min(done * job.batch_size, len(job.rows)) * T)
+        faults.point(STAGE, f"shard batch {done}")
+
+    hooked_pass(lm, job.rows, state, 0, job.batch_size, on_batch, progress=False)
+    return state.finished().to("cpu")
+
+
+SHARDS_PER_WORKER = 4         # enough to balance uneven workers; each shard's state is shipped and merged once
+
+
+def shards(cfg: ExemplarConfig, rows: list[Row], start: int, n_tokens: int, workers: int = 1) -> list[Shard]:
+    """Batches ``start..`` of the pass cut into shards by input id: ``checkpoint_every`` batches
+    each, or more so that there are about SHARDS_PER_WORKER shards per worker (the driver
+    merges every shard's O(k x neurons) state, so many small shards would make it the bottleneck)."""
+    from atlas.distributed import Shard
+
+    bs, T = cfg.batch_size, cfg.context
+    n_batches = math.ceil(len(rows) / bs)
+    per = max(cfg.checkpoint_every, math.ceil((n_batches - start) / (SHARDS_PER_WORKER * workers)))
+    out = []
+    for i, b in enumerate(range(start, n_batches, per)):
+        end = min(b + per, n_batches)
+        part = rows[b * bs:end * bs]
+        out.append(Shard(i, shard_pass, ShardJob(part, bs, cfg.k, k_tail(cfg, n_tokens), spare_slots(cfg), end),
+                         len(part) * T))
+    return out
+
+
+def ray_pass(ctx: Context, cfg: ExemplarConfig, rows: list[Row], prefix: PassState | None, start: int,
+             ckpt: Path, fp: str) -> PassState:
+    """The pass over batches ``start..`` on Ray workers, merged in shard order onto ``prefix``
+    (the checkpointed state of batches ``..start``); the driver checkpoints the merged state."""
+    from atlas import distributed
+
+    pool = distributed.stage_workers(ctx, cfg.ray, cfg.ray_workers)
+    acc = {"state": prefix, "saved": -math.inf}
+
+    def fold(shard, state) -> None:
+        acc["state"] = state if acc["state"] is None else acc["state"].merge(state)
+        if time.monotonic() - acc["saved"] >= RAY_CHECKPOINT_S or shard is parts[-1]:
+            _save_checkpoint(ckpt, fp, shard.job.end_batch, acc["state"], merged=True)
+            acc["saved"] = time.monotonic()
+        faults.point(STAGE, f"shard {shard.index + 1} merged")
+
+    parts = shards(cfg, rows, start, len(rows) * cfg.context, len(pool))
+    distributed.run_shards(pool, parts, fold, ctx.progress, f"corpus pass ({len(pool)} Ray workers)")
+    return acc["state"].to("cpu")
 
 
 def attribute_rows(lm: LoadedModel, rows: list[Row], cfg: ExemplarConfig, progress: bool) -> AttributionState:
