@@ -86,7 +86,8 @@ def _v1_to_v2(con: duckdb.DuckDBPyConnection) -> None:
 def _v2_to_v3(con: duckdb.DuckDBPyConnection) -> None:
     """v3 exemplar windows have the length the pass was given (a list, 16 long in v2 stores);
     exemplar_samples is new, and SCHEMA creates it."""
-    con.execute("ALTER TABLE exemplars ALTER COLUMN window_activations TYPE FLOAT[]")
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'exemplars'").fetchone()[0]:
+        con.execute("ALTER TABLE exemplars ALTER COLUMN window_activations TYPE FLOAT[]")
 
 
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.

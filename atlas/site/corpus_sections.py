@@ -23,7 +23,8 @@ from atlas.store import finished_stage
 
 SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 4, 3, 5     # per page (a page stays under 10 KB); the JSON carries all rows
 OPEN_BOX = "\u2423"                              # a space made visible
-SAMPLE_BEFORE, SAMPLE_AFTER = 10, 6             # tokens shown around a band sample's token
+SAMPLE_BEFORE, SAMPLE_AFTER = 5, 3              # tokens shown around a band sample's token
+SHOWN_SAMPLES = 1                               # band samples shown per band (the JSON has them all)
 SHADES = 5                                      # colour buckets per sign
 
 
@@ -136,7 +137,7 @@ def band_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> list[t
             SELECT s.neuron, s.band, s.bin_lo, s.bin_hi, s.activation, s.norm_activation, s.token_pos,
                    list_slice(d.token_ids, greatest(s.token_pos - {SAMPLE_BEFORE}, 0) + 1, s.token_pos + {SAMPLE_AFTER + 1})
             FROM exemplar_samples s JOIN corpus_docs d USING (doc_id)
-            WHERE s.layer = ? AND s.neuron >= ? AND s.neuron < ?
+            WHERE s.layer = ? AND s.neuron >= ? AND s.neuron < ? AND s.rank < {SHOWN_SAMPLES}
             ORDER BY s.neuron, s.band, s.rank""", [layer, lo, hi]).fetchall()
     out: list[tuple[int, dict]] = []
     for n, band, b_lo, b_hi, act, norm_act, pos, ids in rows:
