@@ -66,10 +66,10 @@ _BROWN_FIX = [(re.compile(r"``\s*"), "\u201c"), (re.compile(r"\s*''"), "\u201d")
 
 
 def detag_brown(tagged: str) -> str:
-    """Brown Form C (``word/tag`` tokens, one paragraph per indented line) as plain paragraphs."""
+    """Brown Form C (``word/tag`` tokens; a sentence a line, paragraphs between blank lines) as plain paragraphs."""
     paragraphs = []
-    for line in tagged.splitlines():
-        words = [w.rsplit("/", 1)[0] for w in line.split()]
+    for block in re.split(r"\n[ \t]*\n", tagged):
+        words = [w.rsplit("/", 1)[0] for w in block.split()]
         if not words:
             continue
         text = " ".join(words)

