@@ -314,7 +314,9 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                      {"top_k": top_k, "bottom_k": bottom_k, "sides": list(sides)}, seconds=0.0)
         if corpus:
             store.set_meta("corpus", {"source": "atlas.synthetic", "rows": N_DOCS, "context": CONTEXT,
-                                      "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}"})
+                                      "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}",
+                                      "sources": [{"name": "atlas.synthetic", "version": __version__,
+                                                   "hash": f"sha256:{seed + 1:064x}", "tokens": N_DOCS * CONTEXT}]})
             store.set_meta("histogram_edges", [float(e) for e in np.sinh(np.linspace(-9.0, 9.0, 65)) * 0.05])
             write_record(store, STAGES["exemplars"], "done", f"synthetic-{seed}",
                          {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"})
