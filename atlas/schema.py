@@ -12,7 +12,7 @@ from typing import Callable
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCH
     token_ids INTEGER[]);
 CREATE TABLE IF NOT EXISTS exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR,
     rank SMALLINT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT,
-    window_start INTEGER, window_activations FLOAT[16]);
+    window_start INTEGER, window_activations FLOAT[]);
+CREATE TABLE IF NOT EXISTS exemplar_samples (layer SMALLINT, neuron INTEGER, band SMALLINT, rank SMALLINT,
+    bin_lo FLOAT, bin_hi FLOAT, doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT);
 CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SMALLINT,
     token_id INTEGER, token VARCHAR, attribution FLOAT, polarity VARCHAR, doc_id INTEGER,
     token_pos INTEGER);
@@ -81,9 +83,16 @@ def _v1_to_v2(con: duckdb.DuckDBPyConnection) -> None:
         ALTER TABLE neurons ADD COLUMN IF NOT EXISTS faithfulness FLOAT;""")
 
 
+def _v2_to_v3(con: duckdb.DuckDBPyConnection) -> None:
+    """v3 exemplar windows have the length the pass was given (a list, 16 long in v2 stores);
+    exemplar_samples is new, and SCHEMA creates it."""
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'exemplars'").fetchone()[0]:
+        con.execute("ALTER TABLE exemplars ALTER COLUMN window_activations TYPE FLOAT[]")
+
+
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
 # A store older than the oldest registered step is refused with a message that says so.
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 # The public tables, in the order exports list them, each with the key its rows are sorted
 # by; stage_progress is bookkeeping and stays out.
@@ -96,6 +105,7 @@ EXPORT_TABLES = {
     "neighbours": "layer, neuron, rank",
     "corpus_docs": "doc_id",
     "exemplars": "layer, neuron, polarity, rank",
+    "exemplar_samples": "layer, neuron, band, rank",
     "attributions": "layer, neuron, polarity, rank",
     "histograms": "layer, neuron",
     "clamp_effects": "layer, neuron, direction, rank",
@@ -103,5 +113,6 @@ EXPORT_TABLES = {
 
 # The tables a neuron's JSON carries, in this order, with the order of one neuron's rows.
 JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
+               "exemplar_samples": "band, rank",
                "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank",
                "clamp_effects": "direction, rank"}

@@ -294,3 +294,15 @@ def check_concepts(browser, site: Path, queries: list[str], min_hits: int = 1) -
             found[query] = len(links)
             page.close()
     return found
+
+
+def duplicate_windows(con) -> list[tuple]:
+    """(layer, neuron, polarity, count) of every neuron showing one exemplar window (its tokens,
+    clipped to the input as a page shows them) more than once; empty when all are distinct."""
+    return con.execute("""
+        SELECT layer, neuron, polarity, count(*) AS c FROM (
+            SELECT e.layer, e.neuron, e.polarity,
+                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1,
+                              e.window_start + len(e.window_activations)) AS win
+            FROM exemplars e JOIN corpus_docs d USING (doc_id))
+        GROUP BY layer, neuron, polarity, win HAVING c > 1 ORDER BY ALL""").fetchall()

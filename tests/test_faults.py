@@ -260,11 +260,30 @@ def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
     with Store(path) as store:
-        assert store.meta("schema_version") == SCHEMA_VERSION == 2
+        assert store.meta("schema_version") == SCHEMA_VERSION == 3
         cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
         assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
         assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
         assert store.count("clamp_effects") == 0
+
+
+def test_a_v2_store_keeps_its_16_token_windows_as_lists(tmp_path):
+    """v3 windows are lists of the pass's length; a v2 store's FLOAT[16] rows come through unchanged."""
+    from atlas.store import Store
+
+    path = tmp_path / "atlas.duckdb"
+    _old_store(path, {"schema_version": 2, "model": {"id": "m"}})
+    window = [float(i) for i in range(16)]
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE exemplars (layer SMALLINT, neuron INTEGER, polarity VARCHAR, rank SMALLINT, "
+                    "doc_id INTEGER, token_pos INTEGER, activation FLOAT, norm_activation FLOAT, "
+                    "window_start INTEGER, window_activations FLOAT[16])")
+        con.execute("INSERT INTO exemplars VALUES (0, 0, 'max', 0, 3, 20, 1.5, 1.0, 8, ?)", [window])
+    with Store(path) as store:
+        assert store.meta("schema_version") == 3
+        assert store.con.execute("SELECT window_activations FROM exemplars").fetchall() == [(window,)]
+        assert dict(store.con.execute("DESCRIBE exemplars").fetchall()[i][:2] for i in range(10))["window_activations"] == "FLOAT[]"
+        assert store.count("exemplar_samples") == 0
 
 
 def test_a_full_disk_fails_in_one_line_and_a_rerun_finishes(clean, inputs, tmp_path):

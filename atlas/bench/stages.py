@@ -110,7 +110,8 @@ def bench_corpus(model: str = "default", device: str = "auto", dtype: str = "aut
 
     def empty_state(device) -> PassState:
         # The same state the build's pass keeps for this many tokens.
-        return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device, spare_slots(cfg))
+        return PassState.empty(L, d, cfg.k, k_tail(cfg, tokens), device, spare_slots(cfg),
+                               cfg.window_before, cfg.window_after)
 
     def timed(part: list, state: PassState | None) -> float:
         start = time.perf_counter()

@@ -159,7 +159,28 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
              "attr_mean_abs": rng.lognormal(-8, 1, d)}
     for name, values in stats.items():
         neurons = neurons.append_column(name, pa.array(np.asarray(values, np.float32)))
-    return neurons, {"exemplars": exemplars, "histograms": histograms, "attributions": attributions}
+    return neurons, {"exemplars": exemplars, "histograms": histograms, "attributions": attributions,
+                     "exemplar_samples": _samples_layer(layer, normaliser)}
+
+
+def _samples_layer(layer: int, normaliser: np.ndarray, bands=(0.5, 0.25, 0.1), per_band: int = 2) -> pa.Table:
+    """Band samples shaped like the exemplars stage's: ``per_band`` tokens near each fraction of
+    the normaliser (their own generator, so the other tables stay as they were)."""
+    rng = np.random.default_rng(10_000 + layer)
+    d, b = len(normaliser), len(bands)
+    frac = np.repeat(np.tile(np.asarray(bands), d), per_band)                 # [d * b * per_band]
+    norm = np.repeat(normaliser, b * per_band)
+    act = (norm * frac * rng.uniform(0.9, 1.1, len(frac))).astype(np.float32)
+    return pa.table({
+        "layer": pa.array(np.full(len(act), layer, np.int16)),
+        "neuron": pa.array(np.repeat(np.arange(d), b * per_band).astype(np.int32)),
+        "band": pa.array(np.tile(np.repeat(np.arange(b), per_band), d).astype(np.int16)),
+        "rank": pa.array(np.tile(np.arange(per_band), d * b).astype(np.int16)),
+        "bin_lo": pa.array((norm * frac * 0.85).astype(np.float32)),
+        "bin_hi": pa.array((norm * frac * 1.15).astype(np.float32)),
+        "doc_id": pa.array(rng.integers(0, N_DOCS, len(act)).astype(np.int32)),
+        "token_pos": pa.array(rng.integers(1, CONTEXT, len(act)).astype(np.int32)),
+        "activation": pa.array(act), "norm_activation": pa.array((act / norm).astype(np.float32))})
 
 
 def _clamp_layer(layer: int, neurons: pa.Table, decoded: pa.Table, top_k: int, cfg: ClampConfig,
@@ -293,7 +314,9 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                      {"top_k": top_k, "bottom_k": bottom_k, "sides": list(sides)}, seconds=0.0)
         if corpus:
             store.set_meta("corpus", {"source": "atlas.synthetic", "rows": N_DOCS, "context": CONTEXT,
-                                      "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}"})
+                                      "tokens": N_DOCS * CONTEXT, "hash": f"sha256:{seed + 1:064x}",
+                                      "sources": [{"name": "atlas.synthetic", "version": __version__,
+                                                   "hash": f"sha256:{seed + 1:064x}", "tokens": N_DOCS * CONTEXT}]})
             store.set_meta("histogram_edges", [float(e) for e in np.sinh(np.linspace(-9.0, 9.0, 65)) * 0.05])
             write_record(store, STAGES["exemplars"], "done", f"synthetic-{seed}",
                          {"k": k, "context": CONTEXT, "corpus": "atlas.synthetic"})

@@ -22,6 +22,9 @@ from atlas.site.text import fmt_stat, strip_text, token_cell
 from atlas.store import finished_stage
 
 SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 4, 3, 5     # per page (a page stays under 10 KB); the JSON carries all rows
+OPEN_BOX = "\u2423"                              # a space made visible
+SAMPLE_BEFORE, SAMPLE_AFTER = 5, 3              # tokens shown around a band sample's token
+SHOWN_SAMPLES = 1                               # band samples shown per band (the JSON has them all)
 SHADES = 5                                      # colour buckets per sign
 
 
@@ -70,7 +73,8 @@ def strip_html(ids: list[int], levels: list[int], focus: int, vocab: list[str]) 
             parts.append("</i>")
             run = 0
         if j == focus:
-            parts.append(f"{_FOCUS[level]}{text}</b>")
+            # A peak on a space token would be an empty-looking box: show its spaces as ␣.
+            parts.append(f"{_FOCUS[level]}{text if text.strip(' ') else text.replace(' ', OPEN_BOX)}</b>")
         elif level:
             if not run:
                 parts.append(_OPEN[level])
@@ -92,7 +96,7 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normali
 
     def section(n: int) -> dict:
         if n not in out:
-            out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None}
+            out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None, "bands": []}
         return out[n]
 
     rows = con.execute(f"""
@@ -107,6 +111,8 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normali
         for (n, polarity, norm_act, ws, pos, _, ids), level in zip(rows, levels):
             offset = max(0, -ws)        # a window that starts before its input has no tokens there
             section(n)[polarity].append((norm_act, strip_html(ids, level[offset:], pos - ws - offset, vocab)))
+    for n, band in band_sections(con, layer, lo, hi, vocab):
+        section(n)["bands"].append(band)
     hist = con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
                        "AND neuron < ?", [layer, lo, hi]).fetchall()
     if hist:
@@ -120,6 +126,30 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], normali
     for sec in out.values():
         for polarity in ("supports", "suppresses"):
             sec[polarity] = attribution_list(sec[polarity])
+    return out
+
+
+def band_sections(con, layer: int, lo: int, hi: int, vocab: list[str]) -> list[tuple[int, dict]]:
+    """(neuron, band) pairs: each band's bin range over the normaliser and its sampled tokens as strips."""
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'exemplar_samples'").fetchone()[0]:
+        return []
+    rows = con.execute(f"""
+            SELECT s.neuron, s.band, s.bin_lo, s.bin_hi, s.activation, s.norm_activation, s.token_pos,
+                   list_slice(d.token_ids, greatest(s.token_pos - {SAMPLE_BEFORE}, 0) + 1, s.token_pos + {SAMPLE_AFTER + 1})
+            FROM exemplar_samples s JOIN corpus_docs d USING (doc_id)
+            WHERE s.layer = ? AND s.neuron >= ? AND s.neuron < ? AND s.rank < {SHOWN_SAMPLES}
+            ORDER BY s.neuron, s.band, s.rank""", [layer, lo, hi]).fetchall()
+    out: list[tuple[int, dict]] = []
+    for n, band, b_lo, b_hi, act, norm_act, pos, ids in rows:
+        if not out or out[-1][0] != n or out[-1][1]["band"] != band:
+            scale = act / norm_act if norm_act else float("nan")
+            out.append((n, {"band": band, "lo": b_lo / scale if scale > 0 else b_lo,
+                            "hi": b_hi / scale if scale > 0 else b_hi, "strips": []}))
+        focus = pos - max(0, pos - SAMPLE_BEFORE)
+        level = int(max(-SHADES, min(SHADES, round((norm_act or 0) * SHADES)))) if norm_act == norm_act else 0
+        levels = [0] * len(ids)
+        levels[focus] = level
+        out[-1][1]["strips"].append((norm_act, strip_html(ids, levels, focus, vocab)))
     return out
 
 

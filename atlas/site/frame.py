@@ -112,7 +112,7 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
             tool_version=meta.get("tool_version", ""), render_version=__version__,
             schema_version=meta.get("schema_version"), created_at=meta["created_at"], stages=stages,
             clusters=clusters.summary(store.con), downloads=downloads, human_bytes=human_bytes,
-            clamp=clamp_summary(store.con)),
+            clamp=clamp_summary(store.con), corpus=meta.get("corpus") if has_corpus(store.con) else None),
             encoding="utf-8")
         (docs / "method.md").write_text(env.get_template("frame/method.md").render(
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),

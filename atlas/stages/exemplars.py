@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas import faults
-from atlas.stages.activations import WINDOW, WINDOW_BEFORE, PassState, hist_edges
+from atlas.stages.activations import HIST_BINS, PassState, hist_edges, hist_index
 from atlas.stages.attribution import AttributionState, attribute_batch
-from atlas.stages.corpus import Row, corpus_hash, corpus_identity, cut_rows, open_corpus
+from atlas.stages.corpus import (Deduper, Row, corpus_hash, corpus_identity, corpus_kind, cut_rows,
+                                 default_sources, describe_default, open_corpus)
 from atlas.config import RAY_SETTINGS, ExemplarConfig
 from atlas.errors import AtlasError
 from atlas.files import write_bytes_atomic
@@ -31,14 +33,19 @@ from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 from atlas.store import Store
 
 STAGE = "exemplars"
+# Band samples shown per neuron: the histogram bins holding these fractions of its normaliser
+# (bins are about a third wide, so each fraction lands in its own bin), SAMPLES tokens each.
+BAND_FRACTIONS = (0.5, 0.25, 0.1)
 
 
 class _StopForward(Exception):
     """Raised after the last MLP: the rest of the model does not change any activation."""
 
 
-def read_rows(cfg: ExemplarConfig, tokenizer) -> list[Row]:
-    rows = list(cut_rows(open_corpus(cfg.corpus, cfg.text_column), tokenizer, cfg.context, cfg.max_tokens))
+def read_rows(cfg: ExemplarConfig, tokenizer, counts: dict | None = None, dedupe: Deduper | None = None) -> list[Row]:
+    """The corpus cut into model inputs; ``counts`` gains each source's tokens, ``dedupe`` the paragraphs dropped."""
+    rows = list(cut_rows(open_corpus(cfg.corpus, cfg.text_column, dedupe), tokenizer, cfg.context,
+                         cfg.max_tokens, counts))
     if not rows:
         n = sum(len(tokenizer.encode(t, add_special_tokens=False)) for _, t in open_corpus(cfg.corpus, cfg.text_column))
         what = cfg.corpus
@@ -141,7 +148,11 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
         return {"skipped": True}            # without loading the model or reading the corpus
     check_corpus(cfg)
     store, lm = ctx.store, ctx.lm
-    rows = read_rows(cfg, lm.tokenizer)
+    if corpus_kind(cfg.corpus)[0] == "default":
+        print(describe_default(), file=sys.stderr)
+    counts: dict[str, int] = {}
+    dedupe = Deduper()
+    rows = read_rows(cfg, lm.tokenizer, counts, dedupe)
     rows_hash = corpus_hash(rows)
     fp = fingerprint(ctx, rows_hash, cfg)
     if ctx.is_done(fp):
@@ -150,7 +161,8 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
     n_layers, d_mlp = adapter.n_layers(model), adapter.d_mlp(model)
     n_tokens = len(rows) * cfg.context
     ckpt = _checkpoint_path(store)
-    state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device, spare_slots(cfg)), 0
+    state, start = PassState.empty(n_layers, d_mlp, cfg.k, k_tail(cfg, n_tokens), lm.device, spare_slots(cfg),
+                                   cfg.window_before, cfg.window_after), 0
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         # A Ray run's checkpoint holds merged shards (k slots, no room to fold into): only
@@ -177,14 +189,26 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
     with store.transaction() as con:
         _write(con, lm, rows, state.to("cpu").finished(), normaliser, attr, cfg)
         store.set_meta("corpus", {"source": cfg.corpus, "rows": len(rows), "context": cfg.context,
-                                  "tokens": n_tokens, "hash": rows_hash})
+                                  "tokens": n_tokens, "hash": rows_hash,
+                                  "sources": corpus_sources(cfg, counts),
+                                  "near_duplicates_dropped": dedupe.dropped,
+                                  "window": {"before": cfg.window_before, "after": cfg.window_after}})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         ctx.finish(fp, cfg, quick_key=quick_key(ctx, cfg))
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     ckpt.unlink(missing_ok=True)
-    return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1),
+    return {"rows": len(rows), "tokens": n_tokens, "pass_seconds": round(pass_s, 1), "sources": counts,
             "tokens_per_s": round((len(rows) - start * cfg.batch_size) * cfg.context / max(pass_s, 1e-9))}
+
+
+def corpus_sources(cfg: ExemplarConfig, counts: dict[str, int]) -> list[dict]:
+    """Every source of the corpus with its version, hash and the tokens it put into the inputs
+    (BOS tokens not counted). A user's corpus is one source per file name the rows came from."""
+    if corpus_kind(cfg.corpus)[0] == "default":
+        return [{k: v for k, v in s.items() if k != "reader"} | {"tokens": counts.get(s["name"], 0)}
+                for s in default_sources()]
+    return [{"name": name, "tokens": n} for name, n in sorted(counts.items())]
 
 
 def _save_checkpoint(path: Path, fp: str, batches: int, state: PassState, merged: bool = False) -> None:
@@ -207,13 +231,15 @@ class ShardJob:
     k_tail: int
     spare: int
     end_batch: int              # batches of the whole pass done once this shard is merged
+    window_before: int
+    window_after: int
 
 
 def shard_pass(lm: LoadedModel, job: ShardJob, report) -> PassState:
     """On a Ray worker: fold one shard into a fresh state; returns it finished, on the CPU."""
     adapter = lm.adapter
     state = PassState.empty(adapter.n_layers(lm.model), adapter.d_mlp(lm.model), job.k, job.k_tail,
-                            lm.device, job.spare)
+                            lm.device, job.spare, job.window_before, job.window_after)
     T = len(job.rows[0].token_ids)
 
     def on_batch(done: int, st) -> None:
@@ -240,7 +266,8 @@ def shards(cfg: ExemplarConfig, rows: list[Row], start: int, n_tokens: int, work
     for i, b in enumerate(range(start, n_batches, per)):
         end = min(b + per, n_batches)
         part = rows[b * bs:end * bs]
-        out.append(Shard(i, shard_pass, ShardJob(part, bs, cfg.k, k_tail(cfg, n_tokens), spare_slots(cfg), end),
+        out.append(Shard(i, shard_pass, ShardJob(part, bs, cfg.k, k_tail(cfg, n_tokens), spare_slots(cfg), end,
+                                                             cfg.window_before, cfg.window_after),
                          len(part) * T))
     return out
 
@@ -318,8 +345,10 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
             "rank": pa.array(rank.astype(np.int16)), "doc_id": pa.array((p // T).astype(np.int32)),
             "token_pos": pa.array((p % T).astype(np.int32)), "activation": pa.array(act.astype(np.float32)),
             "norm_activation": pa.array(np.where(n > 0, act / np.where(n > 0, n, 1), np.nan).astype(np.float32)),
-            "window_start": pa.array((p % T - WINDOW_BEFORE).astype(np.int32)),
-            "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1).astype(np.float32)), WINDOW),
+            "window_start": pa.array((p % T - state.before).astype(np.int32)),
+            "window_activations": pa.ListArray.from_arrays(
+                pa.array(np.arange(len(p) + 1, dtype=np.int32) * w.shape[1]),
+                pa.array(w.reshape(-1).astype(np.float32))),
         }))
     insert_arrow(con, "exemplars", pa.concat_tables(parts), order="layer, neuron, polarity, rank")
     n_tok = max(int(state.n_tokens), 1)
@@ -344,8 +373,34 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
                       "counts": pa.FixedSizeListArray.from_arrays(
                           pa.array(hist.reshape(-1).astype(np.int64)), hist.shape[2])})
     insert_arrow(con, "histograms", hists, order="layer, neuron")
+    con.execute("DELETE FROM exemplar_samples")
+    insert_arrow(con, "exemplar_samples", band_samples(state, norm, T), order="layer, neuron, band, rank")
     if attr is not None:
         insert_arrow(con, "attributions", attr.table(T), order="layer, neuron, polarity DESC, rank",
                 select="t.layer, t.neuron, t.rank, t.token_id, v.token, t.attribution, t.polarity, "
                        "t.doc_id, t.token_pos", join="JOIN vocab v USING (token_id)")
 
+
+def band_samples(state: PassState, norm: np.ndarray, T: int) -> pa.Table:
+    """The sampled tokens of the bins that hold BAND_FRACTIONS of each neuron's normaliser.
+
+    The pass keeps samples for every bin, since the normaliser is known only at the end; this
+    picks the bins to show from the final normaliser. Neurons without a positive one get none.
+    """
+    L, d = norm.shape
+    edges = hist_edges().numpy()
+    fractions = torch.tensor(BAND_FRACTIONS, dtype=torch.float32)
+    bins = hist_index(torch.from_numpy(norm).float().unsqueeze(-1) * fractions)          # [L, d, bands]
+    pos = state.samp_pos.gather(2, bins.unsqueeze(-1).expand(-1, -1, -1, state.samp_pos.shape[-1])).numpy()
+    val = state.samp_val.gather(2, bins.unsqueeze(-1).expand(-1, -1, -1, state.samp_val.shape[-1])).numpy()
+    ok = (pos >= 0) & (norm > 0)[:, :, None, None]                                         # [L, d, bands, S]
+    layer, neuron, band, rank = np.nonzero(ok)
+    p, a, b = pos[ok], val[ok], bins.numpy()[layer, neuron, band]
+    n = norm[layer, neuron]
+    return pa.table({
+        "layer": pa.array(layer.astype(np.int16)), "neuron": pa.array(neuron.astype(np.int32)),
+        "band": pa.array(band.astype(np.int16)), "rank": pa.array(rank.astype(np.int16)),
+        "bin_lo": pa.array(edges[b].astype(np.float32)), "bin_hi": pa.array(edges[b + 1].astype(np.float32)),
+        "doc_id": pa.array((p // T).astype(np.int32)), "token_pos": pa.array((p % T).astype(np.int32)),
+        "activation": pa.array(a.astype(np.float32)), "norm_activation": pa.array((a / n).astype(np.float32)),
+    })

