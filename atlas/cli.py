@@ -277,8 +277,11 @@ def clamp(out, model, device, dtype, quiet, **kw):
 @dtype_option
 @config_options(DescribeConfig)
 @click.option("--dry-run", is_flag=True, help="print the requests and tokens the run would send, and send none")
+@click.option("--check-shuffled", is_flag=True,
+              help="after describing, score each neuron's contexts with another neuron's description too "
+                   "(one request per scored neuron) and print own versus shuffled mean scores")
 @quiet_option
-def describe(out, model, device, dtype, dry_run, quiet, **kw):
+def describe(out, model, device, dtype, dry_run, check_shuffled, quiet, **kw):
     """Ask an explainer model for one description per neuron, and a scorer for its detection score.
 
     Any OpenAI-compatible endpoint works; the API key, if it needs one, is read from
@@ -297,8 +300,11 @@ def describe(out, model, device, dtype, dry_run, quiet, **kw):
         from atlas.pipeline import describe_dry_run
         _print_summary(describe_dry_run(out, cfg))
         return
-    from atlas.pipeline import Build
-    _print_summary(Build(out, model, device, dtype, progress=not quiet).describe(cfg))
+    from atlas.pipeline import Build, describe_check
+    result = Build(out, model, device, dtype, progress=not quiet).describe(cfg)
+    if check_shuffled:
+        result = {"describe": result, "shuffled_check": describe_check(out, cfg, device)}
+    _print_summary(result)
 
 
 @main.command("serve-model")

@@ -164,3 +164,11 @@ def describe_dry_run(out: str | Path, cfg: DescribeConfig) -> dict:
 
     with Store(store_path(out), read_only=True) as store:
         return dry_run(store.con, cfg)
+
+
+def describe_check(out: str | Path, cfg: DescribeConfig, device: str = "auto") -> dict:
+    """The held-out check of the stored descriptions: own versus shuffled detection scores (``shuffled_check``)."""
+    from atlas.stages.describe import shuffled_check
+
+    with output_lock(Path(out)), Store(store_path(out)) as store:
+        return shuffled_check(store, cfg, device)

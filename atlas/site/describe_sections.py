@@ -6,6 +6,8 @@ workers import nothing of it. A neuron the describe stage did not reach shows no
 
 from __future__ import annotations
 
+import json
+
 
 def has_descriptions(con) -> bool:
     """Whether the store holds any description (a stopped describe run's answers count: they are real)."""
@@ -24,3 +26,16 @@ def description_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
                   "scorer": scorer, "scorer_prompt_version": scorer_version, "contexts": contexts, "seed": seed,
                   "tpr": tpr, "tnr": tnr}
     return out
+
+
+def summary(con) -> dict | None:
+    """What the method page says about the descriptions, or None without any."""
+    if not has_descriptions(con):
+        return None
+    n, scored, mean = con.execute("SELECT count(*), count(score), avg(score) FROM descriptions").fetchone()
+    explainers = [r[0] for r in con.execute("SELECT DISTINCT explainer FROM descriptions ORDER BY 1").fetchall()]
+    scorers = [r[0] for r in con.execute("SELECT DISTINCT scorer FROM descriptions WHERE scorer IS NOT NULL "
+                                         "ORDER BY 1").fetchall()]
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'describe.shuffled_check'").fetchone()
+    return {"neurons": n, "scored": scored, "mean_score": mean, "explainers": explainers, "scorers": scorers,
+            "check": json.loads(row[0]) if row else None}

@@ -32,9 +32,12 @@ import numpy as np
 
 from atlas import faults
 from atlas.config import DescribeConfig
+from atlas.errors import AtlasError
 from atlas.llm.client import ChatClient
+from atlas.model.files import DEFAULT_MODEL, EMBEDDED_ID
 from atlas.resources import data_json
 from atlas.stages.contract import Context, write_record
+from atlas.store import finished_stage
 
 STAGE = "describe"
 WINDOW = 16                 # tokens of one context: the exemplars' stored window
@@ -103,6 +106,8 @@ class Corpus:
 def gather(con, corpus: Corpus, chosen: list[tuple[int, int]], cfg: DescribeConfig) -> list[Neuron]:
     """Each chosen neuron's shown exemplars, held-out exemplars and decoded tokens, and its explain prompt."""
     want = {key: Neuron(*key, [], [], []) for key in chosen}
+    if not want:
+        return []
     con.execute("CREATE OR REPLACE TEMP TABLE describe_sel (layer SMALLINT, neuron INTEGER)")
     con.executemany("INSERT INTO describe_sel VALUES (?, ?)", chosen)
     try:
@@ -219,8 +224,11 @@ class Plan:
 
 
 def names(cfg: DescribeConfig) -> tuple[str, str]:
-    scorer = cfg.scorer_model or cfg.explainer_model
-    return cfg.explainer_model, scorer
+    """(explainer, scorer) as the stored rows name them: the model names sent, the embedded model by its id."""
+    def name(url: str, model: str) -> str:
+        return EMBEDDED_ID if url == "local" and model in ("", DEFAULT_MODEL) else model
+    return (name(cfg.explainer_url, cfg.explainer_model),
+            name(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model))
 
 
 def make_plan(con, corpus: Corpus, cfg: DescribeConfig, explainer: str, scorer: str) -> Plan:
@@ -262,6 +270,9 @@ def dry_run(con, cfg: DescribeConfig) -> dict:
     cfg.validate()
     if not cfg.active:
         return {"neurons": 0, "requests": 0, "note": "no explainer (--explainer-url) or --describe-budget 0"}
+    if finished_stage(con, "exemplars") is None:
+        raise AtlasError("the store has no finished exemplars stage (the contexts an explainer reads); "
+                         "run `atlas exemplars` or `atlas build` first")
     corpus = Corpus(con)
     return estimate(make_plan(con, corpus, cfg, *names(cfg)), cfg, corpus)
 
@@ -270,7 +281,9 @@ def run(ctx: Context, cfg: DescribeConfig) -> dict:
     """Describe and score the neurons the budget picks; without an explainer nothing is sent or written."""
     cfg.validate()
     if not cfg.active:
-        return {"skipped": "no explainer (--explainer-url)" if not cfg.explainer_url else "--describe-budget 0"}
+        # Nothing to do is not a skipped result: no record is written, and no stage reads this one.
+        return {"described": 0, "note": "no explainer (--explainer-url)" if not cfg.explainer_url
+                else "--describe-budget 0"}
     ctx.require("exemplars", "the exemplars an explainer reads")
     store, con = ctx.store, ctx.store.con
     explainer_name, scorer_name = names(cfg)
@@ -321,7 +334,8 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
     if plan.score:
         scorer = (explainer if explainer and (cfg.scorer_url or cfg.explainer_url) == cfg.explainer_url
                   and scorer_name == explainer_name
-                  else make_client(cfg.scorer_url or cfg.explainer_url, scorer_name, cfg, ctx.device_type))
+                  else make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg,
+                                   ctx.device_type))
         windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in plan.score}
         for (nr, text), ans in answers(scorer, plan.score,
                                        lambda job: score_messages(job[1], windows[(job[0].layer, job[0].neuron)]),
@@ -353,3 +367,44 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
         ctx.finish(fp, cfg, stats=stats, seconds=round(seconds, 1))
     return {**stats, "seconds": round(seconds, 1)}
 
+
+
+# -- the held-out check ------------------------------------------------------------------
+def shuffled_check(store, cfg: DescribeConfig, device: str = "auto") -> dict:
+    """Score each scored neuron's own contexts again with another neuron's description.
+
+    The neurons scored under ``cfg``'s scorer, prompt, contexts and seed are put in
+    (layer, neuron) order and each gets the description of the next one (the last the
+    first's), judged on exactly the windows its own description was judged on. If the
+    descriptions say something about their neurons, the own scores are higher on average.
+    The result goes into ``atlas_meta`` as ``describe.shuffled_check``.
+    """
+    cfg.validate()
+    con = store.con
+    _, scorer_name = names(cfg)
+    version = prompts()["score"]["version"]
+    own = con.execute("SELECT layer, neuron, description, score FROM descriptions WHERE scorer = ? AND "
+                      "scorer_prompt_version = ? AND seed = ? AND score IS NOT NULL ORDER BY layer, neuron",
+                      [scorer_name, version, cfg.describe_seed]).fetchall()
+    if len(own) < 2:
+        raise AtlasError(f"the held-out check needs at least 2 neurons scored by {scorer_name!r}; "
+                         "run `atlas describe` with a larger --describe-budget first")
+    corpus = Corpus(con)
+    neurons = {(nr.layer, nr.neuron): nr for nr in gather(con, corpus, [(r[0], r[1]) for r in own], cfg)}
+    jobs = [(neurons[(r[0], r[1])], own[(i + 1) % len(own)][2]) for i, r in enumerate(own) if (r[0], r[1]) in neurons]
+    windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in jobs}
+    client = make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg, device)
+    shuffled = {}
+    for (nr, text), ans in answers(client, jobs, lambda job: score_messages(job[1], windows[(job[0].layer, job[0].neuron)]),
+                                   cfg.describe_max_tokens, cfg.describe_seed, cfg.describe_concurrency):
+        win = windows[(nr.layer, nr.neuron)]
+        shuffled[(nr.layer, nr.neuron)] = balanced_accuracy(parse_fits(ans.text, len(win)), [w[0] for w in win])[0]
+    pairs = [(r[3], shuffled[(r[0], r[1])]) for r in own if (r[0], r[1]) in shuffled]
+    diffs = np.array([a - b for a, b in pairs])
+    result = {"pairs": len(pairs), "scorer": scorer_name, "score_prompt": version, "seed": cfg.describe_seed,
+              "own_mean": float(np.mean([a for a, _ in pairs])), "shuffled_mean": float(np.mean([b for _, b in pairs])),
+              "margin": float(diffs.mean()), "margin_se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))),
+              "own_higher": int((diffs > 0).sum()), "ties": int((diffs == 0).sum()), "own_lower": int((diffs < 0).sum())}
+    with store.transaction():
+        store.set_meta("describe.shuffled_check", result)
+    return result

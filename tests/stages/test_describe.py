@@ -208,9 +208,11 @@ def test_bad_endpoints_fail_in_one_line_and_keep_what_is_stored(tiny_atlas, tiny
 
 def test_local_backend_runs_the_model_in_process(tiny_atlas):
     result = tiny_atlas.describe(DescribeConfig(explainer_url="local", explainer_model=tiny_atlas.model_spec,
-                                                describe_budget=3, score_contexts=2, describe_max_tokens=5))
+                                                describe_budget=3, score_contexts=2, describe_max_tokens=5,
+                                                describe_concurrency=2))
     assert (result["described"], result["scored"]) == (3, 3)
-    assert rows(tiny_atlas.out, "SELECT DISTINCT explainer FROM descriptions") == [(tiny_atlas.model_spec,)]
+    assert rows(tiny_atlas.out, "SELECT DISTINCT explainer, scorer FROM descriptions") == [
+        (tiny_atlas.model_spec, tiny_atlas.model_spec)]
 
 
 def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
@@ -246,3 +248,28 @@ def test_describe_settings_are_checked_before_anything_runs(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(AtlasError):
         DescribeConfig(describe_concurrency=0).validate()
+
+
+@pytest.mark.slow
+def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default_atlas, tmp_path):
+    """The embedded SmolLM2-135M behind `atlas serve-model`'s server: a tiny budget, and the held-out check.
+
+    The README reports the figures of a larger run; this one checks that the pairs are
+    made and scored on the same windows, whatever margin a 135M model reaches.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(default_atlas / "atlas.duckdb", out / "atlas.duckdb")      # the shared build stays as it is
+    gen = Generator(load_model("default", device="cpu"), "smollm2")
+    with serving(gen, batch=6) as (url, stats_url):
+        config = cfg(url, explainer_model="smollm2", describe_budget=6, score_contexts=6, describe_max_tokens=16,
+                     describe_concurrency=6)
+        result = Build(out, "default", device="cpu", progress=False).describe(config)
+        from atlas.pipeline import describe_check
+        check = describe_check(out, config, "cpu")
+        sent = stats(stats_url)["requests"]
+    assert (result["described"], result["scored"]) == (6, 6) and sent == 18
+    assert check["pairs"] == 6 and check["own_higher"] + check["ties"] + check["own_lower"] == 6
+    own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
+    assert abs(check["own_mean"] - own) < 1e-6
+    print("held-out check (6 neurons):", json.dumps(check))
