@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from atlas import faults
 from atlas.config import DescribeConfig
@@ -36,7 +37,7 @@ from atlas.errors import AtlasError
 from atlas.llm.client import ChatClient
 from atlas.model.files import DEFAULT_MODEL, EMBEDDED_ID
 from atlas.resources import data_json
-from atlas.stages.contract import Context, write_record
+from atlas.stages.contract import Context, registered, write_record
 from atlas.store import finished_stage
 
 STAGE = "describe"
@@ -108,9 +109,9 @@ def gather(con, corpus: Corpus, chosen: list[tuple[int, int]], cfg: DescribeConf
     want = {key: Neuron(*key, [], [], []) for key in chosen}
     if not want:
         return []
-    con.execute("CREATE OR REPLACE TEMP TABLE describe_sel (layer SMALLINT, neuron INTEGER)")
-    con.executemany("INSERT INTO describe_sel VALUES (?, ?)", chosen)
-    try:
+    sel = pa.table({"layer": pa.array([k[0] for k in chosen], pa.int16()),
+                    "neuron": pa.array([k[1] for k in chosen], pa.int32())})
+    with registered(con, "describe_sel", sel):
         for layer, n, rank, doc, pos, start in con.execute("""
                 SELECT e.layer, e.neuron, e.rank, e.doc_id, e.token_pos, coalesce(e.window_start, e.token_pos - 8)
                 FROM exemplars e JOIN describe_sel USING (layer, neuron) WHERE e.polarity = 'max'
@@ -126,8 +127,6 @@ def gather(con, corpus: Corpus, chosen: list[tuple[int, int]], cfg: DescribeConf
                 SELECT d.layer, d.neuron, d.token FROM decoded_tokens d JOIN describe_sel USING (layer, neuron)
                 WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < ? ORDER BY ALL""", [OUT_TOKENS]).fetchall():
             want[(layer, n)].tokens.append(token or "")
-    finally:
-        con.execute("DROP TABLE IF EXISTS describe_sel")
     p = prompts()["explain"]
     out = []
     for nr in want.values():
