@@ -16,7 +16,8 @@ import duckdb
 
 from atlas import __version__
 # Settings only: the stages, which import torch (a second or more), load when a command runs.
-from atlas.config import SHAPES, ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig, check_device
+from atlas.config import (SHAPES, ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, RenderConfig,
+                          check_device)
 from atlas.errors import AtlasError
 
 
@@ -164,6 +165,7 @@ def _print_summary(result: dict) -> None:
 @config_options(ExemplarConfig)
 @config_options(ClusterConfig)
 @config_options(ClampConfig)
+@config_options(DescribeConfig)
 @config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
@@ -179,13 +181,14 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --model ./Llama-3.1-8B --out out/llama --ray auto   # every GPU of a local Ray cluster
     """
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
-    exemplar_cfg, cluster_cfg, clamp_cfg = (config_from(c, kw) for c in (ExemplarConfig, ClusterConfig, ClampConfig))
+    exemplar_cfg, cluster_cfg, clamp_cfg, describe_cfg = (config_from(c, kw) for c in (
+        ExemplarConfig, ClusterConfig, ClampConfig, DescribeConfig))
     check_device(device)
-    for cfg in (decode, exemplar_cfg, cluster_cfg, clamp_cfg, render):
+    for cfg in (decode, exemplar_cfg, cluster_cfg, clamp_cfg, describe_cfg, render):
         cfg.validate()              # in a fraction of a second: before the pipeline imports torch
     from atlas.pipeline import build as run_build
     _print_summary(run_build(out, model, decode, render, exemplar_cfg, device=device, dtype=dtype, force=force,
-                             progress=not quiet, cluster=cluster_cfg, clamp=clamp_cfg))
+                             progress=not quiet, cluster=cluster_cfg, clamp=clamp_cfg, describe=describe_cfg))
 
 
 @main.command()
@@ -271,6 +274,81 @@ def clamp(out, model, device, dtype, quiet, **kw):
     cfg = config_from(ClampConfig, kw)
     cfg.validate()                  # before the output directory or the store is touched
     _print_summary(Build(out, model, device, dtype, progress=not quiet).clamp(cfg))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(DescribeConfig)
+@click.option("--dry-run", is_flag=True, help="print the requests and tokens the run would send, and send none")
+@click.option("--check-shuffled", is_flag=True,
+              help="after describing, score each neuron's contexts with another neuron's description too "
+                   "(one request per scored neuron) and print own versus shuffled mean scores")
+@quiet_option
+def describe(out, model, device, dtype, dry_run, check_shuffled, quiet, **kw):
+    """Ask an explainer model for one description per neuron, and a scorer for its detection score.
+
+    Any OpenAI-compatible endpoint works; the API key, if it needs one, is read from
+    $ATLAS_API_KEY (or the variable --api-key-env names). Answers are stored as they
+    arrive: a rerun resumes and never asks twice.
+
+    \b
+    Example:
+      atlas describe --out out/smollm2 --explainer-url http://localhost:8000/v1 \\
+          --explainer-model Qwen/Qwen2.5-7B-Instruct --describe-budget 1000 --dry-run
+      atlas describe --out out/smollm2 --explainer-url local --explainer-model default --describe-budget 20
+    """
+    cfg = config_from(DescribeConfig, kw)
+    cfg.validate()                  # before the output directory or the store is touched
+    if dry_run:
+        from atlas.pipeline import describe_dry_run
+        _print_summary(describe_dry_run(out, cfg))
+        return
+    from atlas.pipeline import Build, describe_check
+    result = Build(out, model, device, dtype, progress=not quiet).describe(cfg)
+    if check_shuffled:
+        result = {"describe": result, "shuffled_check": describe_check(out, cfg, device)}
+    _print_summary(result)
+
+
+@main.command("serve-model")
+@click.option("--model", default="default", show_default=True,
+              help="local HF model directory, .gguf file, hub id, or 'default' (embedded SmolLM2-135M-Instruct)")
+@click.option("--name", default=None, help="the model's name in requests and /v1/models (default: its id)")
+@device_option
+@dtype_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port, 1 to 65535 (0: any free port)")
+@click.option("--batch", default=8, show_default=True, type=int, help="requests answered together in one generate")
+@click.option("--rate-limit", default=0.0, show_default=True, type=float,
+              help="requests a second before answering 429 with Retry-After (0: no limit)")
+def serve_model(model, name, device, dtype, host, port, batch, rate_limit):
+    """Serve a transformers model with the OpenAI chat API (/v1/chat/completions), batching concurrent requests.
+
+    \b
+    Example:
+      atlas serve-model --port 8001 &
+      atlas describe --out out/smollm2 --explainer-url http://127.0.0.1:8001/v1 \\
+          --explainer-model HuggingFaceTB/SmolLM2-135M-Instruct --describe-budget 20
+    """
+    check_device(device)
+    if batch < 1 or not 0 <= port <= 65535 or rate_limit < 0:
+        raise AtlasError("--batch must be at least 1, --port 0 to 65535 and --rate-limit not negative")
+    from atlas.llm.generate import Generator
+    from atlas.llm.server import make_server
+    from atlas.model.load import load_model
+    gen = Generator(load_model(model, device, dtype), name)
+    try:
+        server = make_server(gen, host, port, batch, rate_limit)
+    except OSError as e:
+        raise AtlasError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    click.echo(f"serving {gen.name} at http://{host}:{server.server_address[1]}/v1", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 @main.command()

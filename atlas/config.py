@@ -243,3 +243,49 @@ def check_site_url(url: str, option: str = "--site-url") -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AtlasError(f"{option} {shown!r} is not an absolute http(s) URL; "
                          "give one such as https://example.org/atlas/")
+
+
+@dataclass
+class DescribeConfig:
+    explainer_url: str = field(default="", metadata={
+        "help": "OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM, llama.cpp, Ollama, "
+                "`atlas serve-model`), or 'local' to run --explainer-model in this process; empty: no descriptions"})
+    explainer_model: str = field(default="", metadata={
+        "help": "model name at the endpoint; with 'local' an HF directory, hub id or 'default' (the embedded model)"})
+    scorer_url: str = field(default="", metadata={"help": "endpoint of the scorer (empty: the explainer's)"})
+    scorer_model: str = field(default="", metadata={"help": "model of the scorer (empty: the explainer's)"})
+    api_key_env: str = field(default="ATLAS_API_KEY", metadata={
+        "help": "environment variable holding the endpoint's API key (sent as a bearer token when set)"})
+    describe_budget: int = field(default=-1, metadata={
+        "help": "neurons to describe, strongest of each layer first: -1 all (when an explainer is given), 0 none"})
+    describe_shown: int = field(default=6, metadata={"help": "top exemplars shown to the explainer"})
+    score_contexts: int = field(default=10, metadata={
+        "help": "contexts the scorer judges per neuron: half held-out top exemplars, half random corpus (0: no score)"})
+    describe_seed: int = field(default=0, metadata={"help": "seed of the random contexts, their order and the models"})
+    describe_max_tokens: int = field(default=32, metadata={"help": "most tokens of one answer"})
+    describe_concurrency: int = field(default=8, metadata={"help": "requests in flight at once (the batch of 'local')"})
+    describe_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for one answer"})
+    describe_retries: int = field(default=4, metadata={
+        "help": "retries of a rate-limited, failed or timed-out request, with exponential backoff"})
+
+    def validate(self) -> None:
+        if self.describe_budget < -1:
+            raise AtlasError("--describe-budget must be -1 (all), 0 (none) or a positive count")
+        if self.describe_shown < 1 or self.describe_max_tokens < 1 or self.describe_concurrency < 1:
+            raise AtlasError("--describe-shown, --describe-max-tokens and --describe-concurrency must be at least 1")
+        if self.score_contexts < 0 or self.score_contexts % 2:
+            raise AtlasError(f"--score-contexts {self.score_contexts}: give an even number (half held-out, "
+                             "half random), or 0 for no score")
+        if not self.describe_timeout > 0 or self.describe_retries < 0:
+            raise AtlasError("--describe-timeout must be positive and --describe-retries not negative")
+        for flag, url in (("--explainer-url", self.explainer_url), ("--scorer-url", self.scorer_url)):
+            if url and url != "local" and urlsplit(url).scheme not in ("http", "https"):
+                raise AtlasError(f"{flag} {url!r}: give an http(s) URL ending in /v1, or 'local'")
+        if self.explainer_url and not self.explainer_model:
+            raise AtlasError("--explainer-url needs --explainer-model (the model's name at the endpoint, "
+                             "or with 'local' an HF directory, hub id or 'default')")
+
+    @property
+    def active(self) -> bool:
+        """Whether this run describes anything: an explainer is given and the budget is not 0."""
+        return bool(self.explainer_url) and self.describe_budget != 0

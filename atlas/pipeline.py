@@ -10,7 +10,8 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig, check_device
+from atlas.config import (ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, RenderConfig,
+                          check_device)
 from atlas.errors import AtlasError
 from atlas.lock import output_lock
 from atlas.model.files import DEFAULT_MODEL, hash_weights, resolve
@@ -110,6 +111,9 @@ class Build:
     def clamp(self, cfg: ClampConfig = ClampConfig()) -> dict:
         return self.run_stage("clamp", cfg)
 
+    def describe(self, cfg: DescribeConfig = DescribeConfig()) -> dict:
+        return self.run_stage("describe", cfg)
+
     def render(self, cfg: RenderConfig | None = None, force: bool = False) -> dict:
         return render_site(self.out, cfg, self.progress, force)
 
@@ -135,14 +139,15 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
           render: RenderConfig | None = None, exemplars: ExemplarConfig = ExemplarConfig(),
           device: str = "auto", dtype: str = "auto", force: bool = False, progress: bool = True,
           cluster: ClusterConfig = ClusterConfig(), clamp: ClampConfig = ClampConfig(),
-          configs: dict | None = None) -> dict:
+          describe: DescribeConfig | None = None, configs: dict | None = None) -> dict:
     """Run every registered stage into ``out`` (``atlas.duckdb`` and ``site/``), resuming where a run stopped.
 
     ``configs`` maps the name of any other registered stage to its config.
     """
     from atlas.stages.exemplars import check_corpus
 
-    configs = {"decode": decode, "exemplars": exemplars, "cluster": cluster, "clamp": clamp, **(configs or {})}
+    configs = {"decode": decode, "exemplars": exemplars, "cluster": cluster, "clamp": clamp, "describe": describe,
+               **(configs or {})}
     configs = {name: configs.get(name) or stage.config() for name, stage in STAGES.items()}
     for cfg in (*configs.values(), render or RenderConfig()):
         cfg.validate()              # bad settings and a bad corpus fail now, not after a stage or two
@@ -152,3 +157,19 @@ def build(out: str | Path, model: str | None = DEFAULT_MODEL, decode: DecodeConf
     with output_lock(b.out):        # held across the stages: a second build is refused, not interleaved
         results = {name: b.run_stage(name, cfg) for name, cfg in configs.items()}
         return {**results, "render": b.render(render, force)}
+
+
+def describe_dry_run(out: str | Path, cfg: DescribeConfig) -> dict:
+    """What ``atlas describe`` would send (requests, tokens), from the store alone: nothing is sent or loaded."""
+    from atlas.stages.describe import dry_run
+
+    with Store(store_path(out), read_only=True) as store:
+        return dry_run(store.con, cfg)
+
+
+def describe_check(out: str | Path, cfg: DescribeConfig, device: str = "auto") -> dict:
+    """The held-out check of the stored descriptions: own versus shuffled detection scores (``shuffled_check``)."""
+    from atlas.stages.describe import shuffled_check
+
+    with output_lock(Path(out)), Store(store_path(out)) as store:
+        return shuffled_check(store, cfg, device)

@@ -71,6 +71,12 @@ CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SM
 CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BIGINT[64]);
 CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
     rank SMALLINT, token_id INTEGER, token VARCHAR, delta_logprob FLOAT);
+CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER NOT NULL,
+    description VARCHAR, explainer VARCHAR, prompt_version VARCHAR, prompt_hash VARCHAR,
+    score FLOAT, scorer VARCHAR, scorer_prompt_version VARCHAR, contexts SMALLINT, seed INTEGER,
+    true_positive_rate FLOAT, true_negative_rate FLOAT, PRIMARY KEY (layer, neuron));
+CREATE TABLE IF NOT EXISTS description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT,
+    kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN);
 """
 
 
@@ -109,10 +115,12 @@ EXPORT_TABLES = {
     "attributions": "layer, neuron, polarity, rank",
     "histograms": "layer, neuron",
     "clamp_effects": "layer, neuron, direction, rank",
+    "descriptions": "layer, neuron",
+    "description_scores": "layer, neuron, rank",
 }
 
 # The tables a neuron's JSON carries, in this order, with the order of one neuron's rows.
 JSON_TABLES = {"decoded_tokens": "side, polarity, rank", "exemplars": "polarity, rank",
                "exemplar_samples": "band, rank",
                "attributions": "polarity, rank", "histograms": "neuron", "neighbours": "rank",
-               "clamp_effects": "direction, rank"}
+               "clamp_effects": "direction, rank", "descriptions": "neuron"}

@@ -26,6 +26,7 @@ from atlas.errors import AtlasError
 from atlas.resources import MKDOCS_YML, TEMPLATES
 from atlas.site import clusters
 from atlas.site.clamp_sections import summary as clamp_summary
+from atlas.site.describe_sections import summary as describe_summary
 from atlas.site.corpus_sections import has_corpus
 from atlas.site.exports import human_bytes
 from atlas.site.templates import environment
@@ -118,7 +119,7 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
             bottom_k=decode_cfg.get("bottom_k", "k"), clusters=clusters.summary(store.con),
             corpus=meta.get("corpus") if has_corpus(store.con) else None,
-            clamp=clamp_summary(store.con)), encoding="utf-8")
+            clamp=clamp_summary(store.con), describe=describe_summary(store.con)), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(

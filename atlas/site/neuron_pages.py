@@ -27,6 +27,7 @@ from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
 from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_vocab
+from atlas.site.describe_sections import description_sections, has_descriptions
 from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, tokens_sql
 from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
@@ -90,14 +91,16 @@ def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, s
     needs besides a connection: where to write, the page globals, the queries, and which
     stages the store has. Only the JSON tables of those stages are read.
     """
+    described = has_descriptions(con)
     tables = [t for t in JSON_TABLES if t == "decoded_tokens" or (t == "neighbours" and has_clusters)
               or (t in ("exemplars", "exemplar_samples", "attributions", "histograms") and has_corpus)
-              or (t == "clamp_effects" and has_clamp)]
+              or (t == "clamp_effects" and has_clamp) or (t == "descriptions" and described)]
     common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
               "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
               "sql": {"neurons": neurons_sql(con), "json": {t: table_sql(con, t, JSON_TABLES[t]) for t in tables},
                       "tokens": tokens_sql(con, tables)},
-              "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp}
+              "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp,
+              "has_descriptions": described}
     return [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
             for layer, size in enumerate(layer_sizes) for lo in range(0, size, BLOCK)]
 
@@ -138,6 +141,8 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     if job.get("has_clamp"):
         clamping = clamp_sections(con, layer, lo, hi)
 
+    describing = description_sections(con, layer, lo, hi) if job.get("has_descriptions") else {}
+
     sizes, site = job["layer_sizes"], job["page"]["site"]
     # The template reads attributes; jinja tries getattr before [], so dicts would cost an
     # AttributeError per lookup (~80 a page). Namespaces take the fast path.
@@ -166,7 +171,8 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
             prev=_step(sizes, layer, n, -1), next=_step(sizes, layer, n, +1),
             prev_layer=_layer_step(sizes, layer, n, -1), next_layer=_layer_step(sizes, layer, n, +1),
             corpus_data=NS(**corpus[n]) if n in corpus else None,
-            cluster_data=NS(**clustering[n]) if n in clustering else None, clamp_data=clamping.get(n))
+            cluster_data=NS(**clustering[n]) if n in clustering else None, clamp_data=clamping.get(n),
+            description_data=describing.get(n))
         parts = [head, f'"neuron":{n},"neurons":{row_json}']
         if job["sql"]["tokens"]:
             parts.append(f',"tokens":{tokens_json.get(n, "{}")}')

@@ -22,6 +22,9 @@ Definitions (also on the search page):
   a decoding that pushing the neuron bears out (1.0) counts half as much again, one that it
   contradicts (0) half. Unmeasured neurons keep their strength. In integers, as stored:
   ``(strength100 x (50 + faithfulness100) + 50) // 100``.
+- A word of a neuron's LLM description (describe stage) matches with strength
+  ``10 x detection score`` (5 where it is not scored: chance), so a description that its
+  scorer bore out ranks beside strong decoded tokens.
 - A neuron's score for a term is its best match's; per term the index keeps the
   ``search_postings`` best neurons (and says how many matched in all).
 - A query is whitespace-separated words; neurons rank by how many of its words they
@@ -46,8 +49,10 @@ from atlas.store import finished_stage
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
 SCHEMA = 2              # 2: postings carry the clamp check (faithfulness)
-# Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars.
-SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min")
+# Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
+# 8 a word of the neuron's description.
+SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min",
+           "description")
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
@@ -76,6 +81,11 @@ def normalise(text: str | None) -> str:
 
 def query_terms(query: str) -> list[str]:
     """Distinct terms of a query, in order; words are split at separators and control characters."""
+    return query_terms_all(query)[:MAX_WORDS]
+
+
+def query_terms_all(query: str) -> list[str]:
+    """Every distinct term of a text, in order (``query_terms`` keeps the first ``MAX_WORDS``)."""
     words, word = [], []
     for ch in query:
         cat = unicodedata.category(ch)
@@ -90,7 +100,7 @@ def query_terms(query: str) -> list[str]:
         t = normalise(w)
         if t and t not in terms:
             terms.append(t)
-    return terms[:MAX_WORDS]
+    return terms
 
 
 def shard_of(term: str, n_shards: int) -> int:
@@ -144,7 +154,27 @@ def _check_sql(con) -> str:
             "AS INTEGER) ELSE -1 END" if has else "-1")
 
 
-def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
+def _description_terms(con) -> pa.Table | None:
+    """(term, layer, neuron, z): each distinct word of each description, z = 10 x its score (5 unscored)."""
+    if "descriptions" not in _tables(con):
+        return None
+    rows = {}
+    for layer, neuron, text, sc in con.execute("SELECT layer, neuron, description, score FROM descriptions "
+                                               "WHERE description IS NOT NULL ORDER BY layer, neuron").fetchall():
+        z = 5.0 if sc is None or sc != sc else 10.0 * float(sc)
+        for term in query_terms_all(text):
+            if len(term) >= 3:          # "a", "of", "to": every description has them
+                rows[(term, layer, neuron)] = z
+    if not rows:
+        return None
+    keys = list(rows)
+    return pa.table({"term": pa.array([k[0] for k in keys], pa.string()),
+                     "layer": pa.array([k[1] for k in keys], pa.int16()),
+                     "neuron": pa.array([k[2] for k in keys], pa.int32()),
+                     "z": pa.array(list(rows.values()), pa.float64())})
+
+
+def _matches_sql(with_exemplars: bool, check: str = "-1", with_descriptions: bool = False) -> str:
     # In double precision, so that a recomputation in Python gives the same numbers. Without
     # the moments (an old store) a raw |logit| or |normalised activation| ranks instead.
     decoded = f"""
@@ -156,6 +186,11 @@ def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
                           / nullif({_side_stat('logit_std')}, 0), abs(CAST(d.logit AS DOUBLE))) AS z,
                {check} AS "check"
         FROM decoded_tokens d JOIN search_terms t USING (token_id) JOIN neurons n USING (layer, neuron)"""
+    if with_descriptions:
+        decoded += f"""
+        UNION ALL
+        SELECT s.term, s.layer, s.neuron, 8 AS src, 0 AS rank, NULL AS token_id, s.z, {check} AS "check"
+        FROM search_descriptions s JOIN neurons n USING (layer, neuron)"""
     if not with_exemplars:
         return decoded
     return decoded + f"""
@@ -178,6 +213,9 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
     with_exemplars = finished_stage(con, "exemplars") is not None and {"exemplars", "corpus_docs"} <= _tables(con)
     check = _check_sql(con)
     con.register("search_terms", _term_table(con))
+    described = _description_terms(con)
+    if described is not None:
+        con.register("search_descriptions", described)
     try:
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
         # Ties break on (layer, neuron), so the kept list is the ranking's own order.
@@ -187,7 +225,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
             WITH matches AS (
                 SELECT term, layer, neuron, src, rank, token_id, z, "check",
                        CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
-                FROM ({_matches_sql(with_exemplars, check)}) WHERE z IS NOT NULL AND isfinite(z)
+                FROM ({_matches_sql(with_exemplars, check, described is not None)}) WHERE z IS NOT NULL AND isfinite(z)
             ), best AS (
                 SELECT *, CASE WHEN src = {OUT_TOP} AND "check" >= 0
                                THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
@@ -213,7 +251,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
         sizes = _write_shards(cur, out_dir, n_shards)
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
-        for name in ("search_terms", "search_buckets"):
+        for name in ("search_terms", "search_buckets", "search_descriptions"):
             try:
                 con.unregister(name)
             except Exception:       # never registered: the build failed before that point

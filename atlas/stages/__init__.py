@@ -8,7 +8,7 @@ runs, so this package imports no torch. Another stage can join through ``registe
 
 from __future__ import annotations
 
-from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig
+from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig
 from atlas.stages.contract import Stage
 
 STAGES: dict[str, Stage] = {}
@@ -31,3 +31,5 @@ register(Stage("exemplars", ExemplarConfig, reads=("decode",), module="atlas.sta
 register(Stage("cluster", ClusterConfig, reads=("decode", "exemplars"), module="atlas.stages.cluster"))
 # clamp: needs the normalisers; on a CPU budget it picks neurons across clusters.
 register(Stage("clamp", ClampConfig, reads=("decode", "exemplars", "cluster"), module="atlas.stages.clamp"))
+# describe: an LLM's description of each neuron and its detection score; nothing without an explainer.
+register(Stage("describe", DescribeConfig, reads=("decode", "exemplars"), module="atlas.stages.describe"))

@@ -1,0 +1,275 @@
+"""The describe stage against real HTTP servers on loopback that serve a tiny random model with the OpenAI API.
+
+The tiny model's answers are gibberish, which is what protocol tests need: requests,
+batching, retries, resume, scoring and storage are all real. The held-out check with the
+embedded model is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import duckdb
+import pytest
+
+from atlas.config import DescribeConfig
+from atlas.errors import AtlasError
+from atlas.llm.generate import Generator
+from atlas.llm.server import make_server
+from atlas.model.load import load_model
+from atlas.pipeline import Build, render_site
+from atlas.stages.decode import DecodeConfig
+from atlas.stages.describe import balanced_accuracy, parse_fits
+from atlas.stages.exemplars import ExemplarConfig
+from atlas.config import RenderConfig
+from helpers import CFG, assert_one_line_error, atlas, corpus_file
+
+NAME = "tiny-llama"
+
+
+@contextlib.contextmanager
+def serving(gen: Generator, **kw):
+    """``atlas.llm.server`` on a free loopback port; yields (base URL ending in /v1, the stats URL)."""
+    server = make_server(gen, "127.0.0.1", 0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield base + "/v1", base + "/stats"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def stats(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_model_dir):
+    return Generator(load_model(str(tiny_model_dir("llama")), device="cpu"), NAME)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    """A tiny atlas with decode and exemplars (5 per neuron: ranks 0, 2, 4 shown, 1 and 3 held out)."""
+    tmp = tmp_path_factory.mktemp("describe")
+    b = Build(tmp / "out", str(tiny_model_dir("llama")), device="cpu", progress=False)
+    b.decode(DecodeConfig(top_k=5, bottom_k=2))
+    b.exemplars(ExemplarConfig(corpus=str(corpus_file(tmp)), **CFG))
+    return b
+
+
+@pytest.fixture
+def tiny_atlas(built, tmp_path):
+    """A fresh copy of the built tiny atlas for one test."""
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    return Build(out, built.model_spec, device="cpu", progress=False)
+
+
+def cfg(url: str, **kw) -> DescribeConfig:
+    return DescribeConfig(**{"explainer_url": url, "explainer_model": NAME, "describe_budget": 4,
+                             "score_contexts": 4, "describe_max_tokens": 6, "describe_concurrency": 4,
+                             "describe_retries": 2, **kw})
+
+
+def rows(out, sql: str) -> list[tuple]:
+    with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_parse_fits_and_balanced_accuracy():
+    assert parse_fits("2, 4 and 9", 4) == {1, 3}
+    assert parse_fits("none", 4) == set() and parse_fits("", 4) == set()
+    kinds = ["held_out", "random", "held_out", "random"]
+    assert balanced_accuracy({0, 2}, kinds) == (1.0, 1.0, 1.0)
+    assert balanced_accuracy({0, 1, 2, 3}, kinds) == (0.5, 1.0, 0.0)
+    assert balanced_accuracy({1}, kinds) == (0.25, 0.0, 0.5)
+
+
+def test_describe_through_http_scores_stores_batches_and_never_pays_twice(tiny_atlas, tiny_gen):
+    with serving(tiny_gen, batch=4) as (url, stats_url):
+        proc = atlas("describe", "--out", tiny_atlas.out, "--explainer-url", url,
+                     "--explainer-model", NAME, "--describe-budget", 4, "--score-contexts", 4, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        dry = json.loads(proc.stdout)
+        assert (dry["explain_requests"], dry["score_requests"], dry["requests"]) == (4, 4, 8)
+        assert dry["prompt_tokens_estimate"] > 0 and dry["completion_tokens_max"] == 8 * 32
+        assert stats(stats_url)["requests"] == 0                     # the dry run sent nothing
+
+        result = tiny_atlas.describe(cfg(url))
+        after = stats(stats_url)
+        assert after["requests"] == 8 == result["described"] + result["scored"]
+        assert after["largest_batch"] > 1                            # concurrent requests answered together
+        assert result["prompt_tokens"] > 0 and result["completion_tokens"] > 0
+
+        desc = rows(tiny_atlas.out, "SELECT layer, neuron, description, explainer, prompt_version, score, scorer, "
+                                    "scorer_prompt_version, contexts, seed FROM descriptions ORDER BY ALL")
+        assert len(desc) == 4
+        for layer, neuron, text, explainer, version, score, scorer, sversion, contexts, seed in desc:
+            assert (explainer, version, scorer, sversion, contexts, seed) == (NAME, "explain-v1", NAME, "detect-v1", 4, 0)
+            assert text is not None and 0.0 <= score <= 1.0
+        # Held-out windows are the neuron's odd-rank exemplars, never one the explainer saw.
+        held = rows(tiny_atlas.out, """
+            SELECT s.layer, s.neuron, e.rank FROM description_scores s JOIN exemplars e
+              ON e.layer = s.layer AND e.neuron = s.neuron AND e.doc_id = s.doc_id AND e.token_pos = s.token_pos
+                 AND e.polarity = 'max'
+            WHERE s.kind = 'held_out'""")
+        assert len(held) == 8 and all(rank % 2 == 1 for _, _, rank in held)
+        kinds = rows(tiny_atlas.out, "SELECT kind, count(*) FROM description_scores GROUP BY kind ORDER BY kind")
+        assert kinds == [("held_out", 8), ("random", 8)]
+
+        # A rerun is skipped; a larger budget asks only for the new neurons.
+        assert tiny_atlas.describe(cfg(url)) == {"skipped": True}
+        more = tiny_atlas.describe(cfg(url, describe_budget=6))
+        assert (more["described"], more["scored"], more["reused"]) == (2, 2, 4)
+        assert stats(stats_url)["requests"] == 12
+        assert rows(tiny_atlas.out, "SELECT count(*) FROM descriptions")[0][0] == 6
+
+
+def test_kill_mid_run_keeps_answers_and_the_rerun_asks_only_for_the_rest(tiny_atlas, tiny_gen):
+    with serving(tiny_gen, batch=4) as (url, stats_url):
+        flags = ["describe", "--out", tiny_atlas.out, "--model", tiny_atlas.model_spec, "--explainer-url", url,
+                 "--explainer-model", NAME, "--describe-budget", 4, "--score-contexts", 4,
+                 "--describe-max-tokens", 6, "--describe-concurrency", 1, "--quiet"]
+        proc = atlas(*flags, env={"ATLAS_FAULT": "describe:2"})          # SIGKILL after the second answer is stored
+        assert proc.returncode == -9
+        assert rows(tiny_atlas.out, "SELECT count(*) FROM descriptions")[0][0] == 2
+        sent = stats(stats_url)["requests"]
+        result = tiny_atlas.describe(cfg(url, describe_concurrency=1))
+        assert (result["described"], result["scored"], result["reused"]) == (2, 4, 2)
+        assert stats(stats_url)["requests"] - sent == 6
+        assert rows(tiny_atlas.out, "SELECT count(*), count(score) FROM descriptions")[0] == (4, 4)
+
+
+def test_rate_limited_requests_are_retried_after_retry_after(tiny_atlas, tiny_gen):
+    with serving(tiny_gen, batch=4, rate_limit=4.0) as (url, stats_url):
+        result = tiny_atlas.describe(cfg(url, describe_budget=6, describe_retries=8))
+        seen = stats(stats_url)
+    assert seen["rate_limited"] > 0 and result["retried"] >= seen["rate_limited"]
+    assert rows(tiny_atlas.out, "SELECT count(*), count(score) FROM descriptions")[0] == (6, 6)
+
+
+class _Malformed(BaseHTTPRequestHandler):
+    """An endpoint that answers 200 with JSON that is not a chat completion."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"choices": []}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def one_line_error(build: Build, config: DescribeConfig, *needles: str) -> None:
+    """The stage stops with one AtlasError line naming the problem (the CLI prints it as ``error: ...``)."""
+    with pytest.raises(AtlasError) as e:
+        build.describe(config)
+    message = str(e.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+
+
+def test_bad_endpoints_fail_in_one_line_and_keep_what_is_stored(tiny_atlas, tiny_gen):
+    with serving(tiny_gen) as (url, _):
+        assert tiny_atlas.describe(cfg(url, describe_budget=2))["scored"] == 2
+        one_line_error(tiny_atlas, cfg(url, explainer_model="no-such-model"), "does not serve the model 'no-such-model'")
+    with serving(tiny_gen, rate_limit=0.2) as (url, _):       # one request, then 429 with Retry-After ~5 s
+        one_line_error(tiny_atlas, cfg(url, describe_retries=0), "rate limited", "rerun to resume")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Malformed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        one_line_error(tiny_atlas, cfg(f"http://127.0.0.1:{server.server_address[1]}/v1"), "malformed chat completion")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Nothing stored was lost: the 2 described and scored neurons, plus the one the 429 run got in.
+    assert rows(tiny_atlas.out, "SELECT count(*), count(score) FROM descriptions")[0] == (3, 2)
+    # From the command line the same failures are one `error:` line and exit code 2.
+    with socket.socket() as s:                                    # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    proc = atlas("describe", "--out", tiny_atlas.out, "--model", tiny_atlas.model_spec, "--explainer-url", dead,
+                 "--explainer-model", NAME, "--quiet")
+    assert_one_line_error(proc, "cannot reach", dead)
+    assert rows(tiny_atlas.out, "SELECT count(*), count(score) FROM descriptions")[0] == (3, 2)
+
+
+def test_local_backend_runs_the_model_in_process(tiny_atlas):
+    result = tiny_atlas.describe(DescribeConfig(explainer_url="local", explainer_model=tiny_atlas.model_spec,
+                                                describe_budget=3, score_contexts=2, describe_max_tokens=5,
+                                                describe_concurrency=2))
+    assert (result["described"], result["scored"]) == (3, 3)
+    assert rows(tiny_atlas.out, "SELECT DISTINCT explainer, scorer FROM descriptions") == [
+        (tiny_atlas.model_spec, tiny_atlas.model_spec)]
+
+
+def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
+    with serving(tiny_gen) as (url, _):
+        tiny_atlas.describe(cfg(url, describe_budget=2))
+    layer, neuron = rows(tiny_atlas.out, "SELECT layer, neuron FROM descriptions ORDER BY ALL LIMIT 1")[0]
+    # Model output is untrusted text: a description with markup must stay text on the page.
+    with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb")) as con:
+        con.execute("UPDATE descriptions SET description = ? WHERE layer = ? AND neuron = ?",
+                    ['<script>alert(1)</script> zebracrossing words', layer, neuron])
+    render_site(tiny_atlas.out, RenderConfig(workers=1, pagefind_max_neurons=0), progress=False)
+    site = tiny_atlas.out / "site"
+    page = (site / f"neurons/{layer}/{neuron}/index.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; zebracrossing" in page and "<script>alert(1)" not in page
+    assert f"written by <code>{NAME}</code>" in page and "detection score <strong>" in page
+    data = json.loads((site / f"neurons/{layer}/{neuron}.json").read_text())
+    assert data["descriptions"][0]["explainer"] == NAME and "zebracrossing" in data["descriptions"][0]["description"]
+    with duckdb.connect(str(site / "exports/atlas.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM descriptions").fetchone()[0] == 2
+    assert (site / "exports/descriptions.parquet").is_file()
+    proc = atlas("search", site, "zebracrossing", "--json")
+    assert proc.returncode == 0, proc.stderr
+    hits = json.loads(proc.stdout)["hits"]
+    assert [(h["layer"], h["neuron"]) for h in hits] == [(layer, neuron)]
+    assert hits[0]["matches"][0]["source"] == "description"
+
+
+def test_describe_settings_are_checked_before_anything_runs(tmp_path):
+    for flags, needle in ((["--explainer-url", "http://x/v1"], "needs --explainer-model"),
+                          (["--score-contexts", 3], "even number"),
+                          (["--describe-budget", -2], "--describe-budget")):
+        assert_one_line_error(atlas("describe", "--out", tmp_path / "o", *flags), needle)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(AtlasError):
+        DescribeConfig(describe_concurrency=0).validate()
+
+
+@pytest.mark.slow
+def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default_atlas, tmp_path):
+    """The embedded SmolLM2-135M behind `atlas serve-model`'s server: a tiny budget, and the held-out check.
+
+    The README reports the figures of a larger run; this one checks that the pairs are
+    made and scored on the same windows, whatever margin a 135M model reaches.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(default_atlas / "atlas.duckdb", out / "atlas.duckdb")      # the shared build stays as it is
+    gen = Generator(load_model("default", device="cpu"), "smollm2")
+    with serving(gen, batch=6) as (url, stats_url):
+        config = cfg(url, explainer_model="smollm2", describe_budget=6, score_contexts=6, describe_max_tokens=16,
+                     describe_concurrency=6)
+        result = Build(out, "default", device="cpu", progress=False).describe(config)
+        from atlas.pipeline import describe_check
+        check = describe_check(out, config, "cpu")
+        sent = stats(stats_url)["requests"]
+    assert (result["described"], result["scored"]) == (6, 6) and sent == 18
+    assert check["pairs"] == 6 and check["own_higher"] + check["ties"] + check["own_lower"] == 6
+    own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
+    assert abs(check["own_mean"] - own) < 1e-6
+    print("held-out check (6 neurons):", json.dumps(check))
