@@ -163,6 +163,9 @@ class RenderConfig:
         "help": "top `out` tokens listed per neuron on the layer pages"})
     search_postings: int = field(default=100, metadata={
         "help": "strongest neurons kept per word in the concept-search index"})
+    search_concepts: bool = field(default=True, metadata={
+        "help": "add concept matches to the search index (word vectors from the wordllama wheel, where "
+                "installed): a word finds neurons whose tokens mean something near it"})
     pagefind_max_neurons: int = field(default=100_000, metadata={
         "help": "add pagefind full-text search over labels and tokens when the atlas has at most this "
                 "many neurons (0: never); its page list, downloaded by every query, grows with the atlas"})

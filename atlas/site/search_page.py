@@ -125,9 +125,9 @@ def check_bundle(bundle: Path, documents: int) -> None:
 
 
 def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, templates: Path,
-                      postings: int, pagefind_max_neurons: int) -> dict:
+                      postings: int, pagefind_max_neurons: int, concepts: bool = True) -> dict:
     """Write ``search/`` (page and concept index) and, for atlases small enough, ``pagefind/``."""
-    info = {"concept": write_index(con, site / INDEX_DIR, postings)}
+    info = {"concept": write_index(con, site / INDEX_DIR, postings, concepts)}
     fulltext = 0 < n_neurons <= pagefind_max_neurons
     if fulltext:
         info["fulltext"] = write_fulltext(con, site)

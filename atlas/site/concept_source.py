@@ -1,0 +1,149 @@
+"""Concept matches for the search index: query words linked to neurons whose tokens mean something near them.
+
+A literal match needs a neuron's token to spell the query word. A concept match needs
+several of the neuron's top decoded `out` tokens to lie near the word in a space of word
+vectors (``atlas.wordvec``): "animal" finds the neuron that decodes to " bird",
+" mammal", " monkey" although none of them is " animal". Definitions (on the search page
+too):
+
+- **query vocabulary**: the searchable terms of the model's vocabulary and the words of
+  the corpus (letters only, at least 3 of them), the corpus's commonest ``CORPUS_WORDS``;
+- **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
+  only) whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+- **strength** of a concept match: ``sum(cosine) x mean(strength)`` over the evidence,
+  the strength of a decoded token as for literal matches (σ from the mean logit), so a
+  neuron with four tokens of a category at cosine 0.3 and 8σ scores 9.6σ, about a
+  literal match's strength; at least ``MIN_EVIDENCE`` tokens are needed;
+- per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
+  matches literally keeps its better match.
+
+The evidence terms travel with the posting, so a result says why it matched.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+RANKS = 10
+MIN_SIM = 0.2
+EVIDENCE = 5
+MIN_EVIDENCE = 2
+POSTINGS = 50
+RELATED = 48                    # neuron terms kept per query word before the join
+CORPUS_WORDS = 30_000
+_WORD = re.compile(r"[^\W\d_]{3,24}")
+
+
+def _letters(term: str) -> bool:
+    return len(term) >= 2 and term.isalpha()
+
+
+def query_vocabulary(con, normalise, with_corpus: bool) -> list[str]:
+    """Model vocabulary terms (letters only, 3+) and the corpus's commonest words, sorted."""
+    words = set()
+    for (token,) in con.execute("SELECT token FROM vocab").fetchall():
+        t = normalise(token)
+        if len(t) >= 3 and t.isalpha():
+            words.add(t)
+    if with_corpus:
+        counts: Counter = Counter()
+        cur = con.execute("SELECT text FROM corpus_docs")
+        while rows := cur.fetchmany(1024):
+            for (text,) in rows:
+                counts.update(w.lower() for w in _WORD.findall(text or ""))
+        words.update(w for w, c in counts.most_common(CORPUS_WORDS) if c >= 2)
+    return sorted(words)
+
+
+def neuron_terms(con, normalise, z_sql: str) -> pa.Table:
+    """(term, layer, neuron, rank, z): each neuron's top `out` terms, letters only, variants merged."""
+    rows = con.execute(f"""
+        SELECT d.layer, d.neuron, d.rank, d.token, {z_sql} AS z
+        FROM decoded_tokens d JOIN neurons n USING (layer, neuron)
+        WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < {RANKS}""").fetchall()
+    best: dict[tuple, tuple] = {}
+    for layer, neuron, rank, token, z in rows:
+        t = normalise(token)
+        if not _letters(t) or z is None or not np.isfinite(z):
+            continue
+        key = (t, layer, neuron)
+        if key not in best or best[key][1] < z:
+            best[key] = (rank, z)
+    keys = sorted(best)
+    return pa.table({"term": pa.array([k[0] for k in keys], pa.string()),
+                     "layer": pa.array([k[1] for k in keys], pa.int16()),
+                     "neuron": pa.array([k[2] for k in keys], pa.int32()),
+                     "rank": pa.array([best[k][0] for k in keys], pa.int16()),
+                     "z": pa.array([float(best[k][1]) for k in keys], pa.float64())})
+
+
+def related_terms(vectors, words: list[str], terms: list[str], chunk: int = 1024) -> pa.Table:
+    """(word, term, sim): per query word the neuron terms at cosine >= MIN_SIM, the RELATED closest."""
+    W, T = vectors.embed(words), vectors.embed(terms)              # [words, dim], [terms, dim]
+    out_w, out_t, out_s = [], [], []
+    k = min(RELATED, len(terms))
+    for lo in range(0, len(words), chunk):
+        S = W[lo:lo + chunk] @ T.T                                   # [chunk, terms]
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(terms) else np.tile(np.arange(len(terms)),
+                                                                                     (len(S), 1))
+        sims = np.take_along_axis(S, top, 1)
+        keep = sims >= MIN_SIM
+        rows, cols = np.nonzero(keep)
+        out_w.append(rows + lo)
+        out_t.append(top[rows, cols])
+        out_s.append(sims[rows, cols])
+    wi = np.concatenate(out_w) if out_w else np.zeros(0, int)
+    ti = np.concatenate(out_t) if out_t else np.zeros(0, int)
+    si = np.concatenate(out_s) if out_s else np.zeros(0, np.float32)
+    words_a, terms_a = np.array(words, dtype=object), np.array(terms, dtype=object)
+    return pa.table({"word": pa.array(words_a[wi].tolist(), pa.string()),
+                     "term": pa.array(terms_a[ti].tolist(), pa.string()),
+                     "sim": pa.array(np.round(si.astype(np.float64), 4), pa.float64())})
+
+
+def concept_matches(con, vectors, normalise, z_sql: str, check_sql: str, src: int,
+                    with_corpus: bool) -> tuple[str, dict]:
+    """Register the concept matches as a view ``search_concepts``; returns its SELECT and what it took.
+
+    The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
+    token_id, z, check) plus ``evidence``: the evidence terms, closest first, joined by ", ".
+    """
+    start = time.perf_counter()
+    terms_t = neuron_terms(con, normalise, z_sql)
+    terms = sorted(set(terms_t.column("term").to_pylist()))
+    words = query_vocabulary(con, normalise, with_corpus)
+    related = related_terms(vectors, words, terms) if terms and words else \
+        pa.table({"word": pa.array([], pa.string()), "term": pa.array([], pa.string()),
+                  "sim": pa.array([], pa.float64())})
+    con.register("search_neuron_terms", terms_t)
+    con.register("search_related", related)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE search_concepts AS
+        WITH ev AS (
+            SELECT r.word, t.layer, t.neuron, t.term, r.sim, t.z, t.rank,
+                   row_number() OVER (PARTITION BY r.word, t.layer, t.neuron ORDER BY r.sim DESC, t.term) AS i
+            FROM search_related r JOIN search_neuron_terms t USING (term)
+        ), agg AS (
+            SELECT word, layer, neuron, count(*) AS n_ev, sum(sim) * avg(z) AS z, min(rank) AS rank,
+                   string_agg(term, ', ' ORDER BY i) AS evidence
+            FROM ev WHERE i <= {EVIDENCE} GROUP BY word, layer, neuron
+        )
+        SELECT word AS term, layer, neuron, {src} AS src, rank, -1 AS token_id, z, evidence
+        FROM agg WHERE n_ev >= {MIN_EVIDENCE}
+        QUALIFY row_number() OVER (PARTITION BY word ORDER BY z DESC, layer, neuron) <= {POSTINGS}""")
+    for name in ("search_neuron_terms", "search_related"):
+        con.unregister(name)
+    n = con.execute("SELECT count(*), count(DISTINCT term) FROM search_concepts").fetchone()
+    info = {"vocabulary": len(words), "neuron_terms": len(terms), "related_pairs": related.num_rows,
+            "postings": n[0], "words": n[1], "seconds": round(time.perf_counter() - start, 2),
+            "resource": vectors.source}
+    # The clamp check joins in the caller's SELECT, as for literal matches.
+    select = f"""
+        SELECT c.term, c.layer, c.neuron, c.src, c.rank, c.token_id, c.z, {check_sql} AS "check", c.evidence
+        FROM search_concepts c JOIN neurons n USING (layer, neuron)"""
+    return select, info
