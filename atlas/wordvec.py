@@ -50,6 +50,12 @@ class WordVectors:
         return out / np.where(norm > 0, norm, 1)
 
 
+    def words(self) -> list[str]:
+        """The table's whole-word tokens (SentencePiece's ``▁`` prefix, letters only, 3+), lower-cased."""
+        vocab = self.tokenizer.get_vocab()
+        return sorted({t[1:].lower() for t in vocab if t.startswith("\u2581") and len(t) > 3 and t[1:].isalpha()})
+
+
 def package_dir() -> Path | None:
     """Where the wordllama package is installed, found without importing it (None: not installed)."""
     spec = importlib.util.find_spec(PACKAGE)

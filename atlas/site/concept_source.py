@@ -6,14 +6,16 @@ vectors (``atlas.wordvec``): "animal" finds the neuron that decodes to " bird",
 " mammal", " monkey" although none of them is " animal". Definitions (on the search page
 too):
 
-- **query vocabulary**: the searchable terms of the model's vocabulary and the words of
-  the corpus (letters only, at least 3 of them), the corpus's commonest ``CORPUS_WORDS``;
+- **query vocabulary**: the searchable terms of the model's vocabulary, the whole-word
+  tokens of the word vectors' own vocabulary and the corpus's commonest ``CORPUS_WORDS``
+  words (letters only, at least 3 of them);
 - **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
-  only) whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
-- **strength** of a concept match: ``sum(cosine) x mean(strength)`` over the evidence,
-  the strength of a decoded token as for literal matches (σ from the mean logit), so a
-  neuron with four tokens of a category at cosine 0.3 and 8σ scores 9.6σ, about a
-  literal match's strength; at least ``MIN_EVIDENCE`` tokens are needed;
+  only, at least 3, other than the word itself, which is a literal match) whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+- **strength** of a concept match: ``WEIGHT x sum(cosine) x mean(strength)`` over the
+  evidence, the strength of a decoded token as for literal matches (σ from the mean
+  logit), so a neuron with four tokens of a category at cosine 0.3 and 10σ scores 6σ,
+  below a literal match of the same tokens' strength, which therefore comes first; at
+  least ``MIN_EVIDENCE`` evidence terms are needed (a plural and its singular are one);
 - per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
   matches literally keeps its better match.
 
@@ -34,18 +36,20 @@ MIN_SIM = 0.2
 EVIDENCE = 5
 MIN_EVIDENCE = 2
 POSTINGS = 50
+WEIGHT = 1.0                    # a concept match's strength relative to a literal one's
 RELATED = 48                    # neuron terms kept per query word before the join
 CORPUS_WORDS = 30_000
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
 
 def _letters(term: str) -> bool:
-    return len(term) >= 2 and term.isalpha()
+    return len(term) >= 3 and term.isalpha()
 
 
-def query_vocabulary(con, normalise, with_corpus: bool) -> list[str]:
-    """Model vocabulary terms (letters only, 3+) and the corpus's commonest words, sorted."""
-    words = set()
+def query_vocabulary(con, normalise, with_corpus: bool, vectors=None) -> list[str]:
+    """Model vocabulary terms (letters only, 3+), the word vectors' own whole-word tokens and the corpus's
+    commonest words, sorted: the words that get concept postings."""
+    words = set(vectors.words()) if vectors is not None else set()
     for (token,) in con.execute("SELECT token FROM vocab").fetchall():
         t = normalise(token)
         if len(t) >= 3 and t.isalpha():
@@ -74,7 +78,8 @@ def neuron_terms(con, normalise, z_sql: str) -> pa.Table:
         key = (t, layer, neuron)
         if key not in best or best[key][1] < z:
             best[key] = (rank, z)
-    keys = sorted(best)
+    # A plural next to its singular is one term (" dog", "Dogs"): the singular stays.
+    keys = sorted(k for k in best if not (k[0].endswith("s") and (k[0][:-1], k[1], k[2]) in best))
     return pa.table({"term": pa.array([k[0] for k in keys], pa.string()),
                      "layer": pa.array([k[1] for k in keys], pa.int16()),
                      "neuron": pa.array([k[2] for k in keys], pa.int32()),
@@ -82,7 +87,7 @@ def neuron_terms(con, normalise, z_sql: str) -> pa.Table:
                      "z": pa.array([float(best[k][1]) for k in keys], pa.float64())})
 
 
-def related_terms(vectors, words: list[str], terms: list[str], chunk: int = 1024) -> pa.Table:
+def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = MIN_SIM, chunk: int = 1024) -> pa.Table:
     """(word, term, sim): per query word the neuron terms at cosine >= MIN_SIM, the RELATED closest."""
     W, T = vectors.embed(words), vectors.embed(terms)              # [words, dim], [terms, dim]
     out_w, out_t, out_s = [], [], []
@@ -92,7 +97,7 @@ def related_terms(vectors, words: list[str], terms: list[str], chunk: int = 1024
         top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(terms) else np.tile(np.arange(len(terms)),
                                                                                      (len(S), 1))
         sims = np.take_along_axis(S, top, 1)
-        keep = sims >= MIN_SIM
+        keep = sims >= min_sim
         rows, cols = np.nonzero(keep)
         out_w.append(rows + lo)
         out_t.append(top[rows, cols])
@@ -106,43 +111,60 @@ def related_terms(vectors, words: list[str], terms: list[str], chunk: int = 1024
                      "sim": pa.array(np.round(si.astype(np.float64), 4), pa.float64())})
 
 
-def concept_matches(con, vectors, normalise, z_sql: str, check_sql: str, src: int,
-                    with_corpus: bool) -> tuple[str, dict]:
-    """Register the concept matches as a view ``search_concepts``; returns its SELECT and what it took.
+def score_concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, min_sim: float = MIN_SIM,
+                   min_evidence: int = MIN_EVIDENCE) -> dict:
+    """Create the temp table ``concept_scores``: per (query word, neuron) with evidence, its evidence.
 
-    The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
-    token_id, z, check) plus ``evidence``: the evidence terms, closest first, joined by ", ".
+    Columns: word, layer, neuron, n_ev (evidence terms), sim_sum (their summed cosine),
+    z (strength as defined above), rank (best rank among them), evidence (terms, closest
+    first, joined by ", "); the word itself, its plural or singular never counts as its own evidence.
+    Returns what it took.
     """
     start = time.perf_counter()
     terms_t = neuron_terms(con, normalise, z_sql)
     terms = sorted(set(terms_t.column("term").to_pylist()))
-    words = query_vocabulary(con, normalise, with_corpus)
-    related = related_terms(vectors, words, terms) if terms and words else \
+    words = query_vocabulary(con, normalise, with_corpus, vectors)
+    related = related_terms(vectors, words, terms, min_sim) if terms and words else \
         pa.table({"word": pa.array([], pa.string()), "term": pa.array([], pa.string()),
                   "sim": pa.array([], pa.float64())})
-    con.register("search_neuron_terms", terms_t)
-    con.register("search_related", related)
+    con.register("concept_neuron_terms", terms_t)
+    con.register("concept_related", related)
+    try:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE concept_scores AS
+            WITH ev AS (
+                SELECT r.word, t.layer, t.neuron, t.term, r.sim, t.z, t.rank,
+                       row_number() OVER (PARTITION BY r.word, t.layer, t.neuron ORDER BY r.sim DESC, t.term) AS i
+                FROM concept_related r JOIN concept_neuron_terms t USING (term)
+                -- the word itself (or its plural or singular) is a literal match, not evidence of a concept
+                WHERE t.term <> r.word AND t.term || 's' <> r.word AND r.word || 's' <> t.term
+            )
+            SELECT word, layer, neuron, count(*) AS n_ev, sum(sim) AS sim_sum, sum(sim) * avg(z) * {WEIGHT} AS z,
+                   min(rank) AS rank, string_agg(term, ', ' ORDER BY i) AS evidence
+            FROM ev WHERE i <= {EVIDENCE} GROUP BY word, layer, neuron HAVING count(*) >= {int(min_evidence)}""")
+    finally:
+        con.unregister("concept_neuron_terms")
+        con.unregister("concept_related")
+    return {"vocabulary": len(words), "neuron_terms": len(terms), "related_pairs": related.num_rows,
+            "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source}
+
+
+def concept_matches(con, vectors, normalise, z_sql: str, check_sql: str, src: int,
+                    with_corpus: bool) -> tuple[str, dict]:
+    """Concept matches as the SELECT of a search source, and what making them took.
+
+    The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
+    token_id, z, check) plus ``evidence``; it reads the temp table ``search_concepts``,
+    which the caller drops.
+    """
+    info = score_concepts(con, vectors, normalise, z_sql, with_corpus)
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE search_concepts AS
-        WITH ev AS (
-            SELECT r.word, t.layer, t.neuron, t.term, r.sim, t.z, t.rank,
-                   row_number() OVER (PARTITION BY r.word, t.layer, t.neuron ORDER BY r.sim DESC, t.term) AS i
-            FROM search_related r JOIN search_neuron_terms t USING (term)
-        ), agg AS (
-            SELECT word, layer, neuron, count(*) AS n_ev, sum(sim) * avg(z) AS z, min(rank) AS rank,
-                   string_agg(term, ', ' ORDER BY i) AS evidence
-            FROM ev WHERE i <= {EVIDENCE} GROUP BY word, layer, neuron
-        )
-        SELECT word AS term, layer, neuron, {src} AS src, rank, -1 AS token_id, z, evidence
-        FROM agg WHERE n_ev >= {MIN_EVIDENCE}
+        SELECT word AS term, layer, neuron, {src} AS src, rank, -1 AS token_id, z, evidence FROM concept_scores
         QUALIFY row_number() OVER (PARTITION BY word ORDER BY z DESC, layer, neuron) <= {POSTINGS}""")
-    for name in ("search_neuron_terms", "search_related"):
-        con.unregister(name)
-    n = con.execute("SELECT count(*), count(DISTINCT term) FROM search_concepts").fetchone()
-    info = {"vocabulary": len(words), "neuron_terms": len(terms), "related_pairs": related.num_rows,
-            "postings": n[0], "words": n[1], "seconds": round(time.perf_counter() - start, 2),
-            "resource": vectors.source}
-    # The clamp check joins in the caller's SELECT, as for literal matches.
+    con.execute("DROP TABLE concept_scores")
+    info["postings"], info["words"] = con.execute("SELECT count(*), count(DISTINCT term) FROM search_concepts").fetchone()
+    # The clamp check joins here, as for literal matches.
     select = f"""
         SELECT c.term, c.layer, c.neuron, c.src, c.rank, c.token_id, c.z, {check_sql} AS "check", c.evidence
         FROM search_concepts c JOIN neurons n USING (layer, neuron)"""

@@ -10,7 +10,7 @@
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
   var SHOWN = 50;
-  var SCHEMA = 2, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
+  var SCHEMA = 3, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
   // The term of a token or query word: see atlas/site/search.py for the definition.
