@@ -99,6 +99,7 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
                 for name in ("before", "after"):
                     row[name] = score(search[name](query), j)
                 rows.append(row)
+        coherence = cluster_coherence(con)
     summary = {}
     for part in parts:
         scored = [r for r in rows if r["part"] == part and r["judged"]]
@@ -106,7 +107,7 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
         for name in ("before", "after"):
             for m in ("precision", "recall"):
                 summary[part][f"{m}_{name}"] = round(statistics.mean(r[name][m] for r in scored), 3) if scored else None
-    return {"rows": rows, "summary": summary, "concepts": info["after"].get("concepts"),
+    return {"rows": rows, "summary": summary, "concepts": info["after"].get("concepts"), "coherence": coherence,
             "judge": {"wordnet": str(wn.root), "ranks": RANKS, "min_members": MIN_MEMBERS}}
 
 
@@ -123,6 +124,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def coherence_line(c: dict) -> str:
+    if not c.get("pairs"):
+        return "cluster coherence: no clusters"
+    return (f"cluster coherence: members share {c['within']:.4f} of their top-20 `out` terms (Jaccard), random pairs "
+            f"{c['random']:.4f}: {c['ratio']}x random ({c['pairs']:,} pairs each)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("store")
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     result = run(args.store, args.wordnet, keep=args.keep)
     print(table(result))
+    print(coherence_line(result["coherence"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
@@ -160,7 +169,14 @@ def cluster_coherence(con, pairs: int = 20_000, seed: int = 0) -> dict:
     if len(rows) < 2:
         return {"pairs": 0}
     sets = [frozenset(filter(None, map(normalise, r[3]))) for r in rows]
-    cluster = np.array([r[2] for r in rows])
+    return coherence_of(sets, np.array([r[2] for r in rows]), pairs, seed)
+
+
+def coherence_of(sets: list[frozenset], cluster, pairs: int = 20_000, seed: int = 0) -> dict:
+    """``cluster_coherence`` on given term sets and cluster ids (one per neuron)."""
+    import numpy as np
+
+    cluster = np.asarray(cluster)
     rng = np.random.default_rng(seed)
 
     def jaccard(i, j):
@@ -177,6 +193,6 @@ def cluster_coherence(con, pairs: int = 20_000, seed: int = 0) -> dict:
     for c in picks:
         i, j = rng.choice(sizes[c], 2, replace=False)
         within.append(jaccard(order[starts[c] + i], order[starts[c] + j]))
-    random_pairs = [jaccard(*rng.choice(len(rows), 2, replace=False)) for _ in range(pairs)]
+    random_pairs = [jaccard(*rng.choice(len(sets), 2, replace=False)) for _ in range(pairs)]
     w, r = float(np.mean(within)), float(np.mean(random_pairs))
     return {"pairs": pairs, "within": round(w, 4), "random": round(r, 4), "ratio": round(w / r, 1) if r else None}

@@ -10,12 +10,15 @@ too):
   tokens of the word vectors' own vocabulary and the corpus's commonest ``CORPUS_WORDS``
   words (letters only, at least 3 of them);
 - **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
-  only, at least 3, other than the word itself, which is a literal match) whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
-- **strength** of a concept match: ``WEIGHT x sum(cosine) x mean(strength)`` over the
-  evidence, the strength of a decoded token as for literal matches (σ from the mean
-  logit), so a neuron with four tokens of a category at cosine 0.3 and 10σ scores 6σ,
-  below a literal match of the same tokens' strength, which therefore comes first; at
-  least ``MIN_EVIDENCE`` evidence terms are needed (a plural and its singular are one);
+  only, at least 3, other than the word itself, which is a literal match, and sharing no
+  ``SPELLING`` letters in a row with it, which word vectors built from sub-word tokens
+  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+- **strength** of a concept match: ``mean(strength) x min(sum(cosine) / REF_SIM, MAX_GAIN)``
+  over the evidence, the strength of a decoded token as for literal matches (σ from the
+  mean logit): two evidence terms at cosine 0.2 weigh as much as one literal match of
+  their strength, four at 0.3 three times as much (a neuron whose tokens are many members
+  of a category is better evidence than one token that spells the word); at least
+  ``MIN_EVIDENCE`` evidence terms are needed (a plural and its singular are one);
 - per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
   matches literally keeps its better match.
 
@@ -36,8 +39,10 @@ MIN_SIM = 0.2
 EVIDENCE = 5
 MIN_EVIDENCE = 2
 POSTINGS = 50
-WEIGHT = 1.0                    # a concept match's strength relative to a literal one's
-RELATED = 48                    # neuron terms kept per query word before the join
+REF_SIM = 0.4                   # summed cosine at which a concept match is as strong as a literal one
+MAX_GAIN = 5.0                  # ... and the most it can be, in multiples of a literal one
+SPELLING = 4                    # letters in a row that make a pair alike in spelling, not meaning
+RELATED = 32                    # neuron terms kept per query word before the join
 CORPUS_WORDS = 30_000
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
@@ -105,10 +110,21 @@ def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = 
     wi = np.concatenate(out_w) if out_w else np.zeros(0, int)
     ti = np.concatenate(out_t) if out_t else np.zeros(0, int)
     si = np.concatenate(out_s) if out_s else np.zeros(0, np.float32)
+    # Word vectors pool sub-word tokens, so "unanim" lies near "animal" by spelling alone:
+    # a pair sharing SPELLING letters in a row is left out.
+    keep = [not _spelled_alike(words[w], terms[t]) for w, t in zip(wi.tolist(), ti.tolist())]
+    wi, ti, si = wi[keep], ti[keep], si[keep]
     words_a, terms_a = np.array(words, dtype=object), np.array(terms, dtype=object)
     return pa.table({"word": pa.array(words_a[wi].tolist(), pa.string()),
                      "term": pa.array(terms_a[ti].tolist(), pa.string()),
                      "sim": pa.array(np.round(si.astype(np.float64), 4), pa.float64())})
+
+
+def _spelled_alike(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` share SPELLING letters in a row (the word itself and its plural included)."""
+    if len(a) > len(b):
+        a, b = b, a
+    return any(a[i:i + SPELLING] in b for i in range(len(a) - SPELLING + 1))
 
 
 def score_concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, min_sim: float = MIN_SIM,
@@ -130,18 +146,16 @@ def score_concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, min_s
     con.register("concept_neuron_terms", terms_t)
     con.register("concept_related", related)
     try:
+        # No window over the joined rows (tens of millions on a default atlas): sums and one sorted list.
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE concept_scores AS
-            WITH ev AS (
-                SELECT r.word, t.layer, t.neuron, t.term, r.sim, t.z, t.rank,
-                       row_number() OVER (PARTITION BY r.word, t.layer, t.neuron ORDER BY r.sim DESC, t.term) AS i
-                FROM concept_related r JOIN concept_neuron_terms t USING (term)
-                -- the word itself (or its plural or singular) is a literal match, not evidence of a concept
-                WHERE t.term <> r.word AND t.term || 's' <> r.word AND r.word || 's' <> t.term
-            )
-            SELECT word, layer, neuron, count(*) AS n_ev, sum(sim) AS sim_sum, sum(sim) * avg(z) * {WEIGHT} AS z,
-                   min(rank) AS rank, string_agg(term, ', ' ORDER BY i) AS evidence
-            FROM ev WHERE i <= {EVIDENCE} GROUP BY word, layer, neuron HAVING count(*) >= {int(min_evidence)}""")
+            SELECT r.word, t.layer, t.neuron, count(*) AS n_ev, sum(r.sim) AS sim_sum,
+                   avg(t.z) * least(sum(r.sim) / {REF_SIM}, {MAX_GAIN}) AS z, min(t.rank) AS rank,
+                   array_to_string(list(t.term ORDER BY r.sim DESC, t.term)[1:{EVIDENCE}], ', ') AS evidence
+            FROM concept_related r JOIN concept_neuron_terms t USING (term)
+            -- the word itself (or its plural or singular) is a literal match, not evidence of a concept
+            WHERE t.term <> r.word AND t.term || 's' <> r.word AND r.word || 's' <> t.term
+            GROUP BY r.word, t.layer, t.neuron HAVING count(*) >= {int(min_evidence)}""")
     finally:
         con.unregister("concept_neuron_terms")
         con.unregister("concept_related")

@@ -39,9 +39,9 @@ def test_a_category_finds_neurons_whose_tokens_are_its_members(site):
     animals = found[(1, 5)]                               # bird, mammal, monkey ...: no token spells "animal"
     concept = [m for m in animals["matches"] if m["source"] == "concept"]
     assert concept and {"bird", "mammal"} <= set(concept[0]["token"].split(", "))
-    # The neuron that decodes to " animal" itself is a literal match, and it comes first.
-    ranked = list(found)
-    assert ranked[0] == (0, 7) and found[(0, 7)]["matches"][0]["source"] == "out top"
+    # The neuron that decodes to " animal" itself is a literal match; five members of the
+    # category at about its strength are stronger evidence than one spelling of the word.
+    assert list(found)[:2] == [(1, 5), (0, 7)] and found[(0, 7)]["matches"][0]["source"] == "out top"
     colour = hits(site, "colour")                         # British spelling; tokens red, blue, ...
     assert (1, 9) in colour and colour[(1, 9)]["matches"][0]["source"] == "concept"
     assert (1, 9) not in found and (1, 5) not in colour
@@ -78,7 +78,7 @@ def test_search_page_lists_the_animal_neurons_with_their_evidence(site, browser)
     with served(site) as base:
         page = search_page(browser, base, "animal")
         hrefs = [href for href, _ in result_links(page)]
-        assert hrefs[0] == "../neurons/0/7/" and "../neurons/1/5/" in hrefs
+        assert hrefs[:2] == ["../neurons/1/5/", "../neurons/0/7/"]
         text = page.locator("#atlas-search-results li", has_text="L1 / N5").inner_text()
         assert "\u201canimal\u201d via" in text and "bird" in text and "mammal" in text and "concept" in text
         assert page.errors == []
