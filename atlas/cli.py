@@ -16,7 +16,8 @@ import duckdb
 
 from atlas import __version__
 # Settings only: the stages, which import torch (a second or more), load when a command runs.
-from atlas.config import (SHAPES, ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, RenderConfig,
+from atlas.config import (SHAPES, ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig,
+                          LabelsConfig, RenderConfig,
                           check_device)
 from atlas.errors import AtlasError
 
@@ -164,12 +165,13 @@ def _print_summary(result: dict) -> None:
 @config_options(DecodeConfig)
 @config_options(ExemplarConfig)
 @config_options(ClusterConfig)
+@config_options(LabelsConfig)
 @config_options(ClampConfig)
 @config_options(DescribeConfig)
 @config_options(RenderConfig)
 @quiet_option
 def build(out, model, device, dtype, force, quiet, **kw):
-    """Run every stage: decode, exemplars (corpus pass and attribution), cluster, clamp, render.
+    """Run every stage: decode, exemplars (corpus pass and attribution), cluster, labels, clamp, render.
 
     Reruns skip finished work, and an interrupted build resumes where it stopped.
 
@@ -181,14 +183,15 @@ def build(out, model, device, dtype, force, quiet, **kw):
       atlas build --model ./Llama-3.1-8B --out out/llama --ray auto   # every GPU of a local Ray cluster
     """
     decode, render = config_from(DecodeConfig, kw), config_from(RenderConfig, kw)
-    exemplar_cfg, cluster_cfg, clamp_cfg, describe_cfg = (config_from(c, kw) for c in (
-        ExemplarConfig, ClusterConfig, ClampConfig, DescribeConfig))
+    exemplar_cfg, cluster_cfg, labels_cfg, clamp_cfg, describe_cfg = (config_from(c, kw) for c in (
+        ExemplarConfig, ClusterConfig, LabelsConfig, ClampConfig, DescribeConfig))
     check_device(device)
-    for cfg in (decode, exemplar_cfg, cluster_cfg, clamp_cfg, describe_cfg, render):
+    for cfg in (decode, exemplar_cfg, cluster_cfg, labels_cfg, clamp_cfg, describe_cfg, render):
         cfg.validate()              # in a fraction of a second: before the pipeline imports torch
     from atlas.pipeline import build as run_build
     _print_summary(run_build(out, model, decode, render, exemplar_cfg, device=device, dtype=dtype, force=force,
-                             progress=not quiet, cluster=cluster_cfg, clamp=clamp_cfg, describe=describe_cfg))
+                             progress=not quiet, cluster=cluster_cfg, clamp=clamp_cfg, describe=describe_cfg,
+                             configs={"labels": labels_cfg}))
 
 
 @main.command()
@@ -240,7 +243,7 @@ def exemplars(out, model, device, dtype, quiet, **kw):
 @config_options(ClusterConfig)
 @quiet_option
 def cluster(out, model, device, dtype, quiet, **kw):
-    """Cluster neurons by the cosine of their `out` directions; lay them out on a map; find neighbours.
+    """Cluster neurons by what they write to the vocabulary; lay them out on a map; find neighbours.
 
     \b
     Example:
@@ -251,6 +254,27 @@ def cluster(out, model, device, dtype, quiet, **kw):
     cfg = config_from(ClusterConfig, kw)
     cfg.validate()                  # before the output directory or the store is touched
     _print_summary(Build(out, model, device, dtype, progress=not quiet).cluster(cfg))
+
+
+@main.command()
+@out_option
+@model_option
+@device_option
+@dtype_option
+@config_options(LabelsConfig)
+@quiet_option
+def labels(out, model, device, dtype, quiet, **kw):
+    """Label each neuron's concept from its decoded tokens (word vectors), and name clusters by them.
+
+    \b
+    Example:
+      atlas labels --out out/smollm2
+      atlas labels --out out/smollm2 --label-min-evidence 4
+    """
+    from atlas.pipeline import Build
+    cfg = config_from(LabelsConfig, kw)
+    cfg.validate()
+    _print_summary(Build(out, model, device, dtype, progress=not quiet).run_stage("labels", cfg))
 
 
 @main.command()
@@ -552,7 +576,7 @@ def _worker_counts(spec: str) -> list[int]:
 
 
 @main.command()
-@click.argument("what", type=click.Choice(["decode", "corpus", "render", "all"]), default="decode")
+@click.argument("what", type=click.Choice(["decode", "corpus", "render", "concepts", "all"]), default="decode")
 @model_option
 @device_option
 @dtype_option
@@ -568,12 +592,15 @@ def _worker_counts(spec: str) -> list[int]:
               help="corpus: batches of 16 x 128 tokens timed (32 = the default build's whole pass)")
 @click.option("--neurons", default=0, type=int, help="render: neurons per layer, for a quick run (default: from the shape)")
 @click.option("--store", type=click.Path(path_type=Path),
-              help="render: synthetic store to reuse, or to create and keep at this path")
+              help="render: synthetic store to reuse, or to create and keep at this path; "
+                   "concepts: the atlas.duckdb to judge (required)")
 @click.option("--ray", "ray_workers", default="",
               help="corpus: run the pass on Ray with each of these worker counts (one thread or GPU each), "
                    "e.g. 1,2, and print the scaling efficiency")
+@click.option("--wordnet", default="/usr/share/wordnet", show_default=True,
+              help="concepts: folder of WordNet 3.0's files (Debian's wordnet-base), the benchmark's judge")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, ray_workers, json_path):
+def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, ray_workers, wordnet, json_path):
     """Time stages against their lower bounds measured in the same run.
 
     \b
@@ -585,7 +612,19 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
       atlas bench render                            # 458,752 neuron pages
       atlas bench render --layers 2 --neurons 2048
       atlas bench corpus --ray 1,2                  # Ray workers of one thread: tokens/s and scaling
+      atlas bench concepts --store out/atlas.duckdb  # concept search P/R@20, cluster coherence
     """
+    if what == "concepts":
+        from atlas.bench import concepts
+        if store is None:
+            raise AtlasError("atlas bench concepts needs --store (the atlas.duckdb to judge)")
+        result = concepts.run(str(store), wordnet)
+        click.echo(concepts.table(result))
+        click.echo(concepts.coherence_line(result["coherence"]))
+        if json_path:
+            from atlas.files import write_json_atomic
+            write_json_atomic(json_path, result)
+        return
     from atlas.bench import stages as b
     from atlas.model.load import pick_device
     results = {}

@@ -150,6 +150,9 @@ class ClusterConfig:
     n_clusters: int = field(default=0, metadata={
         "help": "number of clusters (0: about twice the square root of the number of neurons, at most 1,024)"})
     cluster_seed: int = field(default=0, metadata={"help": "seed of k-means and of the map layout"})
+    cluster_on: str = field(default="terms", metadata={
+        "help": "what k-means groups neurons by: 'terms' (what a neuron writes to the vocabulary: TF-IDF of its "
+                "top-20 decoded `out` terms, reduced to 128 dimensions) or 'out' (cosine of `out` directions)"})
     neighbours: int = field(default=10, metadata={"help": "nearest neighbours by `out` cosine stored per neuron"})
     neighbour_probe: int = field(default=0, metadata={
         "help": f"clusters searched for each neuron's neighbours (0: exact search up to {EXACT_MAX:,} "
@@ -158,6 +161,23 @@ class ClusterConfig:
     def validate(self) -> None:
         if self.n_clusters < 0 or self.neighbours < 0 or self.neighbour_probe < 0:
             raise AtlasError("--n-clusters, --neighbours and --neighbour-probe must not be negative")
+        if self.cluster_on not in ("terms", "out"):
+            raise AtlasError(f"--cluster-on {self.cluster_on!r}: give 'terms' or 'out'")
+
+
+@dataclass
+class LabelsConfig:
+    label_min_evidence: int = field(default=3, metadata={
+        "help": "decoded `out` terms (other than the concept word itself) that must lie near a word for it to "
+                "name a neuron's concept; fewer: the label says there is no clear concept"})
+    label_min_sim: float = field(default=0.15, metadata={
+        "help": "cosine (word vectors) from which a decoded term counts as evidence for a concept word"})
+
+    def validate(self) -> None:
+        if self.label_min_evidence < 1:
+            raise AtlasError("--label-min-evidence must be at least 1")
+        if not 0 < self.label_min_sim < 1:
+            raise AtlasError("--label-min-sim must be between 0 and 1")
 
 
 @dataclass
@@ -204,6 +224,9 @@ class RenderConfig:
         "help": "top `out` tokens listed per neuron on the layer pages"})
     search_postings: int = field(default=100, metadata={
         "help": "strongest neurons kept per word in the concept-search index"})
+    search_concepts: bool = field(default=True, metadata={
+        "help": "add concept matches to the search index (word vectors from the wordllama wheel, where "
+                "installed): a word finds neurons whose tokens mean something near it"})
     exports: bool = field(default=True, metadata={
         "help": "write exports/ beside the site (DIR/exports): a copy of atlas.duckdb and a Parquet file per "
                 "table, to publish as a release or a dataset; the home page lists them"})

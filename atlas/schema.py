@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS attributions (layer SMALLINT, neuron INTEGER, rank SM
     token_id INTEGER, token VARCHAR, attribution FLOAT, polarity VARCHAR, doc_id INTEGER,
     token_pos INTEGER);
 CREATE TABLE IF NOT EXISTS histograms (layer SMALLINT, neuron INTEGER, counts BIGINT[64]);
+CREATE TABLE IF NOT EXISTS neuron_labels (layer SMALLINT, neuron INTEGER, label VARCHAR, concept VARCHAR,
+    evidence VARCHAR[], tokens VARCHAR[], method VARCHAR, score FLOAT);
 CREATE TABLE IF NOT EXISTS clamp_effects (layer SMALLINT, neuron INTEGER, direction VARCHAR,
     rank SMALLINT, token_id INTEGER, token VARCHAR, delta_logprob FLOAT);
 CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER NOT NULL,
@@ -117,6 +119,7 @@ EXPORT_TABLES = {
     "clamp_effects": "layer, neuron, direction, rank",
     "descriptions": "layer, neuron",
     "description_scores": "layer, neuron, rank",
+    "neuron_labels": "layer, neuron",
 }
 
 # The tables a neuron's JSON carries, in this order, with the order of one neuron's rows.

@@ -306,3 +306,37 @@ def duplicate_windows(con) -> list[tuple]:
                               e.window_start + len(e.window_activations)) AS win
             FROM exemplars e JOIN corpus_docs d USING (doc_id))
         GROUP BY layer, neuron, polarity, win HAVING c > 1 ORDER BY ALL""").fetchall()
+
+
+# -- a small store with neurons about known concepts ---------------------------------------------
+# (layer, neuron): its top decoded `out` tokens, planted over a synthetic store's rows.
+CONCEPT_NEURONS = {
+    (1, 5): [" bird", " mammal", " monkey", " shark", " insect"],          # animals, none spelled "animal"
+    (1, 9): [" red", " blue", " green", " pink", " yellow"],               # colours
+    (0, 7): [" animal", " Animal", "animals"],                             # the word itself
+    (1, 20): [" dog", " Dogs", "Dogs"],                                    # one word's variants
+}
+
+
+def concept_store(path: Path) -> Path:
+    """A 2 x 64 synthetic store whose CONCEPT_NEURONS decode to those tokens, strongest first."""
+    from atlas.bench.synthetic import make_synthetic_store
+
+    store = make_synthetic_store(path, 2, 64, vocab_size=512)
+    with duckdb.connect(str(store)) as con:
+        next_id = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()[0]
+        ids = {}
+        for tokens in CONCEPT_NEURONS.values():
+            for token in tokens:
+                if token not in ids:
+                    ids[token] = next_id
+                    con.execute("INSERT INTO vocab VALUES (?, ?, ?)", [next_id, token, token])
+                    next_id += 1
+        for (layer, neuron), tokens in CONCEPT_NEURONS.items():
+            top = con.execute("SELECT max(logit) FROM decoded_tokens WHERE layer = ? AND neuron = ? AND side = 'out' "
+                              "AND polarity = 'top'", [layer, neuron]).fetchone()[0]
+            for rank, token in enumerate(tokens):
+                con.execute("UPDATE decoded_tokens SET token = ?, token_id = ?, logit = ? WHERE layer = ? AND neuron = ? "
+                            "AND side = 'out' AND polarity = 'top' AND rank = ?",
+                            [token, ids[token], top + 4 - rank * 0.1, layer, neuron, rank])
+    return store

@@ -48,11 +48,14 @@ from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
-SCHEMA = 2              # 2: postings carry the clamp check (faithfulness)
+SCHEMA = 3              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
-# 8 a word of the neuron's description.
+# 8 a concept match (``atlas.site.concept_source``), whose "token" is its evidence terms,
+# 9 a word of the neuron's description (the describe stage).
 SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min",
-           "description")
+           "concept", "description")
+CONCEPT = 8
+DESCRIPTION = 9
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
@@ -174,7 +177,7 @@ def _description_terms(con) -> pa.Table | None:
                      "z": pa.array(list(rows.values()), pa.float64())})
 
 
-def _matches_sql(with_exemplars: bool, check: str = "-1", with_descriptions: bool = False) -> str:
+def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
     # In double precision, so that a recomputation in Python gives the same numbers. Without
     # the moments (an old store) a raw |logit| or |normalised activation| ranks instead.
     decoded = f"""
@@ -184,13 +187,8 @@ def _matches_sql(with_exemplars: bool, check: str = "-1", with_descriptions: boo
                d.rank, d.token_id,
                coalesce(abs(CAST(d.logit AS DOUBLE) - {_side_stat('logit_mean')})
                           / nullif({_side_stat('logit_std')}, 0), abs(CAST(d.logit AS DOUBLE))) AS z,
-               {check} AS "check"
+               {check} AS "check", NULL::VARCHAR AS evidence
         FROM decoded_tokens d JOIN search_terms t USING (token_id) JOIN neurons n USING (layer, neuron)"""
-    if with_descriptions:
-        decoded += f"""
-        UNION ALL
-        SELECT s.term, s.layer, s.neuron, 8 AS src, 0 AS rank, NULL AS token_id, s.z, {check} AS "check"
-        FROM search_descriptions s JOIN neurons n USING (layer, neuron)"""
     if not with_exemplars:
         return decoded
     return decoded + f"""
@@ -199,13 +197,47 @@ def _matches_sql(with_exemplars: bool, check: str = "-1", with_descriptions: boo
                e.rank, t.token_id,
                coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE))
                           / nullif(CAST(n.act_std AS DOUBLE), 0), abs(CAST(e.norm_activation AS DOUBLE))) AS z,
-               {check} AS "check"
+               {check} AS "check", NULL::VARCHAR AS evidence
         FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN neurons n USING (layer, neuron)
         JOIN search_terms t ON t.token_id = c.token_ids[e.token_pos + 1]"""
 
 
-def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
-    """Write the concept index of the store on ``con`` into ``out_dir`` (replaced whole); returns sizes."""
+def _out_z_sql() -> str:
+    return ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
+            "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
+
+
+def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tuple[list[str], dict]:
+    """SELECTs of match sources beyond the literal ones, each with the literal matches' columns
+    and ``evidence``, and what each reported. New sources (an LLM's description words ...) join here."""
+    selects, info = [], {}
+    if concepts:
+        from atlas import wordvec
+        from atlas.site.concept_source import concept_matches
+
+        vectors, why = wordvec.load()
+        if vectors is None:
+            info["concepts"] = {"missing": why}
+        else:
+            select, info["concepts"] = concept_matches(con, vectors, normalise, _out_z_sql(), check, CONCEPT,
+                                                       with_exemplars)
+            selects.append(select)
+    described = _description_terms(con)
+    if described is not None:
+        con.register("search_descriptions", described)
+        selects.append(f"""SELECT s.term, s.layer, s.neuron, {DESCRIPTION} AS src, 0 AS rank, NULL AS token_id, s.z,
+                                  {check} AS "check", NULL::VARCHAR AS evidence
+                           FROM search_descriptions s JOIN neurons n USING (layer, neuron)""")
+        info["descriptions"] = {"words": described.num_rows}
+    return selects, info
+
+
+def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = True) -> dict:
+    """Write the concept index of the store on ``con`` into ``out_dir`` (replaced whole); returns sizes.
+
+    ``concepts``: add concept matches (word vectors) beside the literal ones, where the
+    word vectors are installed; the result says which resource was used or why none was.
+    """
     if postings < 1:
         raise AtlasError("--search-postings must be at least 1")
     start = time.perf_counter()
@@ -213,19 +245,19 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
     with_exemplars = finished_stage(con, "exemplars") is not None and {"exemplars", "corpus_docs"} <= _tables(con)
     check = _check_sql(con)
     con.register("search_terms", _term_table(con))
-    described = _description_terms(con)
-    if described is not None:
-        con.register("search_descriptions", described)
+    extra, sources_info = [], {}
     try:
+        extra, sources_info = extra_sources(con, check, with_exemplars, concepts)
+        union = " UNION ALL ".join([_matches_sql(with_exemplars, check)] + extra)
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
         # Ties break on (layer, neuron), so the kept list is the ranking's own order.
         # The score is ``score()`` in SQL: integer arithmetic, so both give the same numbers.
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE search_kept AS
             WITH matches AS (
-                SELECT term, layer, neuron, src, rank, token_id, z, "check",
+                SELECT term, layer, neuron, src, rank, token_id, z, "check", evidence,
                        CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
-                FROM ({_matches_sql(with_exemplars, check, described is not None)}) WHERE z IS NOT NULL AND isfinite(z)
+                FROM ({union}) WHERE z IS NOT NULL AND isfinite(z)
             ), best AS (
                 SELECT *, CASE WHEN src = {OUT_TOP} AND "check" >= 0
                                THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
@@ -245,12 +277,14 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
                                                  "bucket": pa.array([shard_of(t, n_shards) for t in terms],
                                                                     pa.int32())}))
         cur = con.execute("""
-            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank, v.token, k."check"
+            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank,
+                   coalesce(k.evidence, v.token), k."check"
             FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
             ORDER BY b.bucket, k.term, k.pos""")
         sizes = _write_shards(cur, out_dir, n_shards)
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
+        con.execute("DROP TABLE IF EXISTS search_concepts")
         for name in ("search_terms", "search_buckets", "search_descriptions"):
             try:
                 con.unregister(name)
@@ -259,10 +293,21 @@ def write_index(con, out_dir: str | Path, postings: int = 100) -> dict:
     n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
             "clamp_weighted": check != "-1",
-            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars}
+            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars,
+            "concepts": _concept_meta(sources_info.get("concepts"))}
     (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
-            "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3)}
+            "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3),
+            **sources_info}
+
+
+def _concept_meta(info: dict | None):
+    """What the index's meta.json says of its concept matches: the resource, or why there are none."""
+    if info is None:
+        return None
+    if "missing" in info:
+        return {"missing": info["missing"]}
+    return {"resource": info["resource"], "postings": info["postings"], "words": info["words"]}
 
 
 def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
@@ -373,6 +418,13 @@ def search(path: str | Path, query: str, limit: int = 20) -> dict:
     return rank(query, meta, load, limit)
 
 
+def _evidence(m: dict) -> str:
+    """One match as text: a literal token and where it was found, or a concept's evidence terms."""
+    if m["source"] == SOURCES[CONCEPT]:
+        return f"{m['term']!r} via {m['token']} (concept, {m['strength']:.2f})"
+    return f"{show_token(m['token'])} {m['source']} #{m['rank']} ({m['strength']:.2f})"
+
+
 def format_hits(result: dict) -> list[str]:
     """The lines ``atlas search`` prints: per term its count, then one line per neuron."""
     lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
@@ -380,8 +432,7 @@ def format_hits(result: dict) -> list[str]:
         return lines + ["no neuron decodes to or fires on these words"]
     lines.append(f"{'#':>3}  {'neuron':<12}{'score':>7}  {'pushed':>6}  evidence (strength in σ)")
     for i, h in enumerate(result["hits"], 1):
-        evidence = " · ".join(f"{show_token(m['token'])} {m['source']} #{m['rank']} ({m['strength']:.2f})"
-                              for m in h["matches"])
+        evidence = " · ".join(_evidence(m) for m in h["matches"])
         pushed = "–" if h["faithfulness"] is None else f"{h['faithfulness']:.2f}"
         lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  {evidence}")
     return lines

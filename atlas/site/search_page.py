@@ -15,9 +15,9 @@ from atlas.site.text import script_json
 
 
 def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, templates: Path,
-                      postings: int) -> dict:
+                      postings: int, concepts: bool = True) -> dict:
     """Write ``search/``: the page and the concept index."""
-    info = {"concept": write_index(con, site / INDEX_DIR, postings)}
+    info = {"concept": write_index(con, site / INDEX_DIR, postings, concepts)}
     for name in ("atlas-search.js", "atlas-search.css"):
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
     (site / "search" / "index.html").write_text(env.get_template("search.html").render(

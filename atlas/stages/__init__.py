@@ -8,7 +8,7 @@ runs, so this package imports no torch. Another stage can join through ``registe
 
 from __future__ import annotations
 
-from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig
+from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, LabelsConfig
 from atlas.stages.contract import Stage
 
 STAGES: dict[str, Stage] = {}
@@ -29,6 +29,8 @@ register(Stage("decode", DecodeConfig, reads=(), module="atlas.stages.decode"))
 register(Stage("exemplars", ExemplarConfig, reads=("decode",), module="atlas.stages.exemplars"))
 # cluster: geometry of the `out` directions; labels use the exemplars where there are any.
 register(Stage("cluster", ClusterConfig, reads=("decode", "exemplars"), module="atlas.stages.cluster"))
+# labels: each neuron's concept (word vectors over its decoded tokens), and cluster names from them.
+register(Stage("labels", LabelsConfig, reads=("decode", "exemplars", "cluster"), module="atlas.stages.labels"))
 # clamp: needs the normalisers; on a CPU budget it picks neurons across clusters.
 register(Stage("clamp", ClampConfig, reads=("decode", "exemplars", "cluster"), module="atlas.stages.clamp"))
 # describe: an LLM's description of each neuron and its detection score; nothing without an explainer.

@@ -1,4 +1,12 @@
-"""Cluster stage: neurons grouped by the cosine similarity of their `out` directions, and a map.
+"""Cluster stage: neurons grouped by what they write to the vocabulary, placed on a map by their `out` directions.
+
+k-means groups neurons by their **term profiles** (``--cluster-on terms``, the default):
+TF-IDF of each neuron's top-20 decoded `out` terms, reduced to 128 dimensions by SVD, so
+two neurons are close when they promote the same words. Measured on the default atlas
+(``python -m atlas.bench.concepts``, README): members of a cluster share far more of their
+top `out` terms than when k-means grouped the `out` directions themselves
+(``--cluster-on out``), which the rest of this docstring describes and which cohesion,
+layout and neighbours still use.
 
 Why `out`: every layer writes its neurons' `out` columns into the one residual stream, in
 the same basis, so the cosine of two `out` directions means the same thing whichever
@@ -46,6 +54,8 @@ LABEL_RANKS = 10            # top `out` tokens per neuron that vote for its clus
 LABEL_TOKENS = 3            # tokens in a cluster label
 MIN_LIFT = 3.0              # how much more common in a cluster than overall a label token must be
 _EDGE_SPACE = r"^[\s\x{00a0}\x{3000}]+|[\s\x{00a0}\x{3000}]+$"    # RE2's \s is ASCII only
+PROFILE_RANKS = 20          # top `out` tokens per neuron in its term profile
+PROFILE_DIMS = 128          # SVD dimensions of the term profiles
 RECALL_SAMPLE = 256         # queries checked against exact search when the search is approximate
 
 
@@ -273,17 +283,61 @@ def neighbours(X: torch.Tensor, k: int, cluster: torch.Tensor, centres: torch.Te
                            "recall_at_k": round(hits / (k * len(sample)), 4), "recall_sample": len(sample)}
 
 
+def term_profiles(con, n_rows: int, seed: int) -> np.ndarray:
+    """[n, <= PROFILE_DIMS] unit rows, (layer, neuron) order: what each neuron writes to the vocabulary.
+
+    Each neuron's top ``PROFILE_RANKS`` decoded `out` tokens as search terms (casing and
+    spacing variants one term), weighted by TF-IDF (a term half the model writes counts
+    little), rows L2-normalised, then reduced by truncated SVD. Cosine in this space is
+    high when two neurons promote the same words, which is what a reader of a cluster sees.
+    """
+    from scipy.sparse import csr_matrix
+    from sklearn.decomposition import TruncatedSVD
+
+    from atlas.site.search import normalise
+
+    rows = con.execute(f"""
+        SELECT row_number() OVER (ORDER BY layer, neuron) - 1 AS row, list(token) FROM (
+            SELECT n.layer, n.neuron, d.token FROM neurons n LEFT JOIN decoded_tokens d
+            ON d.layer = n.layer AND d.neuron = n.neuron AND d.side = 'out' AND d.polarity = 'top'
+               AND d.rank < {PROFILE_RANKS})
+        GROUP BY layer, neuron ORDER BY layer, neuron""").fetchall()
+    if len(rows) != n_rows:
+        raise AtlasError(f"the store holds {len(rows):,} neurons but {n_rows:,} directions; rerun `atlas decode`")
+    vocab: dict[str, int] = {}
+    indptr, indices = [0], []
+    for _, tokens in rows:
+        terms = sorted({normalise(t) for t in tokens if t is not None} - {""})
+        indices.extend(vocab.setdefault(t, len(vocab)) for t in terms)
+        indptr.append(len(indices))
+    M = csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_rows, max(1, len(vocab))))
+    df = np.bincount(M.indices, minlength=M.shape[1])
+    M = M.multiply(np.log((1 + n_rows) / (1 + df)) + 1).tocsr()                    # TF-IDF, binary TF
+    norms = np.sqrt(np.asarray(M.multiply(M).sum(1))).ravel()
+    M = csr_matrix(M.multiply(1 / np.where(norms > 0, norms, 1)[:, None]))
+    dims = min(PROFILE_DIMS, M.shape[1] - 1, n_rows - 1)
+    if dims < 2:
+        P = M.toarray().astype(np.float32)
+    else:
+        P = TruncatedSVD(dims, algorithm="randomized", n_iter=5, random_state=seed).fit_transform(M).astype(np.float32)
+    norms = np.linalg.norm(P, axis=1, keepdims=True)
+    return P / np.where(norms > 0, norms, 1)
+
+
 def compute_geometry(X: np.ndarray, layer: np.ndarray, neuron: np.ndarray, cfg: ClusterConfig,
-                     progress: bool = False, device: torch.device | str = "cpu") -> Geometry:
+                     progress: bool = False, device: torch.device | str = "cpu",
+                     fit: np.ndarray | None = None) -> Geometry:
     """Clusters, coordinates and neighbours of the unit rows of ``X`` [n, d_model].
 
+    k-means groups the rows of ``fit`` (term profiles, ``term_profiles``) where given, of
+    ``X`` otherwise; cohesion, layout and neighbours are always `out` cosines.
     The neighbour search runs on ``device``: on a GPU an exact search is fast at any size.
     """
     n = len(X)
     timings = {}
     t = time.perf_counter()
     k = min(cfg.n_clusters, n) if cfg.n_clusters else auto_k(n)
-    cluster = kmeans(X, k, cfg.cluster_seed) if k > 1 else np.zeros(n, np.int32)
+    cluster = kmeans(X if fit is None else fit, k, cfg.cluster_seed) if k > 1 else np.zeros(n, np.int32)
     timings["kmeans_s"] = time.perf_counter() - t
     Xt, ct = torch.from_numpy(X), torch.from_numpy(cluster.astype(np.int64))
     k = int(cluster.max()) + 1
@@ -419,7 +473,9 @@ def cluster_store(ctx: Context, cfg: ClusterConfig, directions) -> dict:
     X, layer, neuron, device = unit_directions(directions(), n_rows=store.count("neurons"))
     faults.point(STAGE, "directions read")
     start = time.perf_counter()          # loading the model is the build's cost, not this stage's
-    g = compute_geometry(X, layer, neuron, cfg, ctx.progress, device)
+    fit = term_profiles(store.con, len(X), cfg.cluster_seed) if cfg.cluster_on == "terms" else None
+    g = compute_geometry(X, layer, neuron, cfg, ctx.progress, device, fit)
+    del fit
     faults.point(STAGE, "geometry computed")
     del X
     with store.transaction() as con:
@@ -428,7 +484,7 @@ def cluster_store(ctx: Context, cfg: ClusterConfig, directions) -> dict:
         write_labels(con, exemplars)
         seconds = time.perf_counter() - start
         g.stats["seconds"] = round(seconds, 3)
-        ctx.finish(labels, cfg, geometry=geometry, side="out", seconds=seconds, exemplar_labels=exemplars,
+        ctx.finish(labels, cfg, geometry=geometry, side="out", grouped_by=cfg.cluster_on, seconds=seconds, exemplar_labels=exemplars,
                    stats=g.stats)
     faults.point(STAGE, "committed")
     return {"seconds": seconds, **g.stats}

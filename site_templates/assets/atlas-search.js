@@ -10,7 +10,7 @@
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
   var SHOWN = 50;
-  var SCHEMA = 2, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
+  var SCHEMA = 3, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
   // The term of a token or query word: see atlas/site/search.py for the definition.
@@ -122,6 +122,13 @@
       var ev = el("span", "atlas-search-evidence");
       h.matches.forEach(function (m, i) {
         if (i) ev.appendChild(document.createTextNode(" \u00b7 "));
+        if (m.source === "concept") {
+          // A concept match: the neuron's decoded terms that lie near the query word.
+          ev.appendChild(document.createTextNode("\u201c" + m.term + "\u201d via "));
+          ev.appendChild(el("code", "atlas-search-via", m.token));
+          ev.appendChild(document.createTextNode(" (concept, " + m.strength.toFixed(2) + "\u03c3)"));
+          return;
+        }
         ev.appendChild(el("code", null, showToken(m.token)));
         ev.appendChild(document.createTextNode(" " + m.source + " #" + m.rank + " (" + m.strength.toFixed(2) + "\u03c3)"));
       });

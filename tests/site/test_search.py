@@ -32,7 +32,8 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def site(store) -> Path:
     site = store.parent / "site"
-    render(store, site, RenderConfig(workers=1, search_postings=12), progress=False)
+    # Literal matches only: these tests check them against brute force (concept matches: test_concepts.py).
+    render(store, site, RenderConfig(workers=1, search_postings=12, search_concepts=False), progress=False)
     return site
 
 
@@ -103,7 +104,7 @@ def test_shard_hash_is_fnv1a():
 def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
     expected = brute_force(store)
     with duckdb.connect(str(store), read_only=True) as con:
-        info = write_index(con, tmp_path / INDEX_DIR, postings=7)
+        info = write_index(con, tmp_path / INDEX_DIR, postings=7, concepts=False)
     meta = json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())
     assert info["terms"] == len(expected) == meta["terms"]
     assert len(list((tmp_path / INDEX_DIR).glob("*.json"))) == meta["shards"] + 1
@@ -120,7 +121,7 @@ def test_clamp_check_weighs_top_out_matches(tmp_path):
         con.execute("UPDATE neurons SET faithfulness = 'nan'::FLOAT WHERE layer = 1 AND neuron < 8")
     expected = brute_force(store, with_exemplars=True)
     with duckdb.connect(str(store), read_only=True) as con:
-        write_index(con, tmp_path / INDEX_DIR, postings=7)
+        write_index(con, tmp_path / INDEX_DIR, postings=7, concepts=False)
     meta = json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())
     assert meta["clamp_weighted"] is True
     reweighted = unmeasured = 0
@@ -186,7 +187,7 @@ def test_exemplar_tokens_are_matched(tiny_model_dir, tmp_path):
     b = Build(out, str(tiny_model_dir("llama")), progress=False)
     b.decode(DecodeConfig(top_k=3, bottom_k=2))
     b.exemplars(ExemplarConfig(corpus=str(corpus), context=16, batch_size=4, k=5, attribution_rows=0))
-    b.render(RenderConfig(workers=1))
+    b.render(RenderConfig(workers=1, search_concepts=False))
     expected = brute_force(out / "atlas.duckdb", with_exemplars=True)
     result = search(out, "Dog", limit=1000)
     assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in result["hits"]] == expected["dog"][:100]

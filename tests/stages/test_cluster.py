@@ -19,6 +19,11 @@ from atlas.bench.synthetic import make_synthetic_store, synthetic_directions
 from helpers import parse, resolve
 
 
+# These tests check the `out`-direction geometry, so k-means groups `out` directions here;
+# the default grouping by term profiles is tested in tests/site/test_concepts.py.
+OUT = ClusterConfig(cluster_on="out")
+
+
 def _rows(path: Path, sql: str) -> list[tuple]:
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute(sql).fetchall()
@@ -33,7 +38,7 @@ def built(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas")
     b = Build(out, model=str(model_dir), device="cpu", progress=False)
     b.decode()
-    result = b.cluster()
+    result = b.cluster(OUT)
     directions = torch.cat([b.lm.adapter.direction(b.lm.model, layer, "out")
                             for layer in range(b.lm.adapter.n_layers(b.lm.model))]).float()
     return {"out": out, "store": out / "atlas.duckdb", "result": result, "build": b, "model_dir": model_dir,
@@ -100,7 +105,7 @@ def test_layout_and_clusters_repeat_exactly(built, tmp_path):
 
     b = Build(tmp_path, model=str(built["model_dir"]), device="cpu", progress=False)
     b.decode()
-    b.cluster()
+    b.cluster(OUT)
     for sql in ("SELECT layer, neuron, cluster_id, x, y FROM neurons ORDER BY layer, neuron",
                 "SELECT * FROM clusters ORDER BY cluster_id",
                 "SELECT * FROM neighbours ORDER BY layer, neuron, rank"):
@@ -113,7 +118,7 @@ def test_rerun_skips_and_new_exemplars_only_relabel(built, tmp_path):
     from atlas.pipeline import Build
     from atlas.store import Store
 
-    assert built["build"].cluster() == {"skipped": True}
+    assert built["build"].cluster(OUT) == {"skipped": True}
     out = tmp_path / "copy"
     out.mkdir()
     shutil.copyfile(built["store"], out / "atlas.duckdb")
@@ -126,7 +131,7 @@ def test_rerun_skips_and_new_exemplars_only_relabel(built, tmp_path):
         store.set_meta("stage.exemplars", {"status": "done", "fingerprint": "test"})
         before = store.con.execute("SELECT cluster_id, x, y FROM neurons ORDER BY ALL").fetchall()
     b = Build(out, model=str(built["model_dir"]), device="cpu", progress=False)
-    result = b.cluster()
+    result = b.cluster(OUT)
     assert result["relabelled"] is True
     assert b._lm is None                                                       # the model was never loaded
     with Store(out / "atlas.duckdb", read_only=True) as store:

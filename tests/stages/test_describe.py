@@ -223,7 +223,7 @@ def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
     with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb")) as con:
         con.execute("UPDATE descriptions SET description = ? WHERE layer = ? AND neuron = ?",
                     ['<script>alert(1)</script> zebracrossing words', layer, neuron])
-    render_site(tiny_atlas.out, RenderConfig(workers=1, pagefind_max_neurons=0), progress=False)
+    render_site(tiny_atlas.out, RenderConfig(workers=1), progress=False)
     site = tiny_atlas.out / "site"
     page = (site / f"neurons/{layer}/{neuron}/index.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; zebracrossing" in page and "<script>alert(1)" not in page

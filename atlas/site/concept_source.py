@@ -1,0 +1,185 @@
+"""Concept matches for the search index: query words linked to neurons whose tokens mean something near them.
+
+A literal match needs a neuron's token to spell the query word. A concept match needs
+several of the neuron's top decoded `out` tokens to lie near the word in a space of word
+vectors (``atlas.wordvec``): "animal" finds the neuron that decodes to " bird",
+" mammal", " monkey" although none of them is " animal". Definitions (on the search page
+too):
+
+- **query vocabulary**: the searchable terms of the model's vocabulary, the whole-word
+  tokens of the word vectors' own vocabulary and the corpus's commonest ``CORPUS_WORDS``
+  words (letters only, at least 3 of them);
+- **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
+  only, at least 3, other than the word itself, which is a literal match, and sharing no
+  ``SPELLING`` letters in a row with it, which word vectors built from sub-word tokens
+  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+- **strength** of a concept match: ``mean(strength) x min(sum(cosine) / REF_SIM, MAX_GAIN)``
+  over the evidence, the strength of a decoded token as for literal matches (σ from the
+  mean logit): two evidence terms at cosine 0.2 weigh as much as one literal match of
+  their strength, four at 0.3 three times as much (a neuron whose tokens are many members
+  of a category is better evidence than one token that spells the word); at least
+  ``MIN_EVIDENCE`` evidence terms are needed (a plural and its singular are one);
+- per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
+  matches literally keeps its better match.
+
+The evidence terms travel with the posting, so a result says why it matched.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+RANKS = 10
+MIN_SIM = 0.2
+EVIDENCE = 5
+MIN_EVIDENCE = 2
+POSTINGS = 50
+REF_SIM = 0.4                   # summed cosine at which a concept match is as strong as a literal one
+MAX_GAIN = 5.0                  # ... and the most it can be, in multiples of a literal one
+SPELLING = 4                    # letters in a row that make a pair alike in spelling, not meaning
+RELATED = 32                    # neuron terms kept per query word before the join
+CORPUS_WORDS = 30_000
+_WORD = re.compile(r"[^\W\d_]{3,24}")
+
+
+def _letters(term: str) -> bool:
+    return len(term) >= 3 and term.isalpha()
+
+
+def query_vocabulary(con, normalise, with_corpus: bool, vectors=None) -> list[str]:
+    """Model vocabulary terms (letters only, 3+), the word vectors' own whole-word tokens and the corpus's
+    commonest words, sorted: the words that get concept postings."""
+    words = set(vectors.words()) if vectors is not None else set()
+    for (token,) in con.execute("SELECT token FROM vocab").fetchall():
+        t = normalise(token)
+        if len(t) >= 3 and t.isalpha():
+            words.add(t)
+    if with_corpus:
+        counts: Counter = Counter()
+        cur = con.execute("SELECT text FROM corpus_docs")
+        while rows := cur.fetchmany(1024):
+            for (text,) in rows:
+                counts.update(w.lower() for w in _WORD.findall(text or ""))
+        words.update(w for w, c in counts.most_common(CORPUS_WORDS) if c >= 2)
+    return sorted(words)
+
+
+def neuron_terms(con, normalise, z_sql: str) -> pa.Table:
+    """(term, layer, neuron, rank, z): each neuron's top `out` terms, letters only, variants merged."""
+    rows = con.execute(f"""
+        SELECT d.layer, d.neuron, d.rank, d.token, {z_sql} AS z
+        FROM decoded_tokens d JOIN neurons n USING (layer, neuron)
+        WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < {RANKS}""").fetchall()
+    best: dict[tuple, tuple] = {}
+    for layer, neuron, rank, token, z in rows:
+        t = normalise(token)
+        if not _letters(t) or z is None or not np.isfinite(z):
+            continue
+        key = (t, layer, neuron)
+        if key not in best or best[key][1] < z:
+            best[key] = (rank, z)
+    # A plural next to its singular is one term (" dog", "Dogs"): the singular stays.
+    keys = sorted(k for k in best if not (k[0].endswith("s") and (k[0][:-1], k[1], k[2]) in best))
+    return pa.table({"term": pa.array([k[0] for k in keys], pa.string()),
+                     "layer": pa.array([k[1] for k in keys], pa.int16()),
+                     "neuron": pa.array([k[2] for k in keys], pa.int32()),
+                     "rank": pa.array([best[k][0] for k in keys], pa.int16()),
+                     "z": pa.array([float(best[k][1]) for k in keys], pa.float64())})
+
+
+def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = MIN_SIM, chunk: int = 1024) -> pa.Table:
+    """(word, term, sim): per query word the neuron terms at cosine >= MIN_SIM, the RELATED closest."""
+    W, T = vectors.embed(words), vectors.embed(terms)              # [words, dim], [terms, dim]
+    out_w, out_t, out_s = [], [], []
+    k = min(RELATED, len(terms))
+    for lo in range(0, len(words), chunk):
+        S = W[lo:lo + chunk] @ T.T                                   # [chunk, terms]
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(terms) else np.tile(np.arange(len(terms)),
+                                                                                     (len(S), 1))
+        sims = np.take_along_axis(S, top, 1)
+        keep = sims >= min_sim
+        rows, cols = np.nonzero(keep)
+        out_w.append(rows + lo)
+        out_t.append(top[rows, cols])
+        out_s.append(sims[rows, cols])
+    wi = np.concatenate(out_w) if out_w else np.zeros(0, int)
+    ti = np.concatenate(out_t) if out_t else np.zeros(0, int)
+    si = np.concatenate(out_s) if out_s else np.zeros(0, np.float32)
+    # Word vectors pool sub-word tokens, so "unanim" lies near "animal" by spelling alone:
+    # a pair sharing SPELLING letters in a row is left out.
+    keep = [not _spelled_alike(words[w], terms[t]) for w, t in zip(wi.tolist(), ti.tolist())]
+    wi, ti, si = wi[keep], ti[keep], si[keep]
+    words_a, terms_a = np.array(words, dtype=object), np.array(terms, dtype=object)
+    return pa.table({"word": pa.array(words_a[wi].tolist(), pa.string()),
+                     "term": pa.array(terms_a[ti].tolist(), pa.string()),
+                     "sim": pa.array(np.round(si.astype(np.float64), 4), pa.float64())})
+
+
+def _spelled_alike(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` share SPELLING letters in a row (the word itself and its plural included)."""
+    if len(a) > len(b):
+        a, b = b, a
+    return any(a[i:i + SPELLING] in b for i in range(len(a) - SPELLING + 1))
+
+
+def score_concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, min_sim: float = MIN_SIM,
+                   min_evidence: int = MIN_EVIDENCE) -> dict:
+    """Create the temp table ``concept_scores``: per (query word, neuron) with evidence, its evidence.
+
+    Columns: word, layer, neuron, n_ev (evidence terms), sim_sum (their summed cosine),
+    z (strength as defined above), rank (best rank among them), evidence (terms, closest
+    first, joined by ", "); the word itself, its plural or singular never counts as its own evidence.
+    Returns what it took.
+    """
+    start = time.perf_counter()
+    terms_t = neuron_terms(con, normalise, z_sql)
+    terms = sorted(set(terms_t.column("term").to_pylist()))
+    words = query_vocabulary(con, normalise, with_corpus, vectors)
+    related = related_terms(vectors, words, terms, min_sim) if terms and words else \
+        pa.table({"word": pa.array([], pa.string()), "term": pa.array([], pa.string()),
+                  "sim": pa.array([], pa.float64())})
+    con.register("concept_neuron_terms", terms_t)
+    con.register("concept_related", related)
+    try:
+        # No window over the joined rows (tens of millions on a default atlas): sums and one sorted list.
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE concept_scores AS
+            SELECT r.word, t.layer, t.neuron, count(*) AS n_ev, sum(r.sim) AS sim_sum,
+                   avg(t.z) * least(sum(r.sim) / {REF_SIM}, {MAX_GAIN}) AS z, min(t.rank) AS rank,
+                   array_to_string(list(t.term ORDER BY r.sim DESC, t.term)[1:{EVIDENCE}], ', ') AS evidence
+            FROM concept_related r JOIN concept_neuron_terms t USING (term)
+            -- the word itself (or its plural or singular) is a literal match, not evidence of a concept
+            WHERE t.term <> r.word AND t.term || 's' <> r.word AND r.word || 's' <> t.term
+            GROUP BY r.word, t.layer, t.neuron HAVING count(*) >= {int(min_evidence)}""")
+    finally:
+        con.unregister("concept_neuron_terms")
+        con.unregister("concept_related")
+    return {"vocabulary": len(words), "neuron_terms": len(terms), "related_pairs": related.num_rows,
+            "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source}
+
+
+def concept_matches(con, vectors, normalise, z_sql: str, check_sql: str, src: int,
+                    with_corpus: bool) -> tuple[str, dict]:
+    """Concept matches as the SELECT of a search source, and what making them took.
+
+    The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
+    token_id, z, check) plus ``evidence``; it reads the temp table ``search_concepts``,
+    which the caller drops.
+    """
+    info = score_concepts(con, vectors, normalise, z_sql, with_corpus)
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE search_concepts AS
+        SELECT word AS term, layer, neuron, {src} AS src, rank, -1 AS token_id, z, evidence FROM concept_scores
+        QUALIFY row_number() OVER (PARTITION BY word ORDER BY z DESC, layer, neuron) <= {POSTINGS}""")
+    con.execute("DROP TABLE concept_scores")
+    info["postings"], info["words"] = con.execute("SELECT count(*), count(DISTINCT term) FROM search_concepts").fetchone()
+    # The clamp check joins here, as for literal matches.
+    select = f"""
+        SELECT c.term, c.layer, c.neuron, c.src, c.rank, c.token_id, c.z, {check_sql} AS "check", c.evidence
+        FROM search_concepts c JOIN neurons n USING (layer, neuron)"""
+    return select, info

@@ -1,0 +1,151 @@
+"""Labels stage: name each neuron's concept where it has one, and each cluster by its members' concepts.
+
+A neuron's **tokens** are its top ``TOKENS`` decoded `out` tokens with casing, spacing and
+a plural ``s`` merged (" dog", " Dogs", "Dogs" are one, shown as the first-ranked
+spelling), so the old label "dog · Dogs · Dogs" becomes "dog".
+
+Its **concept** is the word of the query vocabulary (``atlas.site.concept_source``: the
+model's vocabulary, the word vectors' and the corpus's words) near which its top `out` terms lie
+in the word vectors (cosine >= ``label_min_sim``), counting only terms other than the
+word itself (a plural and its singular count once) and needing at least
+``label_min_evidence`` of them; the largest summed cosine wins. The label is then "animal: bird, mammal, monkey" (the word, then its
+evidence); without such a word it is "no clear concept: dog · cat" (the merged tokens),
+never an invented name. ``neuron_labels`` keeps label, concept, evidence, tokens, method
+and score; ``neurons.label`` gets the label.
+
+A **cluster's name** is the concept shared by the most of its members when at least
+``CLUSTER_SHARE`` of them and two or more share it: "animal (14 of 90)"; otherwise the
+cluster stage's token label stays.
+
+Without the word vectors (wordllama not installed) every neuron gets its merged tokens
+only, with method ``tokens``, and the stage record says why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import pyarrow as pa
+
+from atlas import wordvec
+from atlas.config import LabelsConfig
+from atlas.site.concept_source import score_concepts
+from atlas.site.search import normalise
+from atlas.stages.contract import Context, insert_arrow, update_from_arrow
+
+TOKENS = 10             # top `out` tokens read per neuron
+SHOWN = 3               # tokens or evidence terms shown in a label
+CLUSTER_SHARE = 0.2
+NO_CONCEPT = "no clear concept"
+_OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
+          "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
+
+
+def merged_tokens(tokens: list[str]) -> list[str]:
+    """Tokens in rank order with casing/spacing variants and a plural ``s`` merged, each its first spelling."""
+    shown: dict[str, str] = {}
+    for token in tokens:
+        key = normalise(token)
+        if not key:
+            continue
+        stem = key[:-1] if key.endswith("s") and key[:-1] in shown else key
+        if stem in shown:
+            continue
+        if key + "s" in shown:          # the plural came first: keep it, under the singular's key
+            continue
+        shown[stem] = normalise_spelling(token)
+    return list(shown.values())
+
+
+def normalise_spelling(token: str) -> str:
+    """The token as a reader sees it: ends trimmed like a search term, case kept."""
+    term = normalise(token)
+    lower = token.lower()
+    i = lower.find(term)
+    return token[i:i + len(term)] if i >= 0 else term
+
+
+def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
+    """One row per neuron: label, concept, evidence, tokens, method, score."""
+    rows = con.execute(f"""
+        SELECT layer, neuron, list(token ORDER BY rank) FROM decoded_tokens
+        WHERE side = 'out' AND polarity = 'top' AND rank < {TOKENS}
+        GROUP BY layer, neuron ORDER BY layer, neuron""").fetchall()
+    concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
+    info: dict = {}
+    if vectors is not None:
+        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+        info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim, 1)
+        try:
+            # Evidence other than the word itself; the most evidence, then the closest, names the concept.
+            for layer, neuron, word, evidence, sim in con.execute(f"""
+                    SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores
+                    WHERE n_ev >= {int(cfg.label_min_evidence)}
+                    QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1
+                    """).fetchall():
+                concept[(layer, neuron)] = (word, [t for t in evidence.split(", ") if t != word], sim)
+        finally:
+            con.execute("DROP TABLE IF EXISTS concept_scores")
+    out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
+    for layer, neuron, tokens in rows:
+        merged = merged_tokens(tokens)
+        found = concept.get((layer, neuron))
+        if found:
+            word, evidence, sim = found
+            label, method = f"{word}: {', '.join(evidence[:SHOWN])}", "word vectors"
+        else:
+            word, evidence, sim = None, [], None
+            label = f"{NO_CONCEPT}: {' · '.join(merged[:SHOWN])}" if vectors is not None else " · ".join(merged[:SHOWN])
+            method = "tokens" if vectors is None else "word vectors: none"
+        for key, value in (("layer", layer), ("neuron", neuron), ("label", label), ("concept", word),
+                           ("evidence", evidence), ("tokens", merged), ("method", method),
+                           ("score", None if sim is None else round(float(sim), 4))):
+            out[key].append(value)
+    table = pa.table({"layer": pa.array(out["layer"], pa.int16()), "neuron": pa.array(out["neuron"], pa.int32()),
+                      "label": pa.array(out["label"], pa.string()), "concept": pa.array(out["concept"], pa.string()),
+                      "evidence": pa.array(out["evidence"], pa.list_(pa.string())),
+                      "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
+                      "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
+    return table, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
+
+
+def name_clusters(con) -> int:
+    """Clusters named by the concept most of their members share (see the module's docstring); returns how many."""
+    con.execute(f"""
+        UPDATE clusters SET label = c.name FROM (
+            SELECT cluster_id, concept || ' (' || n || ' of ' || size || ')' AS name FROM (
+                SELECT n.cluster_id, l.concept, count(*) AS n, any_value(k.size) AS size
+                FROM neuron_labels l JOIN neurons n USING (layer, neuron) JOIN clusters k USING (cluster_id)
+                WHERE l.concept IS NOT NULL GROUP BY n.cluster_id, l.concept)
+            WHERE n >= 2 AND n >= {CLUSTER_SHARE} * size
+            QUALIFY row_number() OVER (PARTITION BY cluster_id ORDER BY n DESC, concept) = 1
+        ) c WHERE clusters.cluster_id = c.cluster_id""")
+    return con.execute("SELECT count(*) FROM clusters WHERE label LIKE '% of %)'").fetchone()[0]
+
+
+def run(ctx: Context, cfg: LabelsConfig) -> dict:
+    cfg.validate()
+    ctx.require("decode", "the decoded tokens to label")
+    vectors, why = wordvec.load()
+    source = vectors.source if vectors is not None else {"missing": why}
+    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS)
+    if ctx.is_done(fingerprint):
+        return {"skipped": True}
+    start = time.perf_counter()
+    store = ctx.store
+    table, info = compute_labels(store.con, cfg, vectors)
+    clustered = ctx.inputs().get("cluster") is not None
+    with store.transaction() as con:
+        con.execute("DELETE FROM neuron_labels")
+        insert_arrow(con, "neuron_labels", table, order="layer, neuron")
+        update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
+        named = name_clusters(con) if clustered else 0
+        concepts = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
+        seconds = round(time.perf_counter() - start, 2)
+        ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
+                   with_concept=concepts, clusters_named=named, **info)
+    if vectors is None:
+        print(f"labels: {why}")
+    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": concepts, "clusters_named": named,
+            "resource": source}
