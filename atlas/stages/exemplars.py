@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas import faults
-from atlas.stages.activations import HIST_BINS, PassState, hist_edges, hist_index
+from atlas.stages.activations import PassState, hist_edges, hist_index
 from atlas.stages.attribution import AttributionState, attribute_batch
 from atlas.stages.corpus import (Deduper, Row, corpus_hash, corpus_identity, corpus_kind, cut_rows,
                                  default_sources, describe_default, open_corpus)

@@ -220,8 +220,9 @@ def test_bench_render_times_pages_against_plain_writes(tmp_path):
     assert (r["neurons"], r["shape"]) == (192, "2 x 96")
     assert r["pages_per_s"] > 0 and r["bound_pages_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["pages_s"] / r["bound_s"])
-    # 10,500: the three band-sample strips (issue 19) added about 420 bytes to the 9,760 of before.
-    assert 0 < r["avg_page_bytes"] < 10_500 and r["avg_json_bytes"] > r["avg_page_bytes"]
+    # 11,000: issue 19's 24-token windows (16 before) and three band-sample strips took the synthetic
+    # page from 9,757 to 10,749 bytes (its tokens are longer than real ones).
+    assert 0 < r["avg_page_bytes"] < 11_000 and r["avg_json_bytes"] > r["avg_page_bytes"]
     assert r["peak_rss_mb"] > 0
     bad = subprocess.run([sys.executable, "-m", "atlas", "bench", "render", "--shape", "lots"],
                          capture_output=True, text=True, timeout=120)

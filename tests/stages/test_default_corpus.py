@@ -28,9 +28,10 @@ def test_no_neuron_of_the_default_atlas_shows_a_window_twice(default_atlas):
         assert "python-docs" in sources and all(s["hash"].startswith("sha256:") for s in sources.values())
         # Each band sample is in the bin it names, and that bin holds its band's fraction of the normaliser.
         bad = con.execute("""SELECT count(*) FROM exemplar_samples s JOIN neurons n USING (layer, neuron)
-                             WHERE NOT (s.activation >= s.bin_lo AND s.activation < s.bin_hi
-                                        AND n.normaliser * [0.5, 0.25, 0.1][s.band + 1] >= s.bin_lo
-                                        AND n.normaliser * [0.5, 0.25, 0.1][s.band + 1] < s.bin_hi)""").fetchone()[0]
+                             WHERE NOT (s.activation >= s.bin_lo * (1 - 1e-5) AND s.activation < s.bin_hi * (1 + 1e-5)
+                                        AND n.normaliser * [0.5, 0.25, 0.1][s.band + 1] >= s.bin_lo * (1 - 1e-5)
+                                        AND n.normaliser * [0.5, 0.25, 0.1][s.band + 1] < s.bin_hi * (1 + 1e-5))
+                          """).fetchone()[0]
         assert bad == 0 and con.execute("SELECT count(*) FROM exemplar_samples").fetchone()[0] > 0
 
 
