@@ -280,8 +280,10 @@ def ray_pass(ctx: Context, cfg: ExemplarConfig, rows: list[Row], prefix: PassSta
 
     pool = distributed.stage_workers(ctx, cfg.ray, cfg.ray_workers)
     acc = {"state": prefix, "saved": -math.inf}
+    device = ctx.lm.device              # merges run where the driver's model is: on its GPU if it has one
 
     def fold(shard, state) -> None:
+        state = state.to(device)
         acc["state"] = state if acc["state"] is None else acc["state"].merge(state)
         if time.monotonic() - acc["saved"] >= RAY_CHECKPOINT_S or shard is parts[-1]:
             _save_checkpoint(ckpt, fp, shard.job.end_batch, acc["state"], merged=True)
