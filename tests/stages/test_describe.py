@@ -261,15 +261,16 @@ def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default
     out.mkdir()
     shutil.copy(default_atlas / "atlas.duckdb", out / "atlas.duckdb")      # the shared build stays as it is
     gen = Generator(load_model("default", device="cpu"), "smollm2")
-    with serving(gen, batch=6) as (url, stats_url):
-        config = cfg(url, explainer_model="smollm2", describe_budget=6, score_contexts=6, describe_max_tokens=16,
-                     describe_concurrency=6)
+    with serving(gen, batch=3) as (url, stats_url):
+        # One batch per phase; a loaded 2-core machine needs minutes for one, hence the timeout.
+        config = cfg(url, explainer_model="smollm2", describe_budget=3, describe_shown=4, score_contexts=4,
+                     describe_max_tokens=12, describe_concurrency=3, describe_timeout=900.0)
         result = Build(out, "default", device="cpu", progress=False).describe(config)
         from atlas.pipeline import describe_check
         check = describe_check(out, config, "cpu")
         sent = stats(stats_url)["requests"]
-    assert (result["described"], result["scored"]) == (6, 6) and sent == 18
-    assert check["pairs"] == 6 and check["own_higher"] + check["ties"] + check["own_lower"] == 6
+    assert (result["described"], result["scored"]) == (3, 3) and sent == 9
+    assert check["pairs"] == 3 and check["own_higher"] + check["ties"] + check["own_lower"] == 3
     own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
     assert abs(check["own_mean"] - own) < 1e-6
-    print("held-out check (6 neurons):", json.dumps(check))
+    print("held-out check (3 neurons):", json.dumps(check))
