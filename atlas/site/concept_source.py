@@ -12,7 +12,9 @@ too):
 - **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
   only, at least 3, other than the word itself, which is a literal match, and sharing no
   ``SPELLING`` letters in a row with it, which word vectors built from sub-word tokens
-  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least
+  ``MIN_SIM`` and that has the word among its ``RELATED`` nearest query words; the
+  ``EVIDENCE`` closest are shown;
 - **strength** of a concept match: ``mean(strength) x min(sum(cosine) / REF_SIM, MAX_GAIN)``
   over the evidence, the strength of a decoded token as for literal matches (σ from the
   mean logit): two evidence terms at cosine 0.2 weigh as much as one literal match of
