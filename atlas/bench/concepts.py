@@ -146,13 +146,6 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except AtlasError as e:
-        sys.exit(f"error: {e}")
-
-
 def cluster_coherence(con, pairs: int = 20_000, seed: int = 0) -> dict:
     """How much two members of one cluster share of their top-20 `out` terms, against two random neurons.
 
@@ -196,3 +189,10 @@ def coherence_of(sets: list[frozenset], cluster, pairs: int = 20_000, seed: int 
     random_pairs = [jaccard(*rng.choice(len(sets), 2, replace=False)) for _ in range(pairs)]
     w, r = float(np.mean(within)), float(np.mean(random_pairs))
     return {"pairs": pairs, "within": round(w, 4), "random": round(r, 4), "ratio": round(w / r, 1) if r else None}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AtlasError as e:
+        sys.exit(f"error: {e}")

@@ -12,7 +12,9 @@ too):
 - **evidence** of a neuron for a word: its top ``RANKS`` decoded `out` terms (letters
   only, at least 3, other than the word itself, which is a literal match, and sharing no
   ``SPELLING`` letters in a row with it, which word vectors built from sub-word tokens
-  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least ``MIN_SIM``, the ``EVIDENCE`` closest;
+  mistake for meaning: "unanim" for "animal") whose cosine with the word is at least
+  ``MIN_SIM`` and that has the word among its ``RELATED`` nearest query words; the
+  ``EVIDENCE`` closest are shown;
 - **strength** of a concept match: ``mean(strength) x min(sum(cosine) / REF_SIM, MAX_GAIN)``
   over the evidence, the strength of a decoded token as for literal matches (σ from the
   mean logit): two evidence terms at cosine 0.2 weigh as much as one literal match of
@@ -42,7 +44,7 @@ POSTINGS = 50
 REF_SIM = 0.4                   # summed cosine at which a concept match is as strong as a literal one
 MAX_GAIN = 5.0                  # ... and the most it can be, in multiples of a literal one
 SPELLING = 4                    # letters in a row that make a pair alike in spelling, not meaning
-RELATED = 32                    # neuron terms kept per query word before the join
+RELATED = 32                    # query words kept per neuron term before the join
 CORPUS_WORDS = 30_000
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
@@ -93,19 +95,23 @@ def neuron_terms(con, normalise, z_sql: str) -> pa.Table:
 
 
 def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = MIN_SIM, chunk: int = 1024) -> pa.Table:
-    """(word, term, sim): per query word the neuron terms at cosine >= MIN_SIM, the RELATED closest."""
+    """(word, term, sim): per neuron term the query words at cosine >= MIN_SIM, the RELATED closest.
+
+    Each term nominates the words nearest it (" mammal" -> animal, species ...), rather than
+    each word its nearest terms: a broad word such as "animal" has hundreds of member terms,
+    and a cut per word would keep only the closest few.
+    """
     W, T = vectors.embed(words), vectors.embed(terms)              # [words, dim], [terms, dim]
     out_w, out_t, out_s = [], [], []
-    k = min(RELATED, len(terms))
-    for lo in range(0, len(words), chunk):
-        S = W[lo:lo + chunk] @ T.T                                   # [chunk, terms]
-        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(terms) else np.tile(np.arange(len(terms)),
+    k = min(RELATED, len(words))
+    for lo in range(0, len(terms), chunk):
+        S = T[lo:lo + chunk] @ W.T                                   # [chunk, words]
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(words) else np.tile(np.arange(len(words)),
                                                                                      (len(S), 1))
         sims = np.take_along_axis(S, top, 1)
-        keep = sims >= min_sim
-        rows, cols = np.nonzero(keep)
-        out_w.append(rows + lo)
-        out_t.append(top[rows, cols])
+        rows, cols = np.nonzero(sims >= min_sim)
+        out_t.append(rows + lo)
+        out_w.append(top[rows, cols])
         out_s.append(sims[rows, cols])
     wi = np.concatenate(out_w) if out_w else np.zeros(0, int)
     ti = np.concatenate(out_t) if out_t else np.zeros(0, int)

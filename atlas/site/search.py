@@ -56,6 +56,7 @@ SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bot
            "concept", "description")
 CONCEPT = 8
 DESCRIPTION = 9
+CONCEPT_MAX_NEURONS = 100_000   # concept matches up to this many neurons (see extra_sources)
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
@@ -216,7 +217,13 @@ def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tupl
         from atlas.site.concept_source import concept_matches
 
         vectors, why = wordvec.load()
-        if vectors is None:
+        n = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
+        if n > CONCEPT_MAX_NEURONS:
+            # Measured: at 458,752 neurons the concept join ran out of the render's 2 GB of DuckDB
+            # memory (its aggregate does not spill); until it is bounded, large atlases go without.
+            info["concepts"] = {"missing": f"{n:,} neurons, over the {CONCEPT_MAX_NEURONS:,} that concept "
+                                           "matches are built for in bounded memory: left out"}
+        elif vectors is None:
             info["concepts"] = {"missing": why}
         else:
             select, info["concepts"] = concept_matches(con, vectors, normalise, _out_z_sql(), check, CONCEPT,

@@ -4,8 +4,7 @@ A neuron's **tokens** are its top ``TOKENS`` decoded `out` tokens with casing, s
 a plural ``s`` merged (" dog", " Dogs", "Dogs" are one, shown as the first-ranked
 spelling), so the old label "dog · Dogs · Dogs" becomes "dog".
 
-Its **concept** is the word of the query vocabulary (``atlas.site.concept_source``: the
-model's vocabulary, the word vectors' and the corpus's words) near which its top `out` terms lie
+Its **concept** is the whole word of the word vectors' vocabulary near which its top `out` terms lie
 in the word vectors (cosine >= ``label_min_sim``), counting only terms other than the
 word itself (a plural and its singular count once) and needing at least
 ``label_min_evidence`` of them; the largest summed cosine wins. The label is then "animal: bird, mammal, monkey" (the word, then its
@@ -77,15 +76,20 @@ def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
     if vectors is not None:
         with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
         info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim, 1)
+        # A concept's name must be a whole word of the word vectors' own vocabulary: the model's
+        # vocabulary and the corpus also hold word pieces ("lar", "dispro") that would name nothing.
+        names = pa.table({"word": pa.array(vectors.words(), pa.string())})
+        con.register("label_names", names)
         try:
-            # Evidence other than the word itself; the most evidence, then the closest, names the concept.
+            # Evidence other than the word itself; the largest summed cosine names the concept.
             for layer, neuron, word, evidence, sim in con.execute(f"""
-                    SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores
+                    SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores SEMI JOIN label_names USING (word)
                     WHERE n_ev >= {int(cfg.label_min_evidence)}
                     QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1
                     """).fetchall():
                 concept[(layer, neuron)] = (word, [t for t in evidence.split(", ") if t != word], sim)
         finally:
+            con.unregister("label_names")
             con.execute("DROP TABLE IF EXISTS concept_scores")
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:

@@ -27,7 +27,7 @@ WORDS = ["dog", "cat", "Paris", "w7", "w8", "w9", "w10", "w11", "w12", "w13"]
 EXEMPLARS = ExemplarConfig(context=16, batch_size=4, k=5, attribution_rows=8, checkpoint_every=2)
 CLAMP = ClampConfig(clamp_budget=16)
 RENDER = RenderConfig(workers=1, exports=False)
-LATER = ("exemplars", "cluster", "clamp")
+LATER = ("exemplars", "cluster", "labels", "clamp")
 
 
 def _corpus(tmp_path):
