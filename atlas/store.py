@@ -29,9 +29,11 @@ def finished_stage(con, stage: str) -> dict | None:
 
 
 def without_timings(value: Any) -> Any:
-    """``value`` (atlas_meta JSON) less its timings (``seconds``, ``*_s``), which differ between equal builds."""
+    """``value`` (atlas_meta JSON) less its timings (``seconds``, ``*_seconds``, ``*_s``), which
+    differ between equal builds."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if not (k == "seconds" or k.endswith("_s"))}
+        return {k: without_timings(v) for k, v in value.items()
+                if not (k == "seconds" or k.endswith(("_seconds", "_s")))}
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value

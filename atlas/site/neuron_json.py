@@ -9,7 +9,8 @@ with no code of its own:
   table's row order, instead of a list of row objects that repeat every key; a table whose
   key order (``JSON_TABLES``) starts with text columns is nested by them first, so that
   ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token_id": [...], ...}}}``;
-  a key order that ends in ``rank`` leaves the rank out, as the rows' place in their group;
+  a key order whose only key after the nesting ones is ``rank`` leaves the rank out, as the
+  rows' place in their group;
 - a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
   every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
 - floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
@@ -85,8 +86,8 @@ def table_sql(con, table: str, order: str) -> str:
         levels.append(key)
     rest = ", ".join(keys[len(levels):]) or "1"
     drop = {"layer", "neuron", *levels} | ({"token"} if has_token_text(columns) else set())
-    if keys[-1] == POSITION:        # a rank is the row's place in its group: 0, 1, 2, ...
-        drop.add(POSITION)
+    if keys[len(levels):] == [POSITION]:    # a rank is the row's place in its group: 0, 1, 2, ...
+        drop.add(POSITION)                  # (kept where a number key, exemplar_samples' band, comes first)
     fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
     steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
     query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "

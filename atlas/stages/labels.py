@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
-from atlas import wordvec
+from atlas import faults, wordvec
 from atlas.config import LabelsConfig
 from atlas.site.concept_source import score_concepts
 from atlas.site.search import normalise
@@ -37,6 +37,7 @@ TOKENS = 10             # top `out` tokens read per neuron
 SHOWN = 3               # tokens or evidence terms shown in a label
 CLUSTER_SHARE = 0.2
 NO_CONCEPT = "no clear concept"
+STAGE = "labels"
 _OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
           "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
 
@@ -139,6 +140,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     start = time.perf_counter()
     store = ctx.store
     table, info = compute_labels(store.con, cfg, vectors)
+    faults.point(STAGE, "labels computed")
     clustered = ctx.inputs().get("cluster") is not None
     with store.transaction() as con:
         con.execute("DELETE FROM neuron_labels")
@@ -149,6 +151,8 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         seconds = round(time.perf_counter() - start, 2)
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=concepts, clusters_named=named, **info)
+        faults.point(STAGE, "written, not committed")
+    faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
     return {"seconds": seconds, "neurons": table.num_rows, "with_concept": concepts, "clusters_named": named,

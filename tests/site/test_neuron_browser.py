@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from atlas.bench.synthetic import make_synthetic_store
-from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN
+from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.config import RenderConfig
 from atlas.site.render import render
 from helpers import served, watch_errors
@@ -66,7 +66,10 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.locator("table.atlas-logits tr td:first-child").count() == 3 * (20 + 10)
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
-    assert page.locator("ol.atlas-strips li").count() == shown and page.locator("ol.atlas-strips b").count() == shown
+    strongest = page.locator("ol.atlas-strips:not(.atlas-bands)")
+    assert strongest.locator("li").count() == shown and strongest.locator("b").count() == shown
+    samples = page.locator("ol.atlas-bands li")      # weaker activations, sampled from the histogram's bins
+    assert 0 < samples.count() <= 3 * SHOWN_SAMPLES and page.locator("ol.atlas-bands b").count() == samples.count()
     assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
     assert page.locator("#atlas-bibtex").is_visible() and page.locator("#atlas-query").is_visible()
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run

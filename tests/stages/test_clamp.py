@@ -18,6 +18,7 @@ from atlas.errors import AtlasError
 from atlas.stages.exemplars import ExemplarConfig
 from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
+from atlas.site.neuron_json import table_rows
 from atlas.steer import Intervention, steer
 from helpers import CFG, HOSTILE_TOKENS, assert_one_line_error, assert_tokens_escaped, atlas, corpus_file
 
@@ -227,7 +228,7 @@ def test_pages_show_the_clamp_check(tiny_atlas):
     shown = assert_tokens_escaped(site, HOSTILE_TOKENS)
     assert len(shown) >= 4 and all(shown.values()), shown
     data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
-    assert {r["direction"] for r in data["clamp_effects"]} == {"rises", "falls", "own"}
+    assert {r["direction"] for r in table_rows(data, "clamp_effects")} == {"rises", "falls", "own"}
     assert data["neurons"]["faithfulness"] == pytest.approx(faith, abs=1e-6)
     other = (site / "neurons" / str(unmeasured[0]) / str(unmeasured[1]) / "index.html").read_text()
     assert 'id=clamp' not in other and 'Δ pushed' not in other

@@ -24,6 +24,7 @@ from atlas.llm.generate import Generator
 from atlas.llm.server import make_server
 from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
+from atlas.site.neuron_json import table_rows
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.describe import balanced_accuracy, parse_fits
 from atlas.stages.exemplars import ExemplarConfig
@@ -229,10 +230,12 @@ def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; zebracrossing" in page and "<script>alert(1)" not in page
     assert f"written by <code>{NAME}</code>" in page and "detection score <strong>" in page
     data = json.loads((site / f"neurons/{layer}/{neuron}.json").read_text())
-    assert data["descriptions"][0]["explainer"] == NAME and "zebracrossing" in data["descriptions"][0]["description"]
-    with duckdb.connect(str(site / "exports/atlas.duckdb"), read_only=True) as con:
+    (shown,) = table_rows(data, "descriptions")
+    assert shown["explainer"] == NAME and "zebracrossing" in shown["description"]
+    exports = site.parent / "exports"            # beside the site, not inside it
+    with duckdb.connect(str(exports / "atlas.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM descriptions").fetchone()[0] == 2
-    assert (site / "exports/descriptions.parquet").is_file()
+    assert (exports / "descriptions.parquet").is_file()
     proc = atlas("search", site, "zebracrossing", "--json")
     assert proc.returncode == 0, proc.stderr
     hits = json.loads(proc.stdout)["hits"]
