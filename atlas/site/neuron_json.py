@@ -14,8 +14,12 @@ with no code of its own:
 - a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
   every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
 - floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
-  three), and the values of a float array are rounded to one step, ``ARRAY_DIGITS``
-  significant digits of the array's largest magnitude; NaN and infinities are null;
+  three); NaN and infinities are null;
+- a float array (an exemplar's window of activations) is one measurement, rounded to one
+  step, ``ARRAY_DIGITS`` significant digits of its largest magnitude, and written as whole
+  numbers of that step, with the step's decimal exponent beside it in ``"<name>_exp"``:
+  ``[57, 19, 0, -4]`` with exponent ``-1`` is ``[5.7, 1.9, 0.0, -0.4]`` (a third of the bytes
+  of decimal fractions, which were half of a default atlas's JSON);
 - ``layer`` and ``neuron`` are said once, at the top (and in the ``neurons`` row, which is
   the table's row as it is), and left out of every other table.
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from atlas.schema import JSON_TABLES
 
-FORMAT = 2              # 1: row objects with float32-exact floats (before the site budgets)
+FORMAT = 3              # 1: row objects with float32-exact floats (before the site budgets); 2: arrays as decimals
 FLOAT_DIGITS = 3
 POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
 ARRAY_DIGITS = 2        # a window of activations is drawn in fifths of the normaliser on the page
@@ -57,17 +61,25 @@ def array_step(name: str) -> str:
 def compact(name: str, dtype: str) -> str:
     """SQL for column ``name`` with its floats cut to the digits that carry meaning (module doc).
 
-    An array column needs its row's ``array_step`` as column ``"__step_<name>"``.
+    An array column needs its row's ``array_step`` as column ``"__step_<name>"``; its values
+    come out as whole numbers of that step (``array_fields`` writes the step beside them).
     """
     rounded = f"CASE WHEN isfinite({{0}}) THEN CAST(printf('%.{FLOAT_DIGITS}g', {{0}}) AS DOUBLE) END"
     if dtype in _FLOATS:
         return rounded.format(f'"{name}"')
     if _is_array(dtype):
-        # An array (an exemplar's window of activations) is one measurement: its values are
-        # rounded to the same step, ARRAY_DIGITS significant digits of its largest magnitude,
-        # so that values near zero do not spend digits on noise.
-        return f'[CASE WHEN isfinite(a) THEN round(CAST(a AS DOUBLE), -"__step_{name}") + 0.0 END FOR a IN "{name}"]'
+        # One step for the whole array, so that values near zero do not spend digits on noise.
+        return (f'[CASE WHEN isfinite(a) THEN CAST(round(CAST(a AS DOUBLE) / pow(10, "__step_{name}")) AS BIGINT) END '
+                f'FOR a IN "{name}"]')
     return f'"{name}"'
+
+
+EXPONENT = "_exp"        # "<array column>_exp": the decimal exponent of that array's step
+
+
+def array_fields(columns: list[tuple[str, str]], wrap: str = "{}") -> list[str]:
+    """``struct_pack`` fields for the step exponents of the float array columns, each through ``wrap``."""
+    return [f'"{name}{EXPONENT}" := {wrap.format(f"__step_{name}")}' for name, dtype in columns if _is_array(dtype)]
 
 
 def table_sql(con, table: str, order: str) -> str:
@@ -89,6 +101,7 @@ def table_sql(con, table: str, order: str) -> str:
     if keys[len(levels):] == [POSITION]:    # a rank is the row's place in its group: 0, 1, 2, ...
         drop.add(POSITION)                  # (kept where a number key, exemplar_samples' band, comes first)
     fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
+    fields += array_fields(columns, f'list("{{}}" ORDER BY {rest})')
     steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
     query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "
              f"FROM (SELECT *{steps} FROM {table} {_BLOCK}) GROUP BY ALL")
@@ -112,11 +125,27 @@ def neurons_sql(con) -> str:
     """The neurons rows of one block as the store holds them (for the page), each followed by
     the same row as one compact JSON object (for the file)."""
     columns = _columns(con, "neurons")
-    cols = ", ".join(f'"{name}" := {compact(name, dtype)}' for name, dtype in columns)
+    cols = ", ".join([f'"{name}" := {compact(name, dtype)}' for name, dtype in columns]
+                     + array_fields(columns, '"{}"'))
     steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
     plain = ", ".join(f'"{name}"' for name, _ in columns)
     return (f"SELECT {plain}, to_json(struct_pack({cols})) FROM (SELECT *{steps} FROM neurons {_BLOCK}) "
             "ORDER BY neuron")
+
+
+def array_values(values: list, exp: int) -> list:
+    """A float array back from its whole numbers of the step ``10 ** exp`` (see the module doc)."""
+    return [None if v is None else round(v * 10.0 ** exp, max(-exp, 0)) for v in values]
+
+
+def with_arrays(columns: dict) -> dict:
+    """``columns`` (a table's object of columns) with each float array put back from its whole
+    numbers and its ``"<name>_exp"`` column, which is dropped."""
+    out = dict(columns)
+    for key in [k for k in columns if k.endswith(EXPONENT) and k[:-len(EXPONENT)] in columns]:
+        name, exp = key[:-len(EXPONENT)], out.pop(key)
+        out[name] = [None if v is None else array_values(v, e) for v, e in zip(out[name], exp)]
+    return out
 
 
 def table_rows(data: dict, table: str) -> list[dict]:
@@ -130,6 +159,7 @@ def table_rows(data: dict, table: str) -> list[dict]:
             for value, child in node.items():
                 walk(child, {**path, keys[depth]: value}, depth + 1)
             return
+        node = with_arrays(node)
         n = len(next(iter(node.values()))) if node else 0
         implied = {POSITION: None} if keys[-1] == POSITION and POSITION not in node else {}
         rows.extend({**path, **{k: i for k in implied}, **{name: col[i] for name, col in node.items()}}

@@ -33,8 +33,25 @@ from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 # Short on purpose: they are on every page; the method page says how each direction is made.
+# Tokens a page shows (top, bottom) for the sides that read; `out`, what the neuron writes and
+# the clamp check tests, shows all it has. The JSON has every decoded token of every side.
+SHOWN_TOKENS = {"in": (10, 5), "gate": (10, 5)}
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
+
+
+def side_section(side: str, tokens: dict[str, list[tuple]], row: dict, pushed: dict[int, float] | None) -> NS:
+    """One decoded side of a page: its stats and its shown top and bottom rows (``SHOWN_TOKENS``),
+    with ``top_of``/``bottom_of`` the number decoded where the page shows fewer."""
+    shown = dict(zip(("top", "bottom"), SHOWN_TOKENS.get(side, (None, None))))
+    parts = {}
+    for polarity, rows in tokens.items():
+        cut = rows[:shown[polarity]]
+        parts[polarity] = logit_rows(cut, pushed if (side, polarity) == ("out", "top") else None)
+        parts[f"{polarity}_shown"] = len(cut)
+        parts[f"{polarity}_of"] = len(rows) if len(cut) < len(rows) else None
+    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed) and side == "out",
+              stats=NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS}), **parts)
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -160,10 +177,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         by_side = decoded.get(n, {})
         # A clamped neuron's own `out` tokens carry their Δ log p in the `out` table itself.
         pushed = clamping[n]["own_by_rank"] if n in clamping else None
-        sides = [NS(name=s, title=SIDE_TITLES[s], top=logit_rows(by_side[s]["top"], pushed if s == "out" else None),
-                    pushed=bool(pushed) and s == "out", bottom=logit_rows(by_side[s]["bottom"]),
-                    stats=NS(**{stat: row.get(f"{s}_{stat}") for stat in SIDE_STATS}))
-                 for s in SIDES if s in by_side]
+        sides = [side_section(s, by_side[s], row, pushed) for s in SIDES if s in by_side]
         url = job["site_url"] + f"neurons/{layer}/{n}/"
         html = template.render(
             page_globals, layer=layer, neuron=n, row=NS(**row), sides=sides, url=url, bibtex=bibtex(site, layer, n, url),

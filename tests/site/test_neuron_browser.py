@@ -63,7 +63,7 @@ def test_keys_move_between_neurons_and_layers(site_url, browser):
 def test_core_content_renders_without_javascript(site_url, browser):
     page = _open(browser.new_context(java_script_enabled=False), site_url + "neurons/0/0/")
     assert page.text_content("h1") == "Layer 0 · neuron 0"
-    assert page.locator("table.atlas-logits tr td:first-child").count() == 3 * (20 + 10)
+    assert page.locator("table.atlas-logits tr td:first-child").count() == 2 * (10 + 5) + (20 + 10)   # SHOWN_TOKENS
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
     strongest = page.locator("ol.atlas-strips:not(.atlas-bands)")

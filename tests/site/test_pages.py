@@ -17,6 +17,7 @@ from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.site.neuron_json import FORMAT, table_rows
+from atlas.site.neuron_pages import SHOWN_TOKENS
 from atlas.site.text import fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import make_synthetic_store
 
@@ -81,12 +82,18 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         (cluster,) = _parquet_rows(con, exports, "clusters", "cluster_id = ?", [data["neurons"]["cluster_id"]], exclude="")
         assert all(_same(data["clusters"][0][k], v) for k, v in cluster.items())
 
-        # The page shows the same numbers: every decoded token with its logit, in rank order ...
+        # The page shows the same numbers: the decoded tokens with their logits, in rank order,
+        # every one for `out` and the strongest few of the reading sides ("10 of 20") ...
         decoded = _parquet_rows(con, exports, "decoded_tokens", f"{key} ORDER BY side, polarity DESC, rank", [layer, n])
         for side in ("in", "gate", "out"):
             section = re.search(f'<section id={side}>(.*?)</section>', page, re.S).group(1)
             shown = re.findall(r"<tr><td>(.*?)<td>([^<]*)", section)
-            assert shown == [(token_cell(r["token"]), fmt_logit(r["logit"])) for r in decoded if r["side"] == side]
+            top, bottom = SHOWN_TOKENS.get(side, (None, None))
+            want = [r for r in decoded if r["side"] == side]
+            want = [r for r in want if r["polarity"] == "top"][:top] + [r for r in want if r["polarity"] == "bottom"][:bottom]
+            assert shown == [(token_cell(r["token"]), fmt_logit(r["logit"])) for r in want]
+            if top:
+                assert f"<th>top <small>{top} of 20</small>" in section and f"<th>bottom <small>{bottom} of 10</small>" in section
         # ... the clamp check: each own `out` token's Δ log p beside it, the top rises and falls ...
         effects = _parquet_rows(con, exports, "clamp_effects", f"{key} ORDER BY direction, rank", [layer, n])
         assert table_rows(data, "clamp_effects") == [dict(r, delta_logprob=pytest.approx(r["delta_logprob"], rel=5.1e-3))
