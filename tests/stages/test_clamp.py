@@ -229,7 +229,7 @@ def test_pages_show_the_clamp_check(tiny_atlas):
     assert len(shown) >= 4 and all(shown.values()), shown
     data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
     assert {r["direction"] for r in table_rows(data, "clamp_effects")} == {"rises", "falls", "own"}
-    assert data["neurons"]["faithfulness"] == pytest.approx(faith, abs=1e-6)
+    assert data["neurons"]["faithfulness"] == pytest.approx(faith, rel=1e-3)   # JSON keeps 3 significant digits
     other = (site / "neurons" / str(unmeasured[0]) / str(unmeasured[1]) / "index.html").read_text()
     assert 'id=clamp' not in other and 'Δ pushed' not in other
     home = (site / "index.html").read_text()
