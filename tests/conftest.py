@@ -55,6 +55,14 @@ def default_atlas(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_lm():
+    """The embedded default model loaded once on the CPU for the slow tests that run it by hand
+    (each load costs seconds of parsing the GGUF file on 2 cores); tests must leave no hook on it."""
+    from atlas.model.load import load_model
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole session (2 CPUs, no dashboard, on loopback): starting
     one costs seconds on 2 cores, so every Ray test joins this one (``--ray auto`` finds it)."""

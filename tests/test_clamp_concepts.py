@@ -7,16 +7,15 @@ import duckdb
 import pytest
 
 from atlas.concepts import CONCEPTS, HELD_OUT, check, markdown
-from atlas.model.load import load_model
 from atlas.stages.clamp import ClampConfig
 
 pytestmark = pytest.mark.slow
 
 
-def test_concept_neurons_raise_their_concept_on_held_out_prompts(default_atlas):
+def test_concept_neurons_raise_their_concept_on_held_out_prompts(default_atlas, default_lm):
     # The check reads `out` decodings and normalisers: those of the session's default build
-    # (on the same corpus slice as the README's run), with the model loaded once more here.
-    lm = load_model(device="cpu")
+    # (on the same corpus slice as the README's run), and the session's loaded model.
+    lm = default_lm
     with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
         results = check(con, lm, ClampConfig.clamp_multiple)
     print(markdown(results, ClampConfig.clamp_multiple, len(HELD_OUT)))

@@ -49,17 +49,16 @@ def _activations(lm, ids: list[list[int]], layer: int, neuron: int) -> torch.Ten
     return [g[0] for g in got]
 
 
-def test_the_dog_neuron_fires_on_the_token_before_an_animal_word(default_atlas):
+def test_the_dog_neuron_fires_on_the_token_before_an_animal_word(default_atlas, default_lm):
     """L29/N808, the neuron whose `out` side decodes to " dog", "cat", "puppy": its stored exemplars
     are its true per-input maxima (recomputed), and on Brown text it fires where an animal word
     comes next (it writes the prediction), far more than on text without one.
 
     The default build's 16,384-token slice holds no input with a dog, cat or pet word (the README's
     measurement), so its exemplars there cannot show one; the Brown paragraphs here do."""
-    from atlas.model.load import load_model
     from atlas.stages.corpus import READERS, brown_dir
 
-    lm = load_model(device="cpu")
+    lm = default_lm
     layer, neuron = 29, 808
     with duckdb.connect(str(default_atlas / "atlas.duckdb"), read_only=True) as con:
         out = [t for (t,) in con.execute("SELECT token FROM decoded_tokens WHERE layer = ? AND neuron = ? AND "

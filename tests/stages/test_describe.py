@@ -254,7 +254,7 @@ def test_describe_settings_are_checked_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default_atlas, tmp_path):
+def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default_atlas, default_lm, tmp_path):
     """The embedded SmolLM2-135M behind `atlas serve-model`'s server: a tiny budget, and the held-out check.
 
     The README reports the figures of a larger run; this one checks that the pairs are
@@ -263,7 +263,7 @@ def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(default_atlas / "atlas.duckdb", out / "atlas.duckdb")      # the shared build stays as it is
-    gen = Generator(load_model("default", device="cpu"), "smollm2")
+    gen = Generator(default_lm, "smollm2")
     with serving(gen, batch=3) as (url, stats_url):
         # One batch per phase; a loaded 2-core machine needs minutes for one, hence the timeout.
         config = cfg(url, explainer_model="smollm2", describe_budget=3, describe_shown=4, score_contexts=4,
