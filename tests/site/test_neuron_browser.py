@@ -78,3 +78,21 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.title() == "L0/N0 · Neuron atlas: synthetic/gated-2x8"
     assert "<script>alert(1)</script>" in page.text_content("#out")
     assert page.errors == []
+
+
+def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, browser):
+    """At 1400 x 900 the first exemplar strip is on the first screen, above the decoded tables; at
+    360 px wide no page (neuron, home, layer, cluster, search) scrolls sideways."""
+    page = _open(browser.new_context(viewport={"width": 1400, "height": 900}), site_url + "neurons/0/0/")
+    strip = page.locator("ol.atlas-strips li").first.bounding_box()
+    assert strip is not None and strip["y"] + strip["height"] <= 900, strip
+    assert page.locator("#out").bounding_box()["y"] > strip["y"]
+    reads = page.locator("details.atlas-reads")
+    assert reads.count() == 1 and not reads.evaluate("d => d.open")    # in and gate: folded, one click away
+    assert page.locator("details.atlas-reads #in, details.atlas-reads #gate").count() == 2
+    phone = browser.new_context(viewport={"width": 360, "height": 740})
+    for path in ("neurons/0/0/", "", "layers/0/", "clusters/", "search/?q=enta"):
+        page = _open(phone, site_url + path)
+        width = page.evaluate("document.scrollingElement.scrollWidth")
+        assert width <= 360, (path, width)
+        assert page.errors == []
