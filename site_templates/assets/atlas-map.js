@@ -8,8 +8,10 @@
   var status = document.getElementById("atlas-map-status");
   var colourSelect = document.getElementById("atlas-map-colour");
   var layerSelect = document.getElementById("atlas-map-layer");
-  var ESC = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-  function esc(s) { return String(s == null ? "" : s).replace(/[&<>"']/g, function (c) { return ESC[c]; }); }
+  // Only what can start markup or an entity: plotly's hover text decodes &lt; &gt; &amp; but shows
+  // &quot; as it is, and a quote outside a tag is plain text.
+  var ESC = { "&": "&amp;", "<": "&lt;", ">": "&gt;" };
+  function esc(s) { return String(s == null ? "" : s).replace(/[&<>]/g, function (c) { return ESC[c]; }); }
   var nLayers = data.layers.length;
   var clusterLabel = data.clusters.label;
   // Neighbouring cluster ids get far-apart hues: golden-ratio steps around the colour scale.

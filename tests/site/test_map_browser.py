@@ -65,6 +65,13 @@ def test_hover_shows_the_label_as_text(page):
     text = page.text_content(".hoverlayer .hovertext")
     assert re.search(r"L\d+/N\d+", text) and "cluster" in text
     assert page.locator(".hoverlayer script, .hoverlayer img").count() == 0
+    assert "<script>alert(1)</script>" in text               # escaped once: shown as written
+    x, y = _point_on_screen(page, 0, 1)               # labelled 'a label with a newline & "quotes"'
+    page.mouse.move(x, y)
+    page.wait_for_function("document.querySelector('.hoverlayer .hovertext')?.textContent.includes('L0/N1')",
+                           timeout=10_000)
+    text = page.text_content(".hoverlayer .hovertext")
+    assert '& "quotes"' in text and "&quot;" not in text and "&amp;" not in text, text
     assert page.title() != "pwned" and page.errors == []
 
 
