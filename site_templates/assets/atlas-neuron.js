@@ -72,6 +72,16 @@
     });
   }
 
+  // Built without --site-url, the permanent URL is relative to the site, which is useless once
+  // pasted: served over http(s), the page knows its own address, and the neuron's URL is its folder.
+  var cited = document.getElementById("atlas-cite-url");
+  if (cited && /^https?:$/.test(window.location.protocol)) {
+    var relative = cited.textContent, absolute = new URL(".", window.location.href).href;
+    var bibtex = document.getElementById("atlas-bibtex");
+    cited.textContent = absolute;
+    if (bibtex) bibtex.textContent = bibtex.textContent.replace("url = {" + relative + "}", "url = {" + absolute + "}");
+  }
+
   var blocks = document.querySelectorAll("pre[data-copy][id]");
   for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();

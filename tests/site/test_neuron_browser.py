@@ -40,7 +40,8 @@ def test_cite_box_copies_the_bibtex(site_url, browser):
     assert button.text_content() == "copied"
     copied = page.evaluate("navigator.clipboard.readText()")
     assert copied == page.text_content("#atlas-bibtex")
-    assert copied.startswith("@misc{atlas:synthetic-gated-2x8:L1:N3,") and "url = {neurons/1/3/}" in copied
+    assert copied.startswith("@misc{atlas:synthetic-gated-2x8:L1:N3,") and f"url = {{{site_url}neurons/1/3/}}" in copied
+    assert page.text_content("#atlas-cite-url") == site_url + "neurons/1/3/"   # absolute: the page's own address
     page.locator('button[data-copy="atlas-query"]').click()
     assert "WHERE layer = 1 AND neuron = 3" in page.evaluate("navigator.clipboard.readText()")
     assert page.title() != "pwned" and page.errors == []
