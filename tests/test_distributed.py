@@ -128,7 +128,7 @@ def test_the_default_model_on_two_workers_gives_the_one_process_rows(ray_cluster
     """
     shutil.copy(default_atlas / "atlas.duckdb", tmp_path / "atlas.duckdb")
     b = Build(tmp_path, progress=False)
-    cfg = dict(max_tokens=2048, batch_size=2, checkpoint_every=2, attribution_rows=4)   # 16 inputs: 4 shards
+    cfg = dict(max_tokens=1024, batch_size=2, checkpoint_every=1, attribution_rows=4)   # 8 inputs: 4 shards
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -141,7 +141,7 @@ def test_the_default_model_on_two_workers_gives_the_one_process_rows(ray_cluster
     b.exemplars(ExemplarConfig(**cfg, ray="auto", ray_workers=2))
     with duckdb.connect(str(tmp_path / "atlas.duckdb"), read_only=True) as con:
         con.execute(f"ATTACH '{tmp_path / 'one.duckdb'}' AS one (READ_ONLY)")
-        assert con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] == 16
+        assert con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] == 8
         for table in ("corpus_docs", "exemplars", "attributions", "histograms", "neurons"):
             # Set difference both ways (DuckDB's EXCEPT ALL counts duplicates; NaN equals NaN).
             differ = con.execute(f"SELECT count(*) FROM ((SELECT * FROM {table} EXCEPT ALL SELECT * FROM one.{table})"
