@@ -82,7 +82,10 @@ class _Markup(HTMLParser):
             # Text attributes (title, aria-label) may hold payload text; URLs and styles may not.
             if name in _URL_ATTRS and ("__pwned" in (value or "") or "javascript:" in (value or "").lower()):
                 self.problems.append(f"<{tag} {name}={(value or '')[:40]!r}>")
-        if tag in ("iframe", "object", "embed", "details", "animate", "img"):
+        # The page's own <details class=atlas-reads> (in and gate, folded) is markup atlas writes;
+        # an injected one would also need an on* attribute to act, which is caught above.
+        own = tag == "details" and dict(attrs).get("class") == "atlas-reads"
+        if tag in ("iframe", "object", "embed", "details", "animate", "img") and not own:
             self.problems.append(f"a <{tag}> element")
         self._script = dict(attrs).get("type", "") if tag == "script" else None
 
@@ -153,7 +156,8 @@ def _dom_problems(page) -> list[str]:
                         .includes(name) && (value.includes("javascript:") || value.includes("__pwned")))
                     bad.push(el.tagName + " " + name + "=" + value.slice(0, 60));
             }
-            if (["IFRAME", "OBJECT", "EMBED", "DETAILS", "ANIMATE"].includes(el.tagName.toUpperCase()))
+            const own = el.tagName === "DETAILS" && el.className === "atlas-reads";   // atlas's own fold
+            if (["IFRAME", "OBJECT", "EMBED", "DETAILS", "ANIMATE"].includes(el.tagName.toUpperCase()) && !own)
                 bad.push("a " + el.tagName + " element");
             if (el.tagName === "SCRIPT" && el.textContent.includes("__pwned") && el.type !== "application/json")
                 bad.push("a script that mentions __pwned");

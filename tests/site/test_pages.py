@@ -193,7 +193,7 @@ def test_cite_box_and_navigation_links(built):
     page = (site / "neurons/1/3/index.html").read_text()
     assert "@misc{atlas:synthetic-gated-2x24:L1:N3," in page
     assert "title = {Layer 1, neuron 3 of {synthetic/gated-2x24}}" in page
-    assert "url = {neurons/1/3/}" in page and "<code>neurons/1/3/</code>" in page
+    assert "url = {neurons/1/3/}" in page and "<code id=atlas-cite-url>neurons/1/3/</code>" in page   # made absolute by the script
     links = dict(re.findall(r'<a href="([^"]+)" data-key="([^"]+)"', page))
     assert links == {"../../../layers/1/": "u", "../../0/3/": "["}
     assert dict(re.findall(r'<a href="([^"]+)" rel=(prev|next)>', page)) == {"../2/": "prev", "../4/": "next"}
