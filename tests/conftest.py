@@ -6,7 +6,11 @@ Plain helpers (model factories, the CLI runner, the static server) are in helper
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,12 @@ import pytest
 import torch
 
 from helpers import CHROMIUM, CHROMIUM_ARGS, DEFAULT_BUILD, FAULT_COUNTS, atlas, save_tiny_model
+
+# GGUF models converted by load_model (atlas.model.load.gguf_cache_dir) go to a folder of this
+# session, not the user's cache; set ATLAS_MODEL_CACHE to keep one across sessions.
+if "ATLAS_MODEL_CACHE" not in os.environ:
+    os.environ["ATLAS_MODEL_CACHE"] = tempfile.mkdtemp(prefix="atlas-model-cache-")
+    atexit.register(shutil.rmtree, os.environ["ATLAS_MODEL_CACHE"], True)
 
 
 def pytest_terminal_summary(terminalreporter):

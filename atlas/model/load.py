@@ -80,11 +80,110 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise AtlasError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
 
 
+CACHE_ENV = "ATLAS_MODEL_CACHE"      # a folder for converted GGUF models; "0" turns the cache off
+SOURCE_FILE = "atlas-gguf-source.json"
+
+
+def gguf_cache_dir(gguf: Path, torch_dtype: torch.dtype) -> Path | None:
+    """Where a GGUF model converted to safetensors is kept, or None when the cache is off.
+
+    Reading a GGUF file costs transformers about 28 s on 2 cores for the 135M default (its
+    metadata is parsed three times: config, tokenizer, weights); the converted copy loads in
+    under a second. The key is the file (path, size, modification time), the transformers
+    version and the dtype, so a changed file or library makes a new copy. The weights hash
+    is still taken from the GGUF file.
+    """
+    root = os.environ.get(CACHE_ENV)
+    if root == "0":
+        return None
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atlas" / "models"
+    import hashlib
+
+    import transformers
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{torch_dtype}"
+    return Path(root) / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _complete(folder: Path | None) -> bool:
+    return folder is not None and all((folder / f).is_file() for f in ("config.json", "model.safetensors",
+                                                                        "tokenizer.json", SOURCE_FILE))
+
+
+def _save_converted(model, tokenizer, folder: Path) -> None:
+    """Write the loaded GGUF model as config + safetensors + tokenizer, atomically (a folder
+    renamed into place: two processes converting at once leave one whole copy)."""
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        config = model.config.to_dict()
+        # GGUF's quantization record and the source path go beside, not in, the config (the saved
+        # weights are plain tensors); a load from the copy puts them back, so the provenance
+        # that atlas records (``LoadedModel.describe``) is the same either way.
+        source = {"_name_or_path": config.pop("_name_or_path", None),
+                  "quantization_config": config.pop("quantization_config", None)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, default=str))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)            # tied: one tensor, as transformers saves it
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:                                  # another process got there first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM for atlas. Bad input raises ``AtlasError`` with a one-line reason."""
+    """Load a causal LM for atlas. Bad input raises ``AtlasError`` with a one-line reason.
+
+    A GGUF model is converted once and kept (``gguf_cache_dir``); later loads read the copy,
+    and a copy that does not load is removed and made again from the file.
+    """
     location, kwargs, model_id, files = resolve(spec)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    gguf = Path(location) / kwargs["gguf_file"] if "gguf_file" in kwargs else None
+    cache = gguf_cache_dir(gguf, torch_dtype) if gguf is not None else None
+    loaded = None
+    if _complete(cache):
+        try:
+            loaded = _read(str(cache), {}, torch_dtype, spec)
+            import json
+            for key, value in json.loads((cache / SOURCE_FILE).read_text()).items():
+                if value is not None:
+                    setattr(loaded[0].config, key, value)
+        except (AtlasError, OSError, ValueError) as e:
+            import shutil
+            logging.getLogger(__name__).debug("the converted copy %s did not load (%s); converting again", cache, e)
+            shutil.rmtree(cache, ignore_errors=True)
+    if loaded is None:
+        loaded = _read(location, kwargs, torch_dtype, spec)
+        if cache is not None:
+            try:
+                _save_converted(loaded[0], loaded[1], cache)
+            except Exception as e:  # a full or read-only disk costs the next load time, not this one
+                logging.getLogger(__name__).debug("could not keep a converted copy in %s: %s", cache, e)
+    model, tokenizer = loaded
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    logging.getLogger(__name__).debug("loaded %s on %s as %s", model_id, dev, torch_dtype)
+    return LoadedModel(model, tokenizer, adapter_for(model), model_id,
+                       os.fspath(spec or location), files)
+
+
+def _read(location: str, kwargs: dict, torch_dtype: torch.dtype, spec: str | None) -> tuple:
+    """(model, tokenizer) from a folder or a GGUF file, any failure as a one-line ``AtlasError``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -116,11 +215,7 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
             from atlas.model.gguf_check import gguf_problem
             first = gguf_problem(Path(location) / kwargs["gguf_file"]) or first
         raise AtlasError(f"could not load model from {spec or location}: {first}") from None
-    model.to(dev).eval()
-    model.requires_grad_(False)
-    logging.getLogger(__name__).debug("loaded %s on %s as %s", model_id, dev, torch_dtype)
-    return LoadedModel(model, tokenizer, adapter_for(model), model_id,
-                       os.fspath(spec or location), files)
+    return model, tokenizer
 
 
 def vocab_strings(tokenizer, vocab_size: int) -> tuple[list[str], list[str]]:
