@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +102,8 @@ def gguf_cache_dir(gguf: Path, torch_dtype: torch.dtype) -> Path | None:
         return None
     if not root:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "atlas" / "models"
-    import hashlib
-
     import transformers
+
     st = gguf.stat()
     key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{torch_dtype}"
     return Path(root) / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -114,10 +117,6 @@ def _complete(folder: Path | None) -> bool:
 def _save_converted(model, tokenizer, folder: Path) -> None:
     """Write the loaded GGUF model as config + safetensors + tokenizer, atomically (a folder
     renamed into place: two processes converting at once leave one whole copy)."""
-    import json
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +143,15 @@ def _save_converted(model, tokenizer, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read_converted(folder: Path, torch_dtype: torch.dtype, spec: str | None) -> tuple:
+    """(model, tokenizer) from a copy ``_save_converted`` wrote, with the GGUF's config entries put back."""
+    model, tokenizer = _read(str(folder), {}, torch_dtype, spec)
+    for key, value in json.loads((folder / SOURCE_FILE).read_text()).items():
+        if value is not None:
+            setattr(model.config, key, value)
+    return model, tokenizer
+
+
 def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM for atlas. Bad input raises ``AtlasError`` with a one-line reason.
 
@@ -158,13 +166,8 @@ def load_model(spec: str | None = DEFAULT_MODEL, device: str = "auto", dtype: st
     loaded = None
     if _complete(cache):
         try:
-            loaded = _read(str(cache), {}, torch_dtype, spec)
-            import json
-            for key, value in json.loads((cache / SOURCE_FILE).read_text()).items():
-                if value is not None:
-                    setattr(loaded[0].config, key, value)
+            loaded = _read_converted(cache, torch_dtype, spec)
         except (AtlasError, OSError, ValueError) as e:
-            import shutil
             logging.getLogger(__name__).debug("the converted copy %s did not load (%s); converting again", cache, e)
             shutil.rmtree(cache, ignore_errors=True)
     if loaded is None:
