@@ -92,6 +92,9 @@ def test_every_page_passes_axe_and_fits_the_screen(site, axe, browser, shots, sc
             if name != "404":        # atlas's pages follow the system's scheme as the theme's do
                 assert page.evaluate("document.body.dataset.mdColorScheme") == (
                     "slate" if scheme == "dark" else "default"), name
+            assert page.evaluate("(document.querySelector('meta[name=description]') || {}).content"), name
+            if name == "neuron":     # the title carries the label
+                assert page.text_content(".atlas-label").strip() in page.title(), page.title()
             page.screenshot(path=str(shots / f"{name}-{width}-{scheme}.png"), full_page=True)
             sizes = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
             if sizes[0] > sizes[1]:

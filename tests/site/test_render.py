@@ -100,12 +100,13 @@ def test_hostile_strings_are_escaped_everywhere(site):
     neuron = (site / "neurons/0/0/index.html").read_text()
     layer = (site / "layers/0/index.html").read_text()
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert neuron.count(escaped) == 2          # the label and the top `out` token
+    assert neuron.count(escaped) == 4          # the label, the title, the meta description and the top `out` token
     assert escaped in layer
     assert "⟨U+202E⟩evil" in neuron
     parsed = parse(neuron)
-    # The one script is the site's own keyboard/copy helper, loaded from assets/.
-    assert parsed.tags.count("script") == 1 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    # The scripts are the site's own: the scheme helper and the keyboard/copy helper, from assets/.
+    assert parsed.tags.count("script") == 2 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    assert '<script src="../../../assets/atlas-theme.js">' in neuron
     assert "img" not in parsed.tags
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
     data = json.loads((site / "neurons/0/0.json").read_text())
@@ -245,7 +246,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         assert not {"onerror", "onmouseover"} & parsed.attrs_seen
         if page.startswith("neurons"):
-            assert parsed.tags.count("script") == 1 and "img" not in parsed.tags
+            assert parsed.tags.count("script") == 2 and "img" not in parsed.tags     # atlas-theme.js, atlas-neuron.js
             assert all(token in dom for token in plain)
 
 
