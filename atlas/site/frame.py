@@ -216,16 +216,23 @@ def layer_rows(store: Store, layer: int, preview: int) -> list[tuple[int, str | 
 
 
 def theme_assets(site: Path) -> list[str]:
-    """The one stylesheet that atlas's own pages link: it imports the frame's theme
-    stylesheets (their names carry a hash) and atlas.css, so each page needs one link, not
-    three, and the browser has them cached from the frame's pages."""
-    imports = []
+    """The one stylesheet that atlas's own pages link: the frame's theme stylesheets (their
+    names carry a hash) and atlas.css, concatenated, so a page needs one link and the browser
+    one request, not a chain of @imports that it can only follow one after another. The
+    theme's sheets refer to nothing by URL but their source maps, which are left out."""
+    parts = []
     for pattern in ("main.*.min.css", "palette.*.min.css"):
         matches = sorted((site / "assets" / "stylesheets").glob(pattern))
         if not matches:
             raise AtlasError(f"mkdocs-material produced no assets/stylesheets/{pattern}; is the theme installed?")
-        imports.append(matches[0].relative_to(site / "assets").as_posix())
+        parts.append(matches[0])
+    parts.append(site / "assets" / "atlas.css")
+    text = "".join(f"/* {path.relative_to(site / 'assets').as_posix()} */\n"
+                   + re.sub(r'/\*# sourceMappingURL=[^*]*\*/|@charset "UTF-8";', "",
+                            path.read_text(encoding="utf-8")).strip() + "\n"
+                   for path in parts)
     (site / "assets" / PAGES_CSS).write_text(
-        "/* atlas's own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n"
-        + "".join(f'@import url("{path}");\n' for path in imports + ["atlas.css"]), encoding="utf-8")
+        '@charset "UTF-8";\n/* atlas\'s own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n'
+        + text,
+        encoding="utf-8")
     return [f"assets/{PAGES_CSS}"]
