@@ -95,7 +95,7 @@ def test_every_page_passes_axe_and_fits_the_screen(site, axe, browser, shots, sc
             assert page.evaluate("(document.querySelector('meta[name=description]') || {}).content"), name
             if name == "neuron":     # the title carries the label
                 assert page.text_content(".atlas-label").strip() in page.title(), page.title()
-            page.screenshot(path=str(shots / f"{name}-{width}-{scheme}.png"), full_page=True)
+            page.screenshot(path=str(shots / f"{name}-{width}-{scheme}.png"))     # the first screen
             sizes = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
             if sizes[0] > sizes[1]:
                 wide[f"{name} at {width} px"] = sizes
