@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from atlas.site.templates import environment
 from atlas.store import Store
 
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
-ASSETS = ("atlas.css", "atlas-neuron.js")     # copied into every site's assets/
+ASSETS = ("atlas.css", "atlas-neuron.js", "atlas-theme.js")     # copied into every site's assets/
 PAGES_CSS = "atlas-pages.css"                  # written by theme_assets
 URL_SAFE = "-._~:/[]@!$()*+,;=%"                # what check_site_url lets through, left as it is
 
@@ -136,6 +137,7 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
             with _source_date_epoch(meta["created_at"]):
                 mk = load_config(config_file=str(MKDOCS_YML), site_name=site_name, docs_dir=str(docs),
                                  site_dir=str(site), nav=nav, site_url=site_url(cfg) or None,
+                                 site_description=_description(meta),
                                  extra_css=["assets/atlas.css"])
                 mk.plugins.on_startup(command="build", dirty=False)
                 try:
@@ -147,6 +149,8 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
     # The theme ships lunr's search scripts (34 files, about 1 MB) even with its search plugin
     # off; no page loads them, and on a host that counts files they are pure cost.
     shutil.rmtree(site / "assets" / "javascripts" / "lunr", ignore_errors=True)
+    if not site_url(cfg):
+        _portable_404(site / "404.html")
     table = env.get_template("partials/layer_table.html")
     for layer in range(len(layer_sizes)):
         page = site / "layers" / str(layer) / "index.html"
@@ -159,6 +163,44 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
     palette = palette[0] if isinstance(palette, list) else palette
     return {k: str(palette.get(k, "default" if k == "scheme" else "indigo")).replace(" ", "-")
             for k in ("scheme", "primary", "accent")}
+
+
+# Finds the site's root at view time: the deepest folder of the missing page's path that holds
+# atlas-site.json (one synchronous request per level, on a page nobody should see often), and
+# makes it the page's <base>, so the links below (made relative) lead into the site.
+_FIND_ROOT = (
+    '<script>(function(){var p=location.pathname.replace(/[^/]*$/,"").split("/");'
+    'for(var n=p.length-1;n>0;n--){var r=p.slice(0,n).join("/")+"/",x=new XMLHttpRequest();'
+    'try{x.open("HEAD",r+"atlas-site.json",false);x.send();'
+    'if(x.status===200){document.write(\'<base href="\'+r.replace(/["<>&]/g,encodeURIComponent)+\'">\');return}}'
+    'catch(e){}}})()</script>')
+_NOT_FOUND = ('<p>There is no page at this address. <a href=".">Home</a> · <a href="search/">Search neurons</a></p>'
+              '<noscript><p>Without JavaScript these links work only when the atlas is served at the '
+              "server's root; elsewhere, go up to the atlas's own folder.</p></noscript>")
+
+
+def _portable_404(page: Path) -> None:
+    """404.html without --site-url. A static host serves it for any missing path, at any depth,
+    and mkdocs writes its links from the server's root ("/assets/..."), which is wrong for a
+    site under a sub-path (a GitHub Pages project site): the links become relative to a
+    <base> that ``_FIND_ROOT`` sets to the site's root, wherever that is."""
+    html = page.read_text(encoding="utf-8")
+    html = re.sub(r'\b(href|src)="/', r'\1="', html)
+    html = html.replace('new URL("/",location)', 'new URL(".",document.baseURI)')
+    html = html.replace('"base": "/"', '"base": "."')
+    head = '<meta charset="utf-8">'
+    if head not in html or "<h1>404 - Not found</h1>" not in html:
+        raise RuntimeError(f"{page} is not the theme's 404 page that atlas knows how to rewrite")
+    html = html.replace(head, head + _FIND_ROOT, 1).replace("<h1>404 - Not found</h1>",
+                                                            "<h1>404 - Not found</h1>" + _NOT_FOUND, 1)
+    page.write_text(html, encoding="utf-8")
+
+
+def _description(meta: dict) -> str:
+    """The frame pages' meta description; the model id keeps only characters that need no
+    escaping, since mkdocs' templates write it into an attribute as it is."""
+    model = re.sub(r"[^\w./@ -]", "", str(meta["model"].get("id", "")))
+    return f"An atlas of every MLP neuron of {model}: decoded tokens, exemplars, clusters and search."
 
 
 def layer_rows(store: Store, layer: int, preview: int) -> list[tuple[int, str | None, list[str]]]:
@@ -174,16 +216,23 @@ def layer_rows(store: Store, layer: int, preview: int) -> list[tuple[int, str | 
 
 
 def theme_assets(site: Path) -> list[str]:
-    """The one stylesheet that atlas's own pages link: it imports the frame's theme
-    stylesheets (their names carry a hash) and atlas.css, so each page needs one link, not
-    three, and the browser has them cached from the frame's pages."""
-    imports = []
+    """The one stylesheet that atlas's own pages link: the frame's theme stylesheets (their
+    names carry a hash) and atlas.css, concatenated, so a page needs one link and the browser
+    one request, not a chain of @imports that it can only follow one after another. The
+    theme's sheets refer to nothing by URL but their source maps, which are left out."""
+    parts = []
     for pattern in ("main.*.min.css", "palette.*.min.css"):
         matches = sorted((site / "assets" / "stylesheets").glob(pattern))
         if not matches:
             raise AtlasError(f"mkdocs-material produced no assets/stylesheets/{pattern}; is the theme installed?")
-        imports.append(matches[0].relative_to(site / "assets").as_posix())
+        parts.append(matches[0])
+    parts.append(site / "assets" / "atlas.css")
+    text = "".join(f"/* {path.relative_to(site / 'assets').as_posix()} */\n"
+                   + re.sub(r'/\*# sourceMappingURL=[^*]*\*/|@charset "UTF-8";', "",
+                            path.read_text(encoding="utf-8")).strip() + "\n"
+                   for path in parts)
     (site / "assets" / PAGES_CSS).write_text(
-        "/* atlas's own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n"
-        + "".join(f'@import url("{path}");\n' for path in imports + ["atlas.css"]), encoding="utf-8")
+        '@charset "UTF-8";\n/* atlas\'s own pages (neurons, clusters, map, search): the theme, then atlas.css. */\n'
+        + text,
+        encoding="utf-8")
     return [f"assets/{PAGES_CSS}"]

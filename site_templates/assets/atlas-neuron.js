@@ -12,10 +12,46 @@
     return keys.concat(REL_KEYS[link.getAttribute("rel")] || []);
   }
 
+  // "?" shows what the keys do (and Escape or "?" hides it): a box made here, since the keys
+  // work only with this script; the method page lists them too.
+  var HELP = [["j  \u2192", "next neuron"], ["k  \u2190", "previous neuron"], ["]", "same neuron, next layer"],
+              ["[", "same neuron, previous layer"], ["u", "this layer's page"], ["?", "show or hide this help"]];
+  var help = null;
+
+  function toggleHelp(show) {
+    if (!help) {
+      help = document.createElement("div");
+      help.id = "atlas-keys";
+      help.className = "atlas-keys";
+      help.setAttribute("role", "dialog");
+      help.setAttribute("aria-label", "Keyboard shortcuts");
+      help.hidden = true;
+      var title = document.createElement("p");
+      title.textContent = "Keyboard shortcuts";
+      var list = document.createElement("dl");
+      HELP.forEach(function (row) {
+        var key = document.createElement("dt"), what = document.createElement("dd");
+        key.textContent = row[0];
+        what.textContent = row[1];
+        list.appendChild(key);
+        list.appendChild(what);
+      });
+      help.appendChild(title);
+      help.appendChild(list);
+      document.body.appendChild(help);
+    }
+    help.hidden = !show;
+  }
+
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.defaultPrevented) return;
     var target = event.target;
     if (target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT|BUTTON)$/.test(target.tagName))) return;
+    if (event.key === "?" || (event.key === "Escape" && help && !help.hidden)) {
+      event.preventDefault();
+      toggleHelp(event.key === "?" && !(help && !help.hidden));
+      return;
+    }
     var links = document.querySelectorAll(".atlas-bar a[data-key], .atlas-bar a[rel]");
     for (var i = 0; i < links.length; i++) {
       if (keysOf(links[i]).indexOf(event.key) >= 0) {

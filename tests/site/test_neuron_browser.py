@@ -76,7 +76,7 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
     assert page.locator(".atlas-nb li").count() == 10
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
-    assert page.title() == "L0/N0 · Neuron atlas: synthetic/gated-2x8"
+    assert page.title() == "L0/N0: <script>alert(1)</script> · Neuron atlas: synthetic/gated-2x8"   # the label, as text
     assert "<script>alert(1)</script>" in page.text_content("#out")
     assert page.errors == []
 

@@ -100,12 +100,13 @@ def test_hostile_strings_are_escaped_everywhere(site):
     neuron = (site / "neurons/0/0/index.html").read_text()
     layer = (site / "layers/0/index.html").read_text()
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert neuron.count(escaped) == 2          # the label and the top `out` token
+    assert neuron.count(escaped) == 4          # the label, the title, the meta description and the top `out` token
     assert escaped in layer
     assert "⟨U+202E⟩evil" in neuron
     parsed = parse(neuron)
-    # The one script is the site's own keyboard/copy helper, loaded from assets/.
-    assert parsed.tags.count("script") == 1 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    # The scripts are the site's own: the scheme helper and the keyboard/copy helper, from assets/.
+    assert parsed.tags.count("script") == 2 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    assert '<script src="../../../assets/atlas-theme.js">' in neuron
     assert "img" not in parsed.tags
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
     data = json.loads((site / "neurons/0/0.json").read_text())
@@ -134,9 +135,9 @@ def test_links_resolve_to_existing_files(site):
 def test_neuron_pages_are_lean(site):
     sizes = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
     assert max(sizes) < 10 * 1024
-    # Shared theme CSS, linked (through one stylesheet that imports it), not inlined.
+    # Shared theme CSS, linked (one stylesheet holding the theme's and atlas.css), not inlined.
     assert "assets/atlas-pages.css" in (site / "neurons/1/3/index.html").read_text()
-    assert "@import url(\"stylesheets/main." in (site / "assets/atlas-pages.css").read_text()
+    assert "/* stylesheets/main." in (site / "assets/atlas-pages.css").read_text()
 
 
 def test_rendering_twice_gives_identical_bytes(site, store_path, tmp_path, monkeypatch):
@@ -245,7 +246,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         assert not {"onerror", "onmouseover"} & parsed.attrs_seen
         if page.startswith("neurons"):
-            assert parsed.tags.count("script") == 1 and "img" not in parsed.tags
+            assert parsed.tags.count("script") == 2 and "img" not in parsed.tags     # atlas-theme.js, atlas-neuron.js
             assert all(token in dom for token in plain)
 
 
