@@ -16,7 +16,7 @@ from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
+from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
 from helpers import assert_one_line_error, atlas
@@ -111,7 +111,12 @@ def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
         assert got["counts"] == {term: len(want)}
-        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        hits = [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]]
+        assert hits[:7] == want[:7], term
+        # Beyond the 7 best, each direction's best 3 are kept too: still in the ranking's order.
+        assert [w for w in want if w in hits] == hits, term
+        by_direction = [search(tmp_path, term, direction=d)["direction_counts"][term] for d in DIRECTIONS]
+        assert sum(by_direction) == len(want), term        # no descriptions here: every match has a direction
 
 
 def test_clamp_check_weighs_top_out_matches(tmp_path):
@@ -127,7 +132,8 @@ def test_clamp_check_weighs_top_out_matches(tmp_path):
     reweighted = unmeasured = 0
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
-        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        hits = [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]]
+        assert hits[:7] == want[:7] and [w for w in want if w in hits] == hits, term
         for h in got["hits"]:
             # every synthetic neuron was measured, but for the eight given a NaN figure above
             assert (h["faithfulness"] is None) == (h["layer"] == 1 and h["neuron"] < 8)
@@ -152,13 +158,17 @@ def test_variants_of_a_word_meet_in_one_term(site, store):
     result = search(site, f"  {token.strip().upper()}  ")
     seen = {m["token"] for h in result["hits"] for m in h["matches"]}
     assert seen <= variants and len(seen) >= 2
-    assert len(result["hits"]) == 12                   # the site was rendered with search_postings=12
+    # The site was rendered with search_postings=12: the 12 best, then up to 6 more per direction.
+    assert 12 <= len(result["hits"]) <= 12 + 3 * 6
+    by_direction = [len(search(site, token, limit=100, direction=d)["hits"]) for d in DIRECTIONS]
+    assert all(n >= min(6, c) for n, c in zip(by_direction, [search(site, token, direction=d)["direction_counts"]
+                                                             [normalise(token)] for d in DIRECTIONS]))
 
 
 def test_several_words_rank_neurons_matching_more_of_them_first(site):
     index = json.loads((site / INDEX_DIR / META_NAME).read_text())
     shard = json.loads((site / INDEX_DIR / shard_name(0, index["shards"])).read_text())
-    a, b = sorted(shard, key=lambda t: -len(shard[t]["p"]))[:2]
+    a, b = sorted((t for t in shard if t), key=lambda t: -len(shard[t]["p"]))[:2]     # "" holds labels
     result = search(site, f"{a} {b}", limit=1000)
     words = [h["words"] for h in result["hits"]]
     assert words == sorted(words, reverse=True)
@@ -167,6 +177,9 @@ def test_several_words_rank_neurons_matching_more_of_them_first(site):
     assert {(h["layer"], h["neuron"]) for h in result["hits"] if h["words"] == 2} == both
     for h in result["hits"]:
         assert h["score"] == pytest.approx(sum(m["strength"] for m in h["matches"]))   # no clamp check here
+    # After the neurons that match both, the words' best neurons alternate: neither word drowns the other.
+    rest = [{m["term"] for m in h["matches"]} for h in result["hits"] if h["words"] == 1]
+    assert {t for terms in rest[:2] for t in terms} == {a, b}
 
 
 def test_hostile_tokens_are_searchable_and_escaped_in_the_index(site):
