@@ -187,7 +187,7 @@
       a.href = "../neurons/" + h.layer + "/" + h.neuron + "/";
       head.appendChild(a);
       head.appendChild(el("span", "atlas-search-label" + (h.label ? "" : " atlas-search-nolabel"), h.label || "no label yet"));
-      head.appendChild(el("span", "atlas-search-strength", "score " + h.score.toFixed(2)));
+      head.appendChild(el("span", "atlas-search-strength", h.score.toFixed(2)));   // "score" comes from the CSS
       if (h.faithfulness !== null) {
         head.appendChild(el("span", "atlas-search-pushed", "pushed " + h.faithfulness.toFixed(2)));
       }
@@ -217,7 +217,11 @@
         throw new Error("the index is of schema " + meta.schema + ", this page reads " + SCHEMA + "; reload the page");
       }
       var wanted = [];
-      terms.forEach(function (t) { var b = shardOf(t, meta.shards); if (wanted.indexOf(b) < 0) wanted.push(b); });
+      // The words' shards, and the whole phrase's (see rank).
+      terms.concat(terms.length > 1 ? [terms.join(" ")] : []).forEach(function (t) {
+        var b = shardOf(t, meta.shards);
+        if (wanted.indexOf(b) < 0) wanted.push(b);
+      });
       return Promise.all(wanted.map(function (b) { return getJSON("idx/" + shardName(b, meta.shards)); }))
         .then(function (parts) {
           var shards = {};
@@ -244,6 +248,14 @@
       history.replaceState(null, "", "?" + next.toString());
       conceptSearch(query, direction);
     });
+  });
+  // Submitting leaves out dir=all, so an unfiltered search keeps its plain ?q= link.
+  document.getElementById("atlas-search-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var next = new URLSearchParams();
+    next.set("q", input.value);
+    if (direction) next.set("dir", direction);
+    window.location.href = "?" + next.toString();
   });
   conceptSearch(query, direction);
   window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
