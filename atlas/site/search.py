@@ -483,9 +483,9 @@ def match_words(m: dict) -> str:
     """One match in words: its direction, the token, and why it matched (word, side, rank, strength)."""
     token, src = show_token(m["token"]), m["source"]
     if src == SOURCES[CONCEPT]:
-        what = f"promotes words near {m['term']!r} (via {m['token']})"
+        what = f"promotes words near \u2018{m['term']}\u2019 via {m['token']}"
     elif src == SOURCES[DESCRIPTION]:
-        what = f"its description says {m['term']!r}"
+        what = f"its description says \u2018{m['term']}\u2019"
     elif src.startswith("exemplar"):
         what = f"fires {'on' if src.endswith('max') else 'most negatively on'} {token} in the corpus"
     elif src.startswith("out"):
@@ -493,20 +493,20 @@ def match_words(m: dict) -> str:
     else:
         side = src.split()[0]
         what = f"reads {token}{' negatively' if src.endswith('bottom') else ''} ({side} side)"
-    return f"{what}: {m['term']!r}, {src} #{m['rank']}, {m['strength']:.2f}σ"
+    return f"{what}: \u2018{m['term']}\u2019, {src} #{m['rank']}, {m['strength']:.2f}\u03c3"
 
 
 def status_line(result: dict) -> str:
-    """What matched, in one sentence whose numbers agree with the list (the search page says the same)."""
+    """What matched, in one sentence whose numbers agree with the list; the search page's statusLine twin."""
     terms, d = result["terms"], result["direction"]
     verb = {"promotes": "promote", "suppresses": "suppress", "reads": "read"}.get(d)
     parts = []
     for t in terms:
-        part = f"{t!r}: {result['counts'][t]:,} neurons match"
+        part = f"\u2018{t}\u2019: {result['counts'][t]:,} neurons match"
         parts.append(part + (f", {result['direction_counts'][t]:,} {verb} it" if verb else ""))
     ph = result["phrase"]
     if ph and ph["count"]:
-        parts.append(f"the phrase {ph['text']!r}: {ph['count']:,}" + (f", {ph['direction_count']:,} {verb} it" if verb else ""))
+        parts.append(f"the phrase \u2018{ph['text']}\u2019: {ph['count']:,}" + (f", {ph['direction_count']:,} {verb} it" if verb else ""))
     line = "; ".join(parts)
     if len(terms) > 1:
         line += f"; {result['match_all']:,} of those kept match every word"

@@ -21,7 +21,7 @@
   function normalise(text) {
     if (!text) return "";
     // Strip in two steps like the Python loop: leading markers and edge characters first,
-    // then trailing edge characters (never a trailing Ġ or ▁, which are letters there).
+    // then trailing edge characters (never a trailing \u0120 or \u2581, which are letters there).
     var t = text.normalize("NFKC");
     t = t.replace(/^[\u0120\u2581\p{P}\p{S}\p{Z}\p{C}]+/u, "").replace(/[\p{P}\p{S}\p{Z}\p{C}]+$/u, "");
     return t.toLowerCase();
@@ -120,10 +120,10 @@
   function statusLine(r) {
     var verb = r.direction ? VERB[r.direction] : null, n = function (x) { return x.toLocaleString("en"); };
     var parts = r.terms.map(function (t) {
-      return "‘" + t + "’: " + n(r.counts[t]) + " neurons match" + (verb ? ", " + n(r.dirCounts[t]) + " " + verb + " it" : "");
+      return "\u2018" + t + "\u2019: " + n(r.counts[t]) + " neurons match" + (verb ? ", " + n(r.dirCounts[t]) + " " + verb + " it" : "");
     });
     if (r.phrase && r.phrase.count) {
-      parts.push("the phrase ‘" + r.phrase.text + "’: " + n(r.phrase.count) +
+      parts.push("the phrase \u2018" + r.phrase.text + "\u2019: " + n(r.phrase.count) +
                  (verb ? ", " + n(r.phrase.dirCount) + " " + verb + " it" : ""));
     }
     var line = parts.join("; ");
@@ -154,12 +154,12 @@
     var src = m.source, tok = el("code", null, showToken(m.token));
     var dir = el("span", "atlas-search-dir atlas-search-dir--" + (m.direction || "other"));
     if (src === "concept") {
-      dir.textContent = "promotes words near ‘" + m.term + "’";
+      dir.textContent = "promotes words near \u2018" + m.term + "\u2019";
       line.appendChild(dir);
       line.appendChild(document.createTextNode(" via "));
       line.appendChild(el("code", "atlas-search-via", m.token));
     } else if (src === "description") {
-      dir.textContent = "its description says ‘" + m.term + "’";
+      dir.textContent = "its description says \u2018" + m.term + "\u2019";
       line.appendChild(dir);
     } else {
       var bottom = /(bottom|min)$/.test(src);
@@ -173,8 +173,8 @@
         line.appendChild(document.createTextNode((bottom ? " negatively" : "") + " (" + src.split(" ")[0] + " side)"));
       }
     }
-    line.appendChild(el("span", "atlas-search-why", ": ‘" + m.term + "’, " + src + " #" + m.rank + ", " +
-                        m.strength.toFixed(2) + "σ"));
+    line.appendChild(el("span", "atlas-search-why", ": \u2018" + m.term + "\u2019, " + src + " #" + m.rank + ", " +
+                        m.strength.toFixed(2) + "\u03c3"));
     return line;
   }
 

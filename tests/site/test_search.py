@@ -216,7 +216,7 @@ def test_cli_prints_the_same_ranking(site):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     want = search(site, "<script>alert(1)</script>", limit=50)["hits"]
-    assert lines[0].startswith("'script>alert(1)</script': ")
+    assert lines[0].startswith("\u2018script>alert(1)</script\u2019: ")
     assert [line.split()[1] for line in lines[2:]] == [f"L{h['layer']}/N{h['neuron']}" for h in want]
     assert "L0/N0" in [line.split()[1] for line in lines[2:]]
 
