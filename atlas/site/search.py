@@ -59,7 +59,7 @@ from atlas.store import finished_stage
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
 SCHEMA = 4              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
-                        # 4: per-direction counts and postings, neuron labels (shard key "")
+                        # 4: per-direction counts and postings, neuron labels in labels/
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
 # 8 a concept match (``atlas.site.concept_source``), whose "token" is its evidence terms,
 # 9 a word of the neuron's description (the describe stage).
@@ -69,7 +69,7 @@ CONCEPT = 8
 DESCRIPTION = 9
 DIRECTIONS = ("promotes", "suppresses", "reads")
 SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None)    # SOURCES -> DIRECTIONS index (None: no direction)
-LABELS = ""             # the shard key of the shard's neuron labels, {"layer/neuron": label}: never a term
+LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
 CONCEPT_MAX_NEURONS = 100_000   # concept matches up to this many neurons (see extra_sources)
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
@@ -306,11 +306,11 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                                                                     pa.int32())}))
         cur = con.execute("""
             SELECT b.bucket, k.term, [k.n_total, k.n_promotes, k.n_suppresses, k.n_reads], k.layer, k.neuron,
-                   k.strength, k.src, k.rank, coalesce(k.evidence, v.token), k."check", n.label
+                   k.strength, k.src, k.rank, coalesce(k.evidence, v.token), k."check"
             FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
-            LEFT JOIN neurons n USING (layer, neuron)
             ORDER BY b.bucket, k.term, k.pos""")
         sizes = _write_shards(cur, out_dir, n_shards)
+        label_sizes = _write_labels(con, out_dir / "labels")
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
         con.execute("DROP TABLE IF EXISTS search_concepts")
@@ -322,11 +322,12 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
             "clamp_weighted": check != "-1",
-            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars,
+            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars, "label_chunk": LABEL_CHUNK,
             "concepts": _concept_meta(sources_info.get("concepts"))}
     (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
-            "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3),
+            "largest_shard": max(sizes, default=0), "label_bytes": sum(label_sizes), "label_files": len(label_sizes),
+            "seconds": round(time.perf_counter() - start, 3),
             **sources_info}
 
 
@@ -346,28 +347,23 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
     out_dir.mkdir(parents=True)
     sizes: list[int] = []
     shard: dict = {}
-    labels: dict = {}
     bucket = None
 
     def flush():
         if bucket is not None:
-            if labels:
-                shard[LABELS] = labels
             data = to_json(shard).encode("utf-8")
             (out_dir / shard_name(bucket, n_shards)).write_bytes(data)
             sizes.append(len(data))
 
     while rows := cur.fetchmany(65_536):
-        for b, term, counts, layer, neuron, strength, src, rank, token, check, label in rows:
+        for b, term, counts, layer, neuron, strength, src, rank, token, check in rows:
             if b != bucket:
                 flush()
-                bucket, shard, labels = b, {}, {}
+                bucket, shard = b, {}
             entry = shard.get(term)
             if entry is None:
                 # n: neurons matching the term in all; d: of them, how many promote, suppress, read it.
                 entry = shard[term] = {"n": counts[0], "d": [int(c) for c in counts[1:]], "t": [], "p": []}
-            if label:
-                labels[f"{layer}/{neuron}"] = label
             variants = entry["t"]
             token = token if token is not None else term
             if token not in variants:
@@ -383,11 +379,37 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
     return sizes
 
 
+def _write_labels(con, out_dir: Path) -> list[int]:
+    """The neurons' labels in files of ``LABEL_CHUNK`` neurons, a JSON list each (null: no label yet).
+
+    Apart from the term shards because there a label would be repeated in every shard that
+    lists its neuron (measured on a 4 x 2,048 synthetic: 25.1 MB of shards with labels inside,
+    9.1 MB without); the page fetches only the files of the hits it shows.
+    """
+    sizes: list[int] = []
+    cur = con.execute(f"""SELECT layer, neuron // {LABEL_CHUNK} AS chunk, list(label ORDER BY neuron),
+                                 min(neuron), count(*)
+                          FROM neurons GROUP BY layer, chunk ORDER BY layer, chunk""")
+    while rows := cur.fetchmany(4096):
+        for layer, chunk, labels, first, n in rows:
+            if first != chunk * LABEL_CHUNK or n != len(labels):
+                raise AtlasError(f"layer {layer}: neurons are not numbered 0, 1, 2, ... (chunk {chunk} starts "
+                                 f"at {first}); the search page could not find their labels")
+            path = out_dir / str(layer) / f"{chunk}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = to_json(labels).encode("utf-8")
+            path.write_bytes(data)
+            sizes.append(len(data))
+    return sizes
+
+
 # -- querying ------------------------------------------------------------------------------
-def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, direction: str | None = None) -> dict:
+def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, direction: str | None = None,
+         labels: Callable[[int, int], list] | None = None) -> dict:
     """Rank the neurons for ``query`` from shards that ``load(shard_number)`` returns.
 
     ``direction``: one of ``DIRECTIONS`` to keep only matches of that direction, or None for all.
+    ``labels(layer, chunk)``: a label file's list, to label the hits returned (None: no labels).
     Returns the query's terms, per term how many neurons match in all (``counts``) and in
     the direction (``direction_counts``), the whole phrase and its count where the index
     has it, how many neurons match any word among the kept postings and how many match
@@ -406,8 +428,7 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
         b = shard_of(term, meta["shards"])
         if b not in shards:
             shards[b] = load(b)
-        entry = shards[b].get(term) if term != LABELS else None
-        labels = shards[b].get(LABELS, {})
+        entry = shards[b].get(term)
         counts[term] = entry["n"] if entry else 0
         direction_counts[term] = (entry["d"][want] if entry else 0) if want is not None else counts[term]
         if not entry:
@@ -423,7 +444,6 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
                 hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "label": None, "words": set(),
                                                "best": position, "score": 0,
                                                "faithfulness": check / 100 if check >= 0 else None, "matches": []}
-            hit["label"] = hit["label"] or labels.get(f"{layer}/{neuron}")
             hit["words"].update(terms if term == phrase else [term])
             hit["best"] = min(hit["best"], position)
             hit["score"] += score(strength, src, check)
@@ -439,6 +459,12 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
         h["score"] /= 100
         h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
         del h["best"]
+    chunks: dict[tuple[int, int], list] = {}
+    for h in ordered[:limit] if labels else []:
+        key = (h["layer"], h["neuron"] // meta["label_chunk"])
+        if key not in chunks:
+            chunks[key] = labels(*key)
+        h["label"] = chunks[key][h["neuron"] % meta["label_chunk"]]
     if phrase:      # the phrase is a lookup, not a word: report it apart
         phrase_count = counts.pop(phrase), direction_counts.pop(phrase)
     return {"terms": terms, "direction": direction, "counts": counts, "direction_counts": direction_counts,
@@ -476,7 +502,10 @@ def search(path: str | Path, query: str, limit: int = 20, direction: str | None 
         path = idx / shard_name(b, meta["shards"])
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    return rank(query, meta, load, limit, direction)
+    def labels(layer: int, chunk: int) -> list:
+        return json.loads((idx / "labels" / str(layer) / f"{chunk}.json").read_text(encoding="utf-8"))
+
+    return rank(query, meta, load, limit, direction, labels)
 
 
 def match_words(m: dict) -> str:

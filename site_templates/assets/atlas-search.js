@@ -13,7 +13,6 @@
   var SHOWN = 50;
   var SCHEMA = 4, MAX_WORDS = 8, POSTING = 7;     // SCHEMA, POSTING and the rest as in atlas/site/search.py
   var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null];
-  var LABELS = "";
   var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
@@ -77,8 +76,7 @@
     terms.concat(phrase ? [phrase] : []).forEach(function (term) {
       // Own properties only: a word such as "constructor" must not find Object's prototype.
       var shard = shards[shardOf(term, meta.shards)];
-      var entry = term !== LABELS && Object.prototype.hasOwnProperty.call(shard, term) ? shard[term] : null;
-      var labels = Object.prototype.hasOwnProperty.call(shard, LABELS) ? shard[LABELS] : {};
+      var entry = Object.prototype.hasOwnProperty.call(shard, term) ? shard[term] : null;
       counts[term] = entry ? entry.n : 0;
       dirCounts[term] = want >= 0 ? (entry ? entry.d[want] : 0) : counts[term];
       if (!entry) return;
@@ -92,7 +90,6 @@
                   faithfulness: p[i + 6] >= 0 ? p[i + 6] / 100 : null, matches: [] };
           hits.set(key, hit);
         }
-        if (!hit.label && Object.prototype.hasOwnProperty.call(labels, key)) hit.label = labels[key];
         (term === phrase ? terms : [term]).forEach(function (t) { hit.words.add(t); });
         hit.best = Math.min(hit.best, position);
         hit.score += score(p[i + 2], src, p[i + 6], outTop);
@@ -226,7 +223,21 @@
         .then(function (parts) {
           var shards = {};
           wanted.forEach(function (b, i) { shards[b] = parts[i]; });
-          showHits(rank(terms, meta, shards, direction));
+          var result = rank(terms, meta, shards, direction);
+          // Labels for the hits shown, from the label files (idx/labels/<layer>/<chunk>.json).
+          var chunk = meta.label_chunk, files = [];
+          result.hits.slice(0, SHOWN).forEach(function (h) {
+            var f = h.layer + "/" + Math.floor(h.neuron / chunk);
+            if (files.indexOf(f) < 0) files.push(f);
+          });
+          return Promise.all(files.map(function (f) { return getJSON("idx/labels/" + f + ".json"); }))
+            .then(function (lists) {
+              result.hits.slice(0, SHOWN).forEach(function (h) {
+                var labels = lists[files.indexOf(h.layer + "/" + Math.floor(h.neuron / chunk))];
+                h.label = labels[h.neuron % chunk];
+              });
+              showHits(result);
+            });
         });
     }).catch(function (err) {
       status.textContent = "search failed: " + err.message;

@@ -168,7 +168,7 @@ def test_variants_of_a_word_meet_in_one_term(site, store):
 def test_several_words_rank_neurons_matching_more_of_them_first(site):
     index = json.loads((site / INDEX_DIR / META_NAME).read_text())
     shard = json.loads((site / INDEX_DIR / shard_name(0, index["shards"])).read_text())
-    a, b = sorted((t for t in shard if t), key=lambda t: -len(shard[t]["p"]))[:2]     # "" holds labels
+    a, b = sorted(shard, key=lambda t: -len(shard[t]["p"]))[:2]
     result = search(site, f"{a} {b}", limit=1000)
     words = [h["words"] for h in result["hits"]]
     assert words == sorted(words, reverse=True)
