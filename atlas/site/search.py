@@ -387,19 +387,26 @@ def _write_labels(con, out_dir: Path) -> list[int]:
     9.1 MB without); the page fetches only the files of the hits it shows.
     """
     sizes: list[int] = []
-    cur = con.execute(f"""SELECT layer, neuron // {LABEL_CHUNK} AS chunk, list(label ORDER BY neuron),
-                                 min(neuron), count(*)
-                          FROM neurons GROUP BY layer, chunk ORDER BY layer, chunk""")
-    while rows := cur.fetchmany(4096):
-        for layer, chunk, labels, first, n in rows:
-            if first != chunk * LABEL_CHUNK or n != len(labels):
-                raise AtlasError(f"layer {layer}: neurons are not numbered 0, 1, 2, ... (chunk {chunk} starts "
-                                 f"at {first}); the search page could not find their labels")
-            path = out_dir / str(layer) / f"{chunk}.json"
+    key, labels = None, []
+
+    def flush():
+        if key is not None:
+            path = out_dir / str(key[0]) / f"{key[1]}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             data = to_json(labels).encode("utf-8")
             path.write_bytes(data)
             sizes.append(len(data))
+
+    cur = con.execute("SELECT layer, neuron, label FROM neurons ORDER BY layer, neuron")
+    while rows := cur.fetchmany(65_536):
+        for layer, neuron, label in rows:
+            if (layer, neuron // LABEL_CHUNK) != key:
+                flush()
+                key, labels = (layer, neuron // LABEL_CHUNK), []
+            # A neuron missing from the store leaves a null in its place, so places stay neuron % chunk.
+            labels.extend([None] * (neuron % LABEL_CHUNK - len(labels)))
+            labels.append(label)
+    flush()
     return sizes
 
 

@@ -229,3 +229,16 @@ def test_cli_errors_are_one_line(site, tmp_path):
     assert_one_line_error(atlas("search", tmp_path, "dog"), "not valid JSON")
     with pytest.raises(AtlasError, match="at least 1"):
         render(site.parent / "atlas.duckdb", tmp_path / "s", RenderConfig(search_postings=0), progress=False)
+
+
+def test_label_files_keep_each_neuron_at_its_place(tmp_path):
+    """labels/<layer>/<chunk>.json: a neuron's label at neuron % LABEL_CHUNK, null for gaps and unlabelled ones."""
+    from atlas.site.search import LABEL_CHUNK, _write_labels
+
+    con = duckdb.connect()
+    con.execute(f"""CREATE TABLE neurons AS SELECT * FROM (VALUES (0, 0, 'a'), (0, 2, '<b>'), (0, {LABEL_CHUNK}, NULL),
+                    (0, {LABEL_CHUNK + 1}, 'c'), (1, 5, 'd')) t(layer, neuron, label)""")
+    sizes = _write_labels(con, tmp_path)
+    read = {p.relative_to(tmp_path).as_posix(): json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    assert read == {"0/0.json": ["a", None, "<b>"], "0/1.json": [None, "c"], "1/0.json": [None] * 5 + ["d"]}
+    assert b"<" not in (tmp_path / "0/0.json").read_bytes() and len(sizes) == 3
