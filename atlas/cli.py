@@ -488,17 +488,20 @@ def serve(path, host, port):
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("query")
 @click.option("--limit", default=20, show_default=True, type=int, help="neurons listed (at least 1)")
+@click.option("--direction", type=click.Choice(["promotes", "suppresses", "reads"]), default=None,
+              help="only matches of this direction (as the search page's filter)")
 @click.option("--json", "as_json", is_flag=True, help="print the terms, counts and hits as JSON")
-def search(path, query, limit, as_json):
+def search(path, query, limit, direction, as_json):
     """Concept search on a rendered atlas (DIR or DIR/site), ranked as its search page ranks.
 
     \b
     Example:
       atlas search out/smollm2 dog
       atlas search out/smollm2 "new york" --limit 50 --json
+      atlas search out/smollm2 money --direction suppresses
     """
     from atlas.site.search import format_hits, search as run_search
-    result = run_search(path, query, limit)
+    result = run_search(path, query, limit, direction)
     if as_json:
         _print_summary(result)
     else:

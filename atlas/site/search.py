@@ -27,8 +27,18 @@ Definitions (also on the search page):
   scorer bore out ranks beside strong decoded tokens.
 - A neuron's score for a term is its best match's; per term the index keeps the
   ``search_postings`` best neurons (and says how many matched in all).
-- A query is whitespace-separated words; neurons rank by how many of its words they
-  match, then by the sum of their scores, then by (layer, neuron).
+- **direction** of a match: ``promotes`` (top ``out`` tokens, and concept matches, which
+  are read from them), ``suppresses`` (bottom ``out`` tokens) or ``reads`` (``in``/``gate``
+  sides and corpus exemplars: what makes the neuron fire); a description word has none. A
+  neuron's direction for a term is its best match's; per term the index counts the neurons
+  of each direction, and keeps the ``search_postings // 2`` best of each beside the
+  ``search_postings`` best overall, so a direction filter still fills a page.
+- A query is whitespace-separated words; with several, the whole phrase (its terms joined
+  by one space, a multi-word token or concept) is looked up too and a match on it counts as
+  matching every word. Neurons rank by how many of the words they match, then by their best
+  position in any one word's list (so the words' best neurons alternate: "new york" lists
+  York neurons beside New ones), then by the sum of their scores, then by (layer, neuron).
+  A direction filter keeps only the matches of that direction before ranking.
 """
 
 from __future__ import annotations
@@ -48,7 +58,8 @@ from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
-SCHEMA = 3              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches
+SCHEMA = 4              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
+                        # 4: per-direction counts and postings, neuron labels in labels/
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
 # 8 a concept match (``atlas.site.concept_source``), whose "token" is its evidence terms,
 # 9 a word of the neuron's description (the describe stage).
@@ -56,6 +67,9 @@ SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bot
            "concept", "description")
 CONCEPT = 8
 DESCRIPTION = 9
+DIRECTIONS = ("promotes", "suppresses", "reads")
+SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None)    # SOURCES -> DIRECTIONS index (None: no direction)
+LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
 CONCEPT_MAX_NEURONS = 100_000   # concept matches up to this many neurons (see extra_sources)
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
@@ -270,10 +284,17 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                                THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
                 FROM matches
                 QUALIFY row_number() OVER (PARTITION BY term, layer, neuron ORDER BY score DESC, z DESC, src, rank) = 1
+            ), directed AS (
+                SELECT *, CASE WHEN src IN (4, 8) THEN 0 WHEN src = 5 THEN 1 WHEN src = 9 THEN 3 ELSE 2 END AS dir
+                FROM best
             )
             SELECT *, row_number() OVER (PARTITION BY term ORDER BY score DESC, layer, neuron) AS pos,
-                   count(*) OVER (PARTITION BY term) AS n_total
-            FROM best QUALIFY pos <= {int(postings)}""")
+                   row_number() OVER (PARTITION BY term, dir ORDER BY score DESC, layer, neuron) AS dir_pos,
+                   count(*) OVER (PARTITION BY term) AS n_total,
+                   sum(CASE WHEN dir = 0 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_promotes,
+                   sum(CASE WHEN dir = 1 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_suppresses,
+                   sum(CASE WHEN dir = 2 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_reads
+            FROM directed QUALIFY pos <= {int(postings)} OR (dir < 3 AND dir_pos <= {max(1, int(postings) // 2)})""")
         n_postings, n_terms = con.execute("SELECT count(*), count(DISTINCT term) FROM search_kept").fetchone()
         # About 20 bytes a posting and 40 a term; shards a power of two so the count is easy to reason about.
         n_shards = 1
@@ -284,11 +305,12 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                                                  "bucket": pa.array([shard_of(t, n_shards) for t in terms],
                                                                     pa.int32())}))
         cur = con.execute("""
-            SELECT b.bucket, k.term, k.n_total, k.layer, k.neuron, k.strength, k.src, k.rank,
-                   coalesce(k.evidence, v.token), k."check"
+            SELECT b.bucket, k.term, [k.n_total, k.n_promotes, k.n_suppresses, k.n_reads], k.layer, k.neuron,
+                   k.strength, k.src, k.rank, coalesce(k.evidence, v.token), k."check"
             FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
             ORDER BY b.bucket, k.term, k.pos""")
         sizes = _write_shards(cur, out_dir, n_shards)
+        label_sizes = _write_labels(con, out_dir / "labels")
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
         con.execute("DROP TABLE IF EXISTS search_concepts")
@@ -300,11 +322,12 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     n_neurons = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
             "clamp_weighted": check != "-1",
-            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars,
+            "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars, "label_chunk": LABEL_CHUNK,
             "concepts": _concept_meta(sources_info.get("concepts"))}
     (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
-            "largest_shard": max(sizes, default=0), "seconds": round(time.perf_counter() - start, 3),
+            "largest_shard": max(sizes, default=0), "label_bytes": sum(label_sizes), "label_files": len(label_sizes),
+            "seconds": round(time.perf_counter() - start, 3),
             **sources_info}
 
 
@@ -333,13 +356,14 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
             sizes.append(len(data))
 
     while rows := cur.fetchmany(65_536):
-        for b, term, n_total, layer, neuron, strength, src, rank, token, check in rows:
+        for b, term, counts, layer, neuron, strength, src, rank, token, check in rows:
             if b != bucket:
                 flush()
                 bucket, shard = b, {}
             entry = shard.get(term)
             if entry is None:
-                entry = shard[term] = {"n": n_total, "t": [], "p": []}
+                # n: neurons matching the term in all; d: of them, how many promote, suppress, read it.
+                entry = shard[term] = {"n": counts[0], "d": [int(c) for c in counts[1:]], "t": [], "p": []}
             variants = entry["t"]
             token = token if token is not None else term
             if token not in variants:
@@ -355,42 +379,105 @@ def _write_shards(cur, out_dir: Path, n_shards: int) -> list[int]:
     return sizes
 
 
+def _write_labels(con, out_dir: Path) -> list[int]:
+    """The neurons' labels in files of ``LABEL_CHUNK`` neurons, a JSON list each (null: no label yet).
+
+    Apart from the term shards because there a label would be repeated in every shard that
+    lists its neuron (measured on a 4 x 2,048 synthetic: 25.1 MB of shards with labels inside,
+    9.1 MB without); the page fetches only the files of the hits it shows.
+    """
+    sizes: list[int] = []
+    key, labels = None, []
+
+    def flush():
+        if key is not None:
+            path = out_dir / str(key[0]) / f"{key[1]}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = to_json(labels).encode("utf-8")
+            path.write_bytes(data)
+            sizes.append(len(data))
+
+    cur = con.execute("SELECT layer, neuron, label FROM neurons ORDER BY layer, neuron")
+    while rows := cur.fetchmany(65_536):
+        for layer, neuron, label in rows:
+            if (layer, neuron // LABEL_CHUNK) != key:
+                flush()
+                key, labels = (layer, neuron // LABEL_CHUNK), []
+            # A neuron missing from the store leaves a null in its place, so places stay neuron % chunk.
+            labels.extend([None] * (neuron % LABEL_CHUNK - len(labels)))
+            labels.append(label)
+    flush()
+    return sizes
+
+
 # -- querying ------------------------------------------------------------------------------
-def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20) -> dict:
+def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, direction: str | None = None,
+         labels: Callable[[int, int], list] | None = None) -> dict:
     """Rank the neurons for ``query`` from shards that ``load(shard_number)`` returns.
 
-    Returns the query's terms, per term how many neurons match in all, how many neurons
-    match any term among the kept postings, and the first ``limit`` hits, best first.
+    ``direction``: one of ``DIRECTIONS`` to keep only matches of that direction, or None for all.
+    ``labels(layer, chunk)``: a label file's list, to label the hits returned (None: no labels).
+    Returns the query's terms, per term how many neurons match in all (``counts``) and in
+    the direction (``direction_counts``), the whole phrase and its count where the index
+    has it, how many neurons match any word among the kept postings and how many match
+    every word, and the first ``limit`` hits, best first, each with its label.
     """
+    if direction is not None and direction not in DIRECTIONS:
+        raise AtlasError(f"direction {direction!r}: give one of {', '.join(DIRECTIONS)}")
+    want = None if direction is None else DIRECTIONS.index(direction)
     terms = query_terms(query)
+    phrase = " ".join(terms) if len(terms) > 1 else None
     shards: dict[int, dict] = {}
     hits: dict[tuple[int, int], dict] = {}
     counts: dict[str, int] = {}
-    for term in terms:
+    direction_counts: dict[str, int] = {}
+    for term in terms + ([phrase] if phrase else []):
         b = shard_of(term, meta["shards"])
         if b not in shards:
             shards[b] = load(b)
         entry = shards[b].get(term)
         counts[term] = entry["n"] if entry else 0
+        direction_counts[term] = (entry["d"][want] if entry else 0) if want is not None else counts[term]
         if not entry:
             continue
         p = entry["p"]
+        position = 0        # the neuron's place in this term's list (after the filter)
         for i in range(0, len(p), POSTING):
             layer, neuron, strength, src, rk, v, check = p[i:i + POSTING]
+            if want is not None and SRC_DIRECTION[src] != want:
+                continue
             hit = hits.get((layer, neuron))
             if hit is None:
-                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "words": 0, "score": 0,
+                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "label": None, "words": set(),
+                                               "best": position, "score": 0,
                                                "faithfulness": check / 100 if check >= 0 else None, "matches": []}
-            hit["words"] += 1
+            hit["words"].update(terms if term == phrase else [term])
+            hit["best"] = min(hit["best"], position)
             hit["score"] += score(strength, src, check)
+            d = SRC_DIRECTION[src]
             hit["matches"].append({"term": term, "token": entry["t"][v], "source": meta["sources"][src],
+                                   "direction": DIRECTIONS[d] if d is not None else None,
                                    "rank": rk, "strength": strength / 100})
-    ordered = sorted(hits.values(), key=lambda h: (-h["words"], -h["score"], h["layer"], h["neuron"]))
+            position += 1
+    for h in hits.values():
+        h["words"] = len(h["words"])
+    ordered = sorted(hits.values(), key=lambda h: (-h["words"], h["best"], -h["score"], h["layer"], h["neuron"]))
     for h in ordered:
         h["score"] /= 100
         h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
-    return {"terms": terms, "counts": counts, "shards": sorted(shards), "matched": len(ordered),
-            "hits": ordered[:limit]}
+        del h["best"]
+    chunks: dict[tuple[int, int], list] = {}
+    for h in ordered[:limit] if labels else []:
+        key = (h["layer"], h["neuron"] // meta["label_chunk"])
+        if key not in chunks:
+            chunks[key] = labels(*key)
+        h["label"] = chunks[key][h["neuron"] % meta["label_chunk"]]
+    if phrase:      # the phrase is a lookup, not a word: report it apart
+        phrase_count = counts.pop(phrase), direction_counts.pop(phrase)
+    return {"terms": terms, "direction": direction, "counts": counts, "direction_counts": direction_counts,
+            "phrase": {"text": phrase, "count": phrase_count[0], "direction_count": phrase_count[1]} if phrase else None,
+            "shards": sorted(shards), "matched": len(ordered),
+            "match_all": sum(1 for h in ordered if h["words"] == len(terms)), "hits": ordered[:limit]}
 
 
 def index_dir(path: str | Path) -> Path:
@@ -403,7 +490,7 @@ def index_dir(path: str | Path) -> Path:
                      "run `atlas render` first")
 
 
-def search(path: str | Path, query: str, limit: int = 20) -> dict:
+def search(path: str | Path, query: str, limit: int = 20, direction: str | None = None) -> dict:
     """Search the built site at ``path`` as its search page does; see ``rank``."""
     if limit < 1:
         raise AtlasError(f"--limit {limit}: give at least 1 (the neurons to list)")
@@ -422,24 +509,59 @@ def search(path: str | Path, query: str, limit: int = 20) -> dict:
         path = idx / shard_name(b, meta["shards"])
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    return rank(query, meta, load, limit)
+    def labels(layer: int, chunk: int) -> list:
+        return json.loads((idx / "labels" / str(layer) / f"{chunk}.json").read_text(encoding="utf-8"))
+
+    return rank(query, meta, load, limit, direction, labels)
 
 
-def _evidence(m: dict) -> str:
-    """One match as text: a literal token and where it was found, or a concept's evidence terms."""
-    if m["source"] == SOURCES[CONCEPT]:
-        return f"{m['term']!r} via {m['token']} (concept, {m['strength']:.2f})"
-    return f"{show_token(m['token'])} {m['source']} #{m['rank']} ({m['strength']:.2f})"
+def match_words(m: dict) -> str:
+    """One match in words: its direction, the token, and why it matched (word, side, rank, strength)."""
+    token, src = show_token(m["token"]), m["source"]
+    if src == SOURCES[CONCEPT]:
+        what = f"promotes words near \u2018{m['term']}\u2019 via {m['token']}"
+    elif src == SOURCES[DESCRIPTION]:
+        what = f"its description says \u2018{m['term']}\u2019"
+    elif src.startswith("exemplar"):
+        what = f"fires {'on' if src.endswith('max') else 'most negatively on'} {token} in the corpus"
+    elif src.startswith("out"):
+        what = f"{'promotes' if src.endswith('top') else 'suppresses'} {token}"
+    else:
+        side = src.split()[0]
+        what = f"reads {token}{' negatively' if src.endswith('bottom') else ''} ({side} side)"
+    return f"{what}: \u2018{m['term']}\u2019, {src} #{m['rank']}, {m['strength']:.2f}\u03c3"
+
+
+def status_line(result: dict) -> str:
+    """What matched, in one sentence whose numbers agree with the list; the search page's statusLine twin."""
+    terms, d = result["terms"], result["direction"]
+    verb = {"promotes": "promote", "suppresses": "suppress", "reads": "read"}.get(d)
+    parts = []
+    for t in terms:
+        part = f"\u2018{t}\u2019: {result['counts'][t]:,} neurons match"
+        parts.append(part + (f", {result['direction_counts'][t]:,} {verb} it" if verb else ""))
+    ph = result["phrase"]
+    if ph and ph["count"]:
+        parts.append(f"the phrase \u2018{ph['text']}\u2019: {ph['count']:,}" + (f", {ph['direction_count']:,} {verb} it" if verb else ""))
+    line = "; ".join(parts)
+    if len(terms) > 1:
+        line += f"; {result['match_all']:,} of those kept match every word"
+    shown = len(result["hits"])
+    if not shown:
+        return line + "; none to show" + (f" that {verb} these words" if verb else "")
+    return line + f"; showing the best {shown:,}" + (f" that {verb} them" if verb else "")
 
 
 def format_hits(result: dict) -> list[str]:
-    """The lines ``atlas search`` prints: per term its count, then one line per neuron."""
-    lines = [f"{term!r}: {result['counts'][term]:,} neurons match" for term in result["terms"]]
+    """The lines ``atlas search`` prints: the status line, then one line per neuron."""
+    lines = [status_line(result)]
     if not result["hits"]:
-        return lines + ["no neuron decodes to or fires on these words"]
-    lines.append(f"{'#':>3}  {'neuron':<12}{'score':>7}  {'pushed':>6}  evidence (strength in σ)")
+        return lines
+    lines.append(f"{'#':>3}  {'neuron':<12}{'score':>7}  {'pushed':>6}  label | why it matched")
     for i, h in enumerate(result["hits"], 1):
-        evidence = " · ".join(_evidence(m) for m in h["matches"])
+        why = " · ".join(match_words(m) for m in h["matches"])
         pushed = "–" if h["faithfulness"] is None else f"{h['faithfulness']:.2f}"
-        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  {evidence}")
+        label = show_token(h["label"]) if h["label"] else "(no label)"
+        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  "
+                     f"{label} | {why}")
     return lines

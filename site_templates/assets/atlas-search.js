@@ -9,15 +9,18 @@
   var input = document.getElementById("atlas-search-q");
   var status = document.getElementById("atlas-search-status");
   var list = document.getElementById("atlas-search-results");
+  var filter = document.getElementById("atlas-search-dir");
   var SHOWN = 50;
-  var SCHEMA = 3, MAX_WORDS = 8, POSTING = 7;     // SCHEMA and POSTING as in atlas/site/search.py
+  var SCHEMA = 4, MAX_WORDS = 8, POSTING = 7;     // SCHEMA, POSTING and the rest as in atlas/site/search.py
+  var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null];
+  var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
   // The term of a token or query word: see atlas/site/search.py for the definition.
   function normalise(text) {
     if (!text) return "";
     // Strip in two steps like the Python loop: leading markers and edge characters first,
-    // then trailing edge characters (never a trailing Ġ or ▁, which are letters there).
+    // then trailing edge characters (never a trailing \u0120 or \u2581, which are letters there).
     var t = text.normalize("NFKC");
     t = t.replace(/^[\u0120\u2581\p{P}\p{S}\p{Z}\p{C}]+/u, "").replace(/[\p{P}\p{S}\p{Z}\p{C}]+$/u, "");
     return t.toLowerCase();
@@ -63,34 +66,68 @@
     return src === outTop && check >= 0 ? Math.floor((strength * (50 + check) + 50) / 100) : strength;
   }
 
-  // Neurons by number of query words matched, then summed score, then (layer, neuron).
-  function rank(terms, meta, shards) {
-    var hits = new Map(), counts = {}, outTop = meta.sources.indexOf("out top");
-    terms.forEach(function (term) {
+  // Neurons by number of query words matched (the whole phrase counts as all), then best place
+  // in one word's list, then summed score, then (layer, neuron); a direction filter first
+  // drops the other directions' matches. The twin of rank() in atlas/site/search.py.
+  function rank(terms, meta, shards, direction) {
+    var hits = new Map(), counts = {}, dirCounts = {}, outTop = meta.sources.indexOf("out top");
+    var want = direction ? DIRECTIONS.indexOf(direction) : -1;
+    var phrase = terms.length > 1 ? terms.join(" ") : null;
+    terms.concat(phrase ? [phrase] : []).forEach(function (term) {
       // Own properties only: a word such as "constructor" must not find Object's prototype.
       var shard = shards[shardOf(term, meta.shards)];
       var entry = Object.prototype.hasOwnProperty.call(shard, term) ? shard[term] : null;
       counts[term] = entry ? entry.n : 0;
+      dirCounts[term] = want >= 0 ? (entry ? entry.d[want] : 0) : counts[term];
       if (!entry) return;
-      var p = entry.p;
+      var p = entry.p, position = 0;
       for (var i = 0; i < p.length; i += POSTING) {
+        var src = p[i + 3];
+        if (want >= 0 && SRC_DIRECTION[src] !== want) continue;
         var key = p[i] + "/" + p[i + 1], hit = hits.get(key);
         if (!hit) {
-          hit = { layer: p[i], neuron: p[i + 1], words: 0, score: 0,
+          hit = { layer: p[i], neuron: p[i + 1], label: null, words: new Set(), best: position, score: 0,
                   faithfulness: p[i + 6] >= 0 ? p[i + 6] / 100 : null, matches: [] };
           hits.set(key, hit);
         }
-        hit.words += 1;
-        hit.score += score(p[i + 2], p[i + 3], p[i + 6], outTop);
-        hit.matches.push({ term: term, token: entry.t[p[i + 5]], source: meta.sources[p[i + 3]],
-                           rank: p[i + 4], strength: p[i + 2] / 100 });
+        (term === phrase ? terms : [term]).forEach(function (t) { hit.words.add(t); });
+        hit.best = Math.min(hit.best, position);
+        hit.score += score(p[i + 2], src, p[i + 6], outTop);
+        var d = SRC_DIRECTION[src];
+        hit.matches.push({ term: term, token: entry.t[p[i + 5]], source: meta.sources[src],
+                           direction: d === null ? null : DIRECTIONS[d], rank: p[i + 4], strength: p[i + 2] / 100 });
+        position += 1;
       }
     });
+    hits.forEach(function (h) { h.words = h.words.size; });
     var ordered = Array.from(hits.values()).sort(function (a, b) {
-      return b.words - a.words || b.score - a.score || a.layer - b.layer || a.neuron - b.neuron;
+      return b.words - a.words || a.best - b.best || b.score - a.score || a.layer - b.layer || a.neuron - b.neuron;
     });
     ordered.forEach(function (h) { h.score /= 100; });
-    return { counts: counts, hits: ordered };
+    var result = { terms: terms, direction: direction, counts: counts, dirCounts: dirCounts, phrase: null, hits: ordered,
+                   matchAll: ordered.filter(function (h) { return h.words === terms.length; }).length };
+    if (phrase) {
+      result.phrase = { text: phrase, count: counts[phrase], dirCount: dirCounts[phrase] };
+      delete counts[phrase]; delete dirCounts[phrase];
+    }
+    return result;
+  }
+
+  // The status line: the same sentence as status_line() in atlas/site/search.py.
+  function statusLine(r) {
+    var verb = r.direction ? VERB[r.direction] : null, n = function (x) { return x.toLocaleString("en"); };
+    var parts = r.terms.map(function (t) {
+      return "\u2018" + t + "\u2019: " + n(r.counts[t]) + " neurons match" + (verb ? ", " + n(r.dirCounts[t]) + " " + verb + " it" : "");
+    });
+    if (r.phrase && r.phrase.count) {
+      parts.push("the phrase \u2018" + r.phrase.text + "\u2019: " + n(r.phrase.count) +
+                 (verb ? ", " + n(r.phrase.dirCount) + " " + verb + " it" : ""));
+    }
+    var line = parts.join("; ");
+    if (r.terms.length > 1) line += "; " + n(r.matchAll) + " of those kept match every word";
+    var shown = Math.min(SHOWN, r.hits.length);
+    if (!shown) return line + "; none to show" + (verb ? " that " + verb + " these words" : "");
+    return line + "; showing the best " + n(shown) + (verb ? " that " + verb + " them" : "");
   }
 
   // Token text with its spaces shown, as on the neuron pages.
@@ -108,45 +145,61 @@
     return e;
   }
 
-  function showHits(result, terms) {
+  // One match in words: its direction with the token, then why it matched. The twin of match_words().
+  function matchLine(m) {
+    var line = el("span", "atlas-search-match");
+    var src = m.source, tok = el("code", null, showToken(m.token));
+    var dir = el("span", "atlas-search-dir atlas-search-dir--" + (m.direction || "other"));
+    if (src === "concept") {
+      dir.textContent = "promotes words near \u2018" + m.term + "\u2019";
+      line.appendChild(dir);
+      line.appendChild(document.createTextNode(" via "));
+      line.appendChild(el("code", "atlas-search-via", m.token));
+    } else if (src === "description") {
+      dir.textContent = "its description says \u2018" + m.term + "\u2019";
+      line.appendChild(dir);
+    } else {
+      var bottom = /(bottom|min)$/.test(src);
+      dir.textContent = src.indexOf("exemplar") === 0 ? (bottom ? "fires most negatively on" : "fires on") :
+        src.indexOf("out") === 0 ? (bottom ? "suppresses" : "promotes") : "reads";
+      line.appendChild(dir);
+      line.appendChild(document.createTextNode(" "));
+      line.appendChild(tok);
+      if (src.indexOf("exemplar") === 0) line.appendChild(document.createTextNode(" in the corpus"));
+      else if (src.indexOf("out") !== 0) {
+        line.appendChild(document.createTextNode((bottom ? " negatively" : "") + " (" + src.split(" ")[0] + " side)"));
+      }
+    }
+    line.appendChild(el("span", "atlas-search-why", ": \u2018" + m.term + "\u2019, " + src + " #" + m.rank + ", " +
+                        m.strength.toFixed(2) + "\u03c3"));
+    return line;
+  }
+
+  function showHits(result) {
     list.textContent = "";
     result.hits.slice(0, SHOWN).forEach(function (h) {
       var li = el("li");
+      var head = el("div", "atlas-search-head");
       var a = el("a", "atlas-search-neuron", "L" + h.layer + " / N" + h.neuron);
       a.href = "../neurons/" + h.layer + "/" + h.neuron + "/";
-      li.appendChild(a);
-      li.appendChild(el("span", "atlas-search-strength", h.score.toFixed(2)));
+      head.appendChild(a);
+      head.appendChild(el("span", "atlas-search-label" + (h.label ? "" : " atlas-search-nolabel"), h.label || "no label yet"));
+      head.appendChild(el("span", "atlas-search-strength", h.score.toFixed(2)));   // "score" comes from the CSS
       if (h.faithfulness !== null) {
-        li.appendChild(el("span", "atlas-search-pushed", "pushed " + h.faithfulness.toFixed(2)));
+        head.appendChild(el("span", "atlas-search-pushed", "pushed " + h.faithfulness.toFixed(2)));
       }
-      var ev = el("span", "atlas-search-evidence");
-      h.matches.forEach(function (m, i) {
-        if (i) ev.appendChild(document.createTextNode(" \u00b7 "));
-        if (m.source === "concept") {
-          // A concept match: the neuron's decoded terms that lie near the query word.
-          ev.appendChild(document.createTextNode("\u201c" + m.term + "\u201d via "));
-          ev.appendChild(el("code", "atlas-search-via", m.token));
-          ev.appendChild(document.createTextNode(" (concept, " + m.strength.toFixed(2) + "\u03c3)"));
-          return;
-        }
-        ev.appendChild(el("code", null, showToken(m.token)));
-        ev.appendChild(document.createTextNode(" " + m.source + " #" + m.rank + " (" + m.strength.toFixed(2) + "\u03c3)"));
-      });
+      li.appendChild(head);
+      var ev = el("div", "atlas-search-evidence");
+      h.matches.forEach(function (m) { ev.appendChild(matchLine(m)); });
       li.appendChild(ev);
       list.appendChild(li);
     });
-    var parts = terms.map(function (t) {
-      return "\u201c" + t + "\u201d: " + result.counts[t].toLocaleString("en") + " neurons";
-    });
-    status.textContent = result.hits.length ?
-      parts.join(", ") + "; showing " + Math.min(SHOWN, result.hits.length) + " of the best " +
-        result.hits.length.toLocaleString("en") + "." :
-      "No neuron decodes to or fires on " + terms.map(function (t) { return "\u201c" + t + "\u201d"; }).join(" or ") + ".";
+    status.textContent = statusLine(result);
     list.setAttribute("data-hits", String(result.hits.length));
     status.setAttribute("data-state", "done");
   }
 
-  function conceptSearch(query) {
+  function conceptSearch(query, direction) {
     var terms = queryTerms(query);
     if (!terms.length) {
       status.textContent = query.trim() ? "Nothing searchable in that query." : "Type a concept, e.g. dog.";
@@ -161,12 +214,30 @@
         throw new Error("the index is of schema " + meta.schema + ", this page reads " + SCHEMA + "; reload the page");
       }
       var wanted = [];
-      terms.forEach(function (t) { var b = shardOf(t, meta.shards); if (wanted.indexOf(b) < 0) wanted.push(b); });
+      // The words' shards, and the whole phrase's (see rank).
+      terms.concat(terms.length > 1 ? [terms.join(" ")] : []).forEach(function (t) {
+        var b = shardOf(t, meta.shards);
+        if (wanted.indexOf(b) < 0) wanted.push(b);
+      });
       return Promise.all(wanted.map(function (b) { return getJSON("idx/" + shardName(b, meta.shards)); }))
         .then(function (parts) {
           var shards = {};
           wanted.forEach(function (b, i) { shards[b] = parts[i]; });
-          showHits(rank(terms, meta, shards), terms);
+          var result = rank(terms, meta, shards, direction);
+          // Labels for the hits shown, from the label files (idx/labels/<layer>/<chunk>.json).
+          var chunk = meta.label_chunk, files = [];
+          result.hits.slice(0, SHOWN).forEach(function (h) {
+            var f = h.layer + "/" + Math.floor(h.neuron / chunk);
+            if (files.indexOf(f) < 0) files.push(f);
+          });
+          return Promise.all(files.map(function (f) { return getJSON("idx/labels/" + f + ".json"); }))
+            .then(function (lists) {
+              result.hits.slice(0, SHOWN).forEach(function (h) {
+                var labels = lists[files.indexOf(h.layer + "/" + Math.floor(h.neuron / chunk))];
+                h.label = labels[h.neuron % chunk];
+              });
+              showHits(result);
+            });
         });
     }).catch(function (err) {
       status.textContent = "search failed: " + err.message;
@@ -174,9 +245,30 @@
     });
   }
 
-  var query = new URLSearchParams(window.location.search).get("q") || "";
+  // The filter is part of the URL (?q=money&dir=promotes), so a filtered search can be linked.
+  var params = new URLSearchParams(window.location.search);
+  var query = params.get("q") || "";
+  var direction = DIRECTIONS.indexOf(params.get("dir")) >= 0 ? params.get("dir") : null;
   input.value = query;
-  conceptSearch(query);
+  filter.querySelectorAll("input[name=dir]").forEach(function (radio) {
+    radio.checked = radio.value === (direction || "all");
+    radio.addEventListener("change", function () {
+      direction = radio.value === "all" ? null : radio.value;
+      var next = new URLSearchParams(window.location.search);
+      if (direction) next.set("dir", direction); else next.delete("dir");
+      history.replaceState(null, "", "?" + next.toString());
+      conceptSearch(query, direction);
+    });
+  });
+  // Submitting leaves out dir=all, so an unfiltered search keeps its plain ?q= link.
+  document.getElementById("atlas-search-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var next = new URLSearchParams();
+    next.set("q", input.value);
+    if (direction) next.set("dir", direction);
+    window.location.href = "?" + next.toString();
+  });
+  conceptSearch(query, direction);
   window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
                          schema: SCHEMA, pageSchema: data.schema };
 })();

@@ -80,7 +80,8 @@ def test_search_page_lists_the_animal_neurons_with_their_evidence(site, browser)
         hrefs = [href for href, _ in result_links(page)]
         assert hrefs[:2] == ["../neurons/1/5/", "../neurons/0/7/"]
         text = page.locator("#atlas-search-results li", has_text="L1 / N5").inner_text()
-        assert "\u201canimal\u201d via" in text and "bird" in text and "mammal" in text and "concept" in text
+        assert "promotes words near \u2018animal\u2019 via" in text and "bird" in text and "mammal" in text
+        assert "concept #0" in text
         assert page.errors == []
 
 

@@ -16,7 +16,7 @@ from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.search import (INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
+from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
 from helpers import assert_one_line_error, atlas
@@ -111,7 +111,12 @@ def test_index_ranks_like_a_brute_force_recomputation(store, tmp_path):
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
         assert got["counts"] == {term: len(want)}
-        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        hits = [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]]
+        assert hits[:7] == want[:7], term
+        # Beyond the 7 best, each direction's best 3 are kept too: still in the ranking's order.
+        assert [w for w in want if w in hits] == hits, term
+        by_direction = [search(tmp_path, term, direction=d)["direction_counts"][term] for d in DIRECTIONS]
+        assert sum(by_direction) == len(want), term        # no descriptions here: every match has a direction
 
 
 def test_clamp_check_weighs_top_out_matches(tmp_path):
@@ -127,7 +132,8 @@ def test_clamp_check_weighs_top_out_matches(tmp_path):
     reweighted = unmeasured = 0
     for term, want in sorted(expected.items(), key=lambda kv: -len(kv[1]))[:40]:
         got = search(tmp_path, term, limit=100)
-        assert [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]] == want[:7], term
+        hits = [(round(h["score"] * 100), h["layer"], h["neuron"]) for h in got["hits"]]
+        assert hits[:7] == want[:7] and [w for w in want if w in hits] == hits, term
         for h in got["hits"]:
             # every synthetic neuron was measured, but for the eight given a NaN figure above
             assert (h["faithfulness"] is None) == (h["layer"] == 1 and h["neuron"] < 8)
@@ -152,7 +158,11 @@ def test_variants_of_a_word_meet_in_one_term(site, store):
     result = search(site, f"  {token.strip().upper()}  ")
     seen = {m["token"] for h in result["hits"] for m in h["matches"]}
     assert seen <= variants and len(seen) >= 2
-    assert len(result["hits"]) == 12                   # the site was rendered with search_postings=12
+    # The site was rendered with search_postings=12: the 12 best, then up to 6 more per direction.
+    assert 12 <= len(result["hits"]) <= 12 + 3 * 6
+    by_direction = [len(search(site, token, limit=100, direction=d)["hits"]) for d in DIRECTIONS]
+    assert all(n >= min(6, c) for n, c in zip(by_direction, [search(site, token, direction=d)["direction_counts"]
+                                                             [normalise(token)] for d in DIRECTIONS]))
 
 
 def test_several_words_rank_neurons_matching_more_of_them_first(site):
@@ -167,6 +177,9 @@ def test_several_words_rank_neurons_matching_more_of_them_first(site):
     assert {(h["layer"], h["neuron"]) for h in result["hits"] if h["words"] == 2} == both
     for h in result["hits"]:
         assert h["score"] == pytest.approx(sum(m["strength"] for m in h["matches"]))   # no clamp check here
+    # After the neurons that match both, the words' best neurons alternate: neither word drowns the other.
+    rest = [{m["term"] for m in h["matches"]} for h in result["hits"] if h["words"] == 1]
+    assert {t for terms in rest[:2] for t in terms} == {a, b}
 
 
 def test_hostile_tokens_are_searchable_and_escaped_in_the_index(site):
@@ -203,7 +216,7 @@ def test_cli_prints_the_same_ranking(site):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     want = search(site, "<script>alert(1)</script>", limit=50)["hits"]
-    assert lines[0].startswith("'script>alert(1)</script': ")
+    assert lines[0].startswith("\u2018script>alert(1)</script\u2019: ")
     assert [line.split()[1] for line in lines[2:]] == [f"L{h['layer']}/N{h['neuron']}" for h in want]
     assert "L0/N0" in [line.split()[1] for line in lines[2:]]
 
@@ -216,3 +229,16 @@ def test_cli_errors_are_one_line(site, tmp_path):
     assert_one_line_error(atlas("search", tmp_path, "dog"), "not valid JSON")
     with pytest.raises(AtlasError, match="at least 1"):
         render(site.parent / "atlas.duckdb", tmp_path / "s", RenderConfig(search_postings=0), progress=False)
+
+
+def test_label_files_keep_each_neuron_at_its_place(tmp_path):
+    """labels/<layer>/<chunk>.json: a neuron's label at neuron % LABEL_CHUNK, null for gaps and unlabelled ones."""
+    from atlas.site.search import LABEL_CHUNK, _write_labels
+
+    con = duckdb.connect()
+    con.execute(f"""CREATE TABLE neurons AS SELECT * FROM (VALUES (0, 0, 'a'), (0, 2, '<b>'), (0, {LABEL_CHUNK}, NULL),
+                    (0, {LABEL_CHUNK + 1}, 'c'), (1, 5, 'd')) t(layer, neuron, label)""")
+    sizes = _write_labels(con, tmp_path)
+    read = {p.relative_to(tmp_path).as_posix(): json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
+    assert read == {"0/0.json": ["a", None, "<b>"], "0/1.json": [None, "c"], "1/0.json": [None] * 5 + ["d"]}
+    assert b"<" not in (tmp_path / "0/0.json").read_bytes() and len(sizes) == 3

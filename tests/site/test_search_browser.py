@@ -16,8 +16,9 @@ import pytest
 from atlas.bench.synthetic import make_synthetic_store
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.search import SCHEMA, normalise, search
-from helpers import check_concepts, result_links, search_page, served
+from atlas.bench.synthetic import HOSTILE_LABELS
+from atlas.site.search import SCHEMA, match_words, normalise, search, status_line
+from helpers import check_concepts, result_links, search_page, served, watch_errors
 
 pytestmark = pytest.mark.browser
 PREFIX = "atlas/"
@@ -152,3 +153,112 @@ def test_an_index_of_another_schema_is_refused_in_words(search_site, browser, tm
         page.close()
     finally:
         shutil.copy2(saved, meta_path)
+
+
+def _dom_hits(page) -> list[dict]:
+    """Each listed hit as the page shows it: link, label, and the text of each match line."""
+    return page.eval_on_selector_all("#atlas-search-results li", """els => els.map(li => ({
+        href: li.querySelector('a').getAttribute('href'),
+        label: li.querySelector('.atlas-search-label').textContent,
+        matches: Array.from(li.querySelectorAll('.atlas-search-match')).map(m => m.textContent),
+        dirs: Array.from(li.querySelectorAll('.atlas-search-dir')).map(m => m.textContent)}))""")
+
+
+def _want(site: Path, query: str, direction: str | None = None) -> list[dict]:
+    return [{"href": f"../neurons/{h['layer']}/{h['neuron']}/", "label": h["label"] or "no label yet",
+             "matches": [match_words(m) for m in h["matches"]]}
+            for h in search(site, query, limit=50, direction=direction)["hits"]]
+
+
+def test_hits_show_label_direction_and_why(search_site, browser):
+    root, base = search_site
+    site = root / "www" / PREFIX
+    term = _some_terms(root / "atlas.duckdb")[1]
+    page = search_page(browser, base, term)
+    got = _dom_hits(page)
+    assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, term)
+    # The words name the direction: a top `out` token is promoted, a bottom one suppressed, in/gate ones read.
+    dirs = {d.split(" \u2018")[0] for g in got for d in g["dirs"]}     # a concept match names its word
+    assert {"promotes", "suppresses", "reads"} <= dirs
+    assert dirs <= {"promotes", "suppresses", "reads", "fires on", "fires most negatively on", "promotes words near"}
+    assert any(g["label"].startswith("synthetic ") for g in got)
+    assert page.text_content("#atlas-search-status") == status_line(search(site, term, limit=50))
+    assert page.errors == []
+    page.close()
+
+
+def test_direction_filter_changes_the_list_and_the_url(search_site, browser):
+    root, base = search_site
+    site = root / "www" / PREFIX
+    term = _some_terms(root / "atlas.duckdb")[2]
+    page = search_page(browser, base, term)
+    everything = _dom_hits(page)
+    page.get_by_label("suppresses", exact=True).check()
+    page.wait_for_function("location.search.includes('dir=suppresses')")
+    page.wait_for_selector("#atlas-search-status[data-state=done]")
+    suppressing = _dom_hits(page)
+    assert suppressing != everything
+    assert [{k: g[k] for k in ("href", "label", "matches")} for g in suppressing] == _want(site, term, "suppresses")
+    assert {d for g in suppressing for d in g["dirs"]} == {"suppresses"}
+    assert page.text_content("#atlas-search-status") == status_line(search(site, term, limit=50, direction="suppresses"))
+    assert " suppress it" in page.text_content("#atlas-search-status")
+    # Keyboard: the radio group moves with the arrow keys, and the URL follows.
+    page.focus("input[name=dir][value=suppresses]")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function("location.search.includes('dir=reads')")
+    assert page.is_checked("input[name=dir][value=reads]")
+    page.close()
+    # The link shares the filter: opened afresh it shows the same list with its radio checked.
+    page = watch_errors(browser.new_page())
+    page.goto(base + "search/?" + urllib.parse.urlencode({"q": term, "dir": "promotes"}))
+    page.wait_for_selector("#atlas-search-status[data-state=done]")
+    assert page.is_checked("input[name=dir][value=promotes]")
+    assert [g["href"] for g in _dom_hits(page)] == [w["href"] for w in _want(site, term, "promotes")]
+    assert page.errors == []
+    page.close()
+
+
+def test_two_words_rank_neurons_matching_both_first(search_site, browser):
+    root, base = search_site
+    site = root / "www" / PREFIX
+    with duckdb.connect(str(root / "atlas.duckdb"), read_only=True) as con:
+        tokens = [t for (t,) in con.execute("SELECT token FROM decoded_tokens WHERE layer = 1 AND neuron = 5 "
+                                            "AND side = 'out' AND polarity = 'top' ORDER BY rank").fetchall()]
+    a, b = list(dict.fromkeys(normalise(t) for t in tokens if normalise(t)))[:2]
+    page = search_page(browser, base, f"{a} {b}")
+    got = _dom_hits(page)
+    both = [len({m.split("\u2018")[-1].split("\u2019")[0] for m in g["matches"]}) == 2 for g in got]
+    assert both[0] and both == sorted(both, reverse=True)       # every neuron matching both words comes first
+    assert "../neurons/1/5/" in [g["href"] for g, two in zip(got, both) if two]
+    assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, f"{a} {b}")
+    assert "match every word" in page.text_content("#atlas-search-status")
+    assert page.errors == []
+    page.close()
+
+
+def test_hostile_labels_show_as_text(search_site, browser):
+    root, base = search_site
+    site = root / "www" / PREFIX
+    query = "<script>alert(1)</script>"
+    page = search_page(browser, base, query)
+    labels = page.eval_on_selector_all(".atlas-search-label", "els => els.map(e => e.textContent)")
+    want = [h["label"] or "no label yet" for h in search(site, query, limit=50)["hits"]]
+    assert labels == want and set(labels) & set(HOSTILE_LABELS)
+    assert page.locator("#atlas-search-results script, #atlas-search-results img, #atlas-search-results iframe").count() == 0
+    assert page.title() != "pwned" and page.errors == []
+    page.close()
+
+
+def test_results_fit_a_phone_and_a_desktop(search_site, browser, tmp_path_factory):
+    """Screenshots at 1400 and 360 px (kept in the test's tmp folder); at 360 px nothing scrolls sideways."""
+    root, base = search_site
+    shots = tmp_path_factory.mktemp("search-shots")
+    term = _some_terms(root / "atlas.duckdb")[0]
+    for width in (1400, 360):
+        page = watch_errors(browser.new_page(viewport={"width": width, "height": 900}))
+        page.goto(base + "search/?" + urllib.parse.urlencode({"q": f"{term} <script>alert(1)</script>"}))
+        page.wait_for_selector("#atlas-search-status[data-state=done]")
+        page.screenshot(path=str(shots / f"search-{width}.png"), full_page=False)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert page.errors == []
+        page.close()
