@@ -21,7 +21,7 @@
   var nLayers = data.layers.length;
   var clusterLabel = data.clusters.label, clusterSize = data.clusters.size;
   var NAMED = window.innerWidth < 600 ? 6 : 12;     // cluster names on the plot, biggest first
-  var LEGEND = 8;                                   // clusters listed in the legend
+  var LEGEND = window.innerWidth < 600 ? 4 : 8;     // clusters listed in the legend
   // Colour scales as stops, so the legend shows exactly the colours plotly draws.
   var SCALES = {
     cluster: ["#96005a", "#0000c8", "#0098ff", "#2cff96", "#97ff00", "#ffea00", "#ff6f00", "#ff0000"],
@@ -197,7 +197,10 @@
         showCount();
         colourSelect.addEventListener("change", function () {
           var by = colourSelect.value;
-          Plotly.restyle(el, { "marker.color": colours[by], "marker.colorscale": plotlyScale(SCALES[by]) }, traceIndex);
+          // An array value is spread over the traces, so each trace gets its own copy of the scale.
+          var scale = plotlyScale(SCALES[by]);
+          Plotly.restyle(el, { "marker.color": colours[by], "marker.colorscale": traceIndex.map(function () { return scale; }) },
+                         traceIndex);
           drawLegend(by);
         });
         layerSelect.addEventListener("change", applyLayer);

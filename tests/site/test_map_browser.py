@@ -108,6 +108,8 @@ def test_legend_names_the_biggest_clusters_then_shows_a_layer_scale(page):
     page.select_option("#atlas-map-colour", "layer")
     assert page.locator("#atlas-map-legend .atlas-map-gradient").count() == 1
     assert page.text_content("#atlas-map-legend") == "layer 02"
+    scales = page.evaluate("document.getElementById('atlas-map').data.slice(0, 3).map(t => t.marker.colorscale)")
+    assert all(s[0] == [0, "#440154"] and s[-1] == [1, "#fde725"] for s in scales), scales   # the bar's scale
     page.select_option("#atlas-map-colour", "cluster")
 
 
