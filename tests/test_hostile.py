@@ -186,7 +186,7 @@ def test_no_page_runs_injected_script(browser_page, hostile_site):
         url = page.base + ("" if rel == "." else rel + "/")
         page.goto(url)
         if rel == "map":
-            page.wait_for_selector("#atlas-map[data-points]", timeout=60_000)
+            page.wait_for_selector("#atlas-map[data-ready]", timeout=60_000)   # drawn, and its handlers set
             _hover_every_point(page)
         found = _dom_problems(page)
         if found:
