@@ -134,6 +134,13 @@ def test_strips_show_values_on_a_neuron_scale_with_a_legend(site_url, browser):
     token = shaded.first
     token.hover()
     assert token.evaluate("e => getComputedStyle(e).outlineStyle") == "dotted"     # the hovered token, titled
+    # Keyboard: a strip with shaded tokens is one tab stop that shows their values when focused.
+    strip = strongest.locator("li:has(i[title])").first
+    values = strip.locator(".atlas-sr")
+    assert values.bounding_box()["width"] <= 1                   # hidden but read
+    strip.focus()
+    first = strip.locator("i[title]").first
+    assert values.bounding_box()["width"] > 20 and f"{first.text_content().strip()} {first.get_attribute('title')}" in values.text_content()
     assert min(shaded.evaluate_all(_CONTRAST)) >= 4.5
     page.evaluate("document.body.setAttribute('data-md-color-scheme', 'slate')")
     assert min(shaded.evaluate_all(_CONTRAST)) >= 4.5
