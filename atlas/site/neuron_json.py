@@ -34,7 +34,7 @@ from atlas.schema import JSON_TABLES
 FORMAT = 3              # 1: row objects with float32-exact floats (before the site budgets); 2: arrays as decimals
 FLOAT_DIGITS = 3
 POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
-ARRAY_DIGITS = 2        # a window of activations is drawn in fifths of the normaliser on the page
+ARRAY_DIGITS = 2        # a window of activations is drawn in sixths of the neuron's strip scale on the page
 _FLOATS = ("FLOAT", "DOUBLE")
 _BLOCK = "WHERE layer = $1 AND neuron >= $2 AND neuron < $3"
 

@@ -26,7 +26,7 @@ from markupsafe import Markup, escape
 from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
 from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
-from atlas.site.corpus_sections import corpus_sections, strip_vocab
+from atlas.site.corpus_sections import corpus_sections, strip_scale, strip_vocab
 from atlas.site.describe_sections import description_sections, has_descriptions
 from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, tokens_sql
 from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
@@ -147,7 +147,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         if _worker.get("vocab_for") != job["site"]:     # one vocabulary per site being built
             _worker["vocab"], _worker["vocab_for"] = strip_vocab(con), job["site"]
         corpus = corpus_sections(con, layer, lo, hi, _worker["vocab"],
-                                 {row["neuron"]: row["normaliser"] for row, _ in neurons})
+                                 {row["neuron"]: strip_scale(row["normaliser"], row.get("act_min")) for row, _ in neurons})
     clustering: dict[int, dict] = {}
     if job["has_clusters"]:
         clustering = cluster_sections(con, layer, lo, hi, job["site"])

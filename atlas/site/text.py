@@ -101,6 +101,22 @@ def fmt_stat(x: float | None) -> str:
     return "\u2013" if x is None else f"{x:.3g}"
 
 
+def fmt_act(x: float | None) -> str:
+    """An activation as strips, their legend and their hover values show it: always 3 significant
+    digits, trailing zeros kept (``1.00`` beside ``0.969``, never ``1``)."""
+    if x is None or x != x:
+        return "\u2013"
+    return f"{x:#.3g}".replace(".e", "e").rstrip(".")
+
+
+def fmt_share(x: float | None) -> str:
+    """A share as a percentage with 2 significant digits (``3.1%``, ``0.012%``, ``45%``, ``100%``)."""
+    if x is None or x != x:
+        return "\u2013"
+    pct = 100 * x
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
 def delta_list(items: list[tuple]) -> Markup:
     """(token, Δ log p) pairs as ``<b>token</b> +1.23`` joined by dots (a clamp section's rises and falls)."""
     return Markup(" · ".join(f"<b>{token_cell(t)}</b> {d:+.2f}" for t, d in items))

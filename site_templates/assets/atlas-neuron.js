@@ -1,4 +1,4 @@
-// Neuron pages: keyboard navigation and copy buttons. Everything on a page works without
+// Neuron pages: keyboard navigation, copy buttons and strip values for the keyboard. Everything on a page works without
 // this script; it only adds shortcuts.
 (function () {
   "use strict";
@@ -116,6 +116,21 @@
     var bibtex = document.getElementById("atlas-bibtex");
     cited.textContent = absolute;
     if (bibtex) bibtex.textContent = bibtex.textContent.replace("url = {" + relative + "}", "url = {" + absolute + "}");
+  }
+
+  // Keyboard and screen readers: a strip's shaded tokens and their values (the titles, which
+  // only a mouse shows) follow it as text, hidden until the strip has focus. Each strip is one
+  // tab stop, not each token: a page has a dozen strips and a few hundred tokens.
+  var strips = document.querySelectorAll("ol.atlas-strips li");
+  for (var j = 0; j < strips.length; j++) {
+    var shaded = strips[j].querySelectorAll("i[title]"), values = [];
+    for (var k = 0; k < shaded.length; k++) values.push(shaded[k].textContent.trim() + " " + shaded[k].title);
+    if (!values.length) continue;
+    var list = document.createElement("small");
+    list.className = "atlas-sr";
+    list.textContent = " (" + values.join(", ") + ")";
+    strips[j].appendChild(list);
+    strips[j].tabIndex = 0;
   }
 
   var blocks = document.querySelectorAll("pre[data-copy][id]");

@@ -97,3 +97,57 @@ def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, brows
         width = page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 360, (path, width)
         assert page.errors == []
+
+
+_CONTRAST = """els => els.map(el => {
+    const rgb = s => s.match(/[\\d.]+/g).slice(0, 3).map(Number).map(c => c / 255)
+        .map(c => c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+    const lum = s => { const [r, g, b] = rgb(s); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+    const st = getComputedStyle(el), a = lum(st.color), b = lum(st.backgroundColor);
+    return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+})"""
+_ACT = r"-?(\d\.\d\d|\d\d\.\d|\d{3}|0\.0*[1-9]\d\d|\d\.\d\de[+-]\d+)"      # fmt_act: 3 significant digits
+
+
+def test_strips_show_values_on_a_neuron_scale_with_a_legend(site_url, browser):
+    """At least 10 strongest strips, each number in one format; every shaded token has its value
+    on hover, shaded on the neuron's own zero-centred scale that the legend states, readable
+    (contrast ≥ 4.5) in the light and slate schemes; the histogram has axes and a density line."""
+    import re
+
+    page = _open(browser.new_context(viewport={"width": 1400, "height": 900}), site_url + "neurons/1/3/")
+    row = page.request.get(site_url + "neurons/1/3.json").json()["neurons"]
+    scale = max(row["normaliser"], -row["act_min"])
+    strongest = page.locator("ol.atlas-strips").first
+    assert SHOWN_MAX >= 10 and strongest.locator("li").count() == SHOWN_MAX
+    numbers = page.locator("ol.atlas-strips li > span").all_text_contents()
+    assert numbers and all(re.fullmatch(_ACT, x) for x in numbers), numbers
+    assert page.text_content(".atlas-cols span") == "act"
+    legend = page.locator("h3 .atlas-legend").first.text_content()
+    assert legend == f"{-scale:#.3g}{scale:#.3g}".replace(".e", "e"), legend
+    shaded = page.locator("ol.atlas-strips i")
+    assert shaded.count() > 0
+    for cls, title in shaded.evaluate_all("els => els.map(e => [e.className, e.title])"):
+        value = float(title)
+        assert re.fullmatch(_ACT, title) and abs(value) >= scale / 6 * 0.99, (cls, title)     # near zero stays blank
+        assert cls[0] == ("p" if value > 0 else "n") and int(cls[1]) == min(5, int(abs(value) * 6 / scale)), (cls, title)
+    token = shaded.first
+    token.hover()
+    assert token.evaluate("e => getComputedStyle(e).outlineStyle") == "dotted"     # the hovered token, titled
+    # Keyboard: a strip with shaded tokens is one tab stop that shows their values when focused.
+    strip = strongest.locator("li:has(i[title])").first
+    values = strip.locator(".atlas-sr")
+    assert values.bounding_box()["width"] <= 1                   # hidden but read
+    strip.focus()
+    first = strip.locator("i[title]").first
+    assert values.bounding_box()["width"] > 20 and f"{first.text_content().strip()} {first.get_attribute('title')}" in values.text_content()
+    assert min(shaded.evaluate_all(_CONTRAST)) >= 4.5
+    page.evaluate("document.body.setAttribute('data-md-color-scheme', 'slate')")
+    assert min(shaded.evaluate_all(_CONTRAST)) >= 4.5
+    assert min(page.locator("ol.atlas-strips b[class]").evaluate_all(_CONTRAST)) >= 4.5
+    hist = page.locator("svg.atlas-hist")
+    assert hist.bounding_box()["width"] >= 400
+    ticks = hist.locator("text").all_text_contents()
+    assert "0" in ticks and "activation" in ticks and "tokens (log)" in ticks
+    assert re.search(r"≥ 0 on [\d.]+% of tokens", page.text_content("#corpus"))
+    assert page.locator("#corpus script").count() == 0 and page.errors == []

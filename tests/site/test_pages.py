@@ -18,7 +18,7 @@ from atlas.site.render import render
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.site.neuron_json import FORMAT, table_rows
 from atlas.site.neuron_pages import SHOWN_TOKENS
-from atlas.site.text import fmt_logit, fmt_stat, token_cell
+from atlas.site.text import fmt_act, fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import make_synthetic_store
 
 from helpers import parse, resolve
@@ -111,12 +111,12 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         stats = _parquet_rows(con, exports, "neurons", key, [layer, n])[0]
         assert f"‖v‖ {fmt_stat(stats['out_norm'])} · logits: mean {fmt_stat(stats['out_logit_mean'])}" in page
         assert f"normaliser {fmt_stat(stats['normaliser'])}" in page
-        # ... the strongest exemplars by normalised activation, then the weaker band samples ...
+        # ... the strongest exemplars by activation (one format), then the weaker band samples ...
         ex = _parquet_rows(con, exports, "exemplars", f"{key} ORDER BY polarity, rank", [layer, n])
         bands = _parquet_rows(con, exports, "exemplar_samples", f"{key} ORDER BY band, rank", [layer, n])
-        want = [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "max"][:SHOWN_MAX] + \
-               [fmt_stat(r["norm_activation"]) for r in ex if r["polarity"] == "min"][:SHOWN_MIN] + \
-               [fmt_stat(r["norm_activation"]) for r in bands if r["rank"] < SHOWN_SAMPLES]
+        want = [fmt_act(r["activation"]) for r in ex if r["polarity"] == "max"][:SHOWN_MAX] + \
+               [fmt_act(r["activation"]) for r in ex if r["polarity"] == "min"][:SHOWN_MIN] + \
+               [fmt_act(r["activation"]) for r in bands if r["rank"] < SHOWN_SAMPLES]
         assert len(bands) == 6 and "Weaker activations" in page
         assert re.findall(r"<li><span>([^<]*)</span>", page) == want
         # ... and the neighbours with their cosines.

@@ -272,11 +272,27 @@ def test_serve_finds_the_site_and_serves_pages(site, tmp_path):
     assert data["neurons"]["neuron"] == 2
 
 
-def test_exemplar_strips_share_one_element_per_shaded_run():
-    from atlas.site.corpus_sections import strip_html
+def test_exemplar_strips_title_each_shaded_token_with_its_value():
+    from atlas.site.corpus_sections import shade_level, strip_html, strip_scale
 
     vocab = ["a", "b", "c", "d", "e", "&lt;f&gt;"]         # strip_vocab entries are already escaped
-    html = strip_html([0, 1, 2, 3, 4, 5, 0], [1, 1, 0, 2, 2, -1, -1], 3, vocab)
-    # The focus token ends a run and is never inside one; equal neighbours share an <i>.
-    assert html == "<i class=p1>ab</i>c<b class=p2>d</b><i class=p2>e</i><i class=n1>&lt;f&gt;a</i>"
-    assert strip_html([0, 1], [0, 0], 0, vocab) == "<b>a</b>b"
+    acts = [0.25, 0.3, 0.01, 1.0, 0.5, -0.2, -0.19]
+    html = strip_html([0, 1, 2, 3, 4, 5, 0], [1, 1, 0, 2, 2, -1, -1], 3, vocab, acts)
+    # Every shaded token is its own element with its value, in the strips' one format; blank
+    # tokens are plain text, and the focus carries no title (its value is the strip's number).
+    assert html == ("<i class=p1 title=0.250>a</i><i class=p1 title=0.300>b</i>c<b class=p2>d</b>"
+                    "<i class=p2 title=0.500>e</i><i class=n1 title=-0.200>&lt;f&gt;</i><i class=n1 title=-0.190>a</i>")
+    assert strip_html([0, 1], [0, 0], 0, vocab, [None, None]) == "<b>a</b>b"
+    # The scale is the neuron's own and centred on zero: a neuron whose corpus sits slightly
+    # negative (min -0.6, normaliser 5) leaves -0.477 blank; a sixth of the scale starts a shade.
+    scale = strip_scale(5.0, -0.6)
+    assert scale == 5.0 and strip_scale(0.4, -2.0) == 2.0 and strip_scale(None, None) is None
+    assert [int(shade_level(x, scale)) for x in (-0.477, 0.8, 0.85, -0.9, 2.6, 4.2, 9.0, -9.0)] == [0, 0, 1, -1, 3, 5, 5, -5]
+
+
+def test_activations_have_one_format_and_shares_read_as_percentages():
+    from atlas.site.text import fmt_act, fmt_share
+
+    assert [fmt_act(x) for x in (1.0, 0.969, -0.477, 12.0, 100.0, 1234.5, 0.000123, None)] == \
+        ["1.00", "0.969", "-0.477", "12.0", "100", "1.23e+03", "0.000123", "\u2013"]
+    assert [fmt_share(x) for x in (0.031, 0.00012, 0.45, 1.0, None)] == ["3.1%", "0.012%", "45%", "100%", "\u2013"]
