@@ -35,7 +35,7 @@ BLOCK = 1024            # neurons fetched and rendered per query; bounds memory 
 # Short on purpose: they are on every page; the method page says how each direction is made.
 # Tokens a page shows (top, bottom) for the sides that read; `out`, what the neuron writes and
 # the clamp check tests, shows all it has. The JSON has every decoded token of every side.
-SHOWN_TOKENS = {"in": (10, 5), "gate": (10, 5)}
+SHOWN_TOKENS = {"in": (8, 4), "gate": (8, 4)}
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
 

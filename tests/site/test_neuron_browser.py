@@ -9,6 +9,7 @@ from atlas.bench.synthetic import make_synthetic_store
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.config import RenderConfig
 from atlas.site.render import render
+from atlas.site.neuron_pages import SHOWN_TOKENS
 from helpers import served, watch_errors
 
 pytestmark = pytest.mark.browser
@@ -64,7 +65,7 @@ def test_keys_move_between_neurons_and_layers(site_url, browser):
 def test_core_content_renders_without_javascript(site_url, browser):
     page = _open(browser.new_context(java_script_enabled=False), site_url + "neurons/0/0/")
     assert page.text_content("h1") == "Layer 0 · neuron 0"
-    assert page.locator("table.atlas-logits tr td:first-child").count() == 2 * (10 + 5) + (20 + 10)   # SHOWN_TOKENS
+    assert page.locator("table.atlas-logits tr td:first-child").count() == sum(map(sum, SHOWN_TOKENS.values())) + (20 + 10)
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
     strongest = page.locator("ol.atlas-strips:not(.atlas-bands)")

@@ -83,7 +83,7 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         assert all(_same(data["clusters"][0][k], v) for k, v in cluster.items())
 
         # The page shows the same numbers: the decoded tokens with their logits, in rank order,
-        # every one for `out` and the strongest few of the reading sides ("10 of 20") ...
+        # every one for `out` and the strongest few of the reading sides ("8 of 20") ...
         decoded = _parquet_rows(con, exports, "decoded_tokens", f"{key} ORDER BY side, polarity DESC, rank", [layer, n])
         for side in ("in", "gate", "out"):
             section = re.search(f'<section id={side}>(.*?)</section>', page, re.S).group(1)
