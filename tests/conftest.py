@@ -33,28 +33,6 @@ def pytest_terminal_summary(terminalreporter):
                                     + " tried")
 
 
-# The tests run on two pytest-xdist workers (pyproject's addopts, `--dist loadgroup`); those that
-# share the default model's expensive session things go to one worker, so each is made once.
-ONE_WORKER_FIXTURES = {"default_atlas", "default_lm", "ray_cluster"}
-
-
-@pytest.hookimpl(tryfirst=True)               # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if ONE_WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("default-model"))
-
-
-def pytest_configure(config):
-    # pytest-xdist <= 3.8 marks a test's group in the old node id, which pytest 9.2 no longer reads
-    # (pytest-xdist issue #1386): the groups would silently go, and each worker build the default atlas.
-    if config.getoption("dist", "no") == "loadgroup" and pytest.version_tuple[:2] >= (9, 2):
-        from importlib.metadata import version
-        if tuple(int(p) for p in version("pytest-xdist").split(".")[:2]) <= (3, 8):
-            raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup: "
-                                    "pip install 'pytest<9.2', or run the tests with -n 0")
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
