@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CHROMIUM, CHROMIUM_ARGS, DEFAULT_BUILD, FAULT_COUNTS, atlas, save_tiny_model
+from helpers import CHROMIUM, CHROMIUM_ARGS, DEFAULT_BUILD, FAULT_COUNTS, atlas, save_tiny_model, served
 
 # GGUF models converted by load_model (atlas.model.load.gguf_cache_dir) go to a folder of this
 # session, not the user's cache; set ATLAS_MODEL_CACHE to keep one across sessions.
@@ -86,6 +86,21 @@ def ray_cluster():
 
     distributed.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_site(tmp_path_factory):
+    """(root, base URL): a 2 x 8 synthetic atlas with every section, rendered to ``root/site`` and
+    served on loopback for the whole session; the browser tests that only read pages share it."""
+    from atlas.bench.synthetic import make_synthetic_store
+    from atlas.config import RenderConfig
+    from atlas.site.render import render
+
+    root = tmp_path_factory.mktemp("synthetic-site")
+    store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True, clamp=True)
+    render(store, root / "site", RenderConfig(workers=1), progress=False)
+    with served(root / "site") as base:
+        yield root, base
 
 
 @pytest.fixture(scope="session")

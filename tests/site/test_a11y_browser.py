@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from atlas.bench.synthetic import make_synthetic_store
-from atlas.config import RenderConfig
-from atlas.site.render import render
 from helpers import served, watch_errors
 
 pytestmark = pytest.mark.browser
@@ -39,13 +36,9 @@ def axe():
     return script
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("a11y")
-    store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True, clamp=True)
-    render(store, root / "site", RenderConfig(workers=1), progress=False)
-    with served(root / "site") as base:
-        yield root, base
+@pytest.fixture
+def site(synthetic_site):
+    return synthetic_site
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from atlas.bench.synthetic import make_synthetic_store
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
-from atlas.config import RenderConfig
-from atlas.site.render import render
 from atlas.site.neuron_pages import SHOWN_TOKENS
-from helpers import served, watch_errors
+from helpers import watch_errors
 
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture(scope="module")
-def site_url(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neuron-browser")
-    store = make_synthetic_store(root / "atlas.duckdb", 2, 8, vocab_size=512, clusters=True, corpus=True, clamp=True)
-    render(store, root / "site", RenderConfig(workers=1), progress=False)
-    with served(root / "site") as base:
-        yield base
+@pytest.fixture
+def site_url(synthetic_site):
+    return synthetic_site[1]
 
 
 def _open(context, url):
