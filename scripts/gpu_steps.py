@@ -59,7 +59,8 @@ def random_model(dest: Path, shape: str, tok_dir: Path, layers: int | None) -> d
 
 
 def build(out: Path, model: str, device: str, max_tokens: int, context: int, clamp_budget: int,
-          attribution_rows: int) -> dict:
+          attribution_rows: int, save=lambda result: None) -> dict:
+    """Every stage in order; ``save`` gets the figures so far after each one, so a killed build keeps them."""
     import torch
     from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
     from atlas.pipeline import Build
@@ -90,6 +91,7 @@ def build(out: Path, model: str, device: str, max_tokens: int, context: int, cla
         if cuda:
             entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["stages"][name] = entry
+        save(result)
         print(f"{name}: {entry['wall_s']} s", flush=True)
     result["total_s"] = round(time.perf_counter() - start, 2)
     return result
@@ -135,8 +137,11 @@ def main() -> None:
             a.model = str(a.out.parent / f"{a.out.name}-model")
             made["random_model"] = random_model(Path(a.model), a.random_shape, a.tokenizer, None)
             print(json.dumps(made), flush=True)
-        r = build(a.out, a.model, a.device, a.max_tokens, a.context, a.clamp_budget, a.attribution_rows)
-        a.json.write_text(json.dumps({**made, **r}, indent=2, default=str))
+        def save(r: dict) -> None:
+            tmp = a.json.with_suffix(".partial")
+            tmp.write_text(json.dumps({**made, **r}, indent=2, default=str))
+            tmp.replace(a.json)
+        save(build(a.out, a.model, a.device, a.max_tokens, a.context, a.clamp_budget, a.attribution_rows, save))
 
 
 if __name__ == "__main__":
