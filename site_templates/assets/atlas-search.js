@@ -208,6 +208,7 @@
       return Promise.resolve();
     }
     status.textContent = "searching\u2026";
+    status.setAttribute("data-state", "searching");   // not the last search's "done" while this one runs
     return getJSON("idx/meta.json").then(function (meta) {
       // An index of another layout would be misread, not refused: say so (a stale cached script).
       if (meta.schema !== SCHEMA) {
