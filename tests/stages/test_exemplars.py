@@ -149,6 +149,36 @@ def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare, T):
                         assert w[WINDOW_BEFORE - 1].item() == col[r, centre - 1].item()
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_layers_folded_in_groups_give_the_state_of_one_at_a_time(K):
+    """Folding a batch for several layers at once (the GPU's way) leaves every tensor of the
+    state, finished or not, equal bit for bit to folding the layers one by one: with ties,
+    compactions (floors set) and a tail of K values."""
+    gen = torch.Generator().manual_seed(11)
+    L, d, k, B, T, n_batches = 5, 7, 3, 4, 32, 9
+    acts = (torch.randint(-6, 7, (L, n_batches * B, T, d), generator=gen) / 2).float()   # many ties
+    acts[..., ::2] = torch.randn(acts[..., ::2].shape, generator=gen) * 3
+    states = {}
+    for group in (1, 3, L):
+        st = PassState.empty(L, d, k, K, spare=2)
+        for b in range(n_batches):
+            part = acts[:, b * B:(b + 1) * B]
+            for layer in range(0, L, group):
+                st.update(layer, part[layer] if group == 1 else part[layer:layer + group], b * B * T)
+        states[group] = st
+    one = states[1]
+    assert (one.top_floor > -math.inf).all() and (one.bot_floor < math.inf).all()   # compactions ran
+    assert (one.samp_pos >= 0).any() and (one.tail_vals[:, -1] > -math.inf).all()
+
+    def bits(t):    # NaN == NaN, and -0.0 != 0.0
+        return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int64) if t.is_floating_point() else t
+
+    for group in (3, L):
+        for got, want in ((states[group], one), (states[group].finished(), one.finished())):
+            for name, t in want._tensors().items():
+                assert torch.equal(bits(getattr(got, name)), bits(t)), (group, name)
+
+
 def test_interrupted_pass_resumes_to_the_same_store(tiny_model_dir, tmp_path, monkeypatch):
     model, corpus = str(tiny_model_dir("llama")), str(corpus_file(tmp_path))
     cfg = ExemplarConfig(corpus=corpus, **CFG)
