@@ -271,7 +271,8 @@ class PassState:
         if cand.numel() == 0:
             return
         dev = x.device
-        cand, cand_pos = _to_device(cand, dev), _to_device(cand_pos, dev)
+        cand_key = position_hash(cand_pos)                                        # ascending: cand is in hash order
+        cand, cand_pos, cand_key = (_to_device(t, dev) for t in (cand, cand_pos, cand_key))
         n_c, cells = cand.numel(), G * d * HIST_BINS
         vals = x[:, cand]                                                         # [G, n_c, d]
         first_bin = (torch.arange(G, device=dev).view(G, 1, 1) * d + torch.arange(d, device=dev)) * HIST_BINS
@@ -280,6 +281,7 @@ class PassState:
         cell = torch.arange(cells, device=dev) // HIST_BINS                      # layer * d + neuron
         at = (cell // d) * (n_c * d) + cell % d                                   # vals' flat index of rank 0
         new_pos = torch.empty((cells, SAMPLES), dtype=torch.int64, device=dev)
+        new_key = torch.empty((cells, SAMPLES), dtype=torch.int64, device=dev)
         new_val = torch.empty((cells, SAMPLES), device=dev)
         flat_vals = vals.view(-1)
         for m in range(SAMPLES):
@@ -288,10 +290,14 @@ class PassState:
             won = best < n_c
             pick = best.clamp(max=n_c - 1)
             new_pos[:, m] = torch.where(won, cand_pos[pick], -1)
+            new_key[:, m] = torch.where(won, cand_key[pick], _NO_HASH)
             new_val[:, m] = torch.where(won, flat_vals[at + pick * d], math.nan)
             rank = torch.where(best[key] == rank, n_c, rank)                        # out of later rounds
-        pos, val = _keep_smallest_hash(torch.cat([self.samp_pos[layers].view(-1, SAMPLES), new_pos], 1),
-                                       torch.cat([self.samp_val[layers].view(-1, SAMPLES), new_val], 1))
+        # The new candidates' hashes were worked out on the host: only the kept ones are hashed here.
+        old_pos = self.samp_pos[layers].view(-1, SAMPLES)
+        pos, val = _keep_smallest_hash(torch.cat([old_pos, new_pos], 1),
+                                       torch.cat([self.samp_val[layers].view(-1, SAMPLES), new_val], 1),
+                                       torch.cat([_hash_key(old_pos), new_key], 1))
         self.samp_pos[layers] = pos.view(G, d, HIST_BINS, SAMPLES)
         self.samp_val[layers] = val.view(G, d, HIST_BINS, SAMPLES)
 
@@ -335,15 +341,22 @@ class PassState:
 _SCALARS = ("k", "before", "after")
 
 
-def _keep_smallest_hash(pos: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of the candidates on the last axis, the SAMPLES with the smallest position hash (empty last).
+def _hash_key(pos: torch.Tensor) -> torch.Tensor:
+    """The order of sampled tokens: their position hash; empty slots (-1) last."""
+    return torch.where(pos < 0, _NO_HASH, position_hash(pos))
+
+
+def _keep_smallest_hash(pos: torch.Tensor, val: torch.Tensor, key: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidates on the last axis, the SAMPLES with the smallest position hash (empty
+    last); ``key`` is their ``_hash_key`` when the caller has it.
 
     Distinct positions never tie (the hash is a bijection); empty candidates tie, and are
     equal (position -1, value NaN), so any order of them gives the same result. For two
     samples the smallest and the next are found with two argmins instead of a sort of every
     cell's candidates, which on a GPU was the largest kernel of the pass.
     """
-    key = torch.where(pos < 0, _NO_HASH, position_hash(pos))
+    key = _hash_key(pos) if key is None else key
     if SAMPLES == 2:
         first = key.argmin(-1, keepdim=True)
         second = key.scatter(-1, first, _NO_HASH).argmin(-1, keepdim=True)
