@@ -2,9 +2,10 @@
 
 ``PassState`` holds, for every neuron of every layer, the top and bottom activations with
 where they happened and the activations of the tokens around them, a histogram on fixed
-bins, a few sampled tokens per histogram bin, and running sums. ``update`` folds in one batch; ``merge`` combines two states of
-disjoint shards, so a corpus can be split over processes or GPUs and a pass resumed from a
-checkpoint exactly. Memory is O(k x neurons), never O(tokens x neurons).
+bins, a few sampled tokens per histogram bin, and running sums. ``update`` folds in one batch
+for one layer or a group of consecutive layers; ``merge`` combines two states of disjoint
+shards, so a corpus can be split over processes or GPUs and a pass resumed from a checkpoint
+exactly. Memory is O(k x neurons), never O(tokens x neurons).
 """
 
 from __future__ import annotations
@@ -192,7 +193,9 @@ class PassState:
             used = (pos >= 0).sum(1)                                           # [G, d] filled slots are a prefix
             full = used + hit.sum(1) > vals.shape[1]                           # [G, d]
             folds.append((largest, vals, pos, wins, cext, v, hit, used, full))
-        # One nonzero over all four masks: the only point where the host waits for the device.
+            row_max = v if largest else row_max
+        # One nonzero over all four masks, then their four counts: the only point where the
+        # host waits for the device (once the nonzero is done, the counts are a short copy).
         masks = [m.reshape(-1) for *_, hit, _, full in folds for m in (full, hit)]
         counts = torch.stack([m.sum() for m in masks])
         found = torch.cat(masks).nonzero().squeeze(1)
@@ -223,7 +226,7 @@ class PassState:
             vals[hg, slot, hn] = v[hg, hb, hn]
             pos[hg, slot, hn] = first_token + hb * T + t
             wins[hg, slot, hn] = win
-        return folds[0][5]
+        return row_max
 
     def _compact(self, layer: int, largest: bool, cols: torch.Tensor | None = None) -> None:
         """Sort the slots of neurons ``cols`` (all when None) and keep the k best; the rest empty."""
