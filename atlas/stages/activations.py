@@ -162,11 +162,14 @@ class PassState:
             0, (hist_index(sample) + cell).view(-1),
             torch.ones(1, dtype=torch.int64, device=x.device).expand(sample.numel()))
         # Sums in blocks of rows that stay in cache: squaring the whole batch at once costs
-        # three times as much on a CPU.
+        # three times as much on a CPU. Layer by layer, with the very reductions one layer per
+        # call makes: on an H200 the grouped state of a tiny model differed from the one-layer
+        # state where the sums ran over [G, rows, d] (a reduction's order follows its shape).
         s, sq = torch.zeros(2, G, d, device=x.device)
-        for block in x.split(256, dim=1):
-            s += block.sum(1)
-            sq += (block * block).sum(1)
+        for g in range(G):
+            for block in x[g].split(256):
+                s[g] += block.sum(0)
+                sq[g] += (block * block).sum(0)
         self.act_sum[layers] += s
         self.act_sumsq[layers] += sq
 
