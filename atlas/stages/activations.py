@@ -2,9 +2,10 @@
 
 ``PassState`` holds, for every neuron of every layer, the top and bottom activations with
 where they happened and the activations of the tokens around them, a histogram on fixed
-bins, a few sampled tokens per histogram bin, and running sums. ``update`` folds in one batch; ``merge`` combines two states of
-disjoint shards, so a corpus can be split over processes or GPUs and a pass resumed from a
-checkpoint exactly. Memory is O(k x neurons), never O(tokens x neurons).
+bins, a few sampled tokens per histogram bin, and running sums. ``update`` folds in one batch
+for one layer or a group of consecutive layers; ``merge`` combines two states of disjoint
+shards, so a corpus can be split over processes or GPUs and a pass resumed from a checkpoint
+exactly. Memory is O(k x neurons), never O(tokens x neurons).
 """
 
 from __future__ import annotations
@@ -129,77 +130,106 @@ class PassState:
     # -- folding in a batch ---------------------------------------------------------
     @torch.no_grad()
     def update(self, layer: int, acts: torch.Tensor, first_token: int) -> None:
-        """Fold one layer's activations of one batch in. ``acts`` is [batch, context, d_mlp].
+        """Fold one batch in for layers ``layer ..``: ``acts`` is [layers, batch, context, d_mlp],
+        or [batch, context, d_mlp] for one layer.
 
         ``first_token`` is the global index of the batch's first token, so that
         ``first_token + flat position`` names each token across the whole corpus.
         Exemplars are per model input (its strongest token), so a neuron's exemplars come
-        from different inputs instead of neighbouring tokens of one.
+        from different inputs instead of neighbouring tokens of one. Every statistic is
+        computed for all the given layers at once, so that a GPU launches its kernels and
+        waits for the host once per group of layers instead of once per layer; the state
+        is the same, bit for bit, as folding the layers one at a time.
         """
-        B, T, d = acts.shape
         acts = acts.float()
-        x = acts.reshape(B * T, d)                                             # [BT, d]
+        if acts.dim() == 3:
+            acts = acts.unsqueeze(0)
+        G, B, T, d = acts.shape
+        layers = slice(layer, layer + G)
+        x = acts.reshape(G, B * T, d)                                          # [G, BT, d]
         spare = self.top_vals.shape[1] - self.k
         row_max = []
         for start in range(0, B, spare):                                       # a neuron gains <= spare per chunk
-            part = acts[start:start + spare]
-            row_max.append(self._fold_extremes(layer, part, first_token + start * T, largest=True))
-            self._fold_extremes(layer, part, first_token + start * T, largest=False)
-        self._update_tail(layer, acts, row_max[0] if len(row_max) == 1 else torch.cat(row_max))
-        self._update_samples(layer, x, first_token, T)
+            row_max.append(self._fold_extremes(layers, acts[:, start:start + spare], first_token + start * T))
+        self._update_tail(layers, acts, row_max[0] if len(row_max) == 1 else torch.cat(row_max, 1))
+        self._update_samples(layers, x, first_token, T)
         # The histogram is taken over every HIST_STRIDE-th token: a density estimate does not
         # need every token, and binning all of them would cost more than the forward pass.
-        sample = x[::HIST_STRIDE].contiguous()
-        self.hist[layer].view(-1).index_add_(
-            0, (hist_index(sample) + torch.arange(d, device=x.device) * HIST_BINS).view(-1),
+        sample = x[:, ::HIST_STRIDE].contiguous()                              # [G, BT / stride, d]
+        cell = (torch.arange(G, device=x.device).view(G, 1, 1) * d
+                + torch.arange(d, device=x.device)) * HIST_BINS                # [G, 1, d] first bin of each neuron
+        self.hist[layers].view(-1).index_add_(
+            0, (hist_index(sample) + cell).view(-1),
             torch.ones(1, dtype=torch.int64, device=x.device).expand(sample.numel()))
         # Sums in blocks of rows that stay in cache: squaring the whole batch at once costs
-        # three times as much on a CPU.
-        s, sq = torch.zeros(2, d, device=x.device)
-        for block in x.split(256):
-            s += block.sum(0)
-            sq += (block * block).sum(0)
-        self.act_sum[layer] += s
-        self.act_sumsq[layer] += sq
+        # three times as much on a CPU. Layer by layer, with the very reductions one layer per
+        # call makes: on an H200 the grouped state of a tiny model differed from the one-layer
+        # state where the sums ran over [G, rows, d] (a reduction's order follows its shape).
+        s, sq = torch.zeros(2, G, d, device=x.device)
+        for g in range(G):
+            for block in x[g].split(256):
+                s[g] += block.sum(0)
+                sq[g] += (block * block).sum(0)
+        self.act_sum[layers] += s
+        self.act_sumsq[layers] += sq
 
-    def _fold_extremes(self, layer: int, acts: torch.Tensor, first_token: int, largest: bool) -> torch.Tensor:
-        """Append each input's strongest token to the neurons it may enter; returns the per-input extremes.
+    def _fold_extremes(self, layers: slice, acts: torch.Tensor, first_token: int) -> torch.Tensor:
+        """Append each input's strongest and weakest token to the neurons they may enter; returns
+        the per-input maxima [G, B, d].
 
         A candidate below the k-th value of the last compaction cannot enter the k best, so
         positions and windows are computed only for (input, neuron) pairs at or above it (ties
-        kept, so the result equals merging every input).
+        kept, so the result equals merging every input). Which neurons must be compacted first
+        and which pairs are candidates, for both polarities, come back in one host sync.
         """
-        B, T, d = acts.shape
-        names = ("top_vals", "top_pos", "top_win", "top_floor") if largest else \
-                ("bot_vals", "bot_pos", "bot_win", "bot_floor")
-        vals, pos, wins, floor = (getattr(self, n)[layer] for n in names)
+        G, B, T, d = acts.shape
         C = _chunk(T)
-        cext = (acts.reshape(B, T // C, C, d).amax(2) if largest else
-                acts.reshape(B, T // C, C, d).amin(2))                           # [B, T/C, d] per chunk
-        v = cext.amax(1) if largest else cext.amin(1)                         # [B, d] per input
-        hit = v >= floor if largest else v <= floor
-        gained = hit.sum(0)                                                   # [d]
-        used = (pos >= 0).sum(0)                                              # filled slots are a prefix
-        full = (used + gained > vals.shape[0]).nonzero().squeeze(1)
-        if full.numel():
-            self._compact(layer, largest, full)
-            used[full] = (pos[:, full] >= 0).sum(0)
-        hb, hn = hit.nonzero(as_tuple=True)                                   # ordered by input, then neuron
-        if hb.numel() == 0:
-            return v
-        # Only the chunk holding each hit's extreme is searched, and only its window is read.
-        cm = cext[hb, :, hn]                                                  # [m, T/C]
-        ci = cm.argmax(1) if largest else cm.argmin(1)
-        inner = acts[hb.unsqueeze(1), ci.unsqueeze(1) * C + torch.arange(C, device=acts.device), hn.unsqueeze(1)]
-        t = ci * C + (inner.argmax(1) if largest else inner.argmin(1))        # [m] position in the input
-        idx = t.unsqueeze(1) + torch.arange(-self.before, self.after + 1, device=acts.device)
-        win = acts[hb.unsqueeze(1), idx.clamp(0, T - 1), hn.unsqueeze(1)]      # [m, window]
-        win.masked_fill_((idx < 0) | (idx >= T), math.nan)
-        slot = used[hn] + hit.cumsum(0)[hb, hn] - 1
-        vals[slot, hn] = v[hb, hn]
-        pos[slot, hn] = first_token + hb * T + t
-        wins[slot, hn] = win
-        return v
+        folds = []
+        for largest in (True, False):
+            names = ("top_vals", "top_pos", "top_win", "top_floor") if largest else \
+                    ("bot_vals", "bot_pos", "bot_win", "bot_floor")
+            vals, pos, wins, floor = (getattr(self, n)[layers] for n in names)   # [G, slots, d], floor [G, d]
+            chunks = acts.reshape(G, B, T // C, C, d)
+            cext = chunks.amax(3) if largest else chunks.amin(3)               # [G, B, T/C, d] per chunk
+            v = cext.amax(2) if largest else cext.amin(2)                      # [G, B, d] per input
+            hit = v >= floor.unsqueeze(1) if largest else v <= floor.unsqueeze(1)
+            used = (pos >= 0).sum(1)                                           # [G, d] filled slots are a prefix
+            full = used + hit.sum(1) > vals.shape[1]                           # [G, d]
+            folds.append((largest, vals, pos, wins, cext, v, hit, used, full))
+            row_max = v if largest else row_max
+        # One nonzero over all four masks, then their four counts: the only point where the
+        # host waits for the device (once the nonzero is done, the counts are a short copy).
+        masks = [m.reshape(-1) for *_, hit, _, full in folds for m in (full, hit)]
+        counts = torch.stack([m.sum() for m in masks])
+        found = torch.cat(masks).nonzero().squeeze(1)
+        offsets = [0]
+        for m in masks[:-1]:
+            offsets.append(offsets[-1] + m.numel())
+        parts = [p - o for p, o in zip(found.split(counts.tolist()), offsets)]
+        for i, (largest, vals, pos, wins, cext, v, hit, used, full) in enumerate(folds):
+            full_at, hit_at = parts[2 * i], parts[2 * i + 1]
+            if full_at.numel():
+                for g in (full_at // d).unique().tolist():                    # rare: a loop per layer is fine
+                    self._compact(layers.start + g, largest, full_at[full_at // d == g] % d)
+                    used[g] = (pos[g] >= 0).sum(0)
+            if hit_at.numel() == 0:
+                continue
+            hg, rest = hit_at // (B * d), hit_at % (B * d)                      # ordered by layer, input, neuron
+            hb, hn = rest // d, rest % d
+            # Only the chunk holding each hit's extreme is searched, and only its window is read.
+            cm = cext[hg, hb, :, hn]                                           # [m, T/C]
+            ci = cm.argmax(1) if largest else cm.argmin(1)
+            hg_, hb_, hn_ = hg.unsqueeze(1), hb.unsqueeze(1), hn.unsqueeze(1)
+            inner = acts[hg_, hb_, ci.unsqueeze(1) * C + torch.arange(C, device=acts.device), hn_]
+            t = ci * C + (inner.argmax(1) if largest else inner.argmin(1))    # [m] position in the input
+            idx = t.unsqueeze(1) + torch.arange(-self.before, self.after + 1, device=acts.device)
+            win = acts[hg_, hb_, idx.clamp(0, T - 1), hn_]                     # [m, window]
+            win.masked_fill_((idx < 0) | (idx >= T), math.nan)
+            slot = used[hg, hn] + hit.cumsum(1)[hg, hb, hn] - 1
+            vals[hg, slot, hn] = v[hg, hb, hn]
+            pos[hg, slot, hn] = first_token + hb * T + t
+            wins[hg, slot, hn] = win
+        return row_max
 
     def _compact(self, layer: int, largest: bool, cols: torch.Tensor | None = None) -> None:
         """Sort the slots of neurons ``cols`` (all when None) and keep the k best; the rest empty."""
@@ -223,45 +253,59 @@ class PassState:
             setattr(out, name, getattr(out, name)[:, :self.k].contiguous())
         return out
 
-    def _update_tail(self, layer: int, acts: torch.Tensor, row_max: torch.Tensor) -> None:
+    def _update_tail(self, layers: slice, acts: torch.Tensor, row_max: torch.Tensor) -> None:
         """Token-level top values for the quantile. A token in the corpus-wide top K is in its
         own input's top K, so each input's top K are the only candidates; with K = 1 (corpora
-        under 1e5 tokens at q = 1e-5) they are the per-input maxima already at hand."""
+        under 1e5 tokens at q = 1e-5) they are the per-input maxima already at hand.
+        ``acts`` is [G, B, T, d], ``row_max`` [G, B, d]."""
         K = self.tail_vals.shape[1]
         if K == 1:
-            torch.maximum(self.tail_vals[layer, 0], row_max.amax(0), out=self.tail_vals[layer, 0])
+            torch.maximum(self.tail_vals[layers, 0], row_max.amax(1), out=self.tail_vals[layers, 0])
             return
-        cand = acts.topk(min(K, acts.shape[1]), dim=1).values.flatten(0, 1)              # [B*K, d]
-        self.tail_vals[layer] = torch.cat([self.tail_vals[layer], cand]).topk(K, dim=0).values
+        cand = acts.topk(min(K, acts.shape[2]), dim=2).values.flatten(1, 2)             # [G, B*K, d]
+        self.tail_vals[layers] = torch.cat([self.tail_vals[layers], cand], 1).topk(K, dim=1).values
 
-    def _update_samples(self, layer: int, x: torch.Tensor, first_token: int, T: int) -> None:
-        """Offer this batch's candidate tokens to every neuron's per-bin samples. ``x`` is [B*T, d]."""
-        g = first_token + torch.arange(x.shape[0], device=x.device)                # global token index
-        h = position_hash(g)
-        cand = ((g % T != 0) & (h % SAMPLE_EVERY == 0)).nonzero().squeeze(1)
+    def _update_samples(self, layers: slice, x: torch.Tensor, first_token: int, T: int) -> None:
+        """Offer this batch's candidate tokens to every neuron's per-bin samples. ``x`` is [G, B*T, d].
+
+        Which tokens are candidates depends only on their positions, so the host works them
+        out and the device never has to report a count back; each round's winners are
+        gathered at fixed size, without a mask, for the same reason.
+        """
+        G, n, d = x.shape
+        cand, cand_pos = _sample_candidates(first_token, n, T)
         if cand.numel() == 0:
             return
-        cand = cand[h[cand].argsort()]                                            # smallest hash first
-        n_c, d = cand.numel(), x.shape[1]
-        vals = x[cand]                                                             # [n_c, d]
-        key = (hist_index(vals.clone()) + torch.arange(d, device=x.device) * HIST_BINS).view(-1)
-        rank = torch.arange(n_c, device=x.device).unsqueeze(1).expand(n_c, d).reshape(-1)
-        new_pos = torch.full((d * HIST_BINS, SAMPLES), -1, dtype=torch.int64, device=x.device)
-        new_val = torch.full((d * HIST_BINS, SAMPLES), math.nan, device=x.device)
-        flat_vals = vals.reshape(-1)
+        dev = x.device
+        cand_key = position_hash(cand_pos)                                        # ascending: cand is in hash order
+        cand, cand_pos, cand_key = (_to_device(t, dev) for t in (cand, cand_pos, cand_key))
+        n_c, cells = cand.numel(), G * d * HIST_BINS
+        vals = x[:, cand]                                                         # [G, n_c, d]
+        first_bin = (torch.arange(G, device=dev).view(G, 1, 1) * d + torch.arange(d, device=dev)) * HIST_BINS
+        key = (hist_index(vals) + first_bin).view(-1)                             # (layer, neuron, bin) cell
+        rank = torch.arange(n_c, device=dev).view(1, n_c, 1).expand(G, n_c, d).reshape(-1)
+        cell = torch.arange(cells, device=dev) // HIST_BINS                      # layer * d + neuron
+        at = (cell // d) * (n_c * d) + cell % d                                   # vals' flat index of rank 0
+        new_pos = torch.empty((cells, SAMPLES), dtype=torch.int64, device=dev)
+        new_key = torch.empty((cells, SAMPLES), dtype=torch.int64, device=dev)
+        new_val = torch.empty((cells, SAMPLES), device=dev)
+        flat_vals = vals.view(-1)
         for m in range(SAMPLES):
-            best = torch.full((d * HIST_BINS,), n_c, dtype=torch.int64, device=x.device)
-            best.scatter_reduce_(0, key, rank, "amin")                              # per (neuron, bin)
-            won = (best[key] == rank) & (rank < n_c)                               # [n_c * d]
-            if not won.any():
-                break
-            new_pos[key[won], m] = g[cand[rank[won]]]
-            new_val[key[won], m] = flat_vals[won]
-            rank = torch.where(won, n_c, rank)                                      # out of later rounds
-        pos, val = _keep_smallest_hash(torch.cat([self.samp_pos[layer].view(-1, SAMPLES), new_pos], 1),
-                                       torch.cat([self.samp_val[layer].view(-1, SAMPLES), new_val], 1))
-        self.samp_pos[layer] = pos.view(d, HIST_BINS, SAMPLES)
-        self.samp_val[layer] = val.view(d, HIST_BINS, SAMPLES)
+            best = torch.full((cells,), n_c, dtype=torch.int64, device=dev)
+            best.scatter_reduce_(0, key, rank, "amin")                              # per cell
+            won = best < n_c
+            pick = best.clamp(max=n_c - 1)
+            new_pos[:, m] = torch.where(won, cand_pos[pick], -1)
+            new_key[:, m] = torch.where(won, cand_key[pick], _NO_HASH)
+            new_val[:, m] = torch.where(won, flat_vals[at + pick * d], math.nan)
+            rank = torch.where(best[key] == rank, n_c, rank)                        # out of later rounds
+        # The new candidates' hashes were worked out on the host: only the kept ones are hashed here.
+        old_pos = self.samp_pos[layers].view(-1, SAMPLES)
+        pos, val = _keep_smallest_hash(torch.cat([old_pos, new_pos], 1),
+                                       torch.cat([self.samp_val[layers].view(-1, SAMPLES), new_val], 1),
+                                       torch.cat([_hash_key(old_pos), new_key], 1))
+        self.samp_pos[layers] = pos.view(G, d, HIST_BINS, SAMPLES)
+        self.samp_val[layers] = val.view(G, d, HIST_BINS, SAMPLES)
 
     def count_tokens(self, n: int) -> None:
         self.n_tokens += n
@@ -303,11 +347,50 @@ class PassState:
 _SCALARS = ("k", "before", "after")
 
 
-def _keep_smallest_hash(pos: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of the candidates on the last axis, the SAMPLES with the smallest position hash (empty last)."""
-    key = torch.where(pos < 0, _NO_HASH, position_hash(pos))
-    i = key.argsort(dim=-1)[..., :SAMPLES]
+def _hash_key(pos: torch.Tensor) -> torch.Tensor:
+    """The order of sampled tokens: their position hash; empty slots (-1) last."""
+    return torch.where(pos < 0, _NO_HASH, position_hash(pos))
+
+
+def _keep_smallest_hash(pos: torch.Tensor, val: torch.Tensor, key: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the candidates on the last axis, the SAMPLES with the smallest position hash (empty
+    last); ``key`` is their ``_hash_key`` when the caller has it.
+
+    Distinct positions never tie (the hash is a bijection); empty candidates tie, and are
+    equal (position -1, value NaN), so any order of them gives the same result. For two
+    samples the smallest and the next are found with two argmins instead of a sort of every
+    cell's candidates, which on a GPU was the largest kernel of the pass.
+    """
+    key = _hash_key(pos) if key is None else key
+    if SAMPLES == 2:
+        first = key.argmin(-1, keepdim=True)
+        second = key.scatter(-1, first, _NO_HASH).argmin(-1, keepdim=True)
+        # When every other candidate is empty that argmin may return the first again; any
+        # other index is then an empty one.
+        second = torch.where(second == first, (first + 1) % key.shape[-1], second)
+        i = torch.cat([first, second], -1)
+    else:
+        i = key.argsort(dim=-1)[..., :SAMPLES]
     return pos.gather(-1, i), val.gather(-1, i)
+
+
+def _sample_candidates(first_token: int, n: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's candidate rows for band samples, smallest hash first, and their global
+    token indices, on the CPU. Tokens whose position hash is 0 mod SAMPLE_EVERY, never an
+    input's first."""
+    g = first_token + torch.arange(n)
+    h = position_hash(g)
+    cand = ((g % T != 0) & (h % SAMPLE_EVERY == 0)).nonzero().squeeze(1)
+    cand = cand[h[cand].argsort()]
+    return cand, g[cand]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device``; to a GPU from pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _chunk(T: int) -> int:

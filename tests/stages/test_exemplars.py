@@ -149,6 +149,74 @@ def test_slot_buffer_keeps_the_exact_top_k_with_ties(batch, spare, T):
                         assert w[WINDOW_BEFORE - 1].item() == col[r, centre - 1].item()
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_layers_folded_in_groups_give_the_state_of_one_at_a_time(K):
+    """Folding a batch for several layers at once (the GPU's way) leaves every tensor of the
+    state, finished or not, equal bit for bit to folding the layers one by one: with ties,
+    compactions (floors set) and a tail of K values."""
+    gen = torch.Generator().manual_seed(11)
+    L, d, k, B, T, n_batches = 5, 7, 3, 4, 32, 9
+    acts = (torch.randint(-6, 7, (L, n_batches * B, T, d), generator=gen) / 2).float()   # many ties
+    acts[..., ::2] = torch.randn(acts[..., ::2].shape, generator=gen) * 3
+    states = {}
+    for group in (1, 3, L):
+        st = PassState.empty(L, d, k, K, spare=2)
+        for b in range(n_batches):
+            part = acts[:, b * B:(b + 1) * B]
+            for layer in range(0, L, group):
+                st.update(layer, part[layer] if group == 1 else part[layer:layer + group], b * B * T)
+        states[group] = st
+    one = states[1]
+    assert (one.top_floor > -math.inf).all() and (one.bot_floor < math.inf).all()   # compactions ran
+    assert (one.samp_pos >= 0).any() and (one.tail_vals[:, -1] > -math.inf).all()
+
+    for group in (3, L):
+        for got, want in ((states[group], one), (states[group].finished(), one.finished())):
+            for name, t in want._tensors().items():
+                assert torch.equal(_bits(getattr(got, name)), _bits(t)), (group, name)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bit patterns, for equality bit for bit (NaN equals NaN, -0.0 is not 0.0)."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}
+    return t.view(ints[t.dtype]) if t.dtype in ints else t
+
+
+def test_hooked_pass_folds_groups_of_layers_to_the_same_state(tmp_path):
+    """The hooked pass buffers a group's activations (a GPU's way; the CPU's default is one
+    layer) and ends with the state of folding each layer in its own hook, bit for bit: here on
+    a 3-layer bf16 model, in groups of 1, 2 (the last group short) and 3."""
+    from atlas.model.arch import adapter_for
+    from atlas.model.load import LoadedModel
+    from helpers import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    lm = LoadedModel(model, tiny_tokenizer(), adapter_for(model), "tiny-llama-3", "test", [])
+    assert ex_mod.layers_per_group("cpu", 4, 16, 48, 3) == 1
+    rows = read_rows(ExemplarConfig(corpus=str(corpus_file(tmp_path)), **CFG), lm.tokenizer)
+    states = [hooked_pass(lm, rows, PassState.empty(3, 48, 3, 2, spare=2), 0, 4, progress=False, group=g)
+              for g in (1, 2, 3)]
+    assert int(states[0].n_tokens) == len(rows) * CFG["context"] and (states[0].top_floor > -math.inf).any()
+    for st in states[1:]:
+        for name, t in states[0]._tensors().items():
+            assert torch.equal(_bits(getattr(st, name)), _bits(t)), name
+
+
+def test_groups_of_layers_fit_the_memory_bound():
+    """On a GPU as many layers as GROUP_BYTES of float32 activations allow, spread evenly."""
+    bound = ex_mod.GROUP_BYTES
+    assert ex_mod.layers_per_group("cuda", 16, 128, 14336, 32) == 8          # at most 9: 4 groups of 8
+    assert ex_mod.layers_per_group("cuda", 16, 128, 1536, 28) == 28         # a small model: one group
+    assert ex_mod.layers_per_group("cuda", 64, 4096, 14336, 32) == 1        # one layer over the bound
+    for d in (48, 1536, 8192, 14336, 28672):
+        g = ex_mod.layers_per_group("cuda", 16, 128, d, 40)
+        assert g == 1 or g * 16 * 128 * d * 4 <= bound
+
+
 def test_interrupted_pass_resumes_to_the_same_store(tiny_model_dir, tmp_path, monkeypatch):
     model, corpus = str(tiny_model_dir("llama")), str(corpus_file(tmp_path))
     cfg = ExemplarConfig(corpus=corpus, **CFG)

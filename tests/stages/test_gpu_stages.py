@@ -108,6 +108,24 @@ def test_corpus_pass_on_the_device_matches_the_cpu(pair):
     assert (got.top_pos[:, 0] // 16 == want.top_pos[:, 0] // 16).float().mean() >= 0.9
 
 
+def test_corpus_pass_in_groups_of_layers_is_bit_for_bit_one_at_a_time_on_the_device(pair):
+    """On the device the pass folds several layers per call; the state must be exactly that of
+    one layer per call (the reductions of a group must not change any sum's rounding)."""
+    from atlas.stages.activations import PassState
+    from atlas.stages.exemplars import hooked_pass
+    dev, _ = pair
+    L, d = dev.adapter.n_layers(dev.model), dev.adapter.d_mlp(dev.model)
+    rows = _rows(40, 16)
+    one, grouped = (hooked_pass(dev, rows, PassState.empty(L, d, 4, 3, ON, spare=2), 0, 8, progress=False,
+                                group=g).to("cpu") for g in (1, L))
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}
+    for name, t in one._tensors().items():
+        got = getattr(grouped, name)
+        assert torch.equal(got.view(ints[t.dtype]) if t.dtype in ints else got,
+                           t.view(ints[t.dtype]) if t.dtype in ints else t), name
+    assert (one.top_floor > -float("inf")).any()                     # compactions ran
+
+
 def test_attribution_on_the_device_matches_the_cpu(pair):
     from atlas.stages.attribution import attribute_batch
     dev, cpu = pair
