@@ -594,6 +594,9 @@ def _worker_counts(spec: str) -> list[int]:
 @click.option("--batches", default=32, show_default=True, type=int,
               help="corpus: batches of 16 x 128 tokens timed (32 = the default build's whole pass)")
 @click.option("--neurons", default=0, type=int, help="render: neurons per layer, for a quick run (default: from the shape)")
+@click.option("--decode-neurons", default=0, type=int,
+              help="decode: time only the first N neurons of each side of each layer, for a quick run "
+                   "(the whole-model estimate scales up; default: all)")
 @click.option("--store", type=click.Path(path_type=Path),
               help="render: synthetic store to reuse, or to create and keep at this path; "
                    "concepts: the atlas.duckdb to judge (required)")
@@ -603,7 +606,8 @@ def _worker_counts(spec: str) -> list[int]:
 @click.option("--wordnet", default="/usr/share/wordnet", show_default=True,
               help="concepts: folder of WordNet 3.0's files (Debian's wordnet-base), the benchmark's judge")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results here")
-def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, store, ray_workers, wordnet, json_path):
+def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, decode_neurons, store, ray_workers,
+          wordnet, json_path):
     """Time stages against their lower bounds measured in the same run.
 
     \b
@@ -642,7 +646,10 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
         if results:
             click.echo()
         dec_layers = 6 if layers is None else layers
-        results["decode"] = b.bench_decode(model, device, dtype, dec_layers, repeats, shape=shape)
+        if decode_neurons < 0:
+            raise AtlasError(f"--decode-neurons must be 0 (all) or more, not {decode_neurons}")
+        results["decode"] = b.bench_decode(model, device, dtype, dec_layers, repeats, shape=shape,
+                                           neurons=decode_neurons or None)
         b.print_table(results["decode"])
     if ray_workers:
         counts = _worker_counts(ray_workers)

@@ -46,8 +46,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def bench_decode(model: str = "default", device: str = "auto", dtype: str = "auto", layers: int = 6,
-                 repeats: int = 3, top_k: int = 20, bottom_k: int = 10, shape: str | None = None) -> dict:
-    """Decode of every side of ``layers`` layers vs the bare matmul + top-k on the same shapes.
+                 repeats: int = 3, top_k: int = 20, bottom_k: int = 10, shape: str | None = None,
+                 neurons: int | None = None) -> dict:
+    """Decode of every side of ``layers`` layers vs the bare matmul + top-k on the same shapes
+    (with ``neurons``, of each side's first ``neurons`` only: a quick run; the estimate scales up).
 
     The two are interleaved and each keeps its fastest repeat, so drift in machine load
     affects both alike.
@@ -61,7 +63,7 @@ def bench_decode(model: str = "default", device: str = "auto", dtype: str = "aut
         torch.set_flush_denormal(True)
     U = Unembedding.build(a.W_U(m), a.final_gain(m), lm.device, next(m.parameters()).dtype)
     chunk = default_chunk(lm.device, U.vocab, 0)
-    V = [a.direction(m, layer, side) for layer in picked for side in a.sides]  # each [d_mlp, d_model]
+    V = [a.direction(m, layer, side)[:neurons] for layer in picked for side in a.sides]  # each [d_mlp, d_model]
 
     def run(fn) -> float:
         _sync(lm.device)

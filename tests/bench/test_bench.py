@@ -37,15 +37,19 @@ def test_random_model_runs_like_one_built_the_usual_way():
 
 def test_bench_all_on_a_random_shape_prints_and_writes_ratios(tmp_path):
     out = tmp_path / "bench.json"
+    # 256 neurons a side (decode) and 256 pages (render) keep the run short; the estimate still
+    # scales to every direction of the real shape.
     r = CliRunner().invoke(main, ["bench", "all", "--shape", "smollm2-135m", "--layers", "1", "--batches", "1",
-                                  "--repeats", "1", "--device", "cpu", "--json", str(out)])
+                                  "--repeats", "1", "--decode-neurons", "256", "--neurons", "256",
+                                  "--device", "cpu", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "ratio" in r.output and "throughput ratio" in r.output
     got = json.loads(out.read_text())
     dec, cor = got["decode"], got["corpus"]
-    assert dec["directions_timed"] == 3 * 1536 and dec["ratio"] > 0 and dec["peak_rss_mb"] > 0
-    # The estimate is for the real 30-layer shape, not the one layer that was built.
-    assert dec["full_model_estimate_s"] == pytest.approx(dec["decode_s"] * 30, rel=1e-6)
+    assert dec["directions_timed"] == 3 * 256 and dec["ratio"] > 0 and dec["peak_rss_mb"] > 0
+    # The estimate is for every direction of the real 30-layer shape, not the ones timed.
+    assert dec["full_model_estimate_s"] == pytest.approx(dec["decode_s"] * 30 * 1536 / 256, rel=1e-6)
+    assert got["render"]["neurons"] == 256
     assert cor["tokens"] == 16 * 128 and 0 < cor["ratio"] and cor["state_mb"] > 0
 
 
@@ -67,3 +71,8 @@ def test_gpu_decode_matches_the_cpu_in_bfloat16():
     Uc = Unembedding.build(a.W_U(m).float().cpu(), a.final_gain(m).float().cpu(), "cpu", torch.float32)
     want = decode_directions(V.float().cpu(), Uc, 5, 5, 16)
     assert (got.top_ids[:, 0] == want.top_ids[:, 0]).float().mean() > 0.9
+
+
+def test_negative_decode_neurons_is_a_one_line_error():
+    r = CliRunner().invoke(main, ["bench", "decode", "--shape", "smollm2-135m", "--decode-neurons", "-1"])
+    assert r.exit_code != 0 and "--decode-neurons" in r.output and "Traceback" not in r.output
