@@ -343,3 +343,9 @@ def concept_store(path: Path) -> Path:
                             "AND side = 'out' AND polarity = 'top' AND rank = ?",
                             [token, ids[token], top + 4 - rank * 0.1, layer, neuron, rank])
     return store
+
+
+def float_bits(t):
+    """A float tensor's bit patterns, for equality bit for bit (NaN equals NaN, -0.0 is not 0.0)."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}
+    return t.view(ints[t.dtype]) if t.dtype in ints else t

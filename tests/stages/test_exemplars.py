@@ -20,7 +20,7 @@ from atlas.stages.corpus import Deduper, cut_rows, default_sources, describe_def
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
-from helpers import CFG, assert_one_line_error, atlas, corpus_file, duplicate_windows, tiny_model
+from helpers import CFG, assert_one_line_error, atlas, corpus_file, duplicate_windows, float_bits, tiny_model
 
 
 @pytest.fixture
@@ -173,13 +173,7 @@ def test_layers_folded_in_groups_give_the_state_of_one_at_a_time(K):
     for group in (3, L):
         for got, want in ((states[group], one), (states[group].finished(), one.finished())):
             for name, t in want._tensors().items():
-                assert torch.equal(_bits(getattr(got, name)), _bits(t)), (group, name)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """A float tensor's bit patterns, for equality bit for bit (NaN equals NaN, -0.0 is not 0.0)."""
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64}
-    return t.view(ints[t.dtype]) if t.dtype in ints else t
+                assert torch.equal(float_bits(getattr(got, name)), float_bits(t)), (group, name)
 
 
 def test_hooked_pass_folds_groups_of_layers_to_the_same_state(tmp_path):
@@ -203,7 +197,7 @@ def test_hooked_pass_folds_groups_of_layers_to_the_same_state(tmp_path):
     assert int(states[0].n_tokens) == len(rows) * CFG["context"] and (states[0].top_floor > -math.inf).any()
     for st in states[1:]:
         for name, t in states[0]._tensors().items():
-            assert torch.equal(_bits(getattr(st, name)), _bits(t)), name
+            assert torch.equal(float_bits(getattr(st, name)), float_bits(t)), name
 
 
 def test_groups_of_layers_fit_the_memory_bound():
