@@ -196,7 +196,8 @@ class PassState:
             used = (pos >= 0).sum(1)                                           # [G, d] filled slots are a prefix
             full = used + hit.sum(1) > vals.shape[1]                           # [G, d]
             folds.append((largest, vals, pos, wins, cext, v, hit, used, full))
-            row_max = v if largest else row_max
+            if largest:
+                row_max = v
         # One nonzero over all four masks, then their four counts: the only point where the
         # host waits for the device (once the nonzero is done, the counts are a short copy).
         masks = [m.reshape(-1) for *_, hit, _, full in folds for m in (full, hit)]
