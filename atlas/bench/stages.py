@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 
 import torch
 
-from atlas.stages.decode import default_chunk
+from atlas.stages.decode import default_chunk, stats_rows
 from atlas.stages.decode_kernel import Unembedding, bare_matmul_topk, decode_directions
 from atlas.stages.activations import PassState
 from atlas.model.load import LoadedModel, load_model
@@ -63,6 +64,7 @@ def bench_decode(model: str = "default", device: str = "auto", dtype: str = "aut
         torch.set_flush_denormal(True)
     U = Unembedding.build(a.W_U(m), a.final_gain(m), lm.device, next(m.parameters()).dtype)
     chunk = default_chunk(lm.device, U.vocab, 0)
+    decode = functools.partial(decode_directions, stats_rows=stats_rows(lm.device, U.vocab))   # as the stage runs it
     V = [a.direction(m, layer, side)[:neurons] for layer in picked for side in a.sides]  # each [d_mlp, d_model]
 
     def run(fn) -> float:
@@ -77,7 +79,7 @@ def bench_decode(model: str = "default", device: str = "auto", dtype: str = "aut
     bare, full = [], []
     for _ in range(max(1, repeats)):
         bare.append(run(bare_matmul_topk))
-        full.append(run(decode_directions))
+        full.append(run(decode))
     n_dirs = sum(v.shape[0] for v in V)
     per_dir = min(full) / n_dirs
     all_dirs = total_layers * len(a.sides) * a.d_mlp(m)

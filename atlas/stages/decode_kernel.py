@@ -53,13 +53,27 @@ def chunk_rows(vocab: int, budget_bytes: int) -> int:
     return max(1, budget_bytes // (3 * vocab * 4))
 
 
+def _moments(x: torch.Tensor, x_max: torch.Tensor, vocab: int) -> tuple[torch.Tensor, ...]:
+    """Second to fourth moments and log-sum-exp of centred logits ``x`` (overwritten)."""
+    x = x.float()
+    x2 = x.square()
+    m2 = x2.sum(dim=1).div_(vocab)
+    m3 = torch.linalg.vecdot(x2, x).div_(vocab)
+    m4 = torch.linalg.vecdot(x2, x2).div_(vocab)
+    # log-sum-exp around the maximum, which topk already found.
+    lse = x.sub_(x_max).exp_().sum(dim=1, keepdim=True).log_().add_(x_max)   # [c, 1]
+    return m2, m3, m4, lse
+
+
 @torch.inference_mode()
 def decode_directions(V: torch.Tensor, U: Unembedding, top_k: int, bottom_k: int,
-                      chunk: int) -> Decoded:
+                      chunk: int, stats_rows: int = 0) -> Decoded:
     """Decode directions ``V`` [n, d_model] as the LM head would read them.
 
     Memory is bounded by ``chunk`` x vocab whatever ``n`` is; the kernel never leaves the
     device until the per-chunk results (a few numbers per direction) are copied out.
+    ``stats_rows`` (0: the whole chunk) cuts the elementwise passes into slices of that many
+    rows, so that on a CPU a large chunk feeds the matmul while each slice stays in cache.
     """
     V = V.to(device=U.W_c_T.device, dtype=U.W_c_T.dtype)
     out: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(Decoded)}
@@ -69,14 +83,10 @@ def decode_directions(V: torch.Tensor, U: Unembedding, top_k: int, bottom_k: int
         mean = (v @ U.u).float()                                     # [c]
         top = x.topk(top_k, dim=1)
         bottom = x.topk(bottom_k, dim=1, largest=False)
-        x = x.float()
-        x2 = x.square()
-        m2 = x2.sum(dim=1).div_(U.vocab)
-        m3 = torch.linalg.vecdot(x2, x).div_(U.vocab)
-        m4 = torch.linalg.vecdot(x2, x2).div_(U.vocab)
-        # log-sum-exp around the maximum, which topk already found.
+        step = stats_rows or x.shape[0]
         x_max = top.values[:, :1].float()
-        lse = x.sub_(x_max).exp_().sum(dim=1, keepdim=True).log_().add_(x_max)   # [c, 1]
+        parts = [_moments(x[i:i + step], x_max[i:i + step], U.vocab) for i in range(0, x.shape[0], step)]
+        m2, m3, m4, lse = (torch.cat(p) for p in zip(*parts))
         var = m2.clamp_min(torch.finfo(torch.float32).tiny)
         stats = torch.stack([mean, m2.sqrt(), m3 / var.pow(1.5), m4 / var.square() - 3.0], dim=1)
         tl, bl = top.values.float(), bottom.values.float()
