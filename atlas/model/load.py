@@ -205,7 +205,9 @@ def _read(location: str, kwargs: dict, torch_dtype: torch.dtype, spec: str | Non
             loading = "its tokenizer"
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             loading = "the model"
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+            # The config read above, not a second read of it (each read of a GGUF file parses all of its
+            # metadata, the whole vocabulary included: seconds on 2 cores).
+            model = AutoModelForCausalLM.from_pretrained(location, config=config, dtype=torch_dtype, **kwargs)
     except AtlasError:
         raise
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean "bad model input"
