@@ -19,7 +19,7 @@ from atlas.site.render import render
 from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
                           shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
-from helpers import assert_one_line_error, atlas
+from helpers import assert_one_line_error, atlas, hostile
 
 SIDES = ("in", "gate", "out")
 
@@ -242,3 +242,16 @@ def test_label_files_keep_each_neuron_at_its_place(tmp_path):
     read = {p.relative_to(tmp_path).as_posix(): json.loads(p.read_text()) for p in tmp_path.rglob("*.json")}
     assert read == {"0/0.json": ["a", None, "<b>"], "0/1.json": [None, "c"], "1/0.json": [None] * 5 + ["d"]}
     assert b"<" not in (tmp_path / "0/0.json").read_bytes() and len(sizes) == 3
+
+
+def test_shard_text_from_duckdb_is_what_the_site_json_writer_writes():
+    """The shards' JSON is written by DuckDB (search._SHARDS_SQL); for every hostile string and
+    every control character it must come out as ``to_json`` writes it: same bytes, same safety."""
+    from atlas.site.search import _json_text
+    from atlas.site.text import to_json
+
+    texts = [*hostile("tokens"), *hostile("labels"), *hostile("payloads"), "".join(map(chr, range(32))) + "\\u001F \\\\u001F \x7f"]
+    con = duckdb.connect()
+    for text in texts:
+        (written,) = con.execute("SELECT to_json(struct_pack(t := [?::VARCHAR]))", [text]).fetchone()
+        assert _json_text(written) == to_json({"t": [text]}), repr(text)
