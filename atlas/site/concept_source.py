@@ -120,7 +120,8 @@ def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = 
     si = np.concatenate(out_s) if out_s else np.zeros(0, np.float32)
     # Word vectors pool sub-word tokens, so "unanim" lies near "animal" by spelling alone:
     # a pair sharing SPELLING letters in a row is left out.
-    keep = [not _spelled_alike(words[w], terms[t]) for w, t in zip(wi.tolist(), ti.tolist())]
+    word_grams, term_grams = [_grams(w) for w in words], [_grams(t) for t in terms]
+    keep = [word_grams[w].isdisjoint(term_grams[t]) for w, t in zip(wi.tolist(), ti.tolist())]
     wi, ti, si = wi[keep], ti[keep], si[keep]
     words_a, terms_a = np.array(words, dtype=object), np.array(terms, dtype=object)
     return pa.table({"word": pa.array(words_a[wi].tolist(), pa.string()),
@@ -128,11 +129,10 @@ def related_terms(vectors, words: list[str], terms: list[str], min_sim: float = 
                      "sim": pa.array(np.round(si.astype(np.float64), 4), pa.float64())})
 
 
-def _spelled_alike(a: str, b: str) -> bool:
-    """Whether ``a`` and ``b`` share SPELLING letters in a row (the word itself and its plural included)."""
-    if len(a) > len(b):
-        a, b = b, a
-    return any(a[i:i + SPELLING] in b for i in range(len(a) - SPELLING + 1))
+def _grams(text: str) -> frozenset[str]:
+    """Every run of SPELLING letters in ``text``: two texts are alike in spelling when they
+    share one (the word itself and its plural included); a text shorter than that has none."""
+    return frozenset(text[i:i + SPELLING] for i in range(len(text) - SPELLING + 1))
 
 
 def score_concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, min_sim: float = MIN_SIM,
