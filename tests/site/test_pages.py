@@ -123,9 +123,9 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
                 assert f"<th>top <small>{top} of 20</small>" in section and f"<th>bottom <small>{bottom} of 10</small>" in section
         # ... the clamp check: each own `out` token's Δ log p beside it, the top rises and falls ...
         effects = _parquet_rows(con, exports, "clamp_effects", f"{key} ORDER BY direction, rank", [layer, n])
-        tols = _tolerances(effects, "direction, rank")
-        assert table_rows(data, "clamp_effects") == [dict(r, delta_logprob=pytest.approx(r["delta_logprob"], abs=t["delta_logprob"]))
-                                                     for r, t in zip(effects, tols)]
+        assert table_rows(data, "clamp_effects") == [
+            dict(r, delta_logprob=pytest.approx(r["delta_logprob"], abs=t["delta_logprob"]))
+            for r, t in zip(effects, _tolerances(effects, "direction, rank"))]
         out_top = re.search(r"<section id=out>.*?<table class=atlas-logits>(.*?)</table>", page, re.S).group(1)
         own = {r["rank"]: f"{r['delta_logprob']:+.2f}" for r in effects if r["direction"] == "own"}
         assert "Δ pushed" in out_top and own
