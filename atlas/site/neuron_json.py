@@ -5,21 +5,31 @@ A site holds one such file per neuron, so its bytes are the site's bytes. The la
 written per table, so a table added to ``schema.JSON_TABLES`` is compacted the same way
 with no code of its own:
 
-- each table is one object of columns, ``{"token_id": [42, 7, ...], "logit": [...]}``, in the
-  table's row order, instead of a list of row objects that repeat every key; a table whose
+- each table is one object of columns, ``{"doc_id": [42, 7, ...], "activation": [...]}``, in
+  the table's row order, instead of a list of row objects that repeat every key; a table whose
   key order (``JSON_TABLES``) starts with text columns is nested by them first, so that
-  ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token_id": [...], ...}}}``;
-  a key order whose only key after the nesting ones is ``rank`` leaves the rank out, as the
-  rows' place in their group;
-- a table that has both ``token_id`` and ``token`` keeps only ``token_id``; the text of
-  every token the file mentions is written once, in ``"tokens": {"<token_id>": "text"}``;
-- floats carry ``FLOAT_DIGITS`` significant digits (the store keeps float32; the page shows
-  three); NaN and infinities are null;
-- a float array (an exemplar's window of activations) is one measurement, rounded to one
-  step, ``ARRAY_DIGITS`` significant digits of its largest magnitude, and written as whole
-  numbers of that step, with the step's decimal exponent beside it in ``"<name>_exp"``:
-  ``[57, 19, 0, -4]`` with exponent ``-1`` is ``[5.7, 1.9, 0.0, -0.4]`` (a third of the bytes
-  of decimal fractions, which were half of a default atlas's JSON);
+  ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token": [...], ...}}}``; the
+  innermost object is a *group*; a key order whose only key after the nesting ones is ``rank``
+  leaves the rank out, as the rows' place in their group;
+- the tokens a file mentions are one table of their own, ``"tokens": {"token_id": [...],
+  "token": [...]}`` by id; a table that has both ``token_id`` and ``token`` writes instead
+  ``token``, each row's place in ``"tokens"`` (a dictionary: a small index for an id and a
+  text that would each be written again and again);
+- a float column of a group is one measurement, written as whole numbers of one step, a
+  power of ten whose exponent is beside it in ``"<name>_exp"``: ``[397, 372]`` with ``-2`` is
+  ``[3.97, 3.72]``. The step gives the group's largest magnitude ``FLOAT_DIGITS`` significant
+  digits, or more (up to ``MOST_DIGITS``) where the smallest non-zero one would keep fewer than
+  ``LEAST_DIGITS``; a logit's step is at most 0.01 (``COARSEST``). Decimal fractions with
+  their leading ``0.000`` cost twice the bytes;
+- a float array (an exemplar's window of activations) is rounded the same way per row, to
+  ``ARRAY_DIGITS`` significant digits of its largest magnitude, with one exponent per row;
+- a lone float (the ``neurons`` row, a table with one row per neuron) carries
+  ``FLOAT_DIGITS`` significant digits; NaN and infinities are null everywhere;
+- columns that follow from others are left out and put back by ``table_rows``:
+  ``norm_activation`` is ``activation / normaliser`` (DESIGN.md's definition, with the
+  ``neurons`` row's normaliser), and ``prob`` is ``exp(logit - lse)``, ``lse`` being the
+  log-sum-exp of the side's logits over the whole vocabulary, written once per group
+  (``LSE_DECIMALS`` decimals: the logits' own rounding is what limits a probability);
 - ``layer`` and ``neuron`` are said once, at the top (and in the ``neurons`` row, which is
   the table's row as it is), and left out of every other table.
 
@@ -29,12 +39,26 @@ DuckDB writes each of these objects in C++ (``to_json``), a block of neurons per
 
 from __future__ import annotations
 
+import math
+
 from atlas.schema import JSON_TABLES
 
-FORMAT = 3              # 1: row objects with float32-exact floats (before the site budgets); 2: arrays as decimals
-FLOAT_DIGITS = 3
-POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
+FORMAT = 4              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id
+FLOAT_DIGITS = 3        # significant digits of a lone float, and of the largest magnitude of a group's column
+LEAST_DIGITS = 2        # ... and of its smallest non-zero magnitude, as long as the largest
+MOST_DIGITS = 6         # then has no more than this (an attribution list spans ~200x, a few 10,000x)
+COARSEST = {"logit": -2}  # a logit is whole hundredths or finer, so that exp(logit - lse) keeps 3 digits
 ARRAY_DIGITS = 2        # a window of activations is drawn in sixths of the neuron's strip scale on the page
+LSE_DECIMALS = 4
+POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
+EXPONENT = "_exp"       # "<float column>_exp": the decimal exponent of that column's step
+TOKEN = "token"         # in a table: a row's place in the file's "tokens"
+LSE = "lse"             # in a group of decoded tokens: the side's log-sum-exp, prob = exp(logit - lse)
+NORMALISED = ("norm_activation", "activation")   # left out: activation / the neurons row's normaliser
+SOFTMAX = ("prob", "logit")                      # left out: exp(logit - lse)
+WINDOW = ("window_activations", "window_start")  # an array of activations and the input position of its first
+LENGTH = "_len"         # "<window>_len": a group's window length, to pad a window back to it
+SOFTMAX_OVER = "side"                            # lse is one per side: its logits over the whole vocabulary
 _FLOATS = ("FLOAT", "DOUBLE")
 _BLOCK = "WHERE layer = $1 AND neuron >= $2 AND neuron < $3"
 
@@ -58,23 +82,34 @@ def array_step(name: str) -> str:
     return f"CAST(floor(log10(CASE WHEN {top} > 0 THEN {top} ELSE 1 END)) AS INTEGER) - {ARRAY_DIGITS - 1}"
 
 
+def group_step(name: str, group: str) -> str:
+    """SQL for the decimal exponent of column ``name``'s step in each row's group (``PARTITION BY group``)."""
+    finite = f'CASE WHEN isfinite("{name}") AND "{name}" <> 0 THEN abs(CAST("{name}" AS DOUBLE)) END'
+    top, low = (f"floor(log10({agg}({finite}) OVER (PARTITION BY {group})))" for agg in ("max", "min"))
+    step = f"greatest(least({top} - {FLOAT_DIGITS - 1}, {low} - {LEAST_DIGITS - 1}), {top} - {MOST_DIGITS - 1})"
+    if name in COARSEST:
+        step = f"least({step}, {COARSEST[name]})"
+    return f"CAST(coalesce({step}, {COARSEST.get(name, 0)}) AS INTEGER)"
+
+
+def _whole(value: str, step: str) -> str:
+    """SQL for a float as a whole number of the step ``10 ** step``; NaN and infinities are null."""
+    return f"CASE WHEN isfinite({value}) THEN CAST(round(CAST({value} AS DOUBLE) / pow(10, {step})) AS BIGINT) END"
+
+
 def compact(name: str, dtype: str) -> str:
-    """SQL for column ``name`` with its floats cut to the digits that carry meaning (module doc).
+    """SQL for column ``name`` of one row with its floats cut to the digits that carry meaning (module doc).
 
     An array column needs its row's ``array_step`` as column ``"__step_<name>"``; its values
     come out as whole numbers of that step (``array_fields`` writes the step beside them).
     """
-    rounded = f"CASE WHEN isfinite({{0}}) THEN CAST(printf('%.{FLOAT_DIGITS}g', {{0}}) AS DOUBLE) END"
     if dtype in _FLOATS:
-        return rounded.format(f'"{name}"')
+        return f"CASE WHEN isfinite(\"{name}\") THEN CAST(printf('%.{FLOAT_DIGITS}g', \"{name}\") AS DOUBLE) END"
     if _is_array(dtype):
         # One step for the whole array, so that values near zero do not spend digits on noise.
-        return (f'[CASE WHEN isfinite(a) THEN CAST(round(CAST(a AS DOUBLE) / pow(10, "__step_{name}")) AS BIGINT) END '
-                f'FOR a IN "{name}"]')
+        step = f'"__step_{name}"'
+        return f'[{_whole("a", step)} FOR a IN "{name}"]'
     return f'"{name}"'
-
-
-EXPONENT = "_exp"        # "<array column>_exp": the decimal exponent of that array's step
 
 
 def array_fields(columns: list[tuple[str, str]], wrap: str = "{}") -> list[str]:
@@ -82,8 +117,26 @@ def array_fields(columns: list[tuple[str, str]], wrap: str = "{}") -> list[str]:
     return [f'"{name}{EXPONENT}" := {wrap.format(f"__step_{name}")}' for name, dtype in columns if _is_array(dtype)]
 
 
-def table_sql(con, table: str, order: str) -> str:
-    """A query for ``table``'s rows of one block, one JSON object per neuron (see the module doc).
+def _last_value(name: str) -> str:
+    """SQL for the 1-based place of array ``name``'s last finite value (0 where it has none)."""
+    from_end = f'list_position(list_reverse([coalesce(isfinite(a), false) FOR a IN "{name}"]), true)'
+    return f'coalesce(len("{name}") + 1 - {from_end}, 0)'
+
+
+def _token_index(con, tables: list[str]) -> str | None:
+    """SQL for every token that ``tables`` mention, per neuron of a block: ``neuron, token_id,
+    token`` and ``__token``, its place in the file's ``"tokens"`` (by id, from 0)."""
+    sources = [f"SELECT neuron, token_id, token FROM {t} {_BLOCK}" for t in tables if has_token_text(_columns(con, t))]
+    if not sources:
+        return None
+    return ("SELECT neuron, token_id, min(token) AS token, "
+            "CAST(row_number() OVER (PARTITION BY neuron ORDER BY token_id) - 1 AS INTEGER) AS __token "
+            f"FROM ({' UNION ALL '.join(sources)}) GROUP BY neuron, token_id")
+
+
+def table_sql(con, table: str, order: str, tables: list[str]) -> str:
+    """A query for ``table``'s rows of one block, one JSON object per neuron (see the module doc);
+    ``tables`` are all the tables the file holds, whose tokens share one ``"tokens"``.
 
     Its parameters are ``$1`` layer, ``$2`` first neuron, ``$3`` end of the block.
     """
@@ -97,14 +150,52 @@ def table_sql(con, table: str, order: str) -> str:
             break
         levels.append(key)
     rest = ", ".join(keys[len(levels):]) or "1"
-    drop = {"layer", "neuron", *levels} | ({"token"} if has_token_text(columns) else set())
+    group = ", ".join(["neuron", *levels])
+    tokens = has_token_text(columns)
+    drop = {"layer", "neuron", *levels} | ({"token"} if tokens else set())
     if keys[len(levels):] == [POSITION]:    # a rank is the row's place in its group: 0, 1, 2, ...
         drop.add(POSITION)                  # (kept where a number key, exemplar_samples' band, comes first)
-    fields = [f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})' for name, dtype in columns if name not in drop]
-    fields += array_fields(columns, f'list("{{}}" ORDER BY {rest})')
-    steps = "".join(f', {array_step(name)} AS "__step_{name}"' for name, dtype in columns if _is_array(dtype))
+    for derived, source in (NORMALISED, SOFTMAX):
+        if {derived, source} <= types.keys():
+            drop.add(derived)
+    softmax = set(SOFTMAX) <= types.keys()
+    per_neuron = keys == ["neuron"]         # one row per neuron: its floats are lone floats
+    fields, helpers = [], []
+    for name, dtype in columns:
+        if name in drop:
+            continue
+        if name == "token_id" and tokens:
+            fields.append(f'"{TOKEN}" := list(__token ORDER BY {rest})')
+        elif dtype in _FLOATS and not per_neuron:
+            helpers.append(f'{group_step(name, group)} AS "__step_{name}"')
+            column, step = f'"{name}"', f'"__step_{name}"'
+            fields += [f'"{name}" := list({_whole(column, step)} ORDER BY {rest})',
+                       f'"{name}{EXPONENT}" := min("__step_{name}")']
+        elif name == WINDOW[0] and WINDOW[1] in types:
+            # Only the window's positions inside the input: from max(start, 0) to its last value.
+            inside = f"list_slice({compact(name, dtype)}, greatest(0, -\"{WINDOW[1]}\") + 1, {_last_value(name)})"
+            helpers.append(f'{array_step(name)} AS "__step_{name}"')
+            fields += [f'"{name}" := list({inside} ORDER BY {rest})',
+                       f'"{name}{EXPONENT}" := list("__step_{name}" ORDER BY {rest})',
+                       f'"{name}{LENGTH}" := max(len("{name}"))']
+        else:
+            fields.append(f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})')
+            if _is_array(dtype):
+                helpers.append(f'{array_step(name)} AS "__step_{name}"')
+                fields.append(f'"{name}{EXPONENT}" := list("__step_{name}" ORDER BY {rest})')
+    if softmax:
+        # The side's log-sum-exp, from its most probable token: logit - ln(prob) is the same for every row.
+        prob, logit = (f'CAST("{c}" AS DOUBLE)' for c in SOFTMAX)
+        key = f"CASE WHEN isfinite({prob}) AND {prob} > 0 THEN {prob} END"
+        side = ", ".join(["neuron", *[k for k in levels if k == SOFTMAX_OVER]])
+        helpers.append(f"round(max_by(CASE WHEN {key} > 0 THEN {logit} - ln({prob}) END, {key}) "
+                       f"OVER (PARTITION BY {side}), {LSE_DECIMALS}) AS __lse")
+        fields.append(f'"{LSE}" := min(__lse)')
+    source = f"(SELECT * FROM {table} {_BLOCK})"
+    if tokens:
+        source = f"(SELECT * FROM {source} JOIN ({_token_index(con, tables)}) USING (neuron, token_id))"
     query = (f"SELECT neuron, {''.join(f'{k}, ' for k in levels)}struct_pack({', '.join(fields)}) AS v "
-             f"FROM (SELECT *{steps} FROM {table} {_BLOCK}) GROUP BY ALL")
+             f"FROM (SELECT *{''.join(f', {h}' for h in helpers)} FROM {source}) GROUP BY ALL")
     for depth in range(len(levels) - 1, -1, -1):
         outer = "".join(f"{k}, " for k in levels[:depth])
         query = (f"SELECT neuron, {outer}map_from_entries(list({{'k': {levels[depth]}, 'v': v}} "
@@ -113,12 +204,12 @@ def table_sql(con, table: str, order: str) -> str:
 
 
 def tokens_sql(con, tables: list[str]) -> str | None:
-    """A query for the text of every token that ``tables`` mention, one JSON object per neuron."""
-    sources = [f"SELECT neuron, token_id, token FROM {t} {_BLOCK}" for t in tables if has_token_text(_columns(con, t))]
-    if not sources:
+    """A query for the file's ``"tokens"``, every token that ``tables`` mention, one JSON object per neuron."""
+    index = _token_index(con, tables)
+    if index is None:
         return None
-    return ("SELECT neuron, to_json(map_from_entries(list(struct_pack(k := CAST(token_id AS VARCHAR), v := token) "
-            f"ORDER BY token_id))) FROM (SELECT DISTINCT * FROM ({' UNION ALL '.join(sources)})) GROUP BY neuron")
+    return ("SELECT neuron, to_json(struct_pack(token_id := list(token_id ORDER BY token_id), "
+            f"token := list(token ORDER BY token_id))) FROM ({index}) GROUP BY neuron")
 
 
 def neurons_sql(con) -> str:
@@ -133,24 +224,60 @@ def neurons_sql(con) -> str:
             "ORDER BY neuron")
 
 
+# -- reading a file back -----------------------------------------------------------------------
+def number(whole: int | None, exp: int) -> float | None:
+    """A float back from its whole number of the step ``10 ** exp`` (see the module doc)."""
+    if whole is None:
+        return None
+    return whole / 10 ** -exp if exp < 0 else float(whole * 10 ** exp)
+
+
 def array_values(values: list, exp: int) -> list:
-    """A float array back from its whole numbers of the step ``10 ** exp`` (see the module doc)."""
-    return [None if v is None else round(v * 10.0 ** exp, max(-exp, 0)) for v in values]
+    """A float array back from its whole numbers of the step ``10 ** exp``."""
+    return [number(v, exp) for v in values]
 
 
-def with_arrays(columns: dict) -> dict:
-    """``columns`` (a table's object of columns) with each float array put back from its whole
-    numbers and its ``"<name>_exp"`` column, which is dropped."""
-    out = dict(columns)
-    for key in [k for k in columns if k.endswith(EXPONENT) and k[:-len(EXPONENT)] in columns]:
-        name, exp = key[:-len(EXPONENT)], out.pop(key)
-        out[name] = [None if v is None else array_values(v, e) for v, e in zip(out[name], exp)]
+def _padded(window: list, start: int, length: int) -> list:
+    """A window back to its full ``length`` with nulls for its positions outside the input."""
+    lead = max(0, -start)
+    return [None] * lead + window + [None] * (length - lead - len(window))
+
+
+def group_columns(node: dict, data: dict) -> dict:
+    """A group's columns as the store holds them: floats from their whole numbers and ``"<name>_exp"``,
+    ``token_id`` and ``token`` from the file's ``"tokens"``, and the columns left out put back."""
+    out = {}
+    for name, col in node.items():
+        if name == LSE or any(name.endswith(x) and name[:-len(x)] in node for x in (EXPONENT, LENGTH)):
+            continue
+        exp = node.get(name + EXPONENT)
+        if exp is None:
+            out[name] = col
+        elif isinstance(exp, list):        # an array column: one exponent per row
+            out[name] = [None if v is None else array_values(v, e) for v, e in zip(col, exp)]
+            if name == WINDOW[0] and name + LENGTH in node:
+                out[name] = [None if v is None else _padded(v, start, node[name + LENGTH])
+                             for v, start in zip(out[name], node[WINDOW[1]])]
+        else:
+            out[name] = [number(v, exp) for v in col]
+    tokens = data.get("tokens")
+    if TOKEN in out and isinstance(tokens, dict) and "token_id" in tokens:
+        places = out.pop(TOKEN)
+        out["token_id"] = [tokens["token_id"][i] for i in places]
+        out["token"] = [tokens["token"][i] for i in places]
+    if LSE in node:
+        lse = node[LSE]
+        out[SOFTMAX[0]] = [None if v is None or lse is None else math.exp(v - lse) for v in out[SOFTMAX[1]]]
+    if NORMALISED[1] in out:
+        normaliser = (data.get("neurons") or {}).get("normaliser")
+        ok = normaliser is not None and normaliser > 0
+        out[NORMALISED[0]] = [v / normaliser if ok and v is not None else None for v in out[NORMALISED[1]]]
     return out
 
 
 def table_rows(data: dict, table: str) -> list[dict]:
     """``table``'s rows from a loaded neuron JSON file, as the store holds them (less layer and
-    neuron, floats as written), in key order; token text is put back from ``"tokens"``."""
+    neuron, floats to the file's digits), in key order."""
     keys = [k.strip() for k in JSON_TABLES[table].split(",")]
     rows: list[dict] = []
 
@@ -159,16 +286,11 @@ def table_rows(data: dict, table: str) -> list[dict]:
             for value, child in node.items():
                 walk(child, {**path, keys[depth]: value}, depth + 1)
             return
-        node = with_arrays(node)
-        n = len(next(iter(node.values()))) if node else 0
-        implied = {POSITION: None} if keys[-1] == POSITION and POSITION not in node else {}
-        rows.extend({**path, **{k: i for k in implied}, **{name: col[i] for name, col in node.items()}}
+        cols = group_columns(node, data)
+        n = len(next(iter(cols.values()))) if cols else 0
+        implied = {POSITION: None} if keys[-1] == POSITION and POSITION not in cols else {}
+        rows.extend({**path, **{k: i for k in implied}, **{name: col[i] for name, col in cols.items()}}
                     for i in range(n))
 
     walk(data.get(table) or {}, {}, 0)
-    tokens = data.get("tokens")
-    if tokens is not None:
-        for row in rows:
-            if "token_id" in row:
-                row["token"] = tokens.get(str(row["token_id"]))
     return rows

@@ -5,7 +5,7 @@ query, so memory is bounded at any model size and the database does the scanning
 and JSON are made from the same fetch of the same rows:
 
 - the JSON is each contract table's rows for the neuron in the compact layout of
-  ``neuron_json`` (columns, token text once, four significant digits), serialised by DuckDB
+  ``neuron_json`` (columns, tokens listed once, floats as whole numbers of a step), serialised by DuckDB
   itself (``to_json``) in C++, which at half a million neurons is the difference between
   minutes and seconds;
 - the page is the jinja template ``neuron.html`` filled from the same rows, with the dense
@@ -114,7 +114,7 @@ def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, s
               or (t == "clamp_effects" and has_clamp) or (t == "descriptions" and described)]
     common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
               "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
-              "sql": {"neurons": neurons_sql(con), "json": {t: table_sql(con, t, JSON_TABLES[t]) for t in tables},
+              "sql": {"neurons": neurons_sql(con), "json": {t: table_sql(con, t, JSON_TABLES[t], tables) for t in tables},
                       "tokens": tokens_sql(con, tables)},
               "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp,
               "has_descriptions": described}
