@@ -338,13 +338,19 @@ def attribute_rows(lm: LoadedModel, rows: list[Row], cfg: ExemplarConfig, progre
     picked = [rows[i] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
     gen = torch.Generator().manual_seed(cfg.attribution_seed)
     positions = torch.randint(0, cfg.context - 1, (n,), generator=gen)
+    # Inputs batched by position, each batch cut after its last target: a causal model's
+    # activations and logits up to a position never see the tokens after it, so the rest of
+    # the context is work for nothing (64 inputs of 128 tokens: 43 -> 25 s on 2 cores).
+    order = torch.argsort(positions, stable=True)
+    picked, positions = [picked[i] for i in order.tolist()], positions[order]
     adapter = lm.adapter
     state = AttributionState.empty(adapter.n_layers(lm.model), adapter.d_mlp(lm.model), cfg.k)
     bs = max(1, cfg.batch_size // 2)
     for start in tqdm(range(0, n, bs), desc="attribution", unit="batch", disable=not progress):
         chunk = picked[start:start + bs]
-        ids = torch.tensor([r.token_ids for r in chunk], device=lm.device)
-        pos = positions[start:start + bs].to(lm.device)
+        pos = positions[start:start + bs]
+        ids = torch.tensor([r.token_ids[:int(pos.max()) + 2] for r in chunk], device=lm.device)
+        pos = pos.to(lm.device)
         scores = attribute_batch(lm.model, adapter, ids, pos)                  # [L, b, d_mlp]
         targets = ids[torch.arange(len(chunk)), pos + 1]
         token_index = torch.tensor([r.doc_id for r in chunk], device=lm.device) * cfg.context + pos
