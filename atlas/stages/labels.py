@@ -75,19 +75,18 @@ def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
     concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
     info: dict = {}
     if vectors is not None:
-        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
-        info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim, 1)
+        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchall()[0][0] > 0
         # A concept's name must be a whole word of the word vectors' own vocabulary: the model's
         # vocabulary and the corpus also hold word pieces ("lar", "dispro") that would name nothing.
         names = pa.table({"word": pa.array(vectors.words(), pa.string())})
         con.register("label_names", names)
         try:
             # Evidence other than the word itself; the largest summed cosine names the concept.
-            for layer, neuron, word, evidence, sim in con.execute(f"""
-                    SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores SEMI JOIN label_names USING (word)
-                    WHERE n_ev >= {int(cfg.label_min_evidence)}
-                    QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1
-                    """).fetchall():
+            info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim, 1, keep=f"""
+                SEMI JOIN label_names USING (word) WHERE n_ev >= {int(cfg.label_min_evidence)}
+                QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1""")
+            for layer, neuron, word, evidence, sim in con.execute(
+                    "SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores").fetchall():
                 concept[(layer, neuron)] = (word, [t for t in evidence.split(", ") if t != word], sim)
         finally:
             con.unregister("label_names")
