@@ -268,8 +268,9 @@ def _process_state_kept():
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
-def assert_one_line_error(proc, *needles):
-    """Exit code 2 and one ``error:`` line holding every needle, no traceback; counted in FAULT_COUNTS."""
+def assert_one_line_error(proc, *needles) -> str:
+    """Exit code 2 and one ``error:`` line holding every needle, no traceback; counted in FAULT_COUNTS.
+    Returns the line."""
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -277,16 +278,18 @@ def assert_one_line_error(proc, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     FAULT_COUNTS["bad inputs"].add(lines[0])
+    return lines[0]
 
 
 # -- stores and sites ------------------------------------------------------------------------------
-def store_rows(path: Path) -> dict[str, str]:
-    """Every table's rows in a canonical order (atlas_meta less its timings), as text to compare."""
+def store_rows(path: Path, timings: bool = False) -> dict[str, str]:
+    """Every table's rows in a canonical order (atlas_meta less its timings unless ``timings``), as text
+    to compare."""
     with duckdb.connect(str(path), read_only=True) as con:
         tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
         out = {}
         for t in tables:
-            if t == "atlas_meta":
+            if t == "atlas_meta" and not timings:
                 out[t] = repr(sorted((k, without_timings(json.loads(v)))
                                      for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()))
             else:
