@@ -177,7 +177,8 @@ def atlas_here(*args, env: dict | None = None, cwd=None) -> Ran:
     handlers a fresh process would have) and a traceback for an exception that escapes. The state
     a command may change for the whole process is put back afterwards: os.environ, the working
     directory, SIGINT/SIGTERM handlers, torch's threads, grad mode, default dtype and denormal
-    flushing, every logger's level and handlers, and transformers' progress bars."""
+    flushing, every logger's level and handlers, and transformers' progress bars. One run at a
+    time, from the main thread: sys.stdout, sys.stderr and the loggers belong to the whole process."""
     from atlas.cli import main
     from transformers.utils import logging as hf_logging
 
