@@ -8,15 +8,21 @@ each other: what two of them share is here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import io
 import json
+import logging
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import threading
+import traceback
 import urllib.parse
+import warnings
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -144,8 +150,128 @@ def atlas(*args, env: dict | None = None, fsize: int | None = None, wait: bool =
                           cwd=cwd)
 
 
-def assert_one_line_error(proc, *needles):
-    """Exit code 2 and one ``error:`` line holding every needle, no traceback; counted in FAULT_COUNTS."""
+# -- the command line, in this process -----------------------------------------------------------
+# A `python -m atlas` process costs ~5 s on 2 cores, nearly all of it importing torch and
+# transformers and loading a model; the same command here costs a fraction of a second once this
+# process has imported them. Tests whose point is the message and the untouched store use this;
+# kills, signals, file-size limits, `serve` and one bad input per command family keep real processes.
+@dataclasses.dataclass
+class Ran:
+    """A finished in-process run, read like ``subprocess.CompletedProcess``."""
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# What a fresh interpreter ignores (Python's default warning filters): anything else a run warns
+# about is written to its stderr, where a real process would print it.
+_FRESH_PROCESS_IGNORES = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def atlas_here(*args, env: dict | None = None, cwd=None) -> Ran:
+    """``python -m atlas ARGS`` through the real entry point (``atlas.cli.main``) in this process.
+
+    Exit code, stdout and stderr are the process's: the same prog name in usage errors, sys.argv
+    for ``--debug``, Python's default warning filters, library log lines on stderr (through the
+    handlers a fresh process would have) and a traceback for an exception that escapes. The state
+    a command may change for the whole process is put back afterwards: os.environ, the working
+    directory, SIGINT/SIGTERM handlers, torch's threads, grad mode, default dtype and denormal
+    flushing, every logger's level and handlers, and transformers' progress bars. One run at a
+    time, from the main thread: sys.stdout, sys.stderr and the loggers belong to the whole process."""
+    from atlas.cli import main
+    from transformers.utils import logging as hf_logging
+
+    # transformers binds its log handler to the sys.stderr of the moment it first logs: let that
+    # be this process's, not the StringIO of one run.
+    hf_logging.get_logger("transformers")
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with _process_state_kept(), warnings.catch_warnings(record=True) as warned, \
+            _logs_to(err), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.simplefilter("default")
+        for category in _FRESH_PROCESS_IGNORES:
+            warnings.simplefilter("ignore", category)
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = ["python -m atlas", *argv]
+        try:
+            main.main(argv, prog_name="python -m atlas")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except BaseException:             # what a real process prints for an uncaught exception
+            traceback.print_exc()
+            code = 1
+    stderr = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+                                      for w in warned)
+    return Ran(argv, code, out.getvalue(), stderr)
+
+
+@contextlib.contextmanager
+def _logs_to(stream):
+    """Library log lines to ``stream`` as in a fresh process: no root handlers (pytest's go away
+    for the run, so Python's last-resort handler writes WARNING and above to sys.stderr), and the
+    libraries' own stderr handlers (transformers') retargeted."""
+    root = logging.getLogger()
+    root_handlers, root.handlers = root.handlers, []
+    retargeted = []
+    for logger in [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]:
+        for h in logger.handlers:
+            if type(h) is logging.StreamHandler:
+                retargeted.append((h, h.setStream(stream)))
+    try:
+        yield
+    finally:
+        for h, old in retargeted:
+            h.setStream(old)
+        root.handlers = root_handlers
+
+
+def _flushes_denormals() -> bool:
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0        # 1e-39 is a float32 denormal
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Puts back what an in-process command may change for the whole process (see atlas_here)."""
+    from transformers.utils import logging as hf_logging
+
+    argv, environ, cwd = sys.argv[:], dict(os.environ), os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads, grad, dtype, flush = torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype(), \
+        _flushes_denormals()
+    loggers = {lg: (lg.level, lg.handlers[:], lg.propagate, lg.disabled)
+               for lg in [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+               if isinstance(lg, logging.Logger)}
+    disabled, bars = logging.root.manager.disable, hf_logging.is_progress_bar_enabled()
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.set_flush_denormal(flush)
+        for lg, (level, hs, propagate, off) in loggers.items():
+            lg.setLevel(level)
+            lg.handlers[:] = hs
+            lg.propagate, lg.disabled = propagate, off
+        logging.disable(disabled)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
+def assert_one_line_error(proc, *needles) -> str:
+    """Exit code 2 and one ``error:`` line holding every needle, no traceback; counted in FAULT_COUNTS.
+    Returns the line."""
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -153,16 +279,18 @@ def assert_one_line_error(proc, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     FAULT_COUNTS["bad inputs"].add(lines[0])
+    return lines[0]
 
 
 # -- stores and sites ------------------------------------------------------------------------------
-def store_rows(path: Path) -> dict[str, str]:
-    """Every table's rows in a canonical order (atlas_meta less its timings), as text to compare."""
+def store_rows(path: Path, timings: bool = False) -> dict[str, str]:
+    """Every table's rows in a canonical order (atlas_meta less its timings unless ``timings``), as text
+    to compare."""
     with duckdb.connect(str(path), read_only=True) as con:
         tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
         out = {}
         for t in tables:
-            if t == "atlas_meta":
+            if t == "atlas_meta" and not timings:
                 out[t] = repr(sorted((k, without_timings(json.loads(v)))
                                      for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()))
             else:

@@ -3,7 +3,12 @@ can be checked without it, right after it loads where they depend on it (vocabul
 
 Each case runs the real CLI against a finished atlas of a tiny GPT-2-style model (64 tokens,
 64 learned positions) and then compares its store, every table and row, and its site, every
-file, with what they were. Cases that need no model must fail within ``QUICK_S``. The small
+file, with what they were. Cases that need no model must fail within ``QUICK_S`` in a real
+``python -m atlas`` process: their point is that they fail before torch is imported, which only a
+fresh process shows. The cases that load the model run in this process (``atlas_here``): the
+model is what they pay for, and a process would add ~5 s of importing torch to each; one of them
+(``REAL``) still runs in a real process, so that a real process's stderr after a model load is
+checked too. The small
 items of issue 22 are here too: ``serve`` on ``/%00``, its listen backlog, ``search --limit``,
 and the messages for a locked store, a Parquet text column of integers and a corrupt store.
 """
@@ -14,6 +19,7 @@ import hashlib
 import json
 import random
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +29,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import FAULT_COUNTS
+from helpers import assert_one_line_error, atlas, atlas_here, store_rows
 
 pytestmark = pytest.mark.faults
 QUICK_S = 2.0
@@ -31,27 +37,6 @@ VOCAB, POSITIONS = 64, 64
 HOSTILE_URL = 'https://ex.org/a"onerror="window.__pwned=1"x="/'
 BUILD = ["--context", 16, "--batch-size", 4, "--k", 5, "--attribution-rows", 8, "--top-k", 5, "--bottom-k", 3,
          "--clamp-budget", 0, "--no-exports", "--quiet"]
-
-
-def atlas(*args, timeout: float = 300):
-    return subprocess.run([sys.executable, "-m", "atlas", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line_error(proc, *needles) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr, lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def store_rows(path: Path) -> dict[str, str]:
-    with duckdb.connect(str(path), read_only=True) as con:
-        tables = sorted(r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall())
-        return {t: repr(con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall()) for t in tables}
 
 
 def site_tree(site: Path) -> dict[str, str]:
@@ -82,7 +67,7 @@ def atlas_dir(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(rng.choice(["dog", "cat", "Paris", "w1", "w7", "w30"]) for _ in range(600)))
     out = root / "out"
-    proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD)
+    proc = atlas_here("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD)
     assert proc.returncode == 0, proc.stderr
     return {"out": out, "model": model, "corpus": corpus}
 
@@ -91,15 +76,15 @@ def atlas_dir(tmp_path_factory):
 def unchanged(atlas_dir):
     """Asserts, after the test, that the atlas's store and site are what they were before it."""
     out = atlas_dir["out"]
-    rows, site = store_rows(out / "atlas.duckdb"), site_tree(out / "site")
+    rows, site = store_rows(out / "atlas.duckdb", timings=True), site_tree(out / "site")
     yield atlas_dir
-    assert store_rows(out / "atlas.duckdb") == rows, "the store changed"
+    assert store_rows(out / "atlas.duckdb", timings=True) == rows, "the store changed"
     assert site_tree(out / "site") == site, "the site changed"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".site.")]
 
 
 # (name, arguments after the command, words the error line must hold). {out}, {model}, {corpus}
-# are the finished atlas's; the names are what the fault summary counts as bad inputs.
+# are the finished atlas's.
 BEFORE_LOAD = [
     ("checkpoint-every 0", ["build", "--checkpoint-every", 0], ["--checkpoint-every 0", "at least 1"]),
     ("attribution-rows -1", ["build", "--attribution-rows", -1], ["--attribution-rows -1"]),
@@ -121,6 +106,7 @@ AFTER_LOAD = [
     ("context over the positions (exemplars)", ["exemplars", "--context", 100], ["--context 100", "64 positions"]),
     ("steer tokens over the positions", ["steer", "--tokens", 100], ["--tokens 100", "64 positions"]),
 ]
+REAL = "top-k over the vocabulary (build)"
 
 
 def _argv(args: list, atlas_dir: dict) -> list:
@@ -142,22 +128,21 @@ def test_a_bad_setting_fails_before_the_model_loads(unchanged, name, args, needl
     start = time.perf_counter()
     proc = atlas(*_argv(args, unchanged))
     seconds = time.perf_counter() - start
-    one_line_error(proc, *needles)
-    FAULT_COUNTS["bad inputs"].add(name)
+    assert_one_line_error(proc, *needles)
     assert seconds < QUICK_S, f"{name} took {seconds:.2f} s: was it checked before the imports and the model?"
 
 
 @pytest.mark.parametrize("name,args,needles", AFTER_LOAD, ids=[c[0] for c in AFTER_LOAD])
 def test_a_setting_the_model_cannot_take_fails_right_after_it_loads(unchanged, name, args, needles):
-    one_line_error(atlas(*_argv(args, unchanged)), *needles)
-    FAULT_COUNTS["bad inputs"].add(name)
+    run = atlas if name == REAL else atlas_here
+    assert_one_line_error(run(*_argv(args, unchanged)), *needles)
 
 
 def test_a_context_the_model_cannot_take_leaves_a_new_directory_without_stages(atlas_dir, tmp_path):
     out = tmp_path / "fresh"
-    proc = atlas("build", "--out", out, "--model", atlas_dir["model"], "--corpus", atlas_dir["corpus"],
-                 *BUILD, "--context", 100)
-    one_line_error(proc, "--context 100")
+    proc = atlas_here("build", "--out", out, "--model", atlas_dir["model"], "--corpus", atlas_dir["corpus"],
+                      *BUILD, "--context", 100)
+    assert_one_line_error(proc, "--context 100")
     with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM neurons").fetchone()[0] == 0
         assert con.execute("SELECT count(*) FROM atlas_meta WHERE key LIKE 'stage.%'").fetchone()[0] == 0
@@ -234,7 +219,8 @@ def test_a_store_held_by_another_program_names_its_pid(atlas_dir, tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = one_line_error(atlas("info", store.parent), "in use by another process", f"PID {holder.pid}")
+        line = assert_one_line_error(atlas_here("info", store.parent), "in use by another process",
+                                     f"PID {holder.pid}")
         assert "another atlas process" not in line
     finally:
         holder.kill()
@@ -245,8 +231,8 @@ def test_a_parquet_text_column_of_integers_names_its_type(atlas_dir, tmp_path):
     pq = tmp_path / "ints.parquet"
     with duckdb.connect() as con:
         con.execute(f"COPY (SELECT range::BIGINT AS text FROM range(100)) TO '{pq}' (FORMAT parquet)")
-    one_line_error(atlas("build", "--out", tmp_path / "o", "--model", atlas_dir["model"], "--corpus", pq, *BUILD),
-                   "text", "int64")
+    assert_one_line_error(atlas_here("build", "--out", tmp_path / "o", "--model", atlas_dir["model"], "--corpus", pq,
+                                     *BUILD), "text", "int64")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "checksum"])
@@ -261,15 +247,14 @@ def test_a_damaged_store_is_not_called_resumable(atlas_dir, tmp_path, damage):
         for off in range(300_000, len(data) - 4000, 20_000):
             data[off:off + 4000] = rng.randbytes(4000)
     (out / "atlas.duckdb").write_bytes(bytes(data))
-    line = one_line_error(atlas("render", out, "--quiet"), "damaged", "rebuild")
+    line = assert_one_line_error(atlas_here("render", out, "--quiet"), "damaged", "rebuild")
     assert "rerun to resume" not in line
 
 
 def test_a_model_without_a_usable_tokenizer_says_why_in_full(atlas_dir, tmp_path):
-    import shutil
     model = Path(shutil.copytree(atlas_dir["model"], tmp_path / "no-tokenizer"))
     (model / "tokenizer.json").unlink()
-    line = one_line_error(atlas("decode", "--out", tmp_path / "o", "--model", model, "--quiet"),
+    line = assert_one_line_error(atlas_here("decode", "--out", tmp_path / "o", "--model", model, "--quiet"),
                           "could not load the tokenizer", "no-tokenizer")
     assert not line.rstrip().endswith(("from one of:", "one of")), line
     assert "sentencepiece" in line, line
@@ -288,7 +273,7 @@ def test_exports_leave_the_stage_timings_out(tmp_path):
             (value,) = con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.decode'").fetchone()
             record = dict(json.loads(value), seconds=seconds, load_s=seconds / 3)
             con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'stage.decode'", [json.dumps(record, sort_keys=True)])
-        proc = atlas("render", out, "--quiet")
+        proc = atlas_here("render", out, "--quiet")
         assert proc.returncode == 0, proc.stderr
         exports = out / "exports"        # beside the site
         trees.append({p.name: p.read_bytes() for p in exports.glob("*.parquet")})

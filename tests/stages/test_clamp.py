@@ -1,4 +1,9 @@
-"""Clamping and steering on tiny models: exact values, isolated batch rows, determinism, the stage."""
+"""Clamping and steering on tiny models: exact values, isolated batch rows, determinism, the stage.
+
+`atlas steer` runs in this process (``atlas_here``): a real process would spend ~5 s importing
+torch before each one-line message. One bad steer input and `atlas clamp`'s bad budget keep a
+real ``python -m atlas`` process, so that what a process prints after loading a model is checked.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
 from atlas.site.neuron_json import table_rows
 from atlas.steer import Intervention, steer
-from helpers import CFG, HOSTILE_TOKENS, assert_one_line_error, assert_tokens_escaped, atlas, corpus_file
+from helpers import (CFG, HOSTILE_TOKENS, assert_one_line_error, assert_tokens_escaped, atlas, atlas_here,
+                     corpus_file)
 
 PROMPTS = [[5, 9, 13], [20, 21], [7, 30, 31, 32]]
 
@@ -240,8 +246,8 @@ def test_pages_show_the_clamp_check(tiny_atlas):
 # -- the command line -----------------------------------------------------------------------
 def test_steer_command(tiny_model_dir):
     model = str(tiny_model_dir("llama"))
-    proc = atlas("steer", "--model", model, "--device", "cpu", "--neuron", "1/40", "--value", "50",
-                 "--neuron", "L0/N2", "--value", "-30", "--tokens", "5", "--json", "dog cat")
+    proc = atlas_here("steer", "--model", model, "--device", "cpu", "--neuron", "1/40", "--value", "50",
+                      "--neuron", "L0/N2", "--value", "-30", "--tokens", "5", "--json", "dog cat")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["interventions"] == [{"layer": 1, "neuron": 40, "value": 50.0}, {"layer": 0, "neuron": 2, "value": -30.0}]
@@ -258,13 +264,19 @@ def test_steer_command(tiny_model_dir):
     (["--neuron", "0/1", "--value", "1", "--tokens", "0"], "--tokens must be at least 1"),
 ])
 def test_steer_bad_input_is_one_line(tiny_model_dir, args, message):
-    proc = atlas("steer", "--model", str(tiny_model_dir("llama")), "--device", "cpu", *args, "dog")
+    proc = atlas_here("steer", "--model", str(tiny_model_dir("llama")), "--device", "cpu", *args, "dog")
     assert_one_line_error(proc, message)
 
 
+def test_steer_bad_input_in_a_real_process(tiny_model_dir):
+    proc = atlas("steer", "--model", str(tiny_model_dir("llama")), "--device", "cpu", "--neuron", "0/48",
+                 "--value", "3", "dog")
+    assert_one_line_error(proc, "neuron 0/48 is out of range")
+
+
 def test_steer_reads_normalisers_from_an_atlas(tiny_atlas):
-    proc = atlas("steer", "--atlas", str(tiny_atlas.out), "--device", "cpu", "--neuron", "1/3", "--value", "4x",
-                 "--tokens", "3", "--json", "dog")
+    proc = atlas_here("steer", "--atlas", str(tiny_atlas.out), "--device", "cpu", "--neuron", "1/3", "--value", "4x",
+                      "--tokens", "3", "--json", "dog")
     assert proc.returncode == 0, proc.stderr
     with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb"), read_only=True) as con:
         norm = con.execute("SELECT normaliser FROM neurons WHERE layer = 1 AND neuron = 3").fetchone()[0]

@@ -1,4 +1,9 @@
-"""The corpus pass: exemplars, quantiles, histograms and attribution against brute force, on tiny models."""
+"""The corpus pass: exemplars, quantiles, histograms and attribution against brute force, on tiny models.
+
+The bad corpora run `atlas exemplars` in this process (``atlas_here``): the point is the message
+and the untouched store, and a real process would spend ~5 s importing torch for each;
+tests/test_bad_input.py keeps a bad corpus in a real ``python -m atlas`` process.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from atlas.stages.corpus import Deduper, cut_rows, default_sources, describe_def
 from atlas.stages.decode import DecodeConfig
 from atlas.stages.exemplars import ExemplarConfig, hooked_pass, k_tail, read_rows
 from atlas.pipeline import Build
-from helpers import CFG, assert_one_line_error, atlas, corpus_file, duplicate_windows, float_bits, tiny_model
+from helpers import CFG, assert_one_line_error, atlas_here, corpus_file, duplicate_windows, float_bits, tiny_model
 
 
 @pytest.fixture
@@ -412,10 +417,10 @@ def test_bad_corpora_fail_in_one_line_and_keep_the_store(built, tmp_path):
     before = duckdb.connect(str(out / "atlas.duckdb"), read_only=True).execute(
         "SELECT count(*) FROM decoded_tokens").fetchone()
     for name, needle in cases:
-        proc = atlas("exemplars", "--out", out, "--model", model, "--corpus", tmp_path / name,
-                      "--context", 16, "--quiet")
+        proc = atlas_here("exemplars", "--out", out, "--model", model, "--corpus", tmp_path / name,
+                          "--context", 16, "--quiet")
         assert_one_line_error(proc, needle)
-    assert_one_line_error(atlas("exemplars", "--out", out, "--model", model, "--max-tokens", 0, "--context", 0),
+    assert_one_line_error(atlas_here("exemplars", "--out", out, "--model", model, "--max-tokens", 0, "--context", 0),
                           "--context")
     with duckdb.connect(str(out / "atlas.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM decoded_tokens").fetchone() == before
