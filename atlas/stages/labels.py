@@ -82,8 +82,9 @@ def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
         con.register("label_names", names)
         try:
             # Evidence other than the word itself; the largest summed cosine names the concept.
-            info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim, 1, keep=f"""
-                SEMI JOIN label_names USING (word) WHERE n_ev >= {int(cfg.label_min_evidence)}
+            info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim,
+                                  cfg.label_min_evidence, keep="""
+                SEMI JOIN label_names USING (word)
                 QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1""")
             for layer, neuron, word, evidence, sim in con.execute(
                     "SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores").fetchall():
