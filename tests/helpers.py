@@ -433,9 +433,10 @@ def duplicate_windows(con) -> list[tuple]:
     return con.execute("""
         SELECT layer, neuron, polarity, count(*) AS c FROM (
             SELECT e.layer, e.neuron, e.polarity,
-                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1,
-                              e.window_start + len(e.window_activations)) AS win
-            FROM exemplars e JOIN corpus_docs d USING (doc_id))
+                   list_slice(d.token_ids, greatest(e.window_start, 0) + 1, e.window_start + w.n) AS win
+            FROM exemplars e JOIN corpus_docs d USING (doc_id),
+                 (SELECT CAST(value->'window'->>'before' AS INT) + CAST(value->'window'->>'after' AS INT) + 1 AS n
+                  FROM atlas_meta WHERE key = 'corpus') w)
         GROUP BY layer, neuron, polarity, win HAVING c > 1 ORDER BY ALL""").fetchall()
 
 

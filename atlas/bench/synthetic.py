@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from atlas import __version__
 from atlas.resources import hostile
-from atlas.config import HOLDS, ClampConfig, ClusterConfig
+from atlas.config import HOLDS, ClampConfig, ClusterConfig, ExemplarConfig
 from atlas.schema import SIDES, SIDE_STATS
 from atlas.stages import STAGES
 from atlas.stages.contract import Context, insert_arrow, write_record
@@ -96,6 +96,7 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
 
 N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 24      # the default window of activations.py
 CLAMP = ClampConfig()                                          # the clamp stage's defaults
+WINDOW_RANKS = ExemplarConfig().window_ranks                   # ranks that keep their window, as the stage does
 
 
 def _corpus_docs(words: list[str], rng: np.random.Generator) -> pa.Table:
@@ -139,7 +140,8 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
         "activation": pa.array(both("activation").astype(np.float32)),
         "norm_activation": pa.array(both("norm").astype(np.float32)),
         "window_start": pa.array((both("token_pos") - WINDOW_BEFORE).astype(np.int32)),
-        "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(windows.ravel()), WINDOW)})
+        "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(windows.ravel()), WINDOW,
+                                                                mask=pa.array(both("rank") >= WINDOW_RANKS))})
     counts = rng.poisson(np.exp(-np.linspace(-3, 3, 64) ** 2) * 200, (d, 64)).astype(np.int64)
     histograms = pa.table({"layer": pa.array(np.full(d, layer, np.int16)),
                            "neuron": pa.array(np.arange(d, dtype=np.int32)),

@@ -120,6 +120,7 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], scale: 
             FROM exemplars e JOIN corpus_docs d USING (doc_id)
             WHERE e.layer = ? AND e.neuron >= ? AND e.neuron < ?
               AND e.rank < CASE e.polarity WHEN 'max' THEN {SHOWN_MAX} ELSE {SHOWN_MIN} END
+              AND e.window_activations IS NOT NULL     -- deeper than --window-ranks: no strip
             ORDER BY e.neuron, e.polarity, e.rank""", [layer, lo, hi]).fetchall()
     if rows:
         levels = shade_levels([r[5] for r in rows], [scale.get(r[0]) for r in rows])

@@ -123,6 +123,12 @@ def _last_value(name: str) -> str:
     return f'coalesce(len("{name}") + 1 - {from_end}, 0)'
 
 
+def _trimmed(values: str) -> str:
+    """SQL for list ``values`` without its trailing nulls (``group_columns`` pads them back)."""
+    kept = f"list_position(list_reverse([v IS NOT NULL FOR v IN {values}]), true)"
+    return f"list_slice({values}, 1, coalesce(len({values}) + 1 - {kept}, 0))"
+
+
 def _token_index(con, tables: list[str]) -> str | None:
     """SQL for every token that ``tables`` mention, per neuron of a block: ``neuron, token_id,
     token`` and ``__token``, its place in the file's ``"tokens"`` (by id, from 0)."""
@@ -174,9 +180,11 @@ def table_sql(con, table: str, order: str, tables: list[str]) -> str:
         elif name == WINDOW[0] and WINDOW[1] in types:
             # Only the window's positions inside the input: from max(start, 0) to its last value.
             inside = f"list_slice({compact(name, dtype)}, greatest(0, -\"{WINDOW[1]}\") + 1, {_last_value(name)})"
-            helpers.append(f'{array_step(name)} AS "__step_{name}"')
-            fields += [f'"{name}" := list({inside} ORDER BY {rest})',
-                       f'"{name}{EXPONENT}" := list("__step_{name}" ORDER BY {rest})',
+            # Ranks deeper than --window-ranks have no window: their trailing nulls are left out.
+            helpers.append(f'CASE WHEN "{name}" IS NOT NULL THEN {array_step(name)} END AS "__step_{name}"')
+            windows = _trimmed(f"list({inside} ORDER BY {rest})")
+            steps = _trimmed(f'list("__step_{name}" ORDER BY {rest})')
+            fields += [f'"{name}" := {windows}', f'"{name}{EXPONENT}" := {steps}',
                        f'"{name}{LENGTH}" := max(len("{name}"))']
         else:
             fields.append(f'"{name}" := list({compact(name, dtype)} ORDER BY {rest})')
@@ -256,8 +264,9 @@ def group_columns(node: dict, data: dict) -> dict:
         elif isinstance(exp, list):        # an array column: one exponent per row
             out[name] = [None if v is None else array_values(v, e) for v, e in zip(col, exp)]
             if name == WINDOW[0] and name + LENGTH in node:
+                starts = node[WINDOW[1]]        # the rows with no window at the end were left out
                 out[name] = [None if v is None else _padded(v, start, node[name + LENGTH])
-                             for v, start in zip(out[name], node[WINDOW[1]])]
+                             for v, start in zip(out[name], starts)] + [None] * (len(starts) - len(out[name]))
         else:
             out[name] = [number(v, exp) for v in col]
     tokens = data.get("tokens")

@@ -229,7 +229,8 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
                                   "tokens": n_tokens, "hash": rows_hash,
                                   "sources": corpus_sources(cfg, counts),
                                   "near_duplicates_dropped": dedupe.dropped,
-                                  "window": {"before": cfg.window_before, "after": cfg.window_after}})
+                                  "window": {"before": cfg.window_before, "after": cfg.window_after,
+                                             "ranks": cfg.window_ranks}})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         ctx.finish(fp, cfg, quick_key=quick_key(ctx, cfg))
         faults.point(STAGE, "written, not committed")
@@ -384,6 +385,8 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
         n = norm[layer, neuron]
         act = vals.numpy()[layer, rank, neuron]
         w = wins.numpy()[layer, rank, neuron]                                  # [n, W]
+        windowed = rank < cfg.window_ranks                                     # deeper ranks: no window
+        offsets = np.concatenate([[0], np.cumsum(windowed * w.shape[1])]).astype(np.int32)
         parts.append(pa.table({
             "layer": pa.array(layer.astype(np.int16)), "neuron": pa.array(neuron.astype(np.int32)),
             "polarity": pa.array(np.full(len(p), polarity, object), pa.string()),
@@ -392,8 +395,7 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
             "norm_activation": pa.array(np.where(n > 0, act / np.where(n > 0, n, 1), np.nan).astype(np.float32)),
             "window_start": pa.array((p % T - state.before).astype(np.int32)),
             "window_activations": pa.ListArray.from_arrays(
-                pa.array(np.arange(len(p) + 1, dtype=np.int32) * w.shape[1]),
-                pa.array(w.reshape(-1).astype(np.float32))),
+                pa.array(offsets), pa.array(w[windowed].reshape(-1).astype(np.float32)), mask=pa.array(~windowed)),
         }))
     insert_arrow(con, "exemplars", pa.concat_tables(parts), order="layer, neuron, polarity, rank")
     n_tok = max(int(state.n_tokens), 1)

@@ -19,7 +19,7 @@ from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
 from atlas.site.neuron_json import FORMAT, table_rows
 from atlas.site.neuron_pages import SHOWN_TOKENS
 from atlas.site.text import fmt_act, fmt_logit, fmt_stat, token_cell
-from atlas.bench.synthetic import make_synthetic_store
+from atlas.bench.synthetic import WINDOW_RANKS, make_synthetic_store
 
 from helpers import parse, resolve
 
@@ -93,6 +93,9 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         # What follows from other columns, and the nulls of window positions outside the input,
         # are left out of the file (table_rows puts them back, checked below).
         assert '"prob"' not in raw and '"norm_activation"' not in raw and ',null]' not in raw and '[null' not in raw
+        # Ranks past --window-ranks have no window, and the file leaves them out rather than writing nulls.
+        assert all(len(e["window_activations"]) == len(e["window_activations_exp"]) == WINDOW_RANKS < len(e["doc_id"])
+                   for e in data["exemplars"].values())
         page = (site / f"neurons/{layer}/{n}/index.html").read_text()
         key = "layer = ? AND neuron = ?"
 
