@@ -48,13 +48,13 @@ def cluster_sections(con, layer: int, lo: int, hi: int, key: str) -> dict[int, d
                     "json": clusters.get(c, ("", "null"))[1]}
                 for n, c in con.execute("SELECT neuron, cluster_id FROM neurons WHERE layer = ? AND neuron >= ? "
                                         "AND neuron < ? AND cluster_id IS NOT NULL", [layer, lo, hi]).fetchall()}
-    for n, nb_layer, nb_neuron, cosine, label in con.execute("""
-            SELECT g.neuron, g.nb_layer, g.nb_neuron, g.cosine, n.label
-            FROM neighbours g LEFT JOIN neurons n ON n.layer = g.nb_layer AND n.neuron = g.nb_neuron
-            WHERE g.layer = ? AND g.neuron >= ? AND g.neuron < ? ORDER BY g.neuron, g.rank""",
-            [layer, lo, hi]).fetchall():
+    # Their labels are not repeated on every page that lists them: atlas-neuron.js adds them
+    # from the search index's label files.
+    for n, nb_layer, nb_neuron, cosine in con.execute("""
+            SELECT neuron, nb_layer, nb_neuron, cosine FROM neighbours
+            WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, rank""", [layer, lo, hi]).fetchall():
         if n in sections:
-            sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine, visible(label)))
+            sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine))
     return sections
 
 

@@ -41,17 +41,14 @@ SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gat
 
 
 def side_section(side: str, tokens: dict[str, list[tuple]], row: dict, pushed: dict[int, float] | None) -> NS:
-    """One decoded side of a page: its stats and its shown top and bottom rows (``SHOWN_TOKENS``),
-    with ``top_of``/``bottom_of`` the number decoded where the page shows fewer."""
-    shown = dict(zip(("top", "bottom"), SHOWN_TOKENS.get(side, (None, None))))
-    parts = {}
-    for polarity, rows in tokens.items():
-        cut = rows[:shown[polarity]]
-        parts[polarity] = logit_rows(cut, pushed if (side, polarity) == ("out", "top") else None)
-        parts[f"{polarity}_shown"] = len(cut)
-        parts[f"{polarity}_of"] = len(rows) if len(cut) < len(rows) else None
-    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed) and side == "out",
-              stats=NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS}), **parts)
+    """One decoded side of a page: its stats, and the `out` side's top and bottom rows. A
+    reading side (``SHOWN_TOKENS``) names only how many rows to show: atlas-neuron.js draws
+    them from the neuron's JSON."""
+    stats = NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS})
+    if side in SHOWN_TOKENS:
+        return NS(name=side, title=SIDE_TITLES[side], stats=stats, shown=SHOWN_TOKENS[side])
+    parts = {polarity: logit_rows(rows, pushed if polarity == "top" else None) for polarity, rows in tokens.items()}
+    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, **parts)
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -72,9 +69,8 @@ def _delta(d: float | None) -> str:
 
 
 def neighbour_rows(rows: list[tuple]) -> Markup:
-    """List items of (layer, neuron, cosine, label), linked relative to a neuron page."""
-    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f} {escape(label)}'
-                          for layer, n, cosine, label in rows))
+    """List items of (layer, neuron, cosine), linked relative to a neuron page."""
+    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f}' for layer, n, cosine in rows))
 
 
 # -- what every page of a site shares ----------------------------------------------------

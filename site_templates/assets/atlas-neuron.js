@@ -1,5 +1,7 @@
-// Neuron pages: keyboard navigation, copy buttons and strip values for the keyboard. Everything on a page works without
-// this script; it only adds shortcuts.
+// Neuron pages: keyboard navigation, copy buttons, strip values for the keyboard, and two things
+// drawn from files the page does not repeat: the reading sides' token tables (from the neuron's
+// JSON) and the neighbours' labels (from the search index's label files). Without this script a
+// page still shows its label, strips, `out` tokens, numbers and links, and says where the rest is.
 (function () {
   "use strict";
 
@@ -131,6 +133,87 @@
     list.textContent = " (" + values.join(", ") + ")";
     strips[j].appendChild(list);
     strips[j].tabIndex = 0;
+  }
+
+  // Token and label text is untrusted: it reaches the page through textContent only, made
+  // visible as the site's Python does it (text.show_token and text.visible, its twins).
+  var SYMBOLS = { " ": "\u2423", "\n": "\u21b5", "\t": "\u21e5" };
+  var INVISIBLE = /^[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}]$/u;
+  function reveal(text, symbols) {
+    return Array.from(text, function (ch) {
+      if (symbols[ch] !== undefined) return symbols[ch];
+      return INVISIBLE.test(ch) ? "\u27e8U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + "\u27e9" : ch;
+    }).join("");
+  }
+  function showToken(token) { return (token == null ? "" : reveal(token, SYMBOLS)) || "\u2205"; }
+  function visible(label) { return label ? reveal(label.split(/\s+/).filter(Boolean).join(" "), { " ": " " }) : ""; }
+  function getJSON(url) {
+    return fetch(url).then(function (r) { if (!r.ok) throw new Error(url + ": " + r.status); return r.json(); });
+  }
+
+  // The reading sides: each side's strongest and weakest rows (data-shown) of the JSON's
+  // decoded_tokens, as the `out` side's tables are on the page (rank by CSS counter).
+  function logitTable(polarity, group, names, shown) {
+    var table = document.createElement("table"), head = table.insertRow(), th = document.createElement("th");
+    table.className = "atlas-logits";
+    th.textContent = polarity;
+    if (group.token.length > shown) {
+      var small = document.createElement("small");
+      small.textContent = shown + " of " + group.token.length;
+      th.append(" ", small);
+    }
+    var th2 = document.createElement("th");
+    th2.textContent = "logit";
+    head.append(th, th2);
+    var scale = Math.pow(10, group.logit_exp || 0);
+    for (var r = 0; r < Math.min(shown, group.token.length); r++) {
+      var row = table.insertRow(), logit = group.logit[r];
+      row.insertCell().textContent = showToken(names[group.token[r]]);
+      row.insertCell().textContent = logit == null ? "\u2013" : (logit * scale).toFixed(2);
+    }
+    return table;
+  }
+  var reads = document.querySelector("details.atlas-reads[data-json]");
+  if (reads) {
+    getJSON(reads.getAttribute("data-json")).then(function (data) {
+      var names = data.tokens ? data.tokens.token : [], decoded = data.decoded_tokens || {};
+      reads.querySelectorAll("div.atlas-read[data-side]").forEach(function (div) {
+        var side = decoded[div.getAttribute("data-side")] || {}, shown = div.getAttribute("data-shown").split(" ");
+        ["top", "bottom"].forEach(function (polarity, i) {
+          if (side[polarity]) div.appendChild(logitTable(polarity, side[polarity], names, Number(shown[i])));
+        });
+      });
+      reads.setAttribute("data-state", "drawn");
+    }).catch(function (err) {
+      var p = document.createElement("p");
+      p.className = "atlas-stats";
+      p.textContent = "The tokens could not be loaded (" + err.message + "); they are in the JSON.";
+      reads.appendChild(p);
+      reads.setAttribute("data-state", "failed");
+    });
+  }
+
+  // The neighbours' labels, from the label files of the neurons listed (idx/labels/<layer>/<chunk>.json).
+  var neighbours = document.querySelector("ol.atlas-nb[data-index]");
+  if (neighbours) {
+    var index = neighbours.getAttribute("data-index");
+    getJSON(index + "meta.json").then(function (meta) {
+      var chunk = meta.label_chunk, items = [], files = [];
+      neighbours.querySelectorAll("li > a").forEach(function (a) {
+        var m = /(\d+)\/(\d+)\/$/.exec(a.getAttribute("href"));
+        if (!m || !chunk) return;
+        var file = m[1] + "/" + Math.floor(Number(m[2]) / chunk);
+        if (files.indexOf(file) < 0) files.push(file);
+        items.push([a.parentNode, file, Number(m[2]) % chunk]);
+      });
+      return Promise.all(files.map(function (f) { return getJSON(index + "labels/" + f + ".json"); })).then(function (lists) {
+        items.forEach(function (item) {
+          var label = visible(lists[files.indexOf(item[1])][item[2]]);
+          if (label) item[0].append(" " + label);
+        });
+        neighbours.setAttribute("data-state", "labelled");
+      });
+    }).catch(function () { neighbours.setAttribute("data-state", "unlabelled"); });
   }
 
   var blocks = document.querySelectorAll("pre[data-copy][id]");

@@ -58,7 +58,8 @@ def test_keys_move_between_neurons_and_layers(site_url, browser):
 def test_core_content_renders_without_javascript(site_url, browser):
     page = _open(browser.new_context(java_script_enabled=False), site_url + "neurons/0/0/")
     assert page.text_content("h1") == "Layer 0 · neuron 0"
-    assert page.locator("table.atlas-logits tr td:first-child").count() == sum(map(sum, SHOWN_TOKENS.values())) + (20 + 10)
+    assert page.locator("table.atlas-logits tr td:first-child").count() == 20 + 10     # `out`; in and gate need the script
+    assert "drawn from the JSON with JavaScript" in page.text_content("details.atlas-reads noscript")
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
     strongest = page.locator("ol.atlas-strips:not(.atlas-bands)")
@@ -73,6 +74,39 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.title() == "L0/N0: <script>alert(1)</script> · Neuron atlas: synthetic/gated-2x8"   # the label, as text
     assert "<script>alert(1)</script>" in page.text_content("#out")
     assert page.errors == []
+
+
+def test_script_draws_the_reading_sides_and_the_neighbours_labels(synthetic_site, browser):
+    """In and gate come from the neuron's JSON and read as the Python-made `out` table does (hostile
+    and invisible tokens included); the neighbours' labels come from the search index's label files."""
+    import duckdb
+
+    from atlas.site.text import fmt_logit, show_token, visible
+
+    root, site_url = synthetic_site
+    con = duckdb.connect(str(root / "atlas.duckdb"), read_only=True)
+    page = _open(browser.new_context(), site_url + "neurons/0/0/")
+    page.wait_for_selector("details.atlas-reads[data-state=drawn]", state="attached", timeout=10_000)
+    for side, (top, bottom) in SHOWN_TOKENS.items():
+        want = []
+        for polarity, shown in (("top", top), ("bottom", bottom)):
+            rows = con.execute("SELECT token, logit FROM decoded_tokens WHERE layer = 0 AND neuron = 0 AND side = ? "
+                               "AND polarity = ? ORDER BY rank", [side, polarity]).fetchall()
+            want += [[show_token(t), fmt_logit(lg)] for t, lg in rows[:shown]]
+            header = page.locator(f"#{side} table.atlas-logits th").filter(has_text=polarity).first.text_content()
+            assert header == f"{polarity} {shown} of {len(rows)}"
+        got = page.eval_on_selector_all(f"#{side} table.atlas-logits tr:has(td)",
+                                        "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+        assert got == want, side
+    assert any("<script>" in t or "⟨U+" in t for t, _ in got)         # the hostile tokens are among them, as text
+    page.wait_for_selector("ol.atlas-nb[data-state=labelled]", state="attached", timeout=10_000)
+    nbs = con.execute("SELECT g.nb_layer, g.nb_neuron, n.label FROM neighbours g JOIN neurons n ON n.layer = g.nb_layer "
+                      "AND n.neuron = g.nb_neuron WHERE g.layer = 0 AND g.neuron = 0 ORDER BY g.rank").fetchall()
+    items = page.eval_on_selector_all("ol.atlas-nb li", "lis => lis.map(li => li.textContent)")
+    assert len(items) == len(nbs) == 10
+    for text, (layer, n, label) in zip(items, nbs):
+        assert text.startswith(f"L{layer}/N{n} ") and text.endswith(" " + visible(label)), (text, label)
+    assert page.title() != "pwned" and page.errors == []
 
 
 def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, browser):
