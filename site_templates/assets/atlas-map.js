@@ -126,7 +126,8 @@
       return lines;
     }
 
-    var scatter = window.AtlasScatter(el, { tip: tip, open: open });
+    var scatter = window.AtlasScatter(el, { tip: tip, open: open,
+      label: "Map of " + total.toLocaleString() + " neurons: arrows pan, + and - zoom, 0 shows all; the find box above reaches one neuron" });
     scatter.setPoints(X, Y, G);
     scatter.setColours(colours(colourSelect.value));
     // Cluster names at the centroids of the biggest clusters, so the plot reads without hovering.

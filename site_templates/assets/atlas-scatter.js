@@ -160,7 +160,6 @@
 
     // DOM over the canvas follows the view: names at their points, the ring at its neuron.
     function place() {
-      var r = canvas.getBoundingClientRect();
       nameEls.forEach(function (el, a) {
         var px = w / 2 + (names[a].x - view.cx) * view.k, py = h / 2 - (names[a].y - view.cy) * view.k;
         el.hidden = !(px >= 0 && px <= w && py >= 0 && py <= h);
@@ -170,9 +169,9 @@
         el.style.transform = "translate(" + px.toFixed(1) + "px," + py.toFixed(1) + "px) translate(-50%,-50%)";
       });
       if (marked >= 0 && !(group >= 0 && G[marked] !== group)) {
-        var p = project(marked);
+        var rx = w / 2 + (X[marked] - view.cx) * view.k, ry = h / 2 - (Y[marked] - view.cy) * view.k;
         ring.hidden = false;
-        ring.style.transform = "translate(" + (p[0] - r.left).toFixed(1) + "px," + (p[1] - r.top).toFixed(1) + "px) translate(-50%,-50%)";
+        ring.style.transform = "translate(" + rx.toFixed(1) + "px," + ry.toFixed(1) + "px) translate(-50%,-50%)";
       } else {
         ring.hidden = true;
       }
@@ -292,6 +291,8 @@
     }, { passive: false });
     // Keys, for a reader without a pointer: arrows pan, + and - zoom, 0 fits everything.
     canvas.tabIndex = 0;
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", opts.label || "a scatter plot: arrows pan, + and - zoom, 0 shows every point");
     canvas.addEventListener("keydown", function (e) {
       var step = 60, keys = { ArrowLeft: [step, 0], ArrowRight: [-step, 0], ArrowUp: [0, step], ArrowDown: [0, -step] };
       if (keys[e.key]) panBy(keys[e.key][0], keys[e.key][1]);

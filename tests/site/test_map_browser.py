@@ -242,6 +242,38 @@ def test_drag_pans_and_the_wheel_zooms_about_the_cursor(page):
     page.evaluate(f"{SCATTER}.fit()")
 
 
+def test_touch_pinch_zooms_a_tap_shows_the_tip_and_a_second_tap_opens(site_url, browser):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, has_touch=True)
+    page = _ready(watch_errors(context.new_page()), site_url + "map/")
+    page.evaluate("document.getElementById('atlas-map').scrollIntoView()")   # the plot starts low on a phone
+    box = page.locator("#atlas-map").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    width = lambda: page.evaluate(f"{SCATTER}.view().x[1] - {SCATTER}.view().x[0]")   # noqa: E731
+    before = width()
+    cdp = context.new_cdp_session(page)
+
+    def touch(kind, spread):
+        points = [] if kind == "touchEnd" else [{"x": cx - spread, "y": cy, "id": 0}, {"x": cx + spread, "y": cy, "id": 1}]
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": points})
+
+    touch("touchStart", 20)
+    for spread in range(30, 100, 10):                       # fingers apart: 40 px to 180 px
+        touch("touchMove", spread)
+    touch("touchEnd", 0)
+    page.wait_for_function(f"{SCATTER}.view().x[1] - {SCATTER}.view().x[0] < {before / 3}")
+    assert 3.5 < before / width() < 5.5, before / width()   # zoomed by the fingers' 4.5x, give or take a step
+    page.evaluate(f"{SCATTER}.fit()")
+    x, y = _point_on_screen(page, 1, 9)
+    page.touchscreen.tap(x, y)
+    page.wait_for_selector(TIP, state="visible", timeout=10_000)
+    assert page.text_content(TIP).startswith("L1/N9 ") and page.url.endswith("/map/")
+    with page.expect_navigation(timeout=10_000):
+        page.touchscreen.tap(x, y)
+    assert page.url.endswith("/neurons/1/9/"), page.url
+    assert page.errors == []
+    context.close()
+
+
 def test_without_webgl_the_map_says_so_and_draws_on_a_2d_canvas(site_url, browser):
     page = watch_errors(browser.new_page(viewport={"width": 1200, "height": 900}))
     page.add_init_script("""(() => { const get = HTMLCanvasElement.prototype.getContext;
