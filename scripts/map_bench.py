@@ -1,13 +1,16 @@
 """Time the map page in headless Chromium: time to first draw and frames per second while panning.
 
-    .venv/bin/python scripts/map_bench.py [--sizes 46080,458752] [--gl2d PATH]
+    .venv/bin/python scripts/map_bench.py [--sizes 46080,458752] [--plotly PATH ...]
 
 One small synthetic site is rendered, then its map is refilled with synthetic points of each
 size (per layer JSON, as `render` writes them) and opened with each renderer:
 
-- ``plotly``: the full plotly.min.js inside the PyPI ``plotly`` package (what a site gets without npm);
-- ``plotly-gl2d``: plotly's own partial bundle from npm (plotly.js-gl2d-dist-min), same page and code;
-- ``raw-webgl``: a bare ``gl.POINTS`` renderer written here, the floor any library sits above.
+- ``atlas-scatter``: the map page itself, drawn by assets/atlas-scatter.js (what a site ships);
+- ``plotly`` bundles, for comparison, when given or found: the full plotly.min.js of a PyPI
+  ``plotly`` package still importable here, and npm's gl2d partial bundle where an older
+  scripts/setup installed it; drawn by a minimal page written here (one scattergl trace per
+  layer, hover text, pan), the way the map drew before atlas-scatter.js replaced it;
+- ``raw-webgl``: a bare ``gl.POINTS`` renderer written here, the floor any renderer sits above.
 
 First draw is navigation start to the first frame after the map says it has drawn (the page sets
 ``data-points``). Panning is a real mouse drag of 60 steps; fps = animation frames the page
@@ -91,6 +94,24 @@ Promise.all(data.layers.map((_, l) => fetch("points/" + l + ".json").then(r => r
 </script>"""
 
 
+# The comparison: plotly's WebGL scatter over the same points, one trace per layer, as the map was.
+PLOTLY_PAGE = """<!doctype html><meta charset=utf-8><title>plotly</title>
+<body style="margin:0"><div id="atlas-map" style="width:100%;height:78vh"></div>
+<script id="atlas-map-data" type="application/json">__DATA__</script>
+<script src="../assets/plotly.min.js"></script>
+<script>
+const data = JSON.parse(document.getElementById("atlas-map-data").textContent);
+Promise.all(data.layers.map((_, l) => fetch("points/" + l + ".json").then(r => r.json()))).then(parts => {
+  const traces = parts.map((p, l) => ({type: "scattergl", mode: "markers", hoverinfo: "text",
+    x: p.x, y: p.y, text: p.label.map((t, j) => "L" + l + "/N" + j + " " + t),
+    marker: {size: 3, color: p.cluster.map(c => (c * 0.618) % 1), colorscale: "Viridis", cmin: 0, cmax: 1}}));
+  const el = document.getElementById("atlas-map");
+  return Plotly.newPlot(el, traces, {margin: {l: 0, r: 0, t: 0, b: 0}, showlegend: false, dragmode: "pan",
+    hovermode: "closest", xaxis: {visible: false}, yaxis: {visible: false, scaleanchor: "x"}},
+    {scrollZoom: true, displaylogo: false}).then(() => el.setAttribute("data-points", String(traces.length)));
+});
+</script>"""
+
 def synthetic_points(n_layers: int, per_layer: int, seed: int = 0) -> list[dict]:
     """Points as `render` writes them: per layer x, y, cluster, label; clusters as blobs on a plane."""
     rng = np.random.default_rng(seed)
@@ -121,6 +142,7 @@ def refill_map(site: Path, parts: list[dict]) -> None:
     end = html.index("</script>", start)
     page.write_text(html[:start] + json.dumps(data) + html[end:], encoding="utf-8")
     (site / "map" / "raw.html").write_text(RAW_PAGE.replace("__DATA__", json.dumps(data)), encoding="utf-8")
+    (site / "map" / "plotly.html").write_text(PLOTLY_PAGE.replace("__DATA__", json.dumps(data)), encoding="utf-8")
 
 
 def measure(browser, url: str, pan_target: str) -> tuple[float, float]:
@@ -154,28 +176,46 @@ def webgl_renderer(browser) -> str:
     return name
 
 
+def plotly_bundles(extra: list[Path]) -> dict[str, Path]:
+    """The plotly.js bundles to compare with: PyPI plotly's full bundle if importable, npm's gl2d, any given."""
+    found = {}
+    try:
+        import plotly
+
+        full = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+        if full.is_file():
+            found[f"plotly.js full (PyPI plotly {plotly.__version__})"] = full
+    except ImportError:
+        pass
+    if GL2D.is_file():
+        found["plotly.js gl2d (npm plotly.js-gl2d-dist-min)"] = GL2D
+    for path in extra:
+        found[f"plotly.js {path.name}"] = path
+    return found
+
+
 def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     from atlas.bench.synthetic import make_synthetic_store
     from atlas.config import RenderConfig
-    from atlas.site.clusters import _plotly_bundle
     from atlas.site.render import render
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="46080,458752", help="neuron counts, comma-separated")
-    ap.add_argument("--gl2d", type=Path, default=GL2D, help="plotly-gl2d.min.js from npm's plotly.js-gl2d-dist-min")
+    ap.add_argument("--plotly", type=Path, action="append", default=[], help="a plotly.js bundle to compare with")
+    ap.add_argument("--no-plotly", action="store_true", help="measure atlas-scatter and the floor only")
     args = ap.parse_args(argv)
-    bundles = {"plotly": _plotly_bundle()}
-    if args.gl2d.is_file():
-        bundles["plotly-gl2d"] = args.gl2d
-    else:
-        print(f"map_bench: no {args.gl2d} (scripts/setup installs it with npm); measuring without it", file=sys.stderr)
+    bundles = {} if args.no_plotly else plotly_bundles(args.plotly)
+    if not bundles and not args.no_plotly:
+        print("map_bench: no plotly.js bundle here (pip install plotly, or --plotly PATH); measuring without it",
+              file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = make_synthetic_store(tmp / "atlas.duckdb", 2, 16, vocab_size=256, clusters=True)
         render(store, tmp / "site", RenderConfig(workers=1), progress=False)
         site = tmp / "site"
+        scatter = site / "assets" / "atlas-scatter.js"
         rows = []
         with sync_playwright() as pw, served(site) as base:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -183,17 +223,18 @@ def main(argv=None) -> int:
             for size in (int(s) for s in args.sizes.split(",")):
                 n_layers = 30 if size <= 46_080 else 32
                 refill_map(site, synthetic_points(n_layers, size // n_layers))
+                runs = [("atlas-scatter", scatter.stat().st_size, "map/", "#atlas-map")]
                 for name, bundle in bundles.items():
                     shutil.copyfile(bundle, site / "assets" / "plotly.min.js")
+                    runs.append((name, bundle.stat().st_size, "map/plotly.html", "#atlas-map"))
+                runs.append(("raw-webgl", 0, "map/raw.html", "#c"))
+                for name, nbytes, url, target in runs:
                     t = time.perf_counter()
-                    first, fps = measure(browser, base + "map/", "#atlas-map")
-                    rows.append((name, bundle.stat().st_size, size, first, fps))
+                    first, fps = measure(browser, base + url, target)
+                    rows.append((name, nbytes, size, first, fps))
                     print(f"  {name} {size:,}: {first:.2f} s, {fps:.1f} fps ({time.perf_counter() - t:.0f} s)", flush=True)
-                first, fps = measure(browser, base + "map/raw.html", "#c")
-                rows.append(("raw-webgl", 0, size, first, fps))
-                print(f"  raw-webgl {size:,}: {first:.2f} s, {fps:.1f} fps", flush=True)
             browser.close()
-    print("\n| renderer | bundle bytes | points | first draw (s) | pan fps |\n|---|---:|---:|---:|---:|")
+    print("\n| renderer | script bytes | points | first draw (s) | pan fps |\n|---|---:|---:|---:|---:|")
     for name, nbytes, size, first, fps in rows:
         print(f"| {name} | {nbytes:,} | {size:,} | {first:.2f} | {fps:.1f} |")
     return 0

@@ -309,7 +309,8 @@ def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_p
     out = tmp_path / "out"
     shutil.copytree(clean["out"], out)
     rows = store_rows(out / "atlas.duckdb")
-    # Another render setting makes the site stale; the plotly bundle (4 MB) cannot be written.
+    # Another render setting makes the site stale; the exports' copy of the store (7 MB), the first file
+    # over 1 MiB that a render writes, cannot be written.
     proc = atlas("build", "--out", out, "--model", model, "--corpus", corpus, *BUILD, "--layer-preview", 2,
                      env={"SOURCE_DATE_EPOCH": EPOCH}, fsize=1 << 20)
     assert_one_line_error(proc, "out of disk space")

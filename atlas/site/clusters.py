@@ -1,21 +1,17 @@
 """The cluster stage on the site: a section on each neuron page, a page per cluster, the map.
 
 Called from ``render``; a store without a finished cluster stage renders without them.
-The map is one jinja page plus one small JSON file of points per layer, drawn with plotly.js
-WebGL scatter (copied at render time, never committed): plotly's own gl2d partial bundle when
-scripts/setup installed it with npm (a third of the bytes; see README, "The map"), else the full
-bundle that ships inside the ``plotly`` Python package. The map page names the one it got.
+The map is one jinja page plus one small JSON file of points per layer, drawn by
+``assets/atlas-scatter.js``, a WebGL point renderer of a few hundred lines written for it (it
+replaced plotly.js, whose parse time kept the page's Lighthouse score under 80; README, "Clusters
+and the map").
 """
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
-import sys
 from pathlib import Path
 
-from atlas.errors import AtlasError
 from atlas.site.text import script_json, to_json, visible
 from atlas.store import finished_stage
 
@@ -70,49 +66,9 @@ def summary(con) -> dict | None:
             "exemplar_labels": bool(status.get("exemplar_labels"))}
 
 
-# npm's plotly.js-gl2d-dist-min, pinned in scripts/setup, where it installs npm packages.
-GL2D_PACKAGE = "plotly.js-gl2d-dist-min"
-
-
-def _gl2d_bundle() -> tuple[Path, str] | None:
-    folder = Path(sys.prefix) / "share" / "atlas" / "npm" / "node_modules" / GL2D_PACKAGE
-    try:
-        version = json.loads((folder / "package.json").read_text(encoding="utf-8"))["version"]
-    except (OSError, ValueError, KeyError):
-        return None
-    path = folder / "plotly-gl2d.min.js"
-    return (path, f"plotly.js gl2d {version} (npm {GL2D_PACKAGE}@{version})") if path.is_file() else None
-
-
-def chart_bundle() -> tuple[Path, str]:
-    """The plotly.js bundle the map loads, and its source and version in words."""
-    gl2d = _gl2d_bundle()
-    if gl2d:
-        return gl2d
-    path = _plotly_bundle()
-    import plotly
-
-    head = path.read_bytes()[:400].decode("utf-8", "replace")
-    js = re.search(r"plotly\.js v([\w.]+)", head)
-    return path, f"plotly.js {js.group(1) if js else '?'} (PyPI plotly {plotly.__version__})"
-
-
-def _plotly_bundle() -> Path:
-    try:
-        import plotly
-    except ImportError:
-        raise AtlasError("the map needs the `plotly` package (pip install plotly)") from None
-    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    if not path.is_file():
-        raise AtlasError(f"plotly is installed but has no bundled plotly.min.js at {path}")
-    return path
-
-
 def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[int], templates: Path) -> dict:
     """Write ``clusters/``, ``clusters/<id>/`` and ``map/`` into ``site``; returns counts."""
-    bundle, chart_library = chart_bundle()
-    shutil.copyfile(bundle, site / "assets" / "plotly.min.js")
-    for name in ("atlas-map.js", "atlas-map.css"):
+    for name in ("atlas-scatter.js", "atlas-map.js", "atlas-map.css"):
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
     clusters = con.execute("SELECT cluster_id, size, label, x, y, cohesion FROM clusters "
                            "ORDER BY cluster_id").fetchall()
@@ -163,6 +119,6 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
     data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters]}}
     (site / "map" / "index.html").write_text(env.get_template("map.html").render(
         site=page_site, root="../", canonical=None, n_neurons=sum(layer_sizes), n_clusters=len(clusters),
-        n_layers=len(layer_sizes), data_json=script_json(data), chart_library=chart_library), encoding="utf-8")
+        n_layers=len(layer_sizes), data_json=script_json(data)), encoding="utf-8")
     return {"clusters": len(clusters)}
 
