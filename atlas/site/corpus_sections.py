@@ -16,6 +16,7 @@ token is a ``<b>``; the tokens the neuron does not react to are plain text.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import orjson
@@ -210,11 +211,19 @@ def histogram_figure(counts: list[int], edges: np.ndarray) -> dict:
             parts.append(f"h{round(i * step) - x}v{prev - h}")
             x, prev = round(i * step), h
     parts.append(f"H{HIST_W}V{HIST_H}Z")
-    lo, hi = edges[first], edges[last + 1]
+    kept = _ticks(tuple(edges[first:last + 2].tolist()))
+    return {"path": "".join(parts), "ticks": kept, "count_max": int(c.max()) if len(c) else 0,
+            "zero": next((x for x, label in kept if label == "0"), None)}
+
+
+@lru_cache(maxsize=4096)
+def _ticks(edges: tuple[float, ...]) -> list[tuple[int, str]]:
+    """The x ticks over bins with these edges: the same for every neuron that uses the same bins."""
+    step = HIST_W / (len(edges) - 1)
     ticks = []
     for v in (0.0, *(sign * 10.0 ** p for p in range(-2, 4) for sign in (-1, 1))):
-        if lo <= v <= hi:
-            pos = float(np.interp(v, edges[first:last + 2], np.arange(last + 2 - first))) * step
+        if edges[0] <= v <= edges[-1]:
+            pos = float(np.interp(v, edges, np.arange(len(edges)))) * step
             ticks.append((round(pos), fmt_tick(v)))
     ticks.sort()
     kept = [t for t in ticks if t[1] == "0"]
@@ -222,8 +231,7 @@ def histogram_figure(counts: list[int], edges: np.ndarray) -> dict:
         if all(abs(t[0] - k[0]) >= 22 for k in kept):
             kept.append(t)
     kept.sort()
-    return {"path": "".join(parts), "ticks": kept, "count_max": int(c.max()) if len(c) else 0,
-            "zero": next((x for x, label in kept if label == "0"), None)}
+    return kept
 
 
 def fmt_tick(v: float) -> str:
