@@ -28,7 +28,7 @@ from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_scale, strip_vocab
 from atlas.site.describe_sections import description_sections, has_descriptions
-from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, tokens_sql
+from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, token_index_sql, tokens_sql
 from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
@@ -111,7 +111,7 @@ def block_jobs(con, site: str, layer_sizes: list[int], page: dict, meta: dict, s
     common = {"site": site, "layer_sizes": layer_sizes, "site_url": site_url, "page": page,
               "schema_version": meta.get("schema_version"), "model_json": to_json(meta["model"]["id"]).rstrip("\n"),
               "sql": {"neurons": neurons_sql(con), "json": {t: table_sql(con, t, JSON_TABLES[t], tables) for t in tables},
-                      "tokens": tokens_sql(con, tables)},
+                      "tokens": tokens_sql(con, tables), "token_index": token_index_sql(con, tables)},
               "has_corpus": has_corpus, "has_clusters": has_clusters, "has_clamp": has_clamp,
               "has_descriptions": described}
     return [dict(common, layer=layer, lo=lo, hi=min(lo + BLOCK, size))
@@ -135,8 +135,10 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     decoded: dict[int, dict] = {}
     for n, side, polarity, token, logit in zip(*(cols[c].tolist() for c in ("neuron", "side", "polarity", "token", "logit"))):
         decoded.setdefault(n, {}).setdefault(side, {"top": [], "bottom": []})[polarity].append((token, logit))
+    if job["sql"]["token_index"]:
+        con.execute(job["sql"]["token_index"], args)
     rows_json = {table: dict(con.execute(sql, args).fetchall()) for table, sql in job["sql"]["json"].items()}
-    tokens_json = dict(con.execute(job["sql"]["tokens"], args).fetchall()) if job["sql"]["tokens"] else {}
+    tokens_json = dict(con.execute(job["sql"]["tokens"]).fetchall()) if job["sql"]["tokens"] else {}
 
     corpus: dict[int, dict] = {}
     if job["has_corpus"]:
