@@ -210,9 +210,10 @@ class _Scan:
             cache[i] = _grams(texts[i])
         return cache[i]
 
-    def chunks(self, chunk: int = CHUNK):
+    def chunks(self, chunk: int = CHUNK, with_z: bool = True):
         """Yield (first word, S, n, sim_sum, z_sum): S [terms, chunk] cosines with pairs that may not be
-        evidence set to -1; n, sim_sum, z_sum [neurons, chunk] over each pair's evidence."""
+        evidence set to -1; n, sim_sum, z_sum [neurons, chunk] over each pair's evidence (z_sum None
+        without ``with_z``)."""
         n_neurons = len(self.nt.keys)
         for lo in range(0, len(self.words), chunk):
             hi = min(lo + chunk, len(self.words))
@@ -249,7 +250,8 @@ class _Scan:
             size = n_neurons * (hi - lo)
             n = np.bincount(flat, minlength=size).reshape(n_neurons, hi - lo)
             sims = np.bincount(flat, weights=S[r, c][pair], minlength=size).reshape(n_neurons, hi - lo)
-            zs = np.bincount(flat, weights=self.m_z[member], minlength=size).reshape(n_neurons, hi - lo)
+            zs = np.bincount(flat, weights=self.m_z[member], minlength=size).reshape(n_neurons, hi - lo) \
+                if with_z else None
             yield lo, S, n, sims, zs
 
     def evidence(self, S: np.ndarray, neurons: np.ndarray, cols: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
@@ -339,7 +341,7 @@ def concept_names(con, vectors, normalise, z_sql: str, with_corpus: bool, lexico
     scan = _Scan(vectors, names, nt, min_sim, literal_counts=True)
     best = np.full(len(nt.keys), -np.inf)
     found: dict[int, tuple[int, list[str]]] = {}
-    for lo, S, n, sims, zs in scan.chunks():
+    for lo, S, n, sims, _ in scan.chunks(with_z=False):
         score = np.where(n >= min_evidence, sims, -np.inf)
         col = score.argmax(1)                                   # the first of equals: the word sorted first
         top = score[np.arange(len(col)), col]
