@@ -191,6 +191,9 @@ class _Scan:
         # ("pet", "petals"): such pairs get the exact test whatever their masks say.
         self.wshort = np.array([len(w) <= SPELLING for w in words], bool)
         self.tshort = np.array([len(t) <= SPELLING for t in nt.terms], bool)
+        # One text is a prefix of the other (both have 3 letters or more) only if they share their first 3.
+        self.whead = np.array([zlib.crc32(w[:3].encode("utf-8")) for w in words], np.int64)
+        self.thead = np.array([zlib.crc32(t[:3].encode("utf-8")) for t in nt.terms], np.int64)
         self.wgrams: dict[int, frozenset] = {}
         self.tgrams: dict[int, frozenset] = {}
         at = {w: i for i, w in enumerate(words)}
@@ -229,7 +232,7 @@ class _Scan:
             else:
                 literal = (self.same[r] == (c + lo)[:, None]).any(1)
                 bad = literal.copy()
-            short = self.tshort[r] | self.wshort[c + lo]
+            short = (self.tshort[r] | self.wshort[c + lo]) & (self.thead[r] == self.whead[c + lo])
             maybe = (((self.tmask[r, 0] & self.wmask[c + lo, 0]) != 0) & ((self.tmask[r, 1] & self.wmask[c + lo, 1]) != 0)
                      | short) & ~literal
             terms, words = self.nt.terms, self.words
