@@ -177,12 +177,17 @@ class LabelsConfig:
                 "name a neuron's concept; fewer: the label says there is no clear concept"})
     label_min_sim: float = field(default=0.15, metadata={
         "help": "cosine (word vectors) from which a decoded term counts as evidence for a concept word"})
+    label_min_centroid: float = field(default=0.45, metadata={
+        "help": "cosine (word vectors) between a concept word and the centroid of the neuron's decoded terms "
+                "from which the word names the neuron's concept; below it the label says there is no clear concept"})
 
     def validate(self) -> None:
         if self.label_min_evidence < 1:
             raise AtlasError("--label-min-evidence must be at least 1")
         if not 0 < self.label_min_sim < 1:
             raise AtlasError("--label-min-sim must be between 0 and 1")
+        if not -1 <= self.label_min_centroid <= 1:
+            raise AtlasError("--label-min-centroid must be between -1 and 1")
 
 
 @dataclass

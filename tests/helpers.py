@@ -447,6 +447,8 @@ CONCEPT_NEURONS = {
     (1, 9): [" red", " blue", " green", " pink", " yellow"],               # colours
     (0, 7): [" animal", " Animal", "animals"],                             # the word itself
     (1, 20): [" dog", " Dogs", "Dogs"],                                    # one word's variants
+    (1, 30): [" eleph", "itarian", " veterin", " dolph", " mamm"],         # pieces of animal words, no words
+    (1, 40): [" which", " might", " both", " would", " the"],              # function words
 }
 
 

@@ -98,6 +98,7 @@ BEFORE_LOAD = [
     ("serve port -1", ["serve", "--port", -1], ["--port -1"]),
     ("search limit -1", ["search", "dog", "--limit", -1], ["--limit -1", "at least 1"]),
     ("search limit 0", ["search", "dog", "--limit", 0], ["--limit 0"]),
+    ("label-min-centroid 2", ["labels", "--label-min-centroid", 2], ["--label-min-centroid", "between -1 and 1"]),
 ]
 AFTER_LOAD = [
     ("top-k over the vocabulary (build)", ["build", "--top-k", 1000], ["--top-k 1000", "vocabulary of 64"]),
@@ -118,6 +119,8 @@ def _argv(args: list, atlas_dir: dict) -> list:
     if command in ("decode", "exemplars"):
         return [command, "--out", atlas_dir["out"], *model, *(corpus if command == "exemplars" else []), "--quiet",
                 *rest]
+    if command == "labels":
+        return [command, "--out", atlas_dir["out"], *rest]
     if command == "steer":
         return [command, *model, "--neuron", "0/1", "--value", 4, *rest, "dog cat"]
     return [command, atlas_dir["out"], *rest]

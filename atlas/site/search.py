@@ -228,7 +228,7 @@ def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tupl
     and ``evidence``, and what each reported. New sources (an LLM's description words ...) join here."""
     selects, info = [], {}
     if concepts:
-        from atlas import wordvec
+        from atlas import lexicon, wordvec
         from atlas.site.concept_source import concept_matches
 
         vectors, why = wordvec.load()
@@ -242,7 +242,7 @@ def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tupl
             info["concepts"] = {"missing": why}
         else:
             select, info["concepts"] = concept_matches(con, vectors, normalise, _out_z_sql(), check, CONCEPT,
-                                                       with_exemplars)
+                                                       with_exemplars, lexicon.load()[0])
             selects.append(select)
     described = _description_terms(con)
     if described is not None:
@@ -333,7 +333,8 @@ def _concept_meta(info: dict | None):
         return None
     if "missing" in info:
         return {"missing": info["missing"]}
-    return {"resource": info["resource"], "postings": info["postings"], "words": info["words"]}
+    return {"resource": info["resource"], "postings": info["postings"], "words": info["words"],
+            "word_lists": info.get("word_lists")}
 
 
 # One JSON object per term of a shard, built in DuckDB: a default atlas has about two million

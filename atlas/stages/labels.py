@@ -27,9 +27,9 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
-from atlas import faults, wordvec
+from atlas import faults, lexicon as lexicon_mod, wordvec
 from atlas.config import LabelsConfig
-from atlas.site.concept_source import score_concepts
+from atlas.site.concept_source import concept_names
 from atlas.site.search import normalise
 from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 
@@ -66,7 +66,7 @@ def normalise_spelling(token: str) -> str:
     return token[i:i + len(term)] if i >= 0 else term
 
 
-def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
+def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Table, dict]:
     """One row per neuron: label, concept, evidence, tokens, method, score."""
     rows = con.execute(f"""
         SELECT layer, neuron, list(token ORDER BY rank) FROM decoded_tokens
@@ -76,28 +76,15 @@ def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
     info: dict = {}
     if vectors is not None:
         with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchall()[0][0] > 0
-        # A concept's name must be a whole word of the word vectors' own vocabulary: the model's
-        # vocabulary and the corpus also hold word pieces ("lar", "dispro") that would name nothing.
-        names = pa.table({"word": pa.array(vectors.words(), pa.string())})
-        con.register("label_names", names)
-        try:
-            # Evidence other than the word itself; the largest summed cosine names the concept.
-            info = score_concepts(con, vectors, normalise, _OUT_Z, with_corpus, cfg.label_min_sim,
-                                  cfg.label_min_evidence, keep="""
-                SEMI JOIN label_names USING (word)
-                QUALIFY row_number() OVER (PARTITION BY layer, neuron ORDER BY sim_sum DESC, word) = 1""")
-            for layer, neuron, word, evidence, sim in con.execute(
-                    "SELECT layer, neuron, word, evidence, sim_sum FROM concept_scores").fetchall():
-                concept[(layer, neuron)] = (word, [t for t in evidence.split(", ") if t != word], sim)
-        finally:
-            con.unregister("label_names")
-            con.execute("DROP TABLE IF EXISTS concept_scores")
+        concept, info = concept_names(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
+                                      cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid)
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:
         merged = merged_tokens(tokens)
         found = concept.get((layer, neuron))
         if found:
             word, evidence, sim = found
+            evidence = [t for t in evidence if t != word]         # the name itself is in the label already
             label, method = f"{word}: {', '.join(evidence[:SHOWN])}", "word vectors"
         else:
             word, evidence, sim = None, [], None
@@ -112,7 +99,7 @@ def compute_labels(con, cfg: LabelsConfig, vectors) -> tuple[pa.Table, dict]:
                       "evidence": pa.array(out["evidence"], pa.list_(pa.string())),
                       "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
                       "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
-    return table, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
+    return table, {f"concepts_{k}": v for k, v in info.items() if k not in ("resource", "word_lists")}
 
 
 def name_clusters(con) -> int:
@@ -133,13 +120,15 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     cfg.validate()
     ctx.require("decode", "the decoded tokens to label")
     vectors, why = wordvec.load()
+    lexicon, lexicon_why = lexicon_mod.load()
     source = vectors.source if vectors is not None else {"missing": why}
+    source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS)
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
     store = ctx.store
-    table, info = compute_labels(store.con, cfg, vectors)
+    table, info = compute_labels(store.con, cfg, vectors, lexicon)
     faults.point(STAGE, "labels computed")
     clustered = ctx.inputs().get("cluster") is not None
     with store.transaction() as con:

@@ -45,6 +45,26 @@ def test_a_category_finds_neurons_whose_tokens_are_its_members(site):
     colour = hits(site, "colour")                         # British spelling; tokens red, blue, ...
     assert (1, 9) in colour and colour[(1, 9)]["matches"][0]["source"] == "concept"
     assert (1, 9) not in found and (1, 5) not in colour
+    # " eleph", "itarian", " veterin" ... are pieces of animal words, near "animal" in the word
+    # vectors by spelling: not words, so no evidence of anything.
+    assert (1, 30) not in found
+
+
+def test_concept_matches_need_words_that_are_no_function_words(site):
+    from atlas import lexicon
+    from atlas.site.concept_source import vocabulary
+    from atlas.site.search import normalise
+
+    if lexicon.load()[0] is None:
+        pytest.skip("pyspellchecker is not installed (scripts/setup)")
+    with duckdb.connect(str(site.parent / "atlas.duckdb"), read_only=True) as con:
+        vocab = vocabulary(con, normalise, True, wordvec.load()[0], lexicon.load()[0])
+    assert {"monkey", "mammal", "shark"} <= vocab.words and not {"eleph", "itarian", "veterin"} & vocab.words
+    assert {"which", "might", "the"} <= vocab.function and "animal" not in vocab.function
+    # A word piece gets no concept postings of its own; a whole word of the word vectors does ("colour").
+    assert "itarian" not in vocab.query and {"animal", "colour"} <= set(vocab.query)
+    for word in ("which", "might"):             # the function-word neuron L1/N40 matches only literally
+        assert all(m["source"] != "concept" for h in hits(site, word).values() for m in h["matches"])
 
 
 def test_index_says_which_resource_made_its_concept_matches(site, tmp_path):
@@ -70,6 +90,9 @@ def test_labels_name_the_concept_merge_variants_and_are_stored(site):
     assert method == "word vectors" and tokens == [t.strip() for t in CONCEPT_NEURONS[(1, 9)]] + tokens[5:]
     assert rows[(1, 20)][3][:1] == ["dog"] and "Dogs" not in rows[(1, 20)][3]
     assert any(v[0].startswith("no clear concept: ") and v[1] is None for v in rows.values())
+    # Neither word pieces nor function words name a concept, and no name is a function word.
+    assert rows[(1, 30)][1] is None and rows[(1, 40)][1] is None
+    assert not {v[1] for v in rows.values()} & {"which", "might", "both", "would", "the"}
     assert record["resource"]["name"] == "wordllama" and record["resource"]["version"]
 
 
@@ -82,6 +105,7 @@ def test_search_page_lists_the_animal_neurons_with_their_evidence(site, browser)
         text = page.locator("#atlas-search-results li", has_text="L1 / N5").inner_text()
         assert "promotes words near \u2018animal\u2019 via" in text and "bird" in text and "mammal" in text
         assert "concept #0" in text
+        assert "../neurons/1/30/" not in hrefs                  # word pieces are no evidence
         assert page.errors == []
 
 

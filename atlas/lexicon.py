@@ -1,0 +1,57 @@
+"""English word frequencies: which decoded terms are whole words, and which are function words.
+
+Concept matches and labels need two things that neither the model's vocabulary nor the word
+vectors say: whether a term is a word at all ("monkey") or a piece of one (" eleph",
+"itarian", which BPE vocabularies are full of, and which word vectors pooled from sub-word
+tokens place by spelling), and which words are too common to name a concept ("which",
+"might"). Both come from one list of English word frequencies: the one that PyPI's
+``pyspellchecker`` wheel ships (``spellchecker/resources/en.json.gz``, 160,572 words with
+counts, 650 KB). Nothing of the package is imported; only that file is read, as
+``atlas.wordvec`` reads wordllama's. Without it atlas falls back to the word vectors' whole
+words and the corpus (see ``atlas.site.concept_source``), and says so.
+
+This module imports no torch, so the site's search index can use it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+PACKAGE = "pyspellchecker"
+MODULE = "spellchecker"
+FILE = "resources/en.json.gz"
+
+
+@dataclass
+class Lexicon:
+    counts: dict[str, int]      # lower-case word -> count in the list's corpus
+    source: dict                # name, version, file, words: what atlas_meta records
+
+    def words(self, min_count: int) -> set[str]:
+        """Words (letters only) counted at least ``min_count`` times."""
+        return {w for w, c in self.counts.items() if c >= min_count and w.isalpha()}
+
+    def commonest(self, n: int) -> list[str]:
+        """The ``n`` most frequent words (letters only), commonest first."""
+        return sorted((w for w in self.counts if w.isalpha()), key=lambda w: (-self.counts[w], w))[:n]
+
+
+@lru_cache(maxsize=1)
+def load() -> tuple[Lexicon | None, str]:
+    """The lexicon, or None and the reason it is not there; read once per process."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None, f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE})"
+    path = next(iter(spec.submodule_search_locations)) + "/" + FILE
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            counts = {str(w).lower(): int(c) for w, c in json.load(f).items()}
+    except Exception as e:      # missing or damaged: concepts go on with the fallback, and say so
+        return None, f"{PACKAGE}'s {FILE} could not be read ({type(e).__name__}: {e})"
+    version = importlib.metadata.version(PACKAGE)
+    return Lexicon(counts, {"name": PACKAGE, "version": version, "file": FILE, "words": len(counts)}), ""
