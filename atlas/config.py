@@ -289,7 +289,7 @@ class DescribeConfig:
     describe_shown: int = field(default=6, metadata={"help": "top exemplars shown to the explainer"})
     score_contexts: int = field(default=10, metadata={
         "help": "contexts the scorer judges per neuron: half held-out top exemplars, half random corpus (0: no score)"})
-    score_method: str = field(default="logprob", metadata={
+    score_method: str = field(default="list", metadata={
         "help": "detection score: 'logprob' (one yes/no request per context, AUC of p(yes); needs an endpoint that "
                 "returns logprobs) or 'list' (one request naming the contexts that fit, balanced accuracy)"})
     describe_seed: int = field(default=0, metadata={"help": "seed of the random contexts, their order and the models"})

@@ -160,7 +160,7 @@ def test_served_logprobs_match_the_forward_pass_of_the_local_backend(yesno_gen):
 def test_logprob_score_through_http_stores_p_yes_and_its_auc_and_never_pays_twice(tiny_atlas, yesno_gen):
     with serving(yesno_gen, batch=8) as (url, stats_url):
         proc = atlas("describe", "--out", tiny_atlas.out, "--explainer-url", url, "--explainer-model", NAME,
-                     "--describe-budget", 4, "--score-contexts", 4, "--dry-run")
+                     "--describe-budget", 4, "--score-contexts", 4, "--score-method", "logprob", "--dry-run")
         dry = json.loads(proc.stdout)
         assert (dry["score_method"], dry["explain_requests"], dry["score_requests"]) == ("logprob", 4, 16)
         assert dry["completion_tokens_max"] == 4 * 32 + 16 * 1       # a yes/no answer is one token
@@ -343,10 +343,10 @@ def test_bad_endpoints_fail_in_one_line_and_keep_what_is_stored(tiny_atlas, tiny
 def test_local_backend_runs_the_model_in_process(tiny_atlas):
     result = tiny_atlas.describe(DescribeConfig(explainer_url="local", explainer_model=tiny_atlas.model_spec,
                                                 describe_budget=3, score_contexts=2, describe_max_tokens=5,
-                                                describe_concurrency=2))
+                                                describe_concurrency=2, score_method="logprob"))
     assert (result["described"], result["scored"]) == (3, 3)
     assert rows(tiny_atlas.out, "SELECT DISTINCT explainer, scorer, scorer_prompt_version FROM descriptions") == [
-        (tiny_atlas.model_spec, tiny_atlas.model_spec, "detect-logprob-v1")]         # the default score method
+        (tiny_atlas.model_spec, tiny_atlas.model_spec, "detect-logprob-v1")]         # p(yes) from the forward pass
     assert rows(tiny_atlas.out, "SELECT count(*), count(p_yes) FROM description_scores") == [(6, 6)]
 
 
@@ -402,12 +402,12 @@ def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default
     with serving(gen, batch=3) as (url, stats_url):
         # One batch per phase; a loaded 2-core machine needs minutes for one, hence the timeout.
         config = cfg(url, explainer_model="smollm2", describe_budget=3, describe_shown=4, score_contexts=4,
-                     describe_max_tokens=12, describe_concurrency=3, describe_timeout=900.0, score_method="logprob")
+                     describe_max_tokens=12, describe_concurrency=3, describe_timeout=900.0)
         result = Build(out, "default", device="cpu", progress=False).describe(config)
         from atlas.pipeline import describe_check
         check = describe_check(out, config, "cpu")
         sent = stats(stats_url)["requests"]
-    assert (result["described"], result["scored"]) == (3, 3) and sent == 3 + 12 + 12     # a request per context
+    assert (result["described"], result["scored"]) == (3, 3) and sent == 9           # the list score: one per neuron
     assert check["pairs"] == 3 and check["own_higher"] + check["ties"] + check["own_lower"] == 3
     own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
     assert abs(check["own_mean"] - own) < 1e-6
