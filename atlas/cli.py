@@ -349,7 +349,7 @@ def describe(out, model, device, dtype, dry_run, check_shuffled, quiet, **kw):
 @click.option("--rate-limit", default=0.0, show_default=True, type=float,
               help="requests a second before answering 429 with Retry-After (0: no limit)")
 def serve_model(model, name, device, dtype, host, port, batch, rate_limit):
-    """Serve a transformers model with the OpenAI chat API (/v1/chat/completions), batching concurrent requests.
+    """Serve a transformers model with the OpenAI chat API (/v1/chat/completions, logprobs included), batching concurrent requests.
 
     \b
     Example:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import duckdb
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER
     score FLOAT, scorer VARCHAR, scorer_prompt_version VARCHAR, contexts SMALLINT, seed INTEGER,
     true_positive_rate FLOAT, true_negative_rate FLOAT, PRIMARY KEY (layer, neuron));
 CREATE TABLE IF NOT EXISTS description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT,
-    kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN);
+    kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT);
 """
 
 
@@ -98,9 +98,16 @@ def _v2_to_v3(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE exemplars ALTER COLUMN window_activations TYPE FLOAT[]")
 
 
+def _v3_to_v4(con: duckdb.DuckDBPyConnection) -> None:
+    """v4 keeps each scored context's probability of a yes (the logprob detection score); NULL in older rows."""
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'description_scores'"
+                   ).fetchone()[0]:
+        con.execute("ALTER TABLE description_scores ADD COLUMN IF NOT EXISTS p_yes FLOAT")
+
+
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
 # A store older than the oldest registered step is refused with a message that says so.
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 # The public tables, in the order exports list them, each with the key its rows are sorted
 # by; stage_progress is bookkeeping and stays out.

@@ -43,6 +43,8 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    # With logprobs asked for: per answer token, OpenAI's entry {"token", "logprob", "top_logprobs": [...]}.
+    tokens: list[dict] | None = None
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -67,13 +69,15 @@ class ChatClient:
         """How the answers are attributed: the model as the endpoint names it."""
         return self.model
 
-    def chat(self, messages: list[dict], max_tokens: int, seed: int = 0) -> Answer:
+    def chat(self, messages: list[dict], max_tokens: int, seed: int = 0, top_logprobs: int = 0) -> Answer:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                 "temperature": 0, "seed": seed}
+        if top_logprobs:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
         last = ""
         for attempt in range(self.retries + 1):
             try:
-                return self._parse(self._post("/chat/completions", body))
+                return self._parse(self._post("/chat/completions", body), top_logprobs > 0)
             except _Retry as e:
                 last = str(e)
                 if attempt == self.retries:
@@ -82,6 +86,10 @@ class ChatClient:
                 self.sleep(e.after if e.after is not None else self.backoff * 2 ** attempt)
         raise LLMError(f"{self.url} kept failing after {self.retries + 1} tries ({last}); "
                        "answers already stored are kept: rerun to resume")
+
+    def first_tokens(self, conversations: list[list[dict]], seed: int = 0) -> list[Answer]:
+        """Each conversation's one-token answer with its 20 likeliest alternatives (``Answer.tokens[0]``)."""
+        return [self.chat(m, 1, seed, top_logprobs=20) for m in conversations]
 
     def _post(self, path: str, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -138,7 +146,7 @@ class ChatClient:
                             "that ends in /v1")
         return LLMError(f"{self.url} refused the request (HTTP {e.code}: {detail})")
 
-    def _parse(self, data: dict) -> Answer:
+    def _parse(self, data: dict, logprobs: bool = False) -> Answer:
         try:
             text = data["choices"][0]["message"]["content"]
             if not isinstance(text, str):
@@ -147,4 +155,11 @@ class ChatClient:
             raise LLMError(f"{self.url} gave a malformed chat completion (no choices[0].message.content: "
                            f"{_one_line(e)}); answers already stored are kept") from None
         usage = data.get("usage") or {}
-        return Answer(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        tokens = None
+        if logprobs:
+            tokens = (data["choices"][0].get("logprobs") or {}).get("content")
+            if not (isinstance(tokens, list) and tokens and isinstance(tokens[0], dict)
+                    and isinstance(tokens[0].get("top_logprobs"), list)):
+                raise LLMError(f"{self.url} gave no logprobs for {self.model!r}, which --score-method logprob "
+                               "reads; use --score-method list with this endpoint")
+        return Answer(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), tokens)

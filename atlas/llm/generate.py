@@ -11,6 +11,7 @@ import threading
 import torch
 
 from atlas.llm.client import Answer
+from atlas.llm.judge import NO, YES
 from atlas.model.load import LoadedModel, load_model
 
 
@@ -48,27 +49,79 @@ class Generator:
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages, 0))
 
-    @torch.no_grad()
-    def generate(self, conversations: list[list[dict]], max_tokens: int, seed: int = 0) -> list[Answer]:
-        """One answer per conversation, generated as one left-padded batch."""
-        if not conversations:
-            return []
+    def _batch(self, conversations: list[list[dict]], max_tokens: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """The prompts' ids, and them left-padded into one batch with its attention mask (both [B, width])."""
         prompts = [self.prompt_ids(m, max_tokens) for m in conversations]
         width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])        # [B, width]
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return prompts, ids.to(self.lm.device), mask.to(self.lm.device)
+
+    def _top(self, logprobs: torch.Tensor, k: int) -> list[list[dict]]:
+        """Each row's ``k`` likeliest tokens as OpenAI's ``top_logprobs`` entries: [B, V] -> B lists."""
+        values, index = logprobs.float().topk(k, dim=-1)
+        decode = self.lm.tokenizer.decode
+        return [[{"token": decode([i]), "logprob": v} for v, i in zip(vs, ix)]
+                for vs, ix in zip(values.tolist(), index.tolist())]
+
+    @torch.no_grad()
+    def generate(self, conversations: list[list[dict]], max_tokens: int, seed: int = 0,
+                 top_logprobs: int = 0) -> list[Answer]:
+        """One answer per conversation, generated as one left-padded batch; with ``top_logprobs`` each answer
+        token comes with its log-probability and its ``top_logprobs`` likeliest alternatives (``Answer.tokens``)."""
+        if not conversations:
+            return []
+        prompts, ids, mask = self._batch(conversations, max_tokens)
+        width = ids.shape[1]
         with self.lock:
             torch.manual_seed(seed)
-            out = self.lm.model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                                         max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.pad,
-                                         eos_token_id=self.eos)
+            out = self.lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                                         do_sample=False, pad_token_id=self.pad, eos_token_id=self.eos,
+                                         return_dict_in_generate=True, output_logits=bool(top_logprobs))
+        steps = []          # per answer token: (chosen logprob [B], alternatives: B lists)
+        if top_logprobs:
+            for t, logits in enumerate(out.logits):                                    # logits: [B, V]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                chosen = logp.gather(1, out.sequences[:, width + t, None].to(logp.device))[:, 0]
+                steps.append((chosen.tolist(), self._top(logp, top_logprobs)))
         answers = []
-        for row, p in zip(out[:, width:].tolist(), prompts):
+        decode = self.lm.tokenizer.decode
+        for b, (row, p) in enumerate(zip(out.sequences[:, width:].tolist(), prompts)):
             if self.eos is not None and self.eos in row:
                 row = row[:row.index(self.eos)]
-            text = self.lm.tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(Answer(text.strip(), len(p), len(row)))
+            tokens = [{"token": decode([tok]), "logprob": steps[t][0][b], "top_logprobs": steps[t][1][b]}
+                      for t, tok in enumerate(row)] if top_logprobs else None
+            answers.append(Answer(decode(row, skip_special_tokens=True).strip(), len(p), len(row), tokens))
         return answers
+
+    @torch.no_grad()
+    def first_tokens(self, conversations: list[list[dict]], words: tuple[str, ...] = YES + NO) -> list[Answer]:
+        """The answer's first token without generating: one forward pass over the batch.
+
+        ``Answer.tokens[0]["top_logprobs"]`` holds the exact log-probability of every word in
+        ``words`` that is one token for this tokenizer, read from the full distribution (an
+        endpoint gives its top 20 only).
+        """
+        if not conversations:
+            return []
+        vocab, unk = {}, self.lm.tokenizer.unk_token_id
+        for w in words:
+            ids = self.lm.tokenizer(w, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] != unk and ids[0] not in vocab.values():
+                vocab[w] = ids[0]
+        prompts, ids, mask = self._batch(conversations, 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)        # left padding: each prompt starts at position 0
+        with self.lock:
+            logits = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   logits_to_keep=1).logits[:, -1]                      # [B, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        best = logp.argmax(-1).tolist()
+        picked = logp[:, list(vocab.values())].tolist() if vocab else [[] for _ in prompts]
+        decode = self.lm.tokenizer.decode
+        return [Answer(decode([b]), len(p), 1,
+                       [{"token": decode([b]), "logprob": float(row.max()),
+                         "top_logprobs": [{"token": w, "logprob": lp} for w, lp in zip(vocab, lps)]}])
+                for b, p, row, lps in zip(best, prompts, logp, picked)]
 
 
 class LocalClient:
@@ -87,3 +140,6 @@ class LocalClient:
 
     def chat_many(self, conversations: list[list[dict]], max_tokens: int, seed: int = 0) -> list[Answer]:
         return self.gen.generate(conversations, max_tokens, seed)
+
+    def first_tokens(self, conversations: list[list[dict]], seed: int = 0) -> list[Answer]:
+        return self.gen.first_tokens(conversations)

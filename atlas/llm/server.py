@@ -1,7 +1,8 @@
 """``atlas serve-model``: a transformers model behind the OpenAI chat API, on the standard library's HTTP server.
 
 ``POST /v1/chat/completions`` answers a conversation (greedy, ``max_tokens`` new tokens at
-most), ``GET /v1/models`` names the one model served, ``GET /stats`` counts requests and
+most; with ``logprobs: true`` each answer token carries its log-probability and its
+``top_logprobs`` (at most 20) likeliest alternatives, in OpenAI's format), ``GET /v1/models`` names the one model served, ``GET /stats`` counts requests and
 batches. Requests that arrive together are answered as one batch: each handler thread
 queues its conversation and waits, and one worker thread takes up to ``batch`` queued
 conversations (waiting ``gather_s`` for more after the first) through one ``generate``.
@@ -32,9 +33,9 @@ class Batcher:
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "rate_limited": 0}
         threading.Thread(target=self._work, daemon=True, name="atlas-batcher").start()
 
-    def submit(self, messages: list[dict], max_tokens: int, seed: int) -> Future:
+    def submit(self, messages: list[dict], max_tokens: int, seed: int, top_logprobs: int = 0) -> Future:
         fut: Future = Future()
-        self.queue.put((messages, max_tokens, seed, fut))
+        self.queue.put((messages, (max_tokens, seed, top_logprobs), fut))
         return fut
 
     def _work(self) -> None:
@@ -46,21 +47,21 @@ class Batcher:
                     items.append(self.queue.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
-            # One generate per (max_tokens, seed): a batch shares its length limit and seed.
-            groups: dict[tuple[int, int], list] = {}
+            # One generate per (max_tokens, seed, top_logprobs): a batch shares its settings.
+            groups: dict[tuple[int, int, int], list] = {}
             for item in items:
-                groups.setdefault((item[1], item[2]), []).append(item)
-            for (max_tokens, seed), group in groups.items():
+                groups.setdefault(item[1], []).append(item)
+            for settings, group in groups.items():
                 try:
-                    answers = self.gen.generate([g[0] for g in group], max_tokens, seed)
+                    answers = self.gen.generate([g[0] for g in group], *settings)
                 except Exception as e:      # a bad conversation fails its batch, never the server
                     for g in group:
-                        g[3].set_exception(e)
+                        g[2].set_exception(e)
                     continue
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
                 for g, answer in zip(group, answers):
-                    g[3].set_result(answer)
+                    g[2].set_result(answer)
 
 
 class RateLimit:
@@ -82,6 +83,14 @@ class RateLimit:
                 self.tokens -= 1
                 return 0.0
             return (1 - self.tokens) / self.rate
+
+
+def _with_bytes(entry: dict) -> dict:
+    """An OpenAI logprobs entry with the ``bytes`` of each token (UTF-8), as the API gives them."""
+    out = {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}
+    if "top_logprobs" in entry:
+        out["top_logprobs"] = [_with_bytes(t) for t in entry["top_logprobs"]]
+    return out
 
 
 def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 0, batch: int = 8,
@@ -133,6 +142,7 @@ def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 0, batch: i
                     raise TypeError("messages must be a list of {role, content} objects")
                 max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
                 seed = int(body.get("seed") or 0)
+                top = min(max(int(body.get("top_logprobs") or 0), 1), 20) if body.get("logprobs") else 0
             except (ValueError, KeyError, TypeError) as e:
                 return self._error(400, f"bad request: {e}", "invalid_request_error")
             if body.get("model") not in (None, gen.name):
@@ -145,14 +155,16 @@ def make_server(gen: Generator, host: str = "127.0.0.1", port: int = 0, batch: i
                                    {"Retry-After": f"{wait:.3f}"})
             batcher.stats["requests"] += 1
             try:
-                answer = batcher.submit(messages, min(max(max_tokens, 1), max_tokens_cap), seed).result()
+                answer = batcher.submit(messages, min(max(max_tokens, 1), max_tokens_cap), seed, top).result()
             except Exception as e:
                 return self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                      "finish_reason": "length" if answer.completion_tokens >= max_tokens else "stop"}
+            if top:
+                choice["logprobs"] = {"content": [_with_bytes(t) for t in answer.tokens or []]}
             self._send(200, {
                 "id": f"chatcmpl-{batcher.stats['requests']}", "object": "chat.completion", "created": int(time.time()),
-                "model": gen.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                             "finish_reason": "length" if answer.completion_tokens >= max_tokens else "stop"}],
+                "model": gen.name, "choices": [choice],
                 "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                           "total_tokens": answer.prompt_tokens + answer.completion_tokens}})
 

@@ -4,13 +4,14 @@
 of the top ``describe_shown * 2``, the token it fires on marked ``<<like this>>``) and
 the top tokens its ``out`` direction decodes to, and answers with one phrase.
 
-**Score** (detection, in the sense of EleutherAI's Delphi). The scorer sees the
-description and ``score_contexts`` plain text windows in a seeded shuffled order: half
+**Score** (detection, in the sense of EleutherAI's Delphi). The scorer judges the
+description against ``score_contexts`` plain text windows in a seeded shuffled order: half
 are the neuron's held-out top exemplars (the ones between those shown to the explainer),
-half are windows of the same length at random corpus positions. It answers with the
-numbers of the windows that fit. The score is the balanced accuracy of that answer,
-``(true positive rate + true negative rate) / 2``: 0.5 is chance, 1.0 a perfect split.
-An answer without any window number counts as "none fit".
+half are windows of the same length at random corpus positions. ``--score-method logprob``
+(the default) asks one yes/no question per window and scores the AUC of the yes
+probability; ``list`` asks for the numbers of the windows that fit in one request and
+scores the balanced accuracy of the answer (``describe_score`` says why the default is
+logprob). 0.5 is chance for both, 1.0 a perfect split.
 
 **Resume.** Every answer is stored as it arrives, in its own transaction. A rerun asks
 again only for the neurons without a description from the same explainer and the same
@@ -22,11 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +36,8 @@ from atlas.llm.client import ChatClient
 from atlas.model.files import DEFAULT_MODEL, EMBEDDED_ID
 from atlas.resources import data_json
 from atlas.stages.contract import Context, registered, write_record
+from atlas.stages.describe_score import (  # noqa: F401  (parse_fits, balanced_accuracy: this stage's API)
+    answers, balanced_accuracy, conversations, parse_fits, score_prompt, score_set, scores)
 from atlas.store import finished_stage
 
 STAGE = "describe"
@@ -140,36 +140,6 @@ def gather(con, corpus: Corpus, chosen: list[tuple[int, int]], cfg: DescribeConf
     return out
 
 
-# -- scoring ----------------------------------------------------------------------------
-def score_set(nr: Neuron, corpus: Corpus, seed: int) -> list[tuple[str, int, int, str]]:
-    """The scorer's windows, shuffled: (kind, doc_id, token_pos, text), kind 'held_out' or 'random'."""
-    rng = np.random.default_rng([seed, nr.layer, nr.neuron])
-    items = [("held_out", *h) for h in nr.held]
-    items += [("random", *r) for r in corpus.random_windows(rng, len(nr.held))]
-    return [items[i] for i in rng.permutation(len(items))]
-
-
-def score_messages(description: str, windows: list[tuple[str, int, int, str]]) -> list[dict]:
-    p = prompts()["score"]
-    user = p["user"].format(description=description,
-                            contexts="\n".join(f"{i + 1}. {w[3]}" for i, w in enumerate(windows)))
-    return [{"role": "system", "content": p["system"]}, {"role": "user", "content": user}]
-
-
-def parse_fits(answer: str, n: int) -> set[int]:
-    """The window numbers (1..n) the scorer named, as 0-based indices; "none" or no number: empty."""
-    return {int(m) - 1 for m in re.findall(r"\d+", answer) if 1 <= int(m) <= n}
-
-
-def balanced_accuracy(fits: set[int], kinds: list[str]) -> tuple[float, float, float]:
-    """(balanced accuracy, true positive rate, true negative rate) of the windows named as fitting."""
-    pos = [i for i, k in enumerate(kinds) if k == "held_out"]
-    neg = [i for i, k in enumerate(kinds) if k != "held_out"]
-    tpr = sum(i in fits for i in pos) / len(pos) if pos else math.nan
-    tnr = sum(i not in fits for i in neg) / len(neg) if neg else math.nan
-    return (tpr + tnr) / 2, tpr, tnr
-
-
 # -- backends -----------------------------------------------------------------------------
 def make_client(url: str, model: str, cfg: DescribeConfig, device: str = "auto"):
     """An OpenAI-compatible endpoint's client, or with url 'local' the model generating in this process."""
@@ -177,41 +147,6 @@ def make_client(url: str, model: str, cfg: DescribeConfig, device: str = "auto")
         from atlas.llm.generate import Generator, LocalClient
         return LocalClient(Generator.load(model, device))
     return ChatClient(url, model, cfg.describe_timeout, cfg.describe_retries, cfg.api_key_env)
-
-
-def answers(client, jobs: list, messages, max_tokens: int, seed: int, concurrency: int) -> Iterator[tuple]:
-    """(job, answer) as the answers arrive; at most ``concurrency`` requests in flight (a batch for 'local').
-
-    A failure that retries cannot mend stops the requests not yet sent and is raised after
-    the answers already in hand have been yielded, so that they are stored.
-    """
-    if hasattr(client, "chat_many"):
-        for i in range(0, len(jobs), concurrency):
-            batch = jobs[i:i + concurrency]
-            yield from zip(batch, client.chat_many([messages(j) for j in batch], max_tokens, seed))
-        return
-    pending, queue, error = set(), iter(jobs), None
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="atlas-describe") as pool:
-        def fill():
-            for job in queue:
-                fut = pool.submit(client.chat, messages(job), max_tokens, seed)
-                fut.job = job
-                pending.add(fut)
-                if len(pending) >= concurrency:
-                    return
-        fill()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                pending.discard(fut)
-                if fut.exception() is not None:
-                    error = error or fut.exception()
-                else:
-                    yield fut.job, fut.result()
-            if error is None:
-                fill()
-    if error is not None:
-        raise error
 
 
 # -- the stage ---------------------------------------------------------------------------
@@ -237,7 +172,7 @@ def make_plan(con, corpus: Corpus, cfg: DescribeConfig, explainer: str, scorer: 
     stored = {(r[0], r[1]): r[2:] for r in con.execute(
         "SELECT layer, neuron, description, explainer, prompt_version, prompt_hash, scorer, scorer_prompt_version, "
         "contexts, seed, score FROM descriptions").fetchall()} if has_table else {}
-    version, score_version = prompts()["explain"]["version"], prompts()["score"]["version"]
+    version, score_version = prompts()["explain"]["version"], score_prompt(cfg.score_method)["version"]
     plan = Plan([], [], len(neurons))
     for nr in neurons:
         old = stored.get((nr.layer, nr.neuron))
@@ -250,17 +185,21 @@ def make_plan(con, corpus: Corpus, cfg: DescribeConfig, explainer: str, scorer: 
 
 
 def estimate(plan: Plan, cfg: DescribeConfig, corpus: Corpus) -> dict:
-    """Requests and tokens the plan will send: prompt tokens estimated at 4 bytes a token, answers at their cap."""
+    """Requests and tokens the plan will send: prompt tokens estimated at 4 bytes a token, answers at their cap
+    (one token for a logprob score)."""
     def tokens(messages: list[dict]) -> int:
         return math.ceil(sum(len(m["content"].encode()) for m in messages) / BYTES_PER_TOKEN)
     explain_in = sum(tokens(nr.explain) for nr in plan.explain)
     placeholder = "x" * (cfg.describe_max_tokens * BYTES_PER_TOKEN)     # a description of the longest answer
     to_score = [nr for nr, _ in plan.score] + ([nr for nr in plan.explain if nr.held] if cfg.score_contexts else [])
-    score_in = sum(tokens(score_messages(placeholder, score_set(nr, corpus, cfg.describe_seed))) for nr in to_score)
-    requests = len(plan.explain) + len(to_score)
-    return {"neurons": plan.neurons, "explain_requests": len(plan.explain), "score_requests": len(to_score),
-            "requests": requests, "prompt_tokens_estimate": explain_in + score_in,
-            "completion_tokens_max": requests * cfg.describe_max_tokens,
+    score_convs = [c for nr in to_score
+                   for c in conversations(cfg.score_method, placeholder, score_set(nr, corpus, cfg.describe_seed))]
+    score_in = sum(tokens(c) for c in score_convs)
+    score_out = len(score_convs) * (cfg.describe_max_tokens if cfg.score_method == "list" else 1)
+    requests = len(plan.explain) + len(score_convs)
+    return {"neurons": plan.neurons, "explain_requests": len(plan.explain), "score_requests": len(score_convs),
+            "score_method": cfg.score_method, "requests": requests, "prompt_tokens_estimate": explain_in + score_in,
+            "completion_tokens_max": len(plan.explain) * cfg.describe_max_tokens + score_out,
             "already_stored": plan.neurons - len(plan.explain)}
 
 
@@ -314,9 +253,11 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
     explainer = make_client(cfg.explainer_url, cfg.explainer_model, cfg, ctx.device_type) if plan.explain else None
     scorer = None
     used = {"prompt_tokens": 0, "completion_tokens": 0}
-    version, score_version = prompts()["explain"]["version"], prompts()["score"]["version"]
-    for nr, ans in answers(explainer, plan.explain, lambda nr: nr.explain, cfg.describe_max_tokens,
-                           cfg.describe_seed, cfg.describe_concurrency) if explainer else ():
+    version, score_version = prompts()["explain"]["version"], score_prompt(cfg.score_method)["version"]
+    one = lambda nr: explainer.chat(nr.explain, cfg.describe_max_tokens, cfg.describe_seed)     # noqa: E731
+    many = (lambda batch: explainer.chat_many([nr.explain for nr in batch], cfg.describe_max_tokens,
+                                              cfg.describe_seed)) if hasattr(explainer, "chat_many") else None
+    for nr, ans in answers(plan.explain, one, many, cfg.describe_concurrency) if explainer else ():
         text = " ".join(ans.text.split())[:500]
         with store.transaction() as tx:
             tx.execute("DELETE FROM description_scores WHERE layer = ? AND neuron = ?", [nr.layer, nr.neuron])
@@ -336,30 +277,30 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
                   else make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg,
                                    ctx.device_type))
         windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in plan.score}
-        for (nr, text), ans in answers(scorer, plan.score,
-                                       lambda job: score_messages(job[1], windows[(job[0].layer, job[0].neuron)]),
-                                       cfg.describe_max_tokens, cfg.describe_seed, cfg.describe_concurrency):
+        for (nr, text), sc in scores(scorer, cfg.score_method, plan.score, lambda nr: windows[(nr.layer, nr.neuron)],
+                                     cfg.describe_max_tokens, cfg.describe_seed, cfg.describe_concurrency):
             win = windows[(nr.layer, nr.neuron)]
-            fits = parse_fits(ans.text, len(win))
-            unparsed += not re.search(r"\d|none", ans.text, re.I)
-            ba, tpr, tnr = balanced_accuracy(fits, [w[0] for w in win])
+            unparsed += sc.unparsed
             with store.transaction() as tx:
                 tx.execute("UPDATE descriptions SET score = ?, scorer = ?, scorer_prompt_version = ?, contexts = ?, "
                            "seed = ?, true_positive_rate = ?, true_negative_rate = ? WHERE layer = ? AND neuron = ?",
-                           [ba, scorer_name, score_version, len(win), cfg.describe_seed, tpr, tnr, nr.layer, nr.neuron])
+                           [sc.score, scorer_name, score_version, len(win), cfg.describe_seed, sc.tpr, sc.tnr,
+                            nr.layer, nr.neuron])
                 tx.execute("DELETE FROM description_scores WHERE layer = ? AND neuron = ?", [nr.layer, nr.neuron])
-                tx.executemany("INSERT INTO description_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               [[nr.layer, nr.neuron, i, kind, doc, pos, i in fits]
-                                for i, (kind, doc, pos, _) in enumerate(win)])
+                tx.executemany("INSERT INTO description_scores (layer, neuron, rank, kind, doc_id, token_pos, fits, "
+                               "p_yes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               [[nr.layer, nr.neuron, i, kind, doc, pos, fit, p]
+                                for i, ((kind, doc, pos, _), fit, p) in enumerate(zip(win, sc.fits, sc.p_yes))])
             faults.point(STAGE, "score stored")
-            used["prompt_tokens"] += ans.prompt_tokens
-            used["completion_tokens"] += ans.completion_tokens
-            scored.append(ba)
+            used["prompt_tokens"] += sc.prompt_tokens
+            used["completion_tokens"] += sc.completion_tokens
+            scored.append(sc.score)
     seconds = time.perf_counter() - began
     mean = con.execute("SELECT avg(score), count(score), count(*) FROM descriptions").fetchone()
     stats = {"described": len(plan.explain), "scored": len(scored), "reused": cost["already_stored"],
              "neurons": plan.neurons, "explainer": explainer_name, "scorer": scorer_name,
-             "explain_prompt": version, "score_prompt": score_version, "unparsed_scores": unparsed,
+             "explain_prompt": version, "score_method": cfg.score_method, "score_prompt": score_version,
+             "unparsed_scores": unparsed,
              "retried": sum(getattr(c, "retried", 0) for c in {id(c): c for c in (explainer, scorer) if c}.values()),
              "mean_score": mean[0], "scored_total": mean[1], "descriptions_total": mean[2], **used}
     with store.transaction():
@@ -381,7 +322,7 @@ def shuffled_check(store, cfg: DescribeConfig, device: str = "auto") -> dict:
     cfg.validate()
     con = store.con
     _, scorer_name = names(cfg)
-    version = prompts()["score"]["version"]
+    version = score_prompt(cfg.score_method)["version"]
     own = con.execute("SELECT layer, neuron, description, score FROM descriptions WHERE scorer = ? AND "
                       "scorer_prompt_version = ? AND seed = ? AND score IS NOT NULL ORDER BY layer, neuron",
                       [scorer_name, version, cfg.describe_seed]).fetchall()
@@ -393,14 +334,13 @@ def shuffled_check(store, cfg: DescribeConfig, device: str = "auto") -> dict:
     jobs = [(neurons[(r[0], r[1])], own[(i + 1) % len(own)][2]) for i, r in enumerate(own) if (r[0], r[1]) in neurons]
     windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in jobs}
     client = make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg, device)
-    shuffled = {}
-    for (nr, text), ans in answers(client, jobs, lambda job: score_messages(job[1], windows[(job[0].layer, job[0].neuron)]),
-                                   cfg.describe_max_tokens, cfg.describe_seed, cfg.describe_concurrency):
-        win = windows[(nr.layer, nr.neuron)]
-        shuffled[(nr.layer, nr.neuron)] = balanced_accuracy(parse_fits(ans.text, len(win)), [w[0] for w in win])[0]
+    shuffled = {(nr.layer, nr.neuron): sc.score for (nr, _), sc in scores(
+        client, cfg.score_method, jobs, lambda nr: windows[(nr.layer, nr.neuron)], cfg.describe_max_tokens,
+        cfg.describe_seed, cfg.describe_concurrency)}
     pairs = [(r[3], shuffled[(r[0], r[1])]) for r in own if (r[0], r[1]) in shuffled]
     diffs = np.array([a - b for a, b in pairs])
-    result = {"pairs": len(pairs), "scorer": scorer_name, "score_prompt": version, "seed": cfg.describe_seed,
+    result = {"pairs": len(pairs), "scorer": scorer_name, "score_method": cfg.score_method, "score_prompt": version,
+              "seed": cfg.describe_seed,
               "own_mean": float(np.mean([a for a, _ in pairs])), "shuffled_mean": float(np.mean([b for _, b in pairs])),
               "margin": float(diffs.mean()), "margin_se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))),
               "own_higher": int((diffs > 0).sum()), "ties": int((diffs == 0).sum()), "own_lower": int((diffs < 0).sum())}

@@ -1,7 +1,9 @@
 """The describe stage against real HTTP servers on loopback that serve a tiny random model with the OpenAI API.
 
 The tiny model's answers are gibberish, which is what protocol tests need: requests,
-batching, retries, resume, scoring and storage are all real. The held-out check with the
+batching, retries, resume, scoring and storage are all real. Most tests use the list score
+(one request per neuron, fewest requests); the logprob tests serve a copy of the tiny model
+whose vocabulary has yes and no, so that its first-token probabilities are real numbers. The held-out check with the
 embedded model is the slow test at the end.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import socket
 import threading
@@ -26,6 +29,7 @@ from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
 from atlas.site.neuron_json import table_rows
 from atlas.stages.decode import DecodeConfig
+from atlas.llm.judge import auc, yes_share
 from atlas.stages.describe import balanced_accuracy, parse_fits
 from atlas.stages.exemplars import ExemplarConfig
 from atlas.config import RenderConfig
@@ -78,7 +82,7 @@ def tiny_atlas(built, tmp_path):
 def cfg(url: str, **kw) -> DescribeConfig:
     return DescribeConfig(**{"explainer_url": url, "explainer_model": NAME, "describe_budget": 4,
                              "score_contexts": 4, "describe_max_tokens": 6, "describe_concurrency": 4,
-                             "describe_retries": 2, **kw})
+                             "describe_retries": 2, "score_method": "list", **kw})
 
 
 def rows(out, sql: str) -> list[tuple]:
@@ -95,10 +99,139 @@ def test_parse_fits_and_balanced_accuracy():
     assert balanced_accuracy({1}, kinds) == (0.25, 0.0, 0.5)
 
 
+def test_auc_and_yes_share_on_hand_made_values():
+    # 0.9 beats both negatives, 0.8 beats 0.1 and ties 0.8: (1 + 1 + 1 + 0.5) / 4.
+    assert auc([0.9, 0.8], [0.1, 0.8]) == 0.875
+    assert auc([0.2], [0.2, 0.2]) == 0.5 and auc([0.1, 0.2], [0.3]) == 0.0 and auc([1.0], [0.0]) == 1.0
+    assert math.isnan(auc([], [0.5]))
+    top = [{"token": "Yes", "logprob": math.log(0.3)}, {"token": " yes", "logprob": math.log(0.1)},
+           {"token": "No", "logprob": math.log(0.15)}, {"token": " no", "logprob": math.log(0.05)},
+           {"token": "yes!", "logprob": math.log(0.2)}, {"token": "Maybe", "logprob": math.log(0.2)}]
+    assert yes_share(top) == pytest.approx(0.4 / 0.6)
+    assert yes_share(top[4:]) == 0.5 and yes_share([]) == 0.5             # neither answer among them: no information
+
+
+@pytest.fixture(scope="module")
+def yesno_gen(tiny_model_dir, tmp_path_factory):
+    """The tiny model with four of its words renamed to yes and no spellings, served under NAME.
+
+    The four are among the likeliest first tokens of the random model whatever it reads, so
+    that both answers are always among an endpoint's top 20 and p_yes moves with the input.
+    """
+    path = tmp_path_factory.mktemp("yesno")
+    shutil.copytree(tiny_model_dir("llama"), path, dirs_exist_ok=True)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    renamed = {"w20": "yes", "w7": "no", "w27": "Yes", "w14": "No"}
+    spec["model"]["vocab"] = {renamed.get(w, w): i for w, i in vocab.items()}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return Generator(load_model(str(path), device="cpu"), NAME)
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_served_logprobs_match_the_forward_pass_of_the_local_backend(yesno_gen):
+    short = [{"role": "user", "content": "dog"}]
+    long = [{"role": "user", "content": "w5 w7 w9 cat Paris dog w11 w13 w20"}]
+    with serving(yesno_gen) as (url, _):
+        data = post(url, {"model": NAME, "messages": long, "max_tokens": 3, "logprobs": True, "top_logprobs": 20})
+    content = data["choices"][0]["logprobs"]["content"]
+    assert len(content) == data["usage"]["completion_tokens"] >= 1
+    first = content[0]
+    top = first["top_logprobs"]
+    assert len(top) == 20 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+    assert all(t["bytes"] == list(t["token"].encode()) for t in top)
+    assert first["token"] == top[0]["token"] and first["logprob"] == pytest.approx(top[0]["logprob"], abs=1e-5)
+    # One forward pass (left-padded beside a shorter prompt) gives the same probabilities as generation.
+    words = tuple(t["token"] for t in top[:5] if t["token"].strip())
+    batched = yesno_gen.first_tokens([short, long], words)[1].tokens[0]
+    alone = {t["token"]: t["logprob"] for t in yesno_gen.first_tokens([long], words)[0].tokens[0]["top_logprobs"]}
+    served = {t["token"]: t["logprob"] for t in top}
+    assert batched["logprob"] == pytest.approx(first["logprob"], abs=1e-4) and alone
+    for t in batched["top_logprobs"]:
+        assert t["logprob"] == pytest.approx(alone[t["token"]], abs=1e-4) == pytest.approx(served[t["token"]], abs=1e-4)
+
+
+def test_logprob_score_through_http_stores_p_yes_and_its_auc_and_never_pays_twice(tiny_atlas, yesno_gen):
+    with serving(yesno_gen, batch=8) as (url, stats_url):
+        proc = atlas("describe", "--out", tiny_atlas.out, "--explainer-url", url, "--explainer-model", NAME,
+                     "--describe-budget", 4, "--score-contexts", 4, "--score-method", "logprob", "--dry-run")
+        dry = json.loads(proc.stdout)
+        assert (dry["score_method"], dry["explain_requests"], dry["score_requests"]) == ("logprob", 4, 16)
+        assert dry["completion_tokens_max"] == 4 * 32 + 16 * 1       # a yes/no answer is one token
+
+        config = cfg(url, score_method="logprob")
+        result = tiny_atlas.describe(config)
+        assert (result["described"], result["scored"], result["score_prompt"]) == (4, 4, "detect-logprob-v1")
+        assert stats(stats_url)["requests"] == 4 + 16                # one request per context
+        desc = {(r[0], r[1]): r[2:] for r in rows(tiny_atlas.out, "SELECT layer, neuron, score, scorer_prompt_version, "
+                                                                  "contexts FROM descriptions")}
+        windows = rows(tiny_atlas.out, "SELECT layer, neuron, kind, p_yes, fits FROM description_scores ORDER BY ALL")
+        assert len(windows) == 16 and all(0 <= p <= 1 and fits == (p > 0.5) for *_, p, fits in windows)
+        assert len({round(p, 6) for *_, p, _ in windows}) > 4         # real probabilities, not the 0.5 of no answer
+        for key, (score, version, contexts) in desc.items():
+            held = [p for *k, kind, p, _ in windows if tuple(k) == key and kind == "held_out"]
+            rand = [p for *k, kind, p, _ in windows if tuple(k) == key and kind == "random"]
+            wins = sum(1.0 if h > r else 0.5 if h == r else 0.0 for h in held for r in rand)
+            assert (version, contexts) == ("detect-logprob-v1", 4)
+            assert score == pytest.approx(wins / (len(held) * len(rand)))
+
+        # A rerun pays nothing; a larger budget pays for the new neurons only; the check uses the same windows.
+        assert tiny_atlas.describe(config) == {"skipped": True}
+        assert stats(stats_url)["requests"] == 20
+        more = tiny_atlas.describe(cfg(url, score_method="logprob", describe_budget=6))
+        assert (more["described"], more["scored"], more["reused"]) == (2, 2, 4)
+        assert stats(stats_url)["requests"] == 20 + 2 + 8
+        from atlas.pipeline import describe_check
+        check = describe_check(tiny_atlas.out, cfg(url, score_method="logprob", describe_budget=6), "cpu")
+        assert stats(stats_url)["requests"] == 30 + 6 * 4
+        assert check["pairs"] == 6 and check["score_method"] == "logprob"
+        own = rows(tiny_atlas.out, "SELECT avg(score) FROM descriptions")[0][0]
+        assert check["own_mean"] == pytest.approx(own)
+
+
+class _NoLogprobs(BaseHTTPRequestHandler):
+    """An endpoint that answers every chat with a word and no logprobs, as some servers do."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "dogs"}}],
+                           "usage": {"prompt_tokens": 9, "completion_tokens": 1}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_endpoint_without_logprobs_names_the_list_method(tiny_atlas):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoLogprobs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        one_line_error(tiny_atlas, cfg(url, score_method="logprob"), "no logprobs", "--score-method list")
+        # The descriptions it wrote are kept, unscored; the list method scores them without asking again.
+        assert rows(tiny_atlas.out, "SELECT count(*), count(score) FROM descriptions")[0] == (4, 0)
+        result = tiny_atlas.describe(cfg(url))
+        assert (result["described"], result["scored"]) == (0, 4)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_describe_through_http_scores_stores_batches_and_never_pays_twice(tiny_atlas, tiny_gen):
     with serving(tiny_gen, batch=4) as (url, stats_url):
         proc = atlas("describe", "--out", tiny_atlas.out, "--explainer-url", url,
-                     "--explainer-model", NAME, "--describe-budget", 4, "--score-contexts", 4, "--dry-run")
+                     "--explainer-model", NAME, "--describe-budget", 4, "--score-contexts", 4, "--score-method", "list",
+                     "--dry-run")
         assert proc.returncode == 0, proc.stderr
         dry = json.loads(proc.stdout)
         assert (dry["explain_requests"], dry["score_requests"], dry["requests"]) == (4, 4, 8)
@@ -139,7 +272,7 @@ def test_kill_mid_run_keeps_answers_and_the_rerun_asks_only_for_the_rest(tiny_at
     with serving(tiny_gen, batch=4) as (url, stats_url):
         flags = ["describe", "--out", tiny_atlas.out, "--model", tiny_atlas.model_spec, "--explainer-url", url,
                  "--explainer-model", NAME, "--describe-budget", 4, "--score-contexts", 4,
-                 "--describe-max-tokens", 6, "--describe-concurrency", 1, "--quiet"]
+                 "--describe-max-tokens", 6, "--describe-concurrency", 1, "--score-method", "list", "--quiet"]
         proc = atlas(*flags, env={"ATLAS_FAULT": "describe:2"})          # SIGKILL after the second answer is stored
         assert proc.returncode == -9
         assert rows(tiny_atlas.out, "SELECT count(*) FROM descriptions")[0][0] == 2
@@ -210,10 +343,11 @@ def test_bad_endpoints_fail_in_one_line_and_keep_what_is_stored(tiny_atlas, tiny
 def test_local_backend_runs_the_model_in_process(tiny_atlas):
     result = tiny_atlas.describe(DescribeConfig(explainer_url="local", explainer_model=tiny_atlas.model_spec,
                                                 describe_budget=3, score_contexts=2, describe_max_tokens=5,
-                                                describe_concurrency=2))
+                                                describe_concurrency=2, score_method="logprob"))
     assert (result["described"], result["scored"]) == (3, 3)
-    assert rows(tiny_atlas.out, "SELECT DISTINCT explainer, scorer FROM descriptions") == [
-        (tiny_atlas.model_spec, tiny_atlas.model_spec)]
+    assert rows(tiny_atlas.out, "SELECT DISTINCT explainer, scorer, scorer_prompt_version FROM descriptions") == [
+        (tiny_atlas.model_spec, tiny_atlas.model_spec, "detect-logprob-v1")]         # p(yes) from the forward pass
+    assert rows(tiny_atlas.out, "SELECT count(*), count(p_yes) FROM description_scores") == [(6, 6)]
 
 
 def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
@@ -246,6 +380,7 @@ def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
 def test_describe_settings_are_checked_before_anything_runs(tmp_path):
     for flags, needle in ((["--explainer-url", "http://x/v1"], "needs --explainer-model"),
                           (["--score-contexts", 3], "even number"),
+                          (["--score-method", "vibes"], "give 'logprob' or 'list'"),
                           (["--describe-budget", -2], "--describe-budget")):
         assert_one_line_error(atlas("describe", "--out", tmp_path / "o", *flags), needle)
     assert not (tmp_path / "o").exists()
@@ -272,7 +407,7 @@ def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default
         from atlas.pipeline import describe_check
         check = describe_check(out, config, "cpu")
         sent = stats(stats_url)["requests"]
-    assert (result["described"], result["scored"]) == (3, 3) and sent == 9
+    assert (result["described"], result["scored"]) == (3, 3) and sent == 9           # the list score: one per neuron
     assert check["pairs"] == 3 and check["own_higher"] + check["ties"] + check["own_lower"] == 3
     own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
     assert abs(check["own_mean"] - own) < 1e-6
