@@ -117,16 +117,20 @@ def array_fields(columns: list[tuple[str, str]], wrap: str = "{}") -> list[str]:
     return [f'"{name}{EXPONENT}" := {wrap.format(f"__step_{name}")}' for name, dtype in columns if _is_array(dtype)]
 
 
+def _last_where(values: str, test: str) -> str:
+    """SQL for the 1-based place of the last element ``a`` of list ``values`` for which ``test`` holds (0: none)."""
+    from_end = f"list_position(list_reverse([{test} FOR a IN {values}]), true)"
+    return f"coalesce(len({values}) + 1 - {from_end}, 0)"
+
+
 def _last_value(name: str) -> str:
     """SQL for the 1-based place of array ``name``'s last finite value (0 where it has none)."""
-    from_end = f'list_position(list_reverse([coalesce(isfinite(a), false) FOR a IN "{name}"]), true)'
-    return f'coalesce(len("{name}") + 1 - {from_end}, 0)'
+    return _last_where(f'"{name}"', "coalesce(isfinite(a), false)")
 
 
 def _trimmed(values: str) -> str:
     """SQL for list ``values`` without its trailing nulls (``group_columns`` pads them back)."""
-    kept = f"list_position(list_reverse([v IS NOT NULL FOR v IN {values}]), true)"
-    return f"list_slice({values}, 1, coalesce(len({values}) + 1 - {kept}, 0))"
+    return f"list_slice({values}, 1, {_last_where(values, 'a IS NOT NULL')})"
 
 
 TOKEN_INDEX = "__atlas_tokens"      # a block's token index, a temporary table the table queries join
