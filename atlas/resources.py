@@ -9,6 +9,7 @@ hostile strings that every renderer must escape.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,16 @@ def data_json(name: str) -> Any:
 def concepts(kind: str) -> list[str]:
     """A list of ``data/concepts.json``: ``clamp_check``, ``held_out_prompts`` or ``everyday``."""
     return list(data_json("concepts.json")[kind])
+
+
+def installed_package(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None: not installed). The
+    data packages atlas reads (the embedded model, word vectors, word counts) are never imported:
+    their own dependencies are not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def hostile(kind: str) -> list[str]:

@@ -14,12 +14,13 @@ This module imports no torch, so the site's search index can use it.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from atlas.resources import installed_package
 
 PACKAGE = "wordllama"
 WEIGHTS = "weights/l2_supercat_256.safetensors"
@@ -59,10 +60,7 @@ class WordVectors:
 
 def package_dir() -> Path | None:
     """Where the wordllama package is installed, found without importing it (None: not installed)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return installed_package(PACKAGE)
 
 
 @lru_cache(maxsize=1)

