@@ -29,8 +29,10 @@ too):
 - per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
   matches literally keeps its better match.
 
-The evidence terms travel with the posting, so a result says why it matched. The labels
-stage names a neuron's concept from the same evidence (``concept_names``).
+The evidence terms travel with the posting, so a result says why it matched. One scan
+(``concepts``, run by the labels stage) gives both the postings, which the stage keeps in
+``concept_postings`` for the search index, and each neuron's concept name from the same
+evidence.
 
 Every (term, word) pair is scored in chunks of words with numpy: the pairs at ``MIN_SIM``
 or more are too many (14 million on the default atlas) for a join in DuckDB.
@@ -46,6 +48,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from scipy import sparse
+
+from atlas.store import finished_stage
 
 RANKS = 20
 MIN_SIM = 0.15
@@ -61,7 +67,7 @@ FUNCTION_WORDS = 200            # the lexicon's commonest words: never evidence,
 LITERAL_SIM = 0.5               # what a name's own word among the neuron's terms adds to its summed cosine
 GENERIC_SHARE = 0.002           # a term among the top terms of more neurons than this share names none
 GENERIC_MIN = 20                # ... and of more than this many
-CHUNK = 128                     # query words scored at once ([neurons, CHUNK] counts in memory)
+CHUNK = 1024                    # query words scored at once ([terms, CHUNK] cosines in memory)
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
 
@@ -132,9 +138,13 @@ def neuron_terms(con, normalise, z_sql: str, vocab: Vocabulary) -> NeuronTerms:
         WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < {RANKS}
         ORDER BY d.layer, d.neuron, d.rank""").fetchall()
     per: dict[tuple[int, int], dict[str, tuple[int, float]]] = {}
+    term: dict[str, str | None] = {}                # each token's term, None for no letters: tokens repeat
     for layer, neuron, rank, token, z in rows:
-        t = normalise(token)
-        if not _letters(t) or z is None or not np.isfinite(z):
+        if token not in term:
+            t = normalise(token)
+            term[token] = t if _letters(t) else None
+        t = term[token]
+        if t is None or z is None or not np.isfinite(z):
             continue
         d = per.setdefault((layer, neuron), {})
         if t not in d or d[t][1] < z:
@@ -180,11 +190,54 @@ def _grams(text: str) -> frozenset[str]:
     return frozenset(text[i:i + SPELLING] for i in range(len(text) - SPELLING + 1))
 
 
+class _Spelling:
+    """Which (term, word) pairs are alike in spelling, tested exactly and in numpy: every run of
+    ``SPELLING`` letters and every prefix of every text gets an integer id."""
+
+    BATCH = 65_536                  # pairs compared at once
+
+    def __init__(self, terms: list[str], words: list[str]):
+        ids: dict[str, int] = {}
+        longest = max(map(len, terms + words), default=0)
+
+        def prefixes(texts):        # [texts, longest + 1]: the id of text[:k], -1 past its end
+            out = np.full((len(texts), longest + 1), -1, np.int32)
+            for i, text in enumerate(texts):
+                out[i, 1:len(text) + 1] = [ids.setdefault(text[:k], len(ids)) for k in range(1, len(text) + 1)]
+            return out
+
+        def grams(texts, pad):      # [texts, most runs]: the ids of its runs, ``pad`` past the last
+            runs = [[ids.setdefault(g, len(ids)) for g in _grams(text)] for text in texts]
+            out = np.full((len(texts), max(map(len, runs), default=0) + 1), pad, np.int32)
+            for i, row in enumerate(runs):
+                out[i, :len(row)] = row
+            return out
+
+        self.tlen, self.wlen = (np.array([len(t) for t in texts], np.int64) for texts in (terms, words))
+        self.tpre, self.wpre = prefixes(terms), prefixes(words)
+        self.tgram, self.wgram = grams(terms, -1), grams(words, -2)     # unequal pads never match
+        self.tn, self.wn = (self.tgram >= 0).sum(1), (self.wgram >= 0).sum(1)
+
+    def alike(self, terms: np.ndarray, words: np.ndarray) -> np.ndarray:
+        """Per pair: one text starts with the other, or they share a run of SPELLING letters."""
+        tl, wl = self.tlen[terms], self.wlen[words]
+        out = ((wl <= tl) & (self.tpre[terms, wl] == self.wpre[words, wl])
+               | (tl <= wl) & (self.wpre[words, tl] == self.tpre[terms, tl]))
+        for lo in range(0, len(terms), self.BATCH):
+            t, w = terms[lo:lo + self.BATCH], words[lo:lo + self.BATCH]
+            if not len(t):
+                break
+            a = self.tgram[t, :max(int(self.tn[t].max()), 1)]
+            b = self.wgram[w, :max(int(self.wn[w].max()), 1)]
+            out[lo:lo + self.BATCH] |= (a[:, :, None] == b[:, None, :]).any((1, 2))
+        return out
+
+
 class _Scan:
     """Every (query word, neuron) pair's evidence count, summed cosine and summed strength, a chunk of words at a time."""
 
-    def __init__(self, vectors, words: list[str], nt: NeuronTerms, min_sim: float, literal_counts: bool = False):
-        self.words, self.nt, self.min_sim, self.literal_counts = words, nt, min_sim, literal_counts
+    def __init__(self, vectors, words: list[str], nt: NeuronTerms, min_sim: float):
+        self.words, self.nt, self.min_sim = words, nt, min_sim
         self.W, self.T = vectors.embed(words), vectors.embed(nt.terms)       # [words, dim], [terms, dim]
         self.wmask, self.tmask = _masks(words), _masks(nt.terms)
         # A text of SPELLING letters or fewer has at most one run of them, but may start another
@@ -194,81 +247,88 @@ class _Scan:
         # One text is a prefix of the other (both have 3 letters or more) only if they share their first 3.
         self.whead = np.array([zlib.crc32(w[:3].encode("utf-8")) for w in words], np.int64)
         self.thead = np.array([zlib.crc32(t[:3].encode("utf-8")) for t in nt.terms], np.int64)
-        self.wgrams: dict[int, frozenset] = {}
-        self.tgrams: dict[int, frozenset] = {}
+        self.spelling = _Spelling(nt.terms, words)
         at = {w: i for i, w in enumerate(words)}
         # The query words that are a term itself, its plural or its singular: literal, never evidence.
         self.same = np.array([[at.get(t, -1), at.get(t + "s", -1), at.get(t[:-1], -1) if t.endswith("s") else -1]
                               for t in nt.terms], np.int64).reshape(-1, 3)
-        member = nt.index >= 0
-        rows, cols = np.nonzero(member)
-        term = nt.index[rows, cols]
-        order = np.argsort(term, kind="stable")                 # memberships by term, for the expansion
-        self.m_neuron, self.m_z = rows[order], nt.z[rows, cols][order]
-        self.ptr = np.searchsorted(term[order], np.arange(len(nt.terms) + 1))
+        # Neurons x terms: which neuron has which term (A), and with what strength + 1 (Az: never 0,
+        # so a product's sums are never 0 and both products keep the same entries).
+        rows, cols = np.nonzero(nt.index >= 0)
+        shape = (len(nt.keys), len(nt.terms))
+        self.A = sparse.csr_matrix((np.ones(len(rows)), (rows, nt.index[rows, cols])), shape=shape)
+        self.Az = sparse.csr_matrix((nt.z[rows, cols] + 1, (rows, nt.index[rows, cols])), shape=shape)
         self.pairs = 0
+        self.term_array = pa.array(nt.terms, pa.string())
 
-    def _grams_of(self, cache: dict, texts: list[str], i: int) -> frozenset:
-        if i not in cache:
-            cache[i] = _grams(texts[i])
-        return cache[i]
-
-    def chunks(self, chunk: int = CHUNK, with_z: bool = True):
+    def chunks(self, chunk: int = CHUNK):
         """Yield (first word, S, n, sim_sum, z_sum): S [terms, chunk] cosines with pairs that may not be
-        evidence set to -1; n, sim_sum, z_sum [neurons, chunk] over each pair's evidence (z_sum None
-        without ``with_z``)."""
-        n_neurons = len(self.nt.keys)
+        evidence set to -1; n, sim_sum, z_sum [neurons, chunk] over each pair's evidence, sparse
+        matrices with the same entries: the (neuron, word) pairs with any evidence."""
         for lo in range(0, len(self.words), chunk):
             hi = min(lo + chunk, len(self.words))
             S = self.T @ self.W[lo:hi].T                                        # [terms, chunk]
             r, c = np.nonzero(S >= self.min_sim)
-            if self.literal_counts:
-                # The name's own word among the neuron's terms is the best evidence there is.
-                lr, lc = np.nonzero((self.same[:, :, None] == np.arange(lo, hi)[None, None, :]).any(1))
-                S[lr, lc] = LITERAL_SIM
-                r, c = np.nonzero(S >= self.min_sim)
-                literal = (self.same[r] == (c + lo)[:, None]).any(1)
-                bad = np.zeros(len(r), bool)
-            else:
-                literal = (self.same[r] == (c + lo)[:, None]).any(1)
-                bad = literal.copy()
+            # The word itself, its plural or its singular among the terms is a literal match, never evidence.
+            literal = (self.same[r] == (c + lo)[:, None]).any(1)
+            bad = literal.copy()
             short = (self.tshort[r] | self.wshort[c + lo]) & (self.thead[r] == self.whead[c + lo])
             maybe = (((self.tmask[r, 0] & self.wmask[c + lo, 0]) != 0) & ((self.tmask[r, 1] & self.wmask[c + lo, 1]) != 0)
                      | short) & ~literal
-            terms, words = self.nt.terms, self.words
-            for i in np.flatnonzero(maybe).tolist():
-                t, w = terms[int(r[i])], words[int(c[i]) + lo]
-                if t.startswith(w) or w.startswith(t) or not self._grams_of(self.tgrams, terms, int(r[i])).isdisjoint(
-                        self._grams_of(self.wgrams, words, int(c[i]) + lo)):
-                    bad[i] = True
+            which = np.flatnonzero(maybe)
+            bad[which] = self.spelling.alike(r[which], c[which] + lo)
             S[r[bad], c[bad]] = -1
             r, c = r[~bad], c[~bad]
             self.pairs += len(r)
-            # Each (term, word) pair counts for every neuron that has the term.
-            deg = self.ptr[r + 1] - self.ptr[r]
-            pair = np.repeat(np.arange(len(r)), deg)
-            within = np.arange(len(pair)) - np.repeat(np.cumsum(deg) - deg, deg)
-            member = self.ptr[r][pair] + within
-            flat = self.m_neuron[member] * (hi - lo) + c[pair]
-            size = n_neurons * (hi - lo)
-            n = np.bincount(flat, minlength=size).reshape(n_neurons, hi - lo)
-            sims = np.bincount(flat, weights=S[r, c][pair], minlength=size).reshape(n_neurons, hi - lo)
-            zs = np.bincount(flat, weights=self.m_z[member], minlength=size).reshape(n_neurons, hi - lo) \
-                if with_z else None
+            # Each (term, word) pair counts for every neuron that has the term: neurons x words, sparse.
+            shape = (len(self.nt.terms), hi - lo)
+            ones = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=shape)
+            n, zs = self.A @ ones, self.Az @ ones
+            sims = self.A @ sparse.csr_matrix((S[r, c], (r, c)), shape=shape)
+            zs.data -= n.data
             yield lo, S, n, sims, zs
 
-    def evidence(self, S: np.ndarray, neurons: np.ndarray, cols: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
-        """Per (neuron, column of S) pair: its evidence terms, closest first, and the best rank among them."""
+    def literal(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
+        """The (term, word) pairs of words ``lo:hi`` where the word is the term itself, its plural or
+        its singular, as (terms, columns within the chunk), and how many of them each neuron has
+        (neurons x words, sparse)."""
+        r, k = np.nonzero((self.same >= lo) & (self.same < hi))
+        c = self.same[r, k] - lo
+        return r, c, self.A @ sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(self.nt.terms), hi - lo))
+
+    def evidence(self, S: np.ndarray, neurons: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per (neuron, column of S) pair: its ``EVIDENCE`` closest evidence terms as term indices
+        (-1 past the last) and the best rank among all its evidence."""
         idx = self.nt.index[neurons]                                            # [pairs, RANKS]
         sims = np.where(idx >= 0, S[idx.clip(0), cols[:, None]], -1.0)
         sims = np.where(sims >= self.min_sim, sims, -np.inf)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :EVIDENCE]
         best_rank = np.where(np.isfinite(sims), self.nt.rank[neurons], 1 << 30).min(1)
-        terms = self.nt.terms
-        out = []
-        for row, o, s in zip(idx.tolist(), order.tolist(), np.take_along_axis(sims, order, 1).tolist()):
-            out.append([terms[row[j]] for j, v in zip(o, s) if v != -np.inf])
-        return out, best_rank
+        top = np.where(np.isfinite(np.take_along_axis(sims, order, 1)), np.take_along_axis(idx, order, 1), -1)
+        return top, best_rank
+
+    def joined(self, top: np.ndarray) -> pa.Array:
+        """Each row of term indices from ``evidence`` as one string, "bird, mammal"."""
+        counts = (top >= 0).sum(1)                          # the terms come first in each row
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        lists = pa.ListArray.from_arrays(pa.array(offsets), self.term_array.take(pa.array(top[top >= 0])))
+        return pc.binary_join(lists, ", ")
+
+
+def _entries(m: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse count matrix's entries as (row, column, count), rows ascending."""
+    return np.repeat(np.arange(m.shape[0]), np.diff(m.indptr)), m.indices.astype(np.int64), np.rint(m.data).astype(np.int64)
+
+
+def _row_best(rows: np.ndarray, cols: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row that has entries (``rows`` ascending): the row, its best score, and the first
+    column among the entries with that score."""
+    if not len(rows):
+        return rows, score, cols
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    top = np.maximum.reduceat(score, starts)
+    ties = score == np.repeat(top, np.diff(np.r_[starts, len(rows)]))
+    return rows[starts], top, np.minimum.reduceat(np.where(ties, cols, np.iinfo(np.int64).max), starts)
 
 
 def _strength(n, sims, zs) -> np.ndarray:
@@ -283,53 +343,34 @@ def _prepare(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon):
     return vocab, neuron_terms(con, normalise, z_sql, vocab)
 
 
-def concept_postings(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None,
-                     min_sim: float = MIN_SIM, min_evidence: int = MIN_EVIDENCE,
-                     postings: int = POSTINGS) -> tuple[pa.Table, dict]:
-    """Per query word its ``postings`` strongest concept matches: (word, layer, neuron, n_ev, sim_sum, z, rank, evidence)."""
-    start = time.perf_counter()
-    vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon)
-    cols = {k: [] for k in ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence")}
-    scan = _Scan(vectors, vocab.query, nt, min_sim) if nt.terms and vocab.query else None
-    keys = np.array(nt.keys, np.int64).reshape(-1, 2)
-    for lo, S, n, sims, zs in scan.chunks() if scan else ():
-        neuron, col = np.nonzero(n >= min_evidence)
-        z = _strength(n[neuron, col], sims[neuron, col], zs[neuron, col])
-        order = np.lexsort((neuron, -z, col))                   # per word, strongest first, ties by (layer, neuron)
-        neuron, col, z = neuron[order], col[order], z[order]
-        first = np.searchsorted(col, col, side="left")
-        keep = np.arange(len(col)) - first < postings
-        neuron, col, z = neuron[keep], col[keep], z[keep]
-        evidence, best_rank = scan.evidence(S, neuron, col)
-        cols["word"] += [vocab.query[lo + c] for c in col.tolist()]
-        cols["layer"].append(keys[neuron, 0])
-        cols["neuron"].append(keys[neuron, 1])
-        cols["n_ev"].append(n[neuron, col])
-        cols["sim_sum"].append(sims[neuron, col])
-        cols["z"].append(z)
-        cols["rank"].append(best_rank)
-        cols["evidence"] += [", ".join(e) for e in evidence]
-    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
-    table = pa.table({"word": pa.array(cols["word"], pa.string()),
-                      "layer": pa.array(cat(cols["layer"], np.int16)), "neuron": pa.array(cat(cols["neuron"], np.int32)),
-                      "n_ev": pa.array(cat(cols["n_ev"], np.int32)),
-                      "sim_sum": pa.array(np.round(cat(cols["sim_sum"], np.float64), 4)),
-                      "z": pa.array(cat(cols["z"], np.float64)), "rank": pa.array(cat(cols["rank"], np.int32)),
-                      "evidence": pa.array(cols["evidence"], pa.string())})
-    return table, {"vocabulary": len(vocab.query), "neuron_terms": len(nt.terms),
-                   "related_pairs": scan.pairs if scan else 0, "seconds": round(time.perf_counter() - start, 2),
-                   "resource": vectors.source, "word_lists": vocab.source}
+@dataclass
+class Concepts:
+    """What one scan of the word vectors against the decoded terms gives: names and postings."""
+
+    names: dict             # {(layer, neuron): (word, evidence, centroid cosine)}: each named neuron's concept
+    postings: pa.Table      # per query word its strongest concept matches (``POSTINGS_COLUMNS``)
+    info: dict              # sizes, seconds, and the resource and word lists used
 
 
-def concept_names(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
-                  min_evidence: int = 3, min_centroid: float = 0.45) -> tuple[dict, dict]:
-    """Per neuron the word that names its concept: {(layer, neuron): (word, evidence, centroid cosine)}.
+POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence")
 
-    Names are words of the query vocabulary that are words (see the module's docstring) and
-    no function words. A neuron's candidate is the name whose evidence (at least
-    ``min_evidence`` terms, the name itself among them counting with cosine ``LITERAL_SIM``) has the
-    largest summed cosine; it names the neuron when its cosine with the centroid of all the
+
+def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
+             name_min_evidence: int = 3, min_centroid: float = 0.45, min_evidence: int = MIN_EVIDENCE,
+             postings: int = POSTINGS) -> Concepts:
+    """Concept names for labels and concept postings for search, from one scan of every query word.
+
+    **Postings**: per query word its ``postings`` strongest concept matches (see the module's docstring).
+
+    **Names** are words of the query vocabulary that are words and no function words, and
+    not among the top terms of many neurons (``GENERIC_SHARE``). A neuron's candidate is the
+    name whose evidence (at least ``name_min_evidence`` terms, the name itself among them
+    counting with cosine ``LITERAL_SIM``) has the largest summed cosine, the first in sorted
+    order among equals; it names the neuron when its cosine with the centroid of all the
     neuron's terms (words, no function words) is at least ``min_centroid``.
+
+    Both read the same (term, word) pairs: the names' evidence is the postings' evidence plus
+    each name's own literal terms, added after the postings are taken.
     """
     start = time.perf_counter()
     vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon)
@@ -337,56 +378,96 @@ def concept_names(con, vectors, normalise, z_sql: str, with_corpus: bool, lexico
     # terms of more than GENERIC_SHARE of the neurons) say little about any one neuron: no names.
     spread = np.bincount(nt.index[nt.index >= 0], minlength=len(nt.terms))
     generic = {t for t, k in zip(nt.terms, spread.tolist()) if k > max(GENERIC_MIN, GENERIC_SHARE * len(nt.keys))}
-    names = [w for w in vocab.query if w in vocab.words and w not in vocab.function and w not in generic]
-    found: dict = {}
-    if not nt.terms or not names:
-        return found, {"names": len(names), "seconds": round(time.perf_counter() - start, 2)}
-    scan = _Scan(vectors, names, nt, min_sim, literal_counts=True)
+    is_name = np.array([w in vocab.words and w not in vocab.function and w not in generic for w in vocab.query], bool)
+    cols = {k: [] for k in POSTINGS_COLUMNS}
+    scan = _Scan(vectors, vocab.query, nt, min_sim) if nt.terms and vocab.query else None
+    keys = np.array(nt.keys, np.int64).reshape(-1, 2)
+    query = pa.array(vocab.query, pa.string())
     best = np.full(len(nt.keys), -np.inf)
     found: dict[int, tuple[int, list[str]]] = {}
-    for lo, S, n, sims, _ in scan.chunks(with_z=False):
-        score = np.where(n >= min_evidence, sims, -np.inf)
-        col = score.argmax(1)                                   # the first of equals: the word sorted first
-        top = score[np.arange(len(col)), col]
-        better = np.flatnonzero(top > best)
-        if not len(better):
+    for lo, S, n, sims, zs in scan.chunks() if scan else ():
+        hi = lo + S.shape[1]
+        # Postings, from the evidence that is not the word itself.
+        neuron, col, count = _entries(n)
+        keep = count >= min_evidence
+        neuron, col, count, sim = neuron[keep], col[keep], count[keep], sims.data[keep]
+        z = _strength(count, sim, zs.data[keep])
+        order = np.lexsort((neuron, -z, col))                   # per word, strongest first, ties by (layer, neuron)
+        first = np.searchsorted(col[order], col[order], side="left")
+        order = order[np.arange(len(order)) - first < postings]
+        neuron, col = neuron[order], col[order]
+        top, best_rank = scan.evidence(S, neuron, col)
+        cols["word"].append(query.take(pa.array(lo + col)))
+        cols["layer"].append(keys[neuron, 0])
+        cols["neuron"].append(keys[neuron, 1])
+        cols["n_ev"].append(count[order])
+        cols["sim_sum"].append(sim[order])
+        cols["z"].append(z[order])
+        cols["rank"].append(best_rank)
+        cols["evidence"].append(scan.joined(top))
+        # Names: a name's own word among the neuron's terms is the best evidence there is.
+        if not is_name[lo:hi].any():
             continue
-        best[better] = top[better]
-        evidence, _ = scan.evidence(S, better, col[better])
-        for i, c, e in zip(better.tolist(), col[better].tolist(), evidence):
-            found[i] = (lo + c, e)
+        if LITERAL_SIM >= min_sim:
+            terms, literal_cols, literal = scan.literal(lo, hi)
+            n, sims = n + literal, sims + LITERAL_SIM * literal
+            S[terms, literal_cols] = LITERAL_SIM
+        neuron, col, count = _entries(n)
+        score = np.where((count >= name_min_evidence) & is_name[lo + col], sims.data, -np.inf)
+        rows, top, col = _row_best(neuron, col, score)
+        better = top > best[rows]
+        rows, top, col = rows[better], top[better], col[better]
+        if not len(rows):
+            continue
+        best[rows] = top
+        top, _ = scan.evidence(S, rows, col)
+        terms = scan.nt.terms
+        for i, c, row in zip(rows.tolist(), col.tolist(), top.tolist()):
+            found[i] = (lo + c, [terms[t] for t in row if t >= 0])
     # A name sums many near terms, but a neuron whose terms are about other things too (or about
     # nothing: "encourag, advoc, affili") has no clear concept: its terms' centroid must lie near the name.
     named = sorted(found)
-    idx = nt.index[named]                                                   # [named, RANKS]
-    centroid = np.where((idx >= 0)[..., None], scan.T[idx.clip(0)], 0).sum(1)
-    centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-9)
-    cos = (centroid * scan.W[[found[i][0] for i in named]]).sum(1)
-    found = {nt.keys[i]: (names[found[i][0]], found[i][1], round(float(c), 4))
-             for i, c in zip(named, cos.tolist()) if c >= min_centroid}
-    return found, {"names": len(names), "generic": len(generic), "neuron_terms": len(nt.terms), "related_pairs": scan.pairs,
-                   "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source}
+    names: dict = {}
+    if named:
+        idx = nt.index[named]                                               # [named, RANKS]
+        centroid = np.where((idx >= 0)[..., None], scan.T[idx.clip(0)], 0).sum(1)
+        centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-9)
+        cos = (centroid * scan.W[[found[i][0] for i in named]]).sum(1)
+        names = {nt.keys[i]: (vocab.query[found[i][0]], found[i][1], round(float(c), 4))
+                 for i, c in zip(named, cos.tolist()) if c >= min_centroid}
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    strings = (lambda parts: pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
+    table = pa.table({"word": strings(cols["word"]),
+                      "layer": pa.array(cat(cols["layer"], np.int16)), "neuron": pa.array(cat(cols["neuron"], np.int32)),
+                      "n_ev": pa.array(cat(cols["n_ev"], np.int16)),
+                      "sim_sum": pa.array(np.round(cat(cols["sim_sum"], np.float64), 4).astype(np.float32)),
+                      "z": pa.array(cat(cols["z"], np.float64)), "rank": pa.array(cat(cols["rank"], np.int16)),
+                      "evidence": strings(cols["evidence"])})
+    info = {"vocabulary": len(vocab.query), "names": int(is_name.sum()), "generic": len(generic),
+            "neuron_terms": len(nt.terms), "related_pairs": scan.pairs if scan else 0, "postings": table.num_rows,
+            "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source}
+    return Concepts(names, table, info)
 
 
-def concept_matches(con, vectors, normalise, z_sql: str, check_sql: str, src: int,
-                    with_corpus: bool, lexicon=None) -> tuple[str, dict]:
-    """Concept matches as the SELECT of a search source, and what making them took.
+def concept_matches(con, check_sql: str, src: int) -> tuple[str | None, dict]:
+    """Concept matches as the SELECT of a search source, and where they came from: the store's
+    ``concept_postings``, which the labels stage writes. Without any, (None, {"missing": why}).
 
     The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
-    token_id, z, check) plus ``evidence``; it reads the temp table ``search_concepts``,
-    which the caller drops.
+    token_id, z, check) plus ``evidence``; the clamp check joins here, as for literal matches.
     """
-    table, info = concept_postings(con, vectors, normalise, z_sql, with_corpus, lexicon)
-    con.register("concept_postings", table)
-    try:
-        con.execute(f"""
-            CREATE OR REPLACE TEMP TABLE search_concepts AS
-            SELECT word AS term, layer, neuron, {src} AS src, rank, -1 AS token_id, z, evidence FROM concept_postings""")
-    finally:
-        con.unregister("concept_postings")
-    info["postings"], info["words"] = table.num_rows, len(set(table.column("word").to_pylist()))
-    # The clamp check joins here, as for literal matches.
+    record = finished_stage(con, "labels")
+    if record is None:
+        return None, {"missing": "the labels stage has not run, and concept matches come from it (`atlas labels`)"}
+    if "concept_postings" not in record:
+        return None, {"missing": "the labels stage ran before it kept concept postings: run `atlas labels` again"}
+    if not record["concept_postings"]:
+        why = record.get("resource", {}).get("missing")
+        return None, {"missing": why or "the labels stage found no concept matches"}
+    n, words = con.execute("SELECT count(*), count(DISTINCT word) FROM concept_postings").fetchone()
     select = f"""
-        SELECT c.term, c.layer, c.neuron, c.src, c.rank, c.token_id, c.z, {check_sql} AS "check", c.evidence
-        FROM search_concepts c JOIN neurons n USING (layer, neuron)"""
-    return select, info
+        SELECT c.word AS term, c.layer, c.neuron, {src} AS src, c.rank, -1 AS token_id, c.z,
+               {check_sql} AS "check", c.evidence
+        FROM concept_postings c JOIN neurons n USING (layer, neuron)"""
+    return select, {"postings": n, "words": words, "resource": record.get("resource"),
+                    "word_lists": record.get("concepts_word_lists"), "made_by": "labels stage"}

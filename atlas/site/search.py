@@ -218,32 +218,23 @@ def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
         JOIN search_terms t ON t.token_id = c.token_ids[e.token_pos + 1]"""
 
 
-def _out_z_sql() -> str:
-    return ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
-            "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
-
-
-def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tuple[list[str], dict]:
+def extra_sources(con, check: str, concepts: bool) -> tuple[list[str], dict]:
     """SELECTs of match sources beyond the literal ones, each with the literal matches' columns
     and ``evidence``, and what each reported. New sources (an LLM's description words ...) join here."""
     selects, info = [], {}
     if concepts:
-        from atlas import lexicon, wordvec
         from atlas.site.concept_source import concept_matches
 
-        vectors, why = wordvec.load()
         n = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
         if n > CONCEPT_MAX_NEURONS:
             # Measured: at 458,752 neurons the concept join ran out of the render's 2 GB of DuckDB
             # memory (its aggregate does not spill); until it is bounded, large atlases go without.
             info["concepts"] = {"missing": f"{n:,} neurons, over the {CONCEPT_MAX_NEURONS:,} that concept "
                                            "matches are built for in bounded memory: left out"}
-        elif vectors is None:
-            info["concepts"] = {"missing": why}
         else:
-            select, info["concepts"] = concept_matches(con, vectors, normalise, _out_z_sql(), check, CONCEPT,
-                                                       with_exemplars, lexicon.load()[0])
-            selects.append(select)
+            select, info["concepts"] = concept_matches(con, check, CONCEPT)
+            if select is not None:
+                selects.append(select)
     described = _description_terms(con)
     if described is not None:
         con.register("search_descriptions", described)
@@ -257,8 +248,8 @@ def extra_sources(con, check: str, with_exemplars: bool, concepts: bool) -> tupl
 def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = True) -> dict:
     """Write the concept index of the store on ``con`` into ``out_dir`` (replaced whole); returns sizes.
 
-    ``concepts``: add concept matches (word vectors) beside the literal ones, where the
-    word vectors are installed; the result says which resource was used or why none was.
+    ``concepts``: add concept matches beside the literal ones, from the concept postings the
+    labels stage kept; the result says which resource made them or why there are none.
     """
     if postings < 1:
         raise AtlasError("--search-postings must be at least 1")
@@ -269,7 +260,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     con.register("search_terms", _term_table(con))
     extra, sources_info = [], {}
     try:
-        extra, sources_info = extra_sources(con, check, with_exemplars, concepts)
+        extra, sources_info = extra_sources(con, check, concepts)
         union = " UNION ALL ".join([_matches_sql(with_exemplars, check)] + extra)
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
         # Ties break on (layer, neuron), so the kept list is the ranking's own order.
@@ -309,7 +300,6 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
         label_sizes = _write_labels(con, out_dir / "labels")
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
-        con.execute("DROP TABLE IF EXISTS search_concepts")
         for name in ("search_terms", "search_buckets", "search_descriptions"):
             try:
                 con.unregister(name)

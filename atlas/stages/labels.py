@@ -10,7 +10,8 @@ word itself (a plural and its singular count once) and needing at least
 ``label_min_evidence`` of them; the largest summed cosine wins. The label is then "animal: bird, mammal, monkey" (the word, then its
 evidence); without such a word it is "no clear concept: dog · cat" (the merged tokens),
 never an invented name. ``neuron_labels`` keeps label, concept, evidence, tokens, method
-and score; ``neurons.label`` gets the label.
+and score; ``neurons.label`` gets the label. The same scan gives the concept matches of
+search, kept in ``concept_postings`` for the render's index (``atlas.site.concept_source``).
 
 A **cluster's name** is the concept shared by the most of its members when at least
 ``CLUSTER_SHARE`` of them and two or more share it: "animal (14 of 90)"; otherwise the
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from atlas import faults, lexicon as lexicon_mod, wordvec
 from atlas.config import LabelsConfig
-from atlas.site.concept_source import concept_names
+from atlas.site.concept_source import POSTINGS, concepts
 from atlas.site.search import normalise
 from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 
@@ -66,18 +67,20 @@ def normalise_spelling(token: str) -> str:
     return token[i:i + len(term)] if i >= 0 else term
 
 
-def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Table, dict]:
-    """One row per neuron: label, concept, evidence, tokens, method, score."""
+def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Table, pa.Table | None, dict]:
+    """One row per neuron (label, concept, evidence, tokens, method, score), the concept postings
+    for search made by the same scan (None without word vectors), and what the scan reported."""
     rows = con.execute(f"""
         SELECT layer, neuron, list(token ORDER BY rank) FROM decoded_tokens
         WHERE side = 'out' AND polarity = 'top' AND rank < {TOKENS}
         GROUP BY layer, neuron ORDER BY layer, neuron""").fetchall()
     concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
-    info: dict = {}
+    postings, info = None, {}
     if vectors is not None:
-        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchall()[0][0] > 0
-        concept, info = concept_names(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
-                                      cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid)
+        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+        found = concepts(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
+                         cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid)
+        concept, postings, info = found.names, found.postings, found.info
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:
         merged = merged_tokens(tokens)
@@ -99,7 +102,7 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Ta
                       "evidence": pa.array(out["evidence"], pa.list_(pa.string())),
                       "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
                       "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
-    return table, {f"concepts_{k}": v for k, v in info.items() if k not in ("resource", "word_lists")}
+    return table, postings, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
 
 
 def name_clusters(con) -> int:
@@ -123,26 +126,30 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     lexicon, lexicon_why = lexicon_mod.load()
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
-    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS)
+    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS)
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
     store = ctx.store
-    table, info = compute_labels(store.con, cfg, vectors, lexicon)
+    table, postings, info = compute_labels(store.con, cfg, vectors, lexicon)
     faults.point(STAGE, "labels computed")
     clustered = ctx.inputs().get("cluster") is not None
     with store.transaction() as con:
         con.execute("DELETE FROM neuron_labels")
         insert_arrow(con, "neuron_labels", table, order="layer, neuron")
+        con.execute("DELETE FROM concept_postings")
+        if postings is not None:
+            insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
         update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
         named = name_clusters(con) if clustered else 0
-        concepts = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
+        with_concept = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
         seconds = round(time.perf_counter() - start, 2)
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
-                   with_concept=concepts, clusters_named=named, **info)
+                   with_concept=with_concept, clusters_named=named,
+                   concept_postings=0 if postings is None else postings.num_rows, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
-    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": concepts, "clusters_named": named,
+    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept, "clusters_named": named,
             "resource": source}

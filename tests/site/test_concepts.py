@@ -77,6 +77,38 @@ def test_index_says_which_resource_made_its_concept_matches(site, tmp_path):
     assert json.loads((tmp_path / INDEX_DIR / META_NAME).read_text())["concepts"] is None
 
 
+def test_concept_matches_are_the_labels_stages_rows_and_need_them(site, tmp_path):
+    """The index's concept matches are the store's concept_postings, which the labels stage writes;
+    a store whose labels ran before there were any says to rerun them, and the stage would."""
+    import shutil
+
+    store = tmp_path / "atlas.duckdb"
+    shutil.copy(site.parent / "atlas.duckdb", store)
+    with duckdb.connect(str(store), read_only=True) as con:
+        kept = con.execute("SELECT count(*), count(DISTINCT word) FROM concept_postings").fetchone()
+        animal = con.execute("SELECT layer, neuron, evidence FROM concept_postings WHERE word = 'animal' "
+                             "ORDER BY z DESC").fetchall()
+    meta = json.loads((site / INDEX_DIR / META_NAME).read_text())
+    assert kept[0] > 0 and (meta["concepts"]["postings"], meta["concepts"]["words"]) == kept
+    assert any("mammal" in evidence.split(", ") for _, _, evidence in animal)
+    with Store(store) as s:
+        labels = STAGES["labels"]
+        ctx = Context(s, labels, "sha256:0", get_lm=None, progress=False)
+        record = ctx.record()
+        # As a labels stage of v4 left it: no postings, and a fingerprint made without them.
+        old = {**{k: v for k, v in record.items() if k != "concept_postings"}, "fingerprint": "0" * 16}
+        s.set_meta("stage.labels", old)
+        with s.transaction() as con:
+            con.execute("DELETE FROM concept_postings")
+    with duckdb.connect(str(store), read_only=True) as con:
+        info = write_index(con, tmp_path / INDEX_DIR, postings=10)
+    assert "run `atlas labels` again" in info["concepts"]["missing"]
+    with Store(store) as s:
+        assert STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False),
+                                    LabelsConfig()).get("skipped") is None
+        assert s.count("concept_postings") == kept[0]
+
+
 def test_labels_name_the_concept_merge_variants_and_are_stored(site):
     assert merged_tokens([" dog", " Dogs", "Dogs", "dog.", " cat"]) == ["dog", "cat"]
     with duckdb.connect(str(site.parent / "atlas.duckdb"), read_only=True) as con:
