@@ -26,8 +26,8 @@ too):
   cosine one more. A category's members each lie only 0.15-0.35 from the category's name,
   but a neuron that writes many of them adds up to strong evidence; at least
   ``MIN_EVIDENCE`` evidence terms are needed;
-- per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
-  matches literally keeps its better match.
+- per word the ``POSTINGS`` strongest neurons are kept; how they rank beside literal matches
+  (``LITERAL_GAIN``) is in ``atlas.site.search``.
 
 The evidence terms travel with the posting, so a result says why it matched. The labels
 stage names a neuron's concept from the same evidence (``concept_names``).
@@ -54,6 +54,10 @@ MIN_EVIDENCE = 2
 POSTINGS = 50
 REF_SIM = 0.15                  # summed cosine beyond the least evidence that adds one literal match's strength
 MAX_GAIN = 10.0                 # the most a concept match can be, in multiples of a literal one
+# A neuron that writes the query word itself (a top `out` token spelling it) has evidence at cosine 1,
+# the most there is: on the concept matches' scale its match weighs the gain of summed cosine 1
+# (about 5.7), so only a concept match whose evidence sums to more outranks it at equal strength.
+LITERAL_GAIN = 1 + (1.0 - MIN_EVIDENCE * MIN_SIM) / REF_SIM
 SPELLING = 4                    # letters in a row that make a pair alike in spelling, not meaning
 CORPUS_WORDS = 30_000
 LEXICON_MIN = 50                # lexicon count from which a term is a word
