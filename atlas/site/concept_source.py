@@ -22,10 +22,10 @@ too):
 - **strength** of a concept match: ``mean(strength) x gain`` over the evidence, the
   strength of a decoded token as for literal matches (σ from the mean logit), where
   ``gain = min(1 + (sum(cosine) - MIN_EVIDENCE x MIN_SIM) / REF_SIM, MAX_GAIN)``: the least
-  evidence there can be weighs one literal match, and each further ``REF_SIM`` of summed
-  cosine one more. A category's members each lie only 0.15-0.35 from the category's name,
-  but a neuron that writes many of them adds up to strong evidence; at least
-  ``MIN_EVIDENCE`` evidence terms are needed;
+  evidence there can be weighs one literal match (one that writes the word itself:
+  ``LITERAL_GAIN``), and each further ``REF_SIM`` of summed cosine one more. A category's
+  members each lie only 0.15-0.35 from the category's name, but a neuron that writes many
+  of them adds up to strong evidence; at least ``MIN_EVIDENCE`` evidence terms are needed;
 - per word the ``POSTINGS`` strongest neurons are kept; how they rank beside literal matches
   (``LITERAL_GAIN``) is in ``atlas.site.search``.
 

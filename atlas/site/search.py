@@ -27,6 +27,12 @@ Definitions (also on the search page):
   scorer bore out ranks beside strong decoded tokens.
 - A neuron's score for a term is its best match's; per term the index keeps the
   ``search_postings`` best neurons (and says how many matched in all).
+- **best evidence**, with concept matches in the index: a neuron that writes the term (a
+  top ``out`` token spelling it) has evidence at cosine 1, the most there is, so on the
+  concept matches' scale its match weighs ``LITERAL_GAIN`` (the gain of summed cosine 1,
+  about 5.7) times its score, plus the neuron's own concept match for the term where it
+  has one; every other match weighs its score. A term's neurons are listed by that weight
+  (the match shown is the one that gave it); without concept matches, by score.
 - **direction** of a match: ``promotes`` (top ``out`` tokens, and concept matches, which
   are read from them), ``suppresses`` (bottom ``out`` tokens) or ``reads`` (``in``/``gate``
   sides and corpus exemplars: what makes the neuron fire); a description word has none. A
