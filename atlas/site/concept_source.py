@@ -22,12 +22,12 @@ too):
 - **strength** of a concept match: ``mean(strength) x gain`` over the evidence, the
   strength of a decoded token as for literal matches (σ from the mean logit), where
   ``gain = min(1 + (sum(cosine) - MIN_EVIDENCE x MIN_SIM) / REF_SIM, MAX_GAIN)``: the least
-  evidence there can be weighs one literal match, and each further ``REF_SIM`` of summed
-  cosine one more. A category's members each lie only 0.15-0.35 from the category's name,
-  but a neuron that writes many of them adds up to strong evidence; at least
-  ``MIN_EVIDENCE`` evidence terms are needed;
-- per word the ``POSTINGS`` strongest neurons are kept; a (word, neuron) pair that also
-  matches literally keeps its better match.
+  evidence there can be weighs one literal match (one that writes the word itself:
+  ``LITERAL_GAIN``), and each further ``REF_SIM`` of summed cosine one more. A category's
+  members each lie only 0.15-0.35 from the category's name, but a neuron that writes many
+  of them adds up to strong evidence; at least ``MIN_EVIDENCE`` evidence terms are needed;
+- per word the ``POSTINGS`` strongest neurons are kept; how they rank beside literal matches
+  (``LITERAL_GAIN``) is in ``atlas.site.search``.
 
 The evidence terms travel with the posting, so a result says why it matched. One scan
 (``concepts``, run by the labels stage) gives both the postings, which the stage keeps in
@@ -60,6 +60,10 @@ MIN_EVIDENCE = 2
 POSTINGS = 50
 REF_SIM = 0.15                  # summed cosine beyond the least evidence that adds one literal match's strength
 MAX_GAIN = 10.0                 # the most a concept match can be, in multiples of a literal one
+# A neuron that writes the query word itself (a top `out` token spelling it) has evidence at cosine 1,
+# the most there is: on the concept matches' scale its match weighs the gain of summed cosine 1
+# (about 5.7), so only a concept match whose evidence sums to more outranks it at equal strength.
+LITERAL_GAIN = 1 + (1.0 - MIN_EVIDENCE * MIN_SIM) / REF_SIM
 SPELLING = 4                    # letters in a row that make a pair alike in spelling, not meaning
 CORPUS_WORDS = 30_000
 LEXICON_MIN = 50                # lexicon count from which a term is a word

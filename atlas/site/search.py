@@ -27,6 +27,12 @@ Definitions (also on the search page):
   scorer bore out ranks beside strong decoded tokens.
 - A neuron's score for a term is its best match's; per term the index keeps the
   ``search_postings`` best neurons (and says how many matched in all).
+- **best evidence**, with concept matches in the index: a neuron that writes the term (a
+  top ``out`` token spelling it) has evidence at cosine 1, the most there is, so on the
+  concept matches' scale its match weighs ``LITERAL_GAIN`` (the gain of summed cosine 1,
+  about 5.7) times its score, plus the neuron's own concept match for the term where it
+  has one; every other match weighs its score. A term's neurons are listed by that weight
+  (the match shown is the one that gave it); without concept matches, by score.
 - **direction** of a match: ``promotes`` (top ``out`` tokens, and concept matches, which
   are read from them), ``suppresses`` (bottom ``out`` tokens) or ``reads`` (``in``/``gate``
   sides and corpus exemplars: what makes the neuron fire); a description word has none. A
@@ -54,6 +60,7 @@ from typing import Callable
 import pyarrow as pa
 
 from atlas.errors import AtlasError
+from atlas.site.concept_source import LITERAL_GAIN
 from atlas.site.text import html_safe_json, show_token, to_json
 from atlas.store import finished_stage
 
@@ -262,6 +269,11 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     try:
         extra, sources_info = extra_sources(con, check, concepts)
         union = " UNION ALL ".join([_matches_sql(with_exemplars, check)] + extra)
+        # With concept matches in the index, a top `out` token that spells the term (the neuron
+        # writes the word itself) weighs LITERAL_GAIN on their scale, and a neuron that also has
+        # a concept match for the term adds the two: the word joins its evidence (see the README,
+        # "best evidence"). Without them every match ranks by its score, as before.
+        gain = round(LITERAL_GAIN * 100) if "concepts" in sources_info and "missing" not in sources_info["concepts"] else 100
         # One row per (term, neuron): its strongest match, then the term's strongest neurons.
         # Ties break on (layer, neuron), so the kept list is the ranking's own order.
         # The score is ``score()`` in SQL: integer arithmetic, so both give the same numbers.
@@ -271,17 +283,27 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                 SELECT term, layer, neuron, src, rank, token_id, z, "check", evidence,
                        CAST(floor(z * 100 + 0.5) AS INTEGER) AS strength
                 FROM ({union}) WHERE z IS NOT NULL AND isfinite(z)
-            ), best AS (
+            ), scored AS (
                 SELECT *, CASE WHEN src = {OUT_TOP} AND "check" >= 0
                                THEN (strength * (50 + "check") + 50) // 100 ELSE strength END AS score
                 FROM matches
-                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron ORDER BY score DESC, z DESC, src, rank) = 1
+            ), weighed AS (
+                SELECT *, CASE WHEN src = {OUT_TOP} THEN (score * {gain} + 50) // 100 ELSE score END AS weight
+                FROM scored
+            ), joint AS (
+                SELECT *, weight + CASE WHEN src = {OUT_TOP} THEN coalesce(max(CASE WHEN src = {CONCEPT} THEN weight END)
+                                        OVER (PARTITION BY term, layer, neuron), 0) ELSE 0 END AS rank_score
+                FROM weighed
+            ), best AS (
+                SELECT * FROM joint
+                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron
+                                           ORDER BY rank_score DESC, score DESC, z DESC, src, rank) = 1
             ), directed AS (
                 SELECT *, CASE WHEN src IN (4, 8) THEN 0 WHEN src = 5 THEN 1 WHEN src = 9 THEN 3 ELSE 2 END AS dir
                 FROM best
             )
-            SELECT *, row_number() OVER (PARTITION BY term ORDER BY score DESC, layer, neuron) AS pos,
-                   row_number() OVER (PARTITION BY term, dir ORDER BY score DESC, layer, neuron) AS dir_pos,
+            SELECT *, row_number() OVER (PARTITION BY term ORDER BY rank_score DESC, layer, neuron) AS pos,
+                   row_number() OVER (PARTITION BY term, dir ORDER BY rank_score DESC, layer, neuron) AS dir_pos,
                    count(*) OVER (PARTITION BY term) AS n_total,
                    sum(CASE WHEN dir = 0 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_promotes,
                    sum(CASE WHEN dir = 1 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_suppresses,

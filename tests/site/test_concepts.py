@@ -23,6 +23,11 @@ pytestmark = pytest.mark.skipif(wordvec.package_dir() is None, reason="wordllama
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     store = concept_store(tmp_path_factory.mktemp("concepts") / "atlas.duckdb")
+    with duckdb.connect(str(store)) as con:
+        # A neuron that writes " animal" weakly: 16th of its top `out` tokens, at its own logit there.
+        con.execute("UPDATE decoded_tokens SET token = v.token, token_id = v.token_id FROM vocab v "
+                    "WHERE v.token = ' animal' AND layer = 0 AND neuron = 50 AND side = 'out' AND polarity = 'top' "
+                    "AND rank = 15")
     with Store(store) as s:
         STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
     render(store, store.parent / "site", RenderConfig(workers=1, exports=False),
@@ -39,15 +44,33 @@ def test_a_category_finds_neurons_whose_tokens_are_its_members(site):
     animals = found[(1, 5)]                               # bird, mammal, monkey ...: no token spells "animal"
     concept = [m for m in animals["matches"] if m["source"] == "concept"]
     assert concept and {"bird", "mammal"} <= set(concept[0]["token"].split(", "))
-    # The neuron that decodes to " animal" itself is a literal match; five members of the
-    # category at about its strength are stronger evidence than one spelling of the word.
-    assert list(found)[:2] == [(1, 5), (0, 7)] and found[(0, 7)]["matches"][0]["source"] == "out top"
+    assert found[(0, 7)]["matches"][0]["source"] == "out top"     # decodes to " animal" itself
     colour = hits(site, "colour")                         # British spelling; tokens red, blue, ...
     assert (1, 9) in colour and colour[(1, 9)]["matches"][0]["source"] == "concept"
     assert (1, 9) not in found and (1, 5) not in colour
     # " eleph", "itarian", " veterin" ... are pieces of animal words, near "animal" in the word
     # vectors by spelling: not words, so no evidence of anything.
     assert (1, 30) not in found
+
+
+def test_literal_matches_come_first_when_they_are_the_best_evidence(site):
+    found = hits(site, "animal")
+    # (0, 7) writes " animal" at the top; (1, 5)'s five members at about that strength sum to
+    # less cosine with "animal" than the word itself (1): the literal match first, the concept next.
+    assert list(found)[:2] == [(0, 7), (1, 5)]
+    assert [m["source"] for m in found[(0, 7)]["matches"]] == ["out top"]
+    assert [m["source"] for m in found[(1, 5)]["matches"]] == ["concept"]
+    # A concept match whose evidence is overwhelming beside a weak spelling still wins: (0, 50)
+    # writes " animal" only 16th, at 2-3 sigma.
+    assert found[(0, 50)]["matches"][0]["source"] == "out top" and found[(0, 50)]["matches"][0]["rank"] == 15
+    order = list(found)
+    assert order.index((1, 5)) < order.index((0, 50))
+    # " bird" is (1, 5)'s top token: it comes first for "bird", with its literal match shown
+    # (its concept evidence for "bird" adds to it), ahead of any concept match.
+    bird = hits(site, "bird")
+    first = next(iter(bird.values()))
+    assert (first["layer"], first["neuron"]) == (1, 5) and first["matches"][0]["source"] == "out top"
+    assert first["matches"][0]["token"] == " bird"
 
 
 def test_concept_matches_need_words_that_are_no_function_words(site):
@@ -133,7 +156,7 @@ def test_search_page_lists_the_animal_neurons_with_their_evidence(site, browser)
     with served(site) as base:
         page = search_page(browser, base, "animal")
         hrefs = [href for href, _ in result_links(page)]
-        assert hrefs[:2] == ["../neurons/1/5/", "../neurons/0/7/"]
+        assert hrefs[:2] == ["../neurons/0/7/", "../neurons/1/5/"]    # the literal match first
         text = page.locator("#atlas-search-results li", has_text="L1 / N5").inner_text()
         assert "promotes words near \u2018animal\u2019 via" in text and "bird" in text and "mammal" in text
         assert "concept #0" in text
