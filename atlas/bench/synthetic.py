@@ -22,6 +22,7 @@ from atlas import __version__
 from atlas.resources import hostile
 from atlas.config import HOLDS, ClampConfig, ClusterConfig, ExemplarConfig
 from atlas.schema import SIDES, SIDE_STATS
+from atlas.site.concept_source import EVIDENCE, POSTINGS
 from atlas.stages import STAGES
 from atlas.stages.contract import Context, insert_arrow, write_record
 from atlas.store import Store
@@ -251,14 +252,15 @@ def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[s
 def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
                          top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
                          d_model: int = 576, clusters: bool = False, corpus: bool = False,
-                         k: int = 20, clamp: bool = False, progress: bool = False) -> Path:
+                         k: int = 20, clamp: bool = False, concepts: bool = False, progress: bool = False) -> Path:
     """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows.
 
     With ``clusters`` the cluster stage runs too, on synthetic `out` directions that have
     planted families (see ``synthetic_directions``). With ``corpus`` the exemplars stage is
     marked done with ``k`` exemplars and attributions per polarity and neuron; with
     ``clamp`` (which needs ``corpus``, for the normalisers) the clamp stage is marked done
-    with every neuron measured.
+    with every neuron measured. With ``concepts`` the labels stage is marked done with
+    ``concept_postings`` shaped like the default atlas's (``_concept_postings``).
     """
     if clamp and not corpus:
         raise ValueError("a synthetic clamp stage needs corpus=True (clamp values are multiples of normalisers)")
@@ -326,6 +328,12 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             from atlas.stages.cluster import cluster_store
             ctx = Context(store, STAGES["cluster"], f"sha256:{seed:064x}", get_lm=None, progress=False)
             cluster_store(ctx, ClusterConfig(), lambda: synthetic_directions(n_layers, d_mlp, d_model, seed))
+        if concepts:
+            with store.transaction():
+                postings = _concept_postings(words, n_layers, d_mlp, rng)
+                insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
+                write_record(store, STAGES["labels"], "done", f"synthetic-{seed}", {}, resource={"name": "atlas.synthetic"},
+                             concept_postings=postings.num_rows)
         if clamp:
             n = n_layers * d_mlp
             # After the clusters, which the clamp stage reads: its record names their fingerprint.
@@ -339,6 +347,23 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
                                 "device": "synthetic", "hold_threshold": HOLDS, "holds": int(holds),
                                 "median_faithfulness": float(median)})
     return path
+
+
+def _concept_postings(words: list[str], n_layers: int, d_mlp: int, rng: np.random.Generator,
+                      n_words: int = 27_000, per_word: int = POSTINGS) -> pa.Table:
+    """Concept postings shaped like the default atlas's: about 27,000 words with 50 each, 2-10
+    evidence terms (median 2), strengths 6-40 σ (median 13), evidence strings of about 21 characters."""
+    names = sorted({w.strip() for w in words if w.strip().isalpha()})[:n_words]
+    n = len(names) * per_word
+    n_ev = np.minimum(2 + rng.geometric(0.6, n) - 1, 10)
+    picked = rng.integers(0, len(names), (n, EVIDENCE))
+    evidence = [", ".join(names[i] for i in row[:k]) for row, k in zip(picked.tolist(), np.minimum(n_ev, EVIDENCE).tolist())]
+    return pa.table({
+        "word": pa.array(np.repeat(names, per_word)), "layer": pa.array(rng.integers(0, n_layers, n).astype(np.int16)),
+        "neuron": pa.array(rng.integers(0, d_mlp, n).astype(np.int32)), "n_ev": pa.array(n_ev.astype(np.int16)),
+        "sim_sum": pa.array((n_ev * rng.uniform(0.15, 0.3, n)).astype(np.float32)),
+        "z": pa.array(np.exp(rng.normal(np.log(13), 0.5, n))), "rank": pa.array(rng.integers(0, 20, n).astype(np.int16)),
+        "evidence": pa.array(evidence, pa.string())})
 
 
 def synthetic_directions(n_layers: int, d_mlp: int, d_model: int, seed: int = 0, families: int = 0):
