@@ -90,7 +90,7 @@ def bench_render(shape: str = "32x14336", layers: int = 0, neurons: int = 0, sto
             start = time.perf_counter()
             # Every section a GPU build gives, the clamp check of every neuron and concept postings included.
             make_synthetic_store(store_path, n_layers, d_mlp, vocab_size=32768, corpus=True, clusters=clusters,
-                                 clamp=True, concepts=True, progress=True)
+                                 clamp=True, concepts=27_000, progress=True)
             store_s = time.perf_counter() - start
         site = Path(keep) if keep else work / "site"
         proc = subprocess.run([sys.executable, "-c", "import sys; from atlas.bench.render import _render_child; "

@@ -252,15 +252,16 @@ def _neurons_layer(layer: int, d_mlp: int, sides: tuple[str, ...], words: list[s
 def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size: int = 8192,
                          top_k: int = 20, bottom_k: int = 10, gated: bool = True, seed: int = 0,
                          d_model: int = 576, clusters: bool = False, corpus: bool = False,
-                         k: int = 20, clamp: bool = False, concepts: bool = False, progress: bool = False) -> Path:
+                         k: int = 20, clamp: bool = False, concepts: int = 0, progress: bool = False) -> Path:
     """Write a store at ``path`` whose decode stage is done; the same seed gives the same rows.
 
     With ``clusters`` the cluster stage runs too, on synthetic `out` directions that have
     planted families (see ``synthetic_directions``). With ``corpus`` the exemplars stage is
     marked done with ``k`` exemplars and attributions per polarity and neuron; with
     ``clamp`` (which needs ``corpus``, for the normalisers) the clamp stage is marked done
-    with every neuron measured. With ``concepts`` the labels stage is marked done with
-    ``concept_postings`` shaped like the default atlas's (``_concept_postings``).
+    with every neuron measured. With ``concepts`` (a number of words; the default atlas has
+    27,000) the labels stage is marked done with ``concept_postings`` shaped like the default
+    atlas's (``_concept_postings``).
     """
     if clamp and not corpus:
         raise ValueError("a synthetic clamp stage needs corpus=True (clamp values are multiples of normalisers)")
@@ -330,7 +331,7 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
             cluster_store(ctx, ClusterConfig(), lambda: synthetic_directions(n_layers, d_mlp, d_model, seed))
         if concepts:
             with store.transaction():
-                postings = _concept_postings(words, n_layers, d_mlp, rng)
+                postings = _concept_postings(n_layers, d_mlp, rng, concepts)
                 insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
                 write_record(store, STAGES["labels"], "done", f"synthetic-{seed}", {}, resource={"name": "atlas.synthetic"},
                              concept_postings=postings.num_rows)
@@ -349,11 +350,13 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
     return path
 
 
-def _concept_postings(words: list[str], n_layers: int, d_mlp: int, rng: np.random.Generator,
-                      n_words: int = 27_000, per_word: int = POSTINGS) -> pa.Table:
-    """Concept postings shaped like the default atlas's: about 27,000 words with 50 each, 2-10
+def _concept_postings(n_layers: int, d_mlp: int, rng: np.random.Generator, n_words: int,
+                      per_word: int = POSTINGS) -> pa.Table:
+    """Concept postings shaped like the default atlas's: ``n_words`` words with 50 each, 2-10
     evidence terms (median 2), strengths 6-40 σ (median 13), evidence strings of about 21 characters."""
-    names = sorted({w.strip() for w in words if w.strip().isalpha()})[:n_words]
+    # The query words: made-up words as the vocabulary's, more of them than it has (as a lexicon's are).
+    made_up = _vocab(2 * n_words + len(HOSTILE_TOKENS), np.random.default_rng(0))[len(HOSTILE_TOKENS):]
+    names = sorted({w.strip() for w in made_up})[:n_words]
     n = len(names) * per_word
     n_ev = np.minimum(2 + rng.geometric(0.6, n) - 1, 10)
     picked = rng.integers(0, len(names), (n, EVIDENCE))

@@ -60,7 +60,7 @@ from typing import Callable
 import pyarrow as pa
 
 from atlas.errors import AtlasError
-from atlas.site.concept_source import LITERAL_GAIN
+from atlas.site.concept_source import LITERAL_GAIN, concept_matches
 from atlas.site.text import html_safe_json, show_token, to_json
 from atlas.store import finished_stage
 
@@ -78,7 +78,6 @@ DESCRIPTION = 9
 DIRECTIONS = ("promotes", "suppresses", "reads")
 SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None)    # SOURCES -> DIRECTIONS index (None: no direction)
 LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
-CONCEPT_MAX_NEURONS = 100_000   # concept matches up to this many neurons (see extra_sources)
 POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
@@ -230,18 +229,9 @@ def extra_sources(con, check: str, concepts: bool) -> tuple[list[str], dict]:
     and ``evidence``, and what each reported. New sources (an LLM's description words ...) join here."""
     selects, info = [], {}
     if concepts:
-        from atlas.site.concept_source import concept_matches
-
-        n = con.execute("SELECT count(*) FROM neurons").fetchone()[0]
-        if n > CONCEPT_MAX_NEURONS:
-            # Measured: at 458,752 neurons the concept join ran out of the render's 2 GB of DuckDB
-            # memory (its aggregate does not spill); until it is bounded, large atlases go without.
-            info["concepts"] = {"missing": f"{n:,} neurons, over the {CONCEPT_MAX_NEURONS:,} that concept "
-                                           "matches are built for in bounded memory: left out"}
-        else:
-            select, info["concepts"] = concept_matches(con, check, CONCEPT)
-            if select is not None:
-                selects.append(select)
+        select, info["concepts"] = concept_matches(con, check, CONCEPT)
+        if select is not None:
+            selects.append(select)
     described = _description_terms(con)
     if described is not None:
         con.register("search_descriptions", described)

@@ -260,13 +260,13 @@ def test_shard_text_from_duckdb_is_what_the_site_json_writer_writes():
 def test_a_synthetic_store_with_concept_postings_indexes_them(tmp_path):
     """The benchmarks' synthetic stores carry concept postings shaped like the default atlas's,
     and the index takes them from the store as it does a built atlas's."""
-    store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 64, vocab_size=512, concepts=True)
+    store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 64, vocab_size=512, concepts=200)
     with duckdb.connect(str(store), read_only=True) as con:
         rows, words = con.execute("SELECT count(*), count(DISTINCT word) FROM concept_postings").fetchone()
         word, layer, neuron = con.execute("SELECT word, layer, neuron FROM concept_postings ORDER BY z DESC LIMIT 1"
                                           ).fetchone()
         info = write_index(con, tmp_path / INDEX_DIR, postings=100)
-    assert rows == 50 * words and info["concepts"]["postings"] == rows
+    assert (rows, words) == (50 * 200, 200) and info["concepts"]["postings"] == rows
     assert info["concepts"]["resource"] == {"name": "atlas.synthetic"}
     hit = next(h for h in search(tmp_path, word, limit=100)["hits"] if (h["layer"], h["neuron"]) == (layer, neuron))
     assert any(m["source"] == "concept" for m in hit["matches"])
