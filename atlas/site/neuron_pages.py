@@ -36,19 +36,21 @@ BLOCK = 1024            # neurons fetched and rendered per query; bounds memory 
 # Tokens a page shows (top, bottom) for the sides that read; `out`, what the neuron writes and
 # the clamp check tests, shows all it has. The JSON has every decoded token of every side.
 SHOWN_TOKENS = {"in": (8, 4), "gate": (8, 4)}
+SHOWN_OUT = (10, 10)    # `out` tokens (top, bottom): the top ones in the page's HTML, the bottom ones drawn
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
 
 
 def side_section(side: str, tokens: dict[str, list[tuple]], row: dict, pushed: dict[int, float] | None) -> NS:
-    """One decoded side of a page: its stats, and the `out` side's top and bottom rows. A
-    reading side (``SHOWN_TOKENS``) names only how many rows to show: atlas-neuron.js draws
-    them from the neuron's JSON."""
+    """One decoded side of a page: its stats, and the `out` side's strongest rows. A reading
+    side (``SHOWN_TOKENS``) names only how many rows to show, as does the `out` side for its
+    bottom rows: atlas-neuron.js draws them from the neuron's JSON."""
     stats = NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS})
     if side in SHOWN_TOKENS:
         return NS(name=side, title=SIDE_TITLES[side], stats=stats, shown=SHOWN_TOKENS[side])
-    parts = {polarity: logit_rows(rows, pushed if polarity == "top" else None) for polarity, rows in tokens.items()}
-    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, **parts)
+    top, bottom = SHOWN_OUT
+    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, top=logit_rows(tokens["top"][:top], pushed),
+              shown=min(top, len(tokens["top"])), total=len(tokens["top"]), bottom=bottom)
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
