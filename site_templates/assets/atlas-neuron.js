@@ -192,10 +192,19 @@
     }
     return table;
   }
+  // A side's stats line (partials/stats.html), from the JSON's neurons row.
+  function statsLine(row, side) {
+    var p = document.createElement("p"), v = function (stat) { return fmtStat(row[side + "_" + stat]); };
+    p.className = "atlas-stats";
+    p.textContent = "\u2016v\u2016 " + v("norm") + " \u00b7 logits: mean " + v("logit_mean") + ", std " + v("logit_std") +
+                    ", skew " + v("logit_skew") + ", kurtosis " + v("logit_kurtosis");
+    return p;
+  }
   function drawDecoded(data, names) {
     var decoded = data.decoded_tokens || {};
     document.querySelectorAll("div.atlas-read[data-side]").forEach(function (div) {
-      var side = decoded[div.getAttribute("data-side")] || {}, shown = div.getAttribute("data-shown").split(" ");
+      var name = div.getAttribute("data-side"), side = decoded[name] || {}, shown = div.getAttribute("data-shown").split(" ");
+      if (div.hasAttribute("data-stats")) div.appendChild(statsLine(data.neurons || {}, name));
       ["top", "bottom"].forEach(function (polarity, i) {
         if (side[polarity] && Number(shown[i]) > 0) div.appendChild(logitTable(polarity, side[polarity], names, Number(shown[i])));
       });
@@ -227,6 +236,22 @@
     p.append(document.createElement("br"));
     p.append.apply(p, lines[1]);
     box.append(h3, p);
+  }
+
+  // The clamp check's tokens that rise and fall most (data-shown of each), "<b>token</b> +1.23".
+  function drawClamp(p, data, names) {
+    var effects = data.clamp_effects || {}, shown = Number(p.getAttribute("data-shown"));
+    ["rises", "falls"].forEach(function (direction, i) {
+      var group = effects[direction] || { token: [], delta_logprob: [] }, deltas = column(group, "delta_logprob");
+      if (i) p.append(document.createElement("br"));
+      p.append(direction + ": ");
+      for (var r = 0; r < Math.min(shown, group.token.length); r++) {
+        var b = document.createElement("b"), d = deltas[r];
+        b.textContent = showToken(names[group.token[r]]);
+        if (r) p.append(" \u00b7 ");
+        p.append(b, " " + (d == null ? "\u2013" : (d < 0 ? "" : "+") + d.toFixed(2)));
+      }
+    });
   }
 
   // The activation histogram (corpus_sections.histogram_figure is its Python twin, which the
@@ -307,6 +332,8 @@
       drawDecoded(data, names);
       var attr = document.querySelector("[data-draw=attributions]");
       if (attr) drawAttributions(attr, data, names);
+      var clamp = document.querySelector("[data-draw=clamp]");
+      if (clamp) drawClamp(clamp, data, names);
       if (hist) drawHistogram(hist, data, got[1]);
       document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "drawn"); });
     }).catch(function (err) {

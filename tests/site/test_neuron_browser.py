@@ -92,7 +92,7 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
     root, site_url = synthetic_site
     con = duckdb.connect(str(root / "atlas.duckdb"), read_only=True)
     page = _open(browser.new_context(), site_url + "neurons/0/0/")
-    for drawn in ("details.atlas-reads", "[data-draw=histogram]", "[data-draw=attributions]"):
+    for drawn in ("details.atlas-reads", "[data-draw=histogram]", "[data-draw=attributions]", "[data-draw=clamp]"):
         page.wait_for_selector(f"{drawn}[data-state=drawn]", state="attached", timeout=10_000)
     tables, cells = [*SHOWN_TOKENS.items(), ("out", SHOWN_OUT)], []
     for side, (top, bottom) in tables:
@@ -107,6 +107,11 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
                                         "rows => rows.map(r => [...r.cells].slice(0, 2).map(c => c.textContent))")
         assert got == want, side
         cells += got
+        if side in SHOWN_TOKENS:          # the reading sides' stats lines are drawn too, from the neurons row
+            row = con.execute(f"SELECT {side}_norm, {side}_logit_mean, {side}_logit_std, {side}_logit_skew, "
+                              f"{side}_logit_kurtosis FROM neurons WHERE layer = 0 AND neuron = 0").fetchone()
+            want_stats = "‖v‖ {} · logits: mean {}, std {}, skew {}, kurtosis {}".format(*map(fmt_stat, row))
+            assert page.text_content(f"#{side} p.atlas-stats") == want_stats
     assert any("<script>" in t or "⟨U+" in t for t, _ in cells)         # the hostile tokens are among them, as text
     # The next tokens it pushes: the JSON's strongest attributions, in the Python formats.
     data = page.request.get(site_url + "neurons/0/0.json").json()
@@ -116,6 +121,14 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
                    for polarity, label in (("supports", "up"), ("suppresses", "down")))
     assert page.text_content("[data-draw=attributions] p.atlas-attr") == want
     assert page.locator("[data-draw=attributions] b").count() == 2 * SHOWN_ATTR
+    # The clamp check's tokens that rise and fall most, as the store has them.
+    from atlas.site.clamp_sections import SHOWN as CLAMP_SHOWN
+
+    effects = con.execute("SELECT direction, token, delta_logprob FROM clamp_effects WHERE layer = 0 AND neuron = 0 "
+                          "AND direction <> 'own' AND rank < ? ORDER BY direction DESC, rank", [CLAMP_SHOWN]).fetchall()
+    want = "".join(f"{direction}: " + " · ".join(f"{show_token(t)} {d:+.2f}" for dn, t, d in effects if dn == direction)
+                   for direction in ("rises", "falls"))
+    assert page.text_content("#clamp [data-draw=clamp]") == want and want.count(" · ") == 2 * (CLAMP_SHOWN - 1)
     # The histogram: the same path, ticks and count as the Python twin draws from the store's rows.
     counts = con.execute("SELECT counts FROM histograms WHERE layer = 0 AND neuron = 0").fetchone()[0]
     figure = histogram_figure(counts, histogram_edges(con, len(counts)))
