@@ -182,7 +182,9 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             (building / SITE_MARKER).write_text(to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes),
-                # Every neuron's histogram shares these bins; neuron pages draw theirs with them.
+                # What every neuron page's script shares: the tables its reproduce snippet reads,
+                # whether the store is inside the site, and the bins of every neuron's histogram.
+                "reproduce": {"tables": page["site"]["tables"], "exports": bool(page["site"]["exports"])},
                 **({"histogram_edges": edges} if (edges := histogram_edges_meta(store.con)) else {})}),
                 encoding="utf-8")
         except BaseException:

@@ -321,20 +321,34 @@
     box.appendChild(fig);
   }
 
+  // The reproduce snippet: the same rows from the store, for this page's layer and neuron.
+  function drawQuery(pre, data, reproduce) {
+    var tables = reproduce.tables.map(function (t) { return '"' + t + '"'; }).join(", ");
+    pre.textContent = "import duckdb  # the same rows, from atlas.duckdb" + (reproduce.exports ? " (in exports/ on this site)" : "") +
+      '\ncon = duckdb.connect("atlas.duckdb", read_only=True)\nfor table in (' + tables + (reproduce.tables.length === 1 ? "," : "") +
+      '):\n    con.sql(f"SELECT * FROM {table} WHERE layer = ' + Number(data.layer) + " AND neuron = " + Number(data.neuron) +
+      ' ORDER BY ALL").show(max_rows=100)\n';
+    pre.hidden = false;
+    addCopyButton(pre);
+  }
+
   // One fetch of the neuron's JSON (the page's "data (JSON)" link) draws all of the above.
   var jsonLink = document.getElementById("atlas-json"), root = document.querySelector(".atlas-bar__home");
   var drawn = document.querySelectorAll("div.atlas-read[data-side], [data-draw]");
   if (jsonLink && drawn.length) {
-    var hist = document.querySelector("[data-draw=histogram]");
+    var hist = document.querySelector("[data-draw=histogram]"), query = document.querySelector("pre[data-draw=query]");
     Promise.all([getJSON(jsonLink.getAttribute("href")),
-                 hist ? getJSON(root.getAttribute("href") + "atlas-site.json") : Promise.resolve({})]).then(function (got) {
+                 // Without the site's file only the histogram and the snippet are missing, not the rest.
+                 hist || query ? getJSON(root.getAttribute("href") + "atlas-site.json").catch(function () { return null; })
+                               : Promise.resolve(null)]).then(function (got) {
       var data = got[0], names = data.tokens ? data.tokens.token : [];
       drawDecoded(data, names);
       var attr = document.querySelector("[data-draw=attributions]");
       if (attr) drawAttributions(attr, data, names);
       var clamp = document.querySelector("[data-draw=clamp]");
       if (clamp) drawClamp(clamp, data, names);
-      if (hist) drawHistogram(hist, data, got[1]);
+      if (hist && got[1]) drawHistogram(hist, data, got[1]);
+      if (query && got[1] && got[1].reproduce) drawQuery(query, data, got[1].reproduce);
       document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "drawn"); });
     }).catch(function (err) {
       var p = document.createElement("p");
@@ -368,6 +382,6 @@
     }).catch(function () { neighbours.setAttribute("data-state", "unlabelled"); });
   }
 
-  var blocks = document.querySelectorAll("pre[data-copy][id]");
+  var blocks = document.querySelectorAll("pre[data-copy][id]:not([data-draw])");     // a drawn one gets its button when drawn
   for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();

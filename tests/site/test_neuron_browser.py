@@ -36,8 +36,11 @@ def test_cite_box_copies_the_bibtex(site_url, browser):
     assert copied == page.text_content("#atlas-bibtex")
     assert copied.startswith("@misc{atlas:synthetic-gated-2x8:L1:N3,") and f"url = {{{site_url}neurons/1/3/}}" in copied
     assert page.text_content("#atlas-cite-url") == site_url + "neurons/1/3/"   # absolute: the page's own address
-    page.locator('button[data-copy="atlas-query"]').click()
-    assert "WHERE layer = 1 AND neuron = 3" in page.evaluate("navigator.clipboard.readText()")
+    page.locator('button[data-copy="atlas-query"]').click()      # made once the snippet is drawn
+    assert page.evaluate("navigator.clipboard.readText()") == page.text_content("#atlas-query") == (
+        'import duckdb  # the same rows, from atlas.duckdb\ncon = duckdb.connect("atlas.duckdb", read_only=True)\n'
+        'for table in ("neurons", "decoded_tokens", "exemplars", "attributions"):\n'
+        '    con.sql(f"SELECT * FROM {table} WHERE layer = 1 AND neuron = 3 ORDER BY ALL").show(max_rows=100)\n')
     assert page.title() != "pwned" and page.errors == []
 
 
@@ -70,7 +73,7 @@ def test_core_content_renders_without_javascript(site_url, browser):
     samples = page.locator("ol.atlas-bands li")      # weaker activations, sampled from the histogram's bins
     assert 0 < samples.count() <= 3 * SHOWN_SAMPLES and page.locator("ol.atlas-bands b").count() == samples.count()
     assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
-    assert page.locator("#atlas-bibtex").is_visible() and page.locator("#atlas-query").is_visible()
+    assert page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
     assert page.locator(".atlas-nb li").count() == 10
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
