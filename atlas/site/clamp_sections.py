@@ -10,7 +10,7 @@ import math
 from atlas.config import HOLDS
 from atlas.store import finished_stage
 
-SHOWN = 5       # rising and falling tokens shown per page (as many as attributions); the JSON carries all rows
+SHOWN = 5       # rising and falling tokens a page draws from its JSON (as many as attributions)
 
 
 def has_clamp(con) -> bool:
@@ -29,7 +29,9 @@ def summary(con) -> dict | None:
 
 
 def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
-    """Per measured neuron of ``lo..hi-1``: value, faithfulness, token changes, and the rows shown."""
+    """Per measured neuron of ``lo..hi-1``: value, faithfulness, and its own `out` tokens' Δ log p by
+    rank (in the page's HTML, beside those tokens); atlas-neuron.js draws the top rises and falls
+    from the neuron's JSON."""
     out: dict[int, dict] = {}
     for n, value, lift, faith in con.execute(
             "SELECT neuron, clamp_value, clamp_lift, faithfulness FROM neurons WHERE layer = ? AND neuron >= ? "
@@ -40,17 +42,10 @@ def clamp_sections(con, layer: int, lo: int, hi: int) -> dict[int, dict]:
         lift = lift if lift is not None and math.isfinite(lift) else None
         out[n] = {"value": value, "lift": lift, "holds": faith is not None and faith >= HOLDS,
                   "faithfulness": None if faith is None else math.floor(faith * 100 + 0.5) / 100, "hold_threshold": HOLDS,
-                  "rises": [], "falls": [], "own_by_rank": {}}
-    # Only the rows a page shows; the neuron's JSON has them all (render_page.JSON_TABLES).
-    for n, direction, rank, token, delta in con.execute(
-            "SELECT neuron, direction, rank, token, delta_logprob FROM clamp_effects WHERE layer = ? AND neuron >= ? "
-            "AND neuron < ? AND (direction = 'own' OR rank < ?) ORDER BY neuron, direction, rank",
-            [layer, lo, hi, SHOWN]).fetchall():
-        if n not in out:
-            continue
-        sec = out[n]
-        if direction == "own":
-            sec["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
-        elif rank < SHOWN:
-            sec[direction].append((token, delta))
+                  "shown": SHOWN, "own_by_rank": {}}
+    for n, rank, delta in con.execute(
+            "SELECT neuron, rank, delta_logprob FROM clamp_effects WHERE layer = ? AND neuron >= ? "
+            "AND neuron < ? AND direction = 'own' ORDER BY neuron, rank", [layer, lo, hi]).fetchall():
+        if n in out:
+            out[n]["own_by_rank"][rank] = delta        # shown beside the decoded `out` tokens
     return out

@@ -1,8 +1,10 @@
 """Neuron-page sections from the corpus pass: exemplar token strips, histogram, attribution.
 
 Read per block of neurons in bulk, like the rest of the page data; a store without a
-finished exemplars stage simply gives no sections. Only what a page shows is fetched here
-(the strongest exemplars and attributions); the neuron's JSON carries every row.
+finished exemplars stage simply gives no sections. Only what a page's HTML shows is fetched
+here (the strongest exemplars); the neuron's JSON carries every row, and atlas-neuron.js
+draws the histogram and the attributions from it (``histogram_figure`` is the Python twin of
+its drawing, and the one the tests hold it to).
 
 Strips are the densest markup of a page, so they are built here as one string per exemplar
 rather than in a template loop. Their colour scale diverges from zero and is the neuron's own:
@@ -22,10 +24,10 @@ import numpy as np
 import orjson
 from markupsafe import Markup
 
-from atlas.site.text import fmt_act, fmt_stat, strip_text, token_cell
+from atlas.site.text import fmt_act, strip_text
 from atlas.store import finished_stage
 
-SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 10, 2, 5    # per page (a page stays under 10 KB); the JSON carries all rows
+SHOWN_MAX, SHOWN_MIN, SHOWN_ATTR = 10, 2, 5    # per page (strips in its HTML, attributions drawn); the JSON carries all rows
 OPEN_BOX = "\u2423"                              # a space made visible
 SAMPLE_BEFORE, SAMPLE_AFTER = 5, 3              # tokens shown around a band sample's token
 STRIP_BEFORE, STRIP_AFTER = 7, 4               # window tokens a page's strip shows around the peak (the JSON has all)
@@ -103,7 +105,7 @@ def _value(acts: list, j: int) -> float | None:
 
 
 def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], scale: dict[int, float | None]) -> dict[int, dict]:
-    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, the histogram, the shown attributions.
+    """Per neuron of ``lo..hi-1``: the shown exemplars as strips, and whether it has a histogram.
 
     ``scale`` maps each neuron to its ``strip_scale``, the end of its strips' colour scale.
     """
@@ -111,8 +113,8 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], scale: 
 
     def section(n: int) -> dict:
         if n not in out:
-            out[n] = {"max": [], "min": [], "supports": [], "suppresses": [], "histogram": None, "bands": [],
-                      "scale": scale.get(n)}
+            out[n] = {"max": [], "min": [], "histogram": False, "bands": [], "scale": scale.get(n),
+                      "attributions_shown": SHOWN_ATTR}
         return out[n]
 
     rows = con.execute(f"""
@@ -133,20 +135,9 @@ def corpus_sections(con, layer: int, lo: int, hi: int, vocab: list[str], scale: 
                                                          window[offset:][a:b])))
     for n, band in band_sections(con, layer, lo, hi, vocab, scale):
         section(n)["bands"].append(band)
-    hist = con.execute("SELECT neuron, counts FROM histograms WHERE layer = ? AND neuron >= ? "
-                       "AND neuron < ?", [layer, lo, hi]).fetchall()
-    if hist:
-        edges = histogram_edges(con, len(hist[0][1]))
-        for n, counts in hist:
-            section(n)["histogram"] = histogram_figure(counts, edges)
-    for n, polarity, token, attribution in con.execute(f"""
-            SELECT neuron, polarity, token, attribution FROM attributions
-            WHERE layer = ? AND neuron >= ? AND neuron < ? AND rank < {SHOWN_ATTR}
-            ORDER BY neuron, polarity, rank""", [layer, lo, hi]).fetchall():
-        section(n)[polarity].append((token, attribution))
-    for sec in out.values():
-        for polarity in ("supports", "suppresses"):
-            sec[polarity] = attribution_list(sec[polarity])
+    for (n,) in con.execute("SELECT neuron FROM histograms WHERE layer = ? AND neuron >= ? AND neuron < ?",
+                            [layer, lo, hi]).fetchall():
+        section(n)["histogram"] = True
     return out
 
 
@@ -175,19 +166,19 @@ def band_sections(con, layer: int, lo: int, hi: int, vocab: list[str], scale: di
     return out
 
 
-def attribution_list(items: list[tuple]) -> Markup:
-    """(token, attribution) pairs as ``<b>token</b> value`` joined by dots."""
-    return Markup(" · ".join(f"<b>{token_cell(t)}</b> {fmt_stat(a)}" for t, a in items))
-
-
 HIST_W, HIST_H = 256, 48          # the histogram's plot area in SVG units (axes and labels sit below and left)
+
+
+def histogram_edges_meta(con) -> list[float] | None:
+    """The histograms' bin edges in activation units as the store records them (``atlas_meta``), or None."""
+    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'histogram_edges'").fetchone()
+    return orjson.loads(row[0]) if row else None
 
 
 def histogram_edges(con, bins: int) -> np.ndarray:
     """The histogram's bin edges in activation units, from ``atlas_meta`` (a store without them
     gets ``bins`` equal bins over ±1, so the figure still draws)."""
-    row = con.execute("SELECT value FROM atlas_meta WHERE key = 'histogram_edges'").fetchone()
-    edges = np.array(orjson.loads(row[0]) if row else [], np.float64)
+    edges = np.array(histogram_edges_meta(con) or [], np.float64)
     return edges if len(edges) == bins + 1 else np.linspace(-1.0, 1.0, bins + 1)
 
 
@@ -235,4 +226,5 @@ def _ticks(edges: tuple[float, ...]) -> list[tuple[int, str]]:
 
 
 def fmt_tick(v: float) -> str:
-    return fmt_act(v).rstrip("0").rstrip(".") if v else "0"    # the strips' digits, less trailing zeros
+    """A tick's label: ticks are 0 and powers of ten, written plainly (``0.01``, ``100``, ``-1``)."""
+    return f"{v:g}" if v else "0"

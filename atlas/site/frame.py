@@ -70,9 +70,8 @@ def page_site(meta: dict, store: Store, site_name: str, stylesheets: list[str], 
             "weights_short": short_hash(meta.get("weights_hash", "")),
             "tool_version": meta.get("tool_version", ""), "schema_version": meta.get("schema_version"),
             "corpus": corpus_line, "exemplars_k": exemplar_cfg.get("k", 0) if corpus else 0,
-            # the tables the reproduce snippet reads, as a Python tuple (fixed names, no escaping needed)
-            "tables": Markup("(" + ", ".join(f'"{t}"' for t in ("neurons", "decoded_tokens")
-                                             + (("exemplars", "attributions") if corpus else ())) + ")"),
+            # the tables a neuron page's reproduce snippet reads (atlas-neuron.js writes it, from atlas-site.json)
+            "tables": ["neurons", "decoded_tokens", *(("exemplars", "attributions") if corpus else ())],
             "exports": cfg.exports and cfg.exports_inside, "site_url": site_url(cfg), "year": str(meta["created_at"])[:4]}
 
 

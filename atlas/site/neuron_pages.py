@@ -36,19 +36,22 @@ BLOCK = 1024            # neurons fetched and rendered per query; bounds memory 
 # Tokens a page shows (top, bottom) for the sides that read; `out`, what the neuron writes and
 # the clamp check tests, shows all it has. The JSON has every decoded token of every side.
 SHOWN_TOKENS = {"in": (8, 4), "gate": (8, 4)}
+SHOWN_OUT = (10, 10)    # `out` tokens (top, bottom): the top ones in the page's HTML, the bottom ones drawn
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
 
 
-def side_section(side: str, tokens: dict[str, list[tuple]], row: dict, pushed: dict[int, float] | None) -> NS:
-    """One decoded side of a page: its stats, and the `out` side's top and bottom rows. A
-    reading side (``SHOWN_TOKENS``) names only how many rows to show: atlas-neuron.js draws
-    them from the neuron's JSON."""
+def side_section(side: str, tokens: dict, row: dict, pushed: dict[int, float] | None) -> NS:
+    """One decoded side of a page: its stats, and the `out` side's strongest rows. A reading
+    side (``SHOWN_TOKENS``) names only how many rows to show, as does the `out` side for its
+    bottom rows: atlas-neuron.js draws them from the neuron's JSON. ``tokens`` holds the side's
+    strongest rows (``"top"``, (token, logit) pairs) and how many top rows it has (``"total"``)."""
     stats = NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS})
     if side in SHOWN_TOKENS:
         return NS(name=side, title=SIDE_TITLES[side], stats=stats, shown=SHOWN_TOKENS[side])
-    parts = {polarity: logit_rows(rows, pushed if polarity == "top" else None) for polarity, rows in tokens.items()}
-    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, **parts)
+    top, bottom = SHOWN_OUT
+    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, top=logit_rows(tokens["top"][:top], pushed),
+              shown=min(top, len(tokens["top"])), total=tokens["total"], bottom=bottom)
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -129,12 +132,17 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     cur = con.execute(job["sql"]["neurons"], args)
     names = [d[0] for d in cur.description][:-1]
     neurons = [(dict(zip(names, r[:-1])), r[-1]) for r in cur.fetchall()]
-    # Columns as numpy arrays and then lists: a third of the time of fetching row tuples.
-    cols = con.execute("SELECT neuron, side, polarity, token, logit FROM decoded_tokens WHERE layer = ? "
-                       "AND neuron >= ? AND neuron < ? ORDER BY neuron, side, polarity, rank", args).fetchnumpy()
+    # Only the rows the HTML shows: the strongest `out` tokens, and one row of each other side
+    # (that it has one), each with how many its group has. Columns as numpy arrays and then
+    # lists: a third of the time of fetching row tuples.
+    cols = con.execute(f"""
+            SELECT neuron, side, token, logit, count(*) OVER (PARTITION BY neuron, side, polarity) AS total
+            FROM decoded_tokens WHERE layer = ? AND neuron >= ? AND neuron < ?
+            QUALIFY polarity = 'top' AND rank < CASE side WHEN 'out' THEN {SHOWN_OUT[0]} ELSE 1 END
+            ORDER BY neuron, side, rank""", args).fetchnumpy()
     decoded: dict[int, dict] = {}
-    for n, side, polarity, token, logit in zip(*(cols[c].tolist() for c in ("neuron", "side", "polarity", "token", "logit"))):
-        decoded.setdefault(n, {}).setdefault(side, {"top": [], "bottom": []})[polarity].append((token, logit))
+    for n, side, token, logit, total in zip(*(cols[c].tolist() for c in ("neuron", "side", "token", "logit", "total"))):
+        decoded.setdefault(n, {}).setdefault(side, {"top": [], "total": total})["top"].append((token, logit))
     if job["sql"]["token_index"]:
         con.execute(job["sql"]["token_index"], args)
     rows_json = {table: dict(con.execute(sql, args).fetchall()) for table, sql in job["sql"]["json"].items()}

@@ -24,7 +24,7 @@ from atlas.errors import AtlasError
 from atlas.resources import MKDOCS_YML, ROOT, TEMPLATES
 from atlas.site import clusters
 from atlas.site.clamp_sections import has_clamp
-from atlas.site.corpus_sections import has_corpus
+from atlas.site.corpus_sections import has_corpus, histogram_edges_meta
 from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
 from atlas.site.neuron_pages import block_jobs
@@ -181,7 +181,11 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                                        cfg.search_postings, cfg.search_concepts)
             (building / SITE_MARKER).write_text(to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
-                "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes)}),
+                "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes),
+                # What every neuron page's script shares: the tables its reproduce snippet reads,
+                # whether the store is inside the site, and the bins of every neuron's histogram.
+                "reproduce": {"tables": page["site"]["tables"], "exports": bool(page["site"]["exports"])},
+                **({"histogram_edges": edges} if (edges := histogram_edges_meta(store.con)) else {})}),
                 encoding="utf-8")
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)

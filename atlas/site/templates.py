@@ -10,7 +10,7 @@ from __future__ import annotations
 import jinja2
 
 from atlas.resources import TEMPLATES
-from atlas.site.text import delta_list, fmt_act, fmt_logit, fmt_share, fmt_prob, fmt_stat, md_safe, show_label, show_token
+from atlas.site.text import fmt_act, fmt_logit, fmt_share, fmt_prob, fmt_stat, md_safe, show_label, show_token
 
 
 def environment() -> jinja2.Environment:
@@ -19,5 +19,5 @@ def environment() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              undefined=jinja2.StrictUndefined)
     env.filters.update(show_token=show_token, show_label=show_label, md_safe=md_safe, fmt_logit=fmt_logit,
-                       fmt_prob=fmt_prob, fmt_stat=fmt_stat, fmt_act=fmt_act, fmt_share=fmt_share, delta_list=delta_list)
+                       fmt_prob=fmt_prob, fmt_stat=fmt_stat, fmt_act=fmt_act, fmt_share=fmt_share)
     return env

@@ -117,11 +117,6 @@ def fmt_share(x: float | None) -> str:
     return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
 
 
-def delta_list(items: list[tuple]) -> Markup:
-    """(token, Δ log p) pairs as ``<b>token</b> +1.23`` joined by dots (a clamp section's rises and falls)."""
-    return Markup(" · ".join(f"<b>{token_cell(t)}</b> {d:+.2f}" for t, d in items))
-
-
 # -- JSON --------------------------------------------------------------------------------
 # What the site's JSON text never holds raw: markup characters (all inside strings, where
 # ``\u003c`` means the same), JavaScript's line terminators U+2028 and U+2029, and the

@@ -1,7 +1,9 @@
-// Neuron pages: keyboard navigation, copy buttons, strip values for the keyboard, and two things
-// drawn from files the page does not repeat: the reading sides' token tables (from the neuron's
-// JSON) and the neighbours' labels (from the search index's label files). Without this script a
-// page still shows its label, strips, `out` tokens, numbers and links, and says where the rest is.
+// Neuron pages: keyboard navigation, copy buttons, strip values for the keyboard, and what is
+// drawn from files the page does not repeat: the decoded token tables beyond the strongest `out`
+// tokens, the activation histogram and the next tokens it pushes (from the neuron's JSON), and
+// the neighbours' labels (from the search index's label files). Without this script a page still
+// shows what a citation needs: its label, strips, strongest `out` tokens, numbers and links, and
+// it says where the rest is.
 (function () {
   "use strict";
 
@@ -151,8 +153,25 @@
     return fetch(url).then(function (r) { if (!r.ok) throw new Error(url + ": " + r.status); return r.json(); });
   }
 
-  // The reading sides: each side's strongest and weakest rows (data-shown) of the JSON's
-  // decoded_tokens, as the `out` side's tables are on the page (rank by CSS counter).
+  // Numbers as the site's Python writes them (text.fmt_act, fmt_stat: "%#.3g" and "%.3g").
+  function fmtG(x, keepZeros) {
+    if (x == null || x !== x) return "\u2013";
+    var exp = Number(x.toExponential(2).split("e")[1]), s;
+    if (exp >= -4 && exp < 3) s = x.toFixed(2 - exp);
+    else s = x.toExponential(2).replace(/e([+-])(\d)$/, "e$10$2");
+    if (!keepZeros) s = s.replace(/(\.\d*?)0+(?=e|$)/, "$1").replace(/\.(?=e|$)/, "");
+    return s;
+  }
+  function fmtAct(x) { return fmtG(x, true); }
+  function fmtStat(x) { return fmtG(x, false); }
+  // A float column of the JSON: whole numbers of the step 10^<name>_exp (neuron_json.number).
+  function column(group, name) {
+    var exp = group[name + "_exp"] || 0;
+    return group[name].map(function (v) { return v == null ? null : exp < 0 ? v / Math.pow(10, -exp) : v * Math.pow(10, exp); });
+  }
+
+  // Decoded tokens: the rows a table shows (data-shown: top, bottom) of a side's decoded_tokens,
+  // as the `out` side's top table is on the page (rank by CSS counter).
   function logitTable(polarity, group, names, shown) {
     var table = document.createElement("table"), head = table.insertRow(), th = document.createElement("th");
     table.className = "atlas-logits";
@@ -173,23 +192,170 @@
     }
     return table;
   }
-  var reads = document.querySelector("details.atlas-reads[data-json]");
-  if (reads) {
-    getJSON(reads.getAttribute("data-json")).then(function (data) {
-      var names = data.tokens ? data.tokens.token : [], decoded = data.decoded_tokens || {};
-      reads.querySelectorAll("div.atlas-read[data-side]").forEach(function (div) {
-        var side = decoded[div.getAttribute("data-side")] || {}, shown = div.getAttribute("data-shown").split(" ");
-        ["top", "bottom"].forEach(function (polarity, i) {
-          if (side[polarity]) div.appendChild(logitTable(polarity, side[polarity], names, Number(shown[i])));
-        });
+  // A side's stats line (partials/stats.html), from the JSON's neurons row.
+  function statsLine(row, side) {
+    var p = document.createElement("p"), v = function (stat) { return fmtStat(row[side + "_" + stat]); };
+    p.className = "atlas-stats";
+    p.textContent = "\u2016v\u2016 " + v("norm") + " \u00b7 logits: mean " + v("logit_mean") + ", std " + v("logit_std") +
+                    ", skew " + v("logit_skew") + ", kurtosis " + v("logit_kurtosis");
+    return p;
+  }
+  function drawDecoded(data, names) {
+    var decoded = data.decoded_tokens || {};
+    document.querySelectorAll("div.atlas-read[data-side]").forEach(function (div) {
+      var name = div.getAttribute("data-side"), side = decoded[name] || {}, shown = div.getAttribute("data-shown").split(" ");
+      if (div.hasAttribute("data-stats")) div.appendChild(statsLine(data.neurons || {}, name));
+      ["top", "bottom"].forEach(function (polarity, i) {
+        if (side[polarity] && Number(shown[i]) > 0) div.appendChild(logitTable(polarity, side[polarity], names, Number(shown[i])));
       });
-      reads.setAttribute("data-state", "drawn");
+    });
+  }
+
+  // "Next tokens it pushes": the strongest few of the JSON's attributions (data-shown), each
+  // <b>token</b> and its attribution, as corpus_sections.attribution_list wrote them.
+  function drawAttributions(box, data, names) {
+    var attr = data.attributions || {}, shown = Number(box.getAttribute("data-shown")), lines = [];
+    [["supports", "up: "], ["suppresses", "down: "]].forEach(function (pair) {
+      var group = attr[pair[0]], line = [pair[1]];
+      if (group && group.token.length) {
+        var values = column(group, "attribution");
+        for (var r = 0; r < Math.min(shown, group.token.length); r++) {
+          var b = document.createElement("b");
+          b.textContent = showToken(names[group.token[r]]);
+          if (r) line.push(" \u00b7 ");
+          line.push(b, " " + fmtStat(values[r]));
+        }
+      }
+      lines.push(line);
+    });
+    if (lines[0].length + lines[1].length === 2) return;
+    var h3 = document.createElement("h3"), p = document.createElement("p");
+    h3.textContent = "Next tokens it pushes";
+    p.className = "atlas-attr";
+    p.append.apply(p, lines[0]);
+    p.append(document.createElement("br"));
+    p.append.apply(p, lines[1]);
+    box.append(h3, p);
+  }
+
+  // The clamp check's tokens that rise and fall most (data-shown of each), "<b>token</b> +1.23".
+  function drawClamp(p, data, names) {
+    var effects = data.clamp_effects || {}, shown = Number(p.getAttribute("data-shown"));
+    ["rises", "falls"].forEach(function (direction, i) {
+      var group = effects[direction] || { token: [], delta_logprob: [] }, deltas = column(group, "delta_logprob");
+      if (i) p.append(document.createElement("br"));
+      p.append(direction + ": ");
+      for (var r = 0; r < Math.min(shown, group.token.length); r++) {
+        var b = document.createElement("b"), d = deltas[r];
+        b.textContent = showToken(names[group.token[r]]);
+        if (r) p.append(" \u00b7 ");
+        p.append(b, " " + (d == null ? "\u2013" : (d < 0 ? "" : "+") + d.toFixed(2)));
+      }
+    });
+  }
+
+  // The activation histogram (corpus_sections.histogram_figure is its Python twin, which the
+  // tests compare it with): bars on a log scale over the bins the neuron uses (zero always
+  // among them), x ticks at 0 and powers of ten. The bins' edges are the site's, in atlas-site.json.
+  var HIST_W = 256, HIST_H = 48, SVG = "http://www.w3.org/2000/svg";
+  function roundHalfEven(x) {
+    var r = Math.round(x);
+    return Math.abs(x % 1) === 0.5 && r % 2 ? r - 1 : r;
+  }
+  function interp(v, xs) {
+    for (var i = 1; i < xs.length; i++) if (v <= xs[i]) return i - 1 + (v - xs[i - 1]) / (xs[i] - xs[i - 1]);
+    return xs.length - 1;
+  }
+  function histogramFigure(counts, edges) {
+    var used = [], zero = 0;
+    counts.forEach(function (c, i) { if (c) used.push(i); });
+    while (zero < edges.length && edges[zero] < 0) zero++;
+    var first = Math.max(Math.min(used.length ? used[0] : zero, zero - 1, counts.length - 1), 0);
+    var last = Math.min(Math.max(used.length ? used[used.length - 1] : zero, zero), counts.length - 1);
+    var logs = counts.slice(first, last + 1).map(Math.log1p), top = Math.max.apply(null, logs) || 1;
+    var step = HIST_W / logs.length, parts = ["M0 " + HIST_H], x = 0, prev = 0;
+    logs.forEach(function (l, i) {
+      var h = roundHalfEven(l / top * (HIST_H / 2)) * 2;
+      if (h !== prev) {
+        var at = roundHalfEven(i * step);
+        parts.push("h" + (at - x) + "v" + (prev - h));
+        x = at;
+        prev = h;
+      }
+    });
+    parts.push("H" + HIST_W + "V" + HIST_H + "Z");
+    var bins = edges.slice(first, last + 2), tickStep = HIST_W / (bins.length - 1), ticks = [], kept = [];
+    [0].concat([-2, -1, 0, 1, 2, 3].reduce(function (all, p) { return all.concat([-Math.pow(10, p), Math.pow(10, p)]); }, []))
+      .forEach(function (v) {
+        if (bins[0] <= v && v <= bins[bins.length - 1]) ticks.push([roundHalfEven(interp(v, bins) * tickStep), String(v)]);
+      });
+    ticks.sort(function (a, b) { return a[0] - b[0] || (a[1] < b[1] ? -1 : 1); });
+    ticks.forEach(function (t) { if (t[1] === "0") kept.push(t); });
+    ticks.forEach(function (t) {
+      if (kept.every(function (k) { return Math.abs(t[0] - k[0]) >= 22; })) kept.push(t);
+    });
+    kept.sort(function (a, b) { return a[0] - b[0]; });
+    var zeroTick = kept.filter(function (t) { return t[1] === "0"; })[0];
+    return { path: parts.join(""), ticks: kept, countMax: Math.max.apply(null, counts.concat([0])), zero: zeroTick ? zeroTick[0] : null };
+  }
+  function svg(name, attrs, text) {
+    var el = document.createElementNS(SVG, name);
+    Object.keys(attrs).forEach(function (k) { el.setAttribute(k, attrs[k]); });
+    if (text != null) el.textContent = text;
+    return el;
+  }
+  function drawHistogram(box, data, site) {
+    var counts = ((data.histograms || {}).counts || [])[0], edges = site.histogram_edges;
+    if (!counts || !counts.length) return;
+    if (!edges || edges.length !== counts.length + 1) {
+      edges = counts.concat([0]).map(function (_, i) { return -1 + 2 * i / counts.length; });
+    }
+    var h = histogramFigure(counts, edges);
+    var fig = svg("svg", { "class": "atlas-hist", viewBox: "-22 -4 282 76", role: "img", "aria-label": "tokens per activation, log scale" });
+    fig.append(svg("path", { d: h.path }), svg("path", { "class": "ax", d: "M0 0V48H256" }));
+    if (h.zero != null) fig.append(svg("path", { "class": "z", d: "M" + h.zero + " 0V48" }));
+    h.ticks.forEach(function (t) { fig.append(svg("text", { x: t[0], y: 59 }, t[1])); });
+    fig.append(svg("text", { "class": "y", x: -2, y: 6 }, h.countMax.toLocaleString("en-US")),
+               svg("text", { x: 128, y: 70 }, "activation"),
+               svg("text", { transform: "rotate(-90)", x: -24, y: -14 }, "tokens (log)"));
+    box.appendChild(fig);
+  }
+
+  // The reproduce snippet: the same rows from the store, for this page's layer and neuron.
+  function drawQuery(pre, data, reproduce) {
+    var tables = reproduce.tables.map(function (t) { return '"' + t + '"'; }).join(", ");
+    pre.textContent = "import duckdb  # the same rows, from atlas.duckdb" + (reproduce.exports ? " (in exports/ on this site)" : "") +
+      '\ncon = duckdb.connect("atlas.duckdb", read_only=True)\nfor table in (' + tables + (reproduce.tables.length === 1 ? "," : "") +
+      '):\n    con.sql(f"SELECT * FROM {table} WHERE layer = ' + Number(data.layer) + " AND neuron = " + Number(data.neuron) +
+      ' ORDER BY ALL").show(max_rows=100)\n';
+    pre.hidden = false;
+    addCopyButton(pre);
+  }
+
+  // One fetch of the neuron's JSON (the page's "data (JSON)" link) draws all of the above.
+  var jsonLink = document.getElementById("atlas-json"), root = document.querySelector(".atlas-bar__home");
+  var drawn = document.querySelectorAll("div.atlas-read[data-side], [data-draw]");
+  if (jsonLink && drawn.length) {
+    var hist = document.querySelector("[data-draw=histogram]"), query = document.querySelector("pre[data-draw=query]");
+    Promise.all([getJSON(jsonLink.getAttribute("href")),
+                 // Without the site's file only the histogram and the snippet are missing, not the rest.
+                 hist || query ? getJSON(root.getAttribute("href") + "atlas-site.json").catch(function () { return null; })
+                               : Promise.resolve(null)]).then(function (got) {
+      var data = got[0], names = data.tokens ? data.tokens.token : [];
+      drawDecoded(data, names);
+      var attr = document.querySelector("[data-draw=attributions]");
+      if (attr) drawAttributions(attr, data, names);
+      var clamp = document.querySelector("[data-draw=clamp]");
+      if (clamp) drawClamp(clamp, data, names);
+      if (hist && got[1]) drawHistogram(hist, data, got[1]);
+      if (query && got[1] && got[1].reproduce) drawQuery(query, data, got[1].reproduce);
+      document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "drawn"); });
     }).catch(function (err) {
       var p = document.createElement("p");
       p.className = "atlas-stats";
-      p.textContent = "The tokens could not be loaded (" + err.message + "); they are in the JSON.";
-      reads.appendChild(p);
-      reads.setAttribute("data-state", "failed");
+      p.textContent = "Part of this page could not be loaded (" + err.message + "); it is in the JSON.";
+      drawn[0].parentNode.insertBefore(p, drawn[0]);
+      document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "failed"); });
     });
   }
 
@@ -216,6 +382,6 @@
     }).catch(function () { neighbours.setAttribute("data-state", "unlabelled"); });
   }
 
-  var blocks = document.querySelectorAll("pre[data-copy][id]");
+  var blocks = document.querySelectorAll("pre[data-copy][id]:not([data-draw])");     // a drawn one gets its button when drawn
   for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();

@@ -61,6 +61,8 @@ def _load(page, url: str, name: str):
         page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=30_000)
     if name == "map":
         page.wait_for_selector("#atlas-map[data-points]", timeout=30_000)
+    if name == "neuron":        # what its script draws from the JSON is checked too
+        page.wait_for_selector("[data-draw=histogram][data-state=drawn]", state="attached", timeout=30_000)
 
 
 def _violations(page, axe: Path) -> list[str]:

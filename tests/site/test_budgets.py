@@ -13,6 +13,11 @@ from atlas.site.render import render
 from helpers import atlas
 
 SHARED_FILES = 7_800          # files besides the neurons' that a 46,080-neuron atlas may have (issue 16)
+# Bytes a neuron may take, page and JSON, on the synthetic store with every section (its tokens are
+# longer than real ones). Issue 16's thin page: page 9,159 -> 7,300 B on average; the JSON is
+# 7,414 B. The issue's targets, 12 KB at the 8B shape and ~10.4 KB on the default atlas (README,
+# "Where it stands"), are not met yet: these keep what was reached.
+PAGE_BYTES, NEURON_BYTES = 7_600, 15_000
 MAX_PER_FOLDER = 10_000
 MAX_FILE = 25 * MiB
 
@@ -32,6 +37,10 @@ def test_a_site_with_every_section_keeps_to_the_file_budgets(tmp_path):
     assert stats["fullest_entries"] <= MAX_PER_FOLDER and stats["largest_bytes"] <= MAX_FILE
     assert not (site / "exports").exists() and (tmp_path / "exports/atlas.duckdb").is_file()
     assert not (site / "pagefind").exists()
+    pages = [p.stat().st_size for p in site.glob("neurons/*/*/index.html")]
+    data = [p.stat().st_size for p in site.glob("neurons/*/*.json")]
+    assert len(pages) == len(data) == n
+    assert sum(pages) / n < PAGE_BYTES and (sum(pages) + sum(data)) / n < NEURON_BYTES, (sum(pages) / n, sum(data) / n)
 
 
 @pytest.mark.slow

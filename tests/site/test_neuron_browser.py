@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
-from atlas.site.neuron_pages import SHOWN_TOKENS
+from atlas.site.corpus_sections import SHOWN_ATTR, SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
+from atlas.site.neuron_pages import SHOWN_OUT, SHOWN_TOKENS
 from helpers import watch_errors
 
 pytestmark = pytest.mark.browser
@@ -36,8 +36,11 @@ def test_cite_box_copies_the_bibtex(site_url, browser):
     assert copied == page.text_content("#atlas-bibtex")
     assert copied.startswith("@misc{atlas:synthetic-gated-2x8:L1:N3,") and f"url = {{{site_url}neurons/1/3/}}" in copied
     assert page.text_content("#atlas-cite-url") == site_url + "neurons/1/3/"   # absolute: the page's own address
-    page.locator('button[data-copy="atlas-query"]').click()
-    assert "WHERE layer = 1 AND neuron = 3" in page.evaluate("navigator.clipboard.readText()")
+    page.locator('button[data-copy="atlas-query"]').click()      # made once the snippet is drawn
+    assert page.evaluate("navigator.clipboard.readText()") == page.text_content("#atlas-query") == (
+        'import duckdb  # the same rows, from atlas.duckdb\ncon = duckdb.connect("atlas.duckdb", read_only=True)\n'
+        'for table in ("neurons", "decoded_tokens", "exemplars", "attributions"):\n'
+        '    con.sql(f"SELECT * FROM {table} WHERE layer = 1 AND neuron = 3 ORDER BY ALL").show(max_rows=100)\n')
     assert page.title() != "pwned" and page.errors == []
 
 
@@ -58,8 +61,11 @@ def test_keys_move_between_neurons_and_layers(site_url, browser):
 def test_core_content_renders_without_javascript(site_url, browser):
     page = _open(browser.new_context(java_script_enabled=False), site_url + "neurons/0/0/")
     assert page.text_content("h1") == "Layer 0 · neuron 0"
-    assert page.locator("table.atlas-logits tr td:first-child").count() == 20 + 10     # `out`; in and gate need the script
-    assert "drawn from the JSON with JavaScript" in page.text_content("details.atlas-reads noscript")
+    # What a citation needs is in the HTML: the strongest `out` tokens; the rest needs the script.
+    assert page.locator("table.atlas-logits tr td:first-child").count() == SHOWN_OUT[0]
+    assert page.text_content("#out th").startswith(f"top {SHOWN_OUT[0]} of 20")
+    assert "drawn from the JSON with JavaScript" in page.text_content("noscript")
+    assert page.locator("svg.atlas-hist, .atlas-attr:not(#clamp *)").count() == 0
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
     strongest = page.locator("ol.atlas-strips:not(.atlas-bands)")
@@ -67,7 +73,7 @@ def test_core_content_renders_without_javascript(site_url, browser):
     samples = page.locator("ol.atlas-bands li")      # weaker activations, sampled from the histogram's bins
     assert 0 < samples.count() <= 3 * SHOWN_SAMPLES and page.locator("ol.atlas-bands b").count() == samples.count()
     assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
-    assert page.locator("#atlas-bibtex").is_visible() and page.locator("#atlas-query").is_visible()
+    assert page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
     assert page.locator(".atlas-nb li").count() == 10
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
@@ -76,29 +82,65 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.errors == []
 
 
-def test_script_draws_the_reading_sides_and_the_neighbours_labels(synthetic_site, browser):
-    """In and gate come from the neuron's JSON and read as the Python-made `out` table does (hostile
+def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthetic_site, browser):
+    """The decoded tables beyond the strongest `out` tokens, the histogram and the next tokens it
+    pushes come from the neuron's JSON and read as the site's Python writes the same rows (hostile
     and invisible tokens included); the neighbours' labels come from the search index's label files."""
     import duckdb
 
-    from atlas.site.text import fmt_logit, show_token, visible
+    from atlas.site.corpus_sections import histogram_edges, histogram_figure
+    from atlas.site.neuron_json import table_rows
+    from atlas.site.text import fmt_logit, fmt_stat, show_token, visible
 
     root, site_url = synthetic_site
     con = duckdb.connect(str(root / "atlas.duckdb"), read_only=True)
     page = _open(browser.new_context(), site_url + "neurons/0/0/")
-    page.wait_for_selector("details.atlas-reads[data-state=drawn]", state="attached", timeout=10_000)
-    for side, (top, bottom) in SHOWN_TOKENS.items():
+    for drawn in ("details.atlas-reads", "[data-draw=histogram]", "[data-draw=attributions]", "[data-draw=clamp]"):
+        page.wait_for_selector(f"{drawn}[data-state=drawn]", state="attached", timeout=10_000)
+    tables, cells = [*SHOWN_TOKENS.items(), ("out", SHOWN_OUT)], []
+    for side, (top, bottom) in tables:
         want = []
         for polarity, shown in (("top", top), ("bottom", bottom)):
             rows = con.execute("SELECT token, logit FROM decoded_tokens WHERE layer = 0 AND neuron = 0 AND side = ? "
                                "AND polarity = ? ORDER BY rank", [side, polarity]).fetchall()
             want += [[show_token(t), fmt_logit(lg)] for t, lg in rows[:shown]]
             header = page.locator(f"#{side} table.atlas-logits th").filter(has_text=polarity).first.text_content()
-            assert header == f"{polarity} {shown} of {len(rows)}"
+            assert header == (f"{polarity} {shown} of {len(rows)}" if shown < len(rows) else polarity)
         got = page.eval_on_selector_all(f"#{side} table.atlas-logits tr:has(td)",
-                                        "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+                                        "rows => rows.map(r => [...r.cells].slice(0, 2).map(c => c.textContent))")
         assert got == want, side
-    assert any("<script>" in t or "⟨U+" in t for t, _ in got)         # the hostile tokens are among them, as text
+        cells += got
+        if side in SHOWN_TOKENS:          # the reading sides' stats lines are drawn too, from the neurons row
+            row = con.execute(f"SELECT {side}_norm, {side}_logit_mean, {side}_logit_std, {side}_logit_skew, "
+                              f"{side}_logit_kurtosis FROM neurons WHERE layer = 0 AND neuron = 0").fetchone()
+            want_stats = "‖v‖ {} · logits: mean {}, std {}, skew {}, kurtosis {}".format(*map(fmt_stat, row))
+            assert page.text_content(f"#{side} p.atlas-stats") == want_stats
+    assert any("<script>" in t or "⟨U+" in t for t, _ in cells)         # the hostile tokens are among them, as text
+    # The next tokens it pushes: the JSON's strongest attributions, in the Python formats.
+    data = page.request.get(site_url + "neurons/0/0.json").json()
+    rows = table_rows(data, "attributions")
+    want = "".join(f"{label}: " + " · ".join([f"{show_token(r['token'])} {fmt_stat(r['attribution'])}"
+                                            for r in rows if r["polarity"] == polarity][:SHOWN_ATTR])
+                   for polarity, label in (("supports", "up"), ("suppresses", "down")))
+    assert page.text_content("[data-draw=attributions] p.atlas-attr") == want
+    assert page.locator("[data-draw=attributions] b").count() == 2 * SHOWN_ATTR
+    # The clamp check's tokens that rise and fall most, as the store has them.
+    from atlas.site.clamp_sections import SHOWN as CLAMP_SHOWN
+
+    effects = con.execute("SELECT direction, token, delta_logprob FROM clamp_effects WHERE layer = 0 AND neuron = 0 "
+                          "AND direction <> 'own' AND rank < ? ORDER BY direction DESC, rank", [CLAMP_SHOWN]).fetchall()
+    want = "".join(f"{direction}: " + " · ".join(f"{show_token(t)} {d:+.2f}" for dn, t, d in effects if dn == direction)
+                   for direction in ("rises", "falls"))
+    assert page.text_content("#clamp [data-draw=clamp]") == want and want.count(" · ") == 2 * (CLAMP_SHOWN - 1)
+    # The histogram: the same path, ticks and count as the Python twin draws from the store's rows.
+    counts = con.execute("SELECT counts FROM histograms WHERE layer = 0 AND neuron = 0").fetchone()[0]
+    figure = histogram_figure(counts, histogram_edges(con, len(counts)))
+    hist = page.locator("[data-draw=histogram] svg.atlas-hist")
+    assert hist.locator("path").first.get_attribute("d") == figure["path"]
+    ticks = hist.locator("text").evaluate_all("els => els.map(e => [e.getAttribute('x'), e.textContent])")
+    assert ticks[:len(figure["ticks"])] == [[str(x), label] for x, label in figure["ticks"]]
+    assert ticks[len(figure["ticks"])][1] == "{:,}".format(figure["count_max"])
+    assert hist.locator("path.z").get_attribute("d") == f"M{figure['zero']} 0V48"
     page.wait_for_selector("ol.atlas-nb[data-state=labelled]", state="attached", timeout=10_000)
     nbs = con.execute("SELECT g.nb_layer, g.nb_neuron, n.label FROM neighbours g JOIN neurons n ON n.layer = g.nb_layer "
                       "AND n.neuron = g.nb_neuron WHERE g.layer = 0 AND g.neuron = 0 ORDER BY g.rank").fetchall()

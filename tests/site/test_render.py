@@ -19,6 +19,7 @@ from atlas.site.render import render
 from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
 from atlas.site.neuron_json import FORMAT, table_rows
+from atlas.site.neuron_pages import SHOWN_OUT
 from atlas.store import Store
 from atlas.bench.synthetic import make_synthetic_store
 from helpers import parse, resolve
@@ -233,7 +234,8 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
         pytest.skip("Debian's `chromium` is not installed (apt-get install chromium)")
     data = json.loads((site / "neurons/0/0.json").read_text())
     plain = [show_token(r["token"]) for r in table_rows(data, "decoded_tokens")     # the rows the page itself holds
-             if r["token"].strip().isalpha() and r["side"] == "out"]
+             if not set("<>&\"'") & set(r["token"]) and r["side"] == "out" and r["polarity"] == "top" and r["rank"] < SHOWN_OUT[0]]
+    assert plain
     for page, title in (("neurons/0/0/index.html", "L0/N0"), ("layers/0/index.html", "Layer 0")):
         dom = subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
