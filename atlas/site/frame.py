@@ -34,7 +34,7 @@ from atlas.site.templates import environment
 from atlas.store import Store
 
 LAYER_TABLE_MARKER = "<!-- atlas:layer-table -->"
-ASSETS = ("atlas.css", "atlas-neuron.js", "atlas-theme.js")     # copied into every site's assets/
+ASSETS = ("atlas.css", "atlas-text.js", "atlas-neuron.js", "atlas-theme.js")     # copied into every site's assets/
 PAGES_CSS = "atlas-pages.css"                  # written by theme_assets
 URL_SAFE = "-._~:/[]@!$()*+,;=%"                # what check_site_url lets through, left as it is
 

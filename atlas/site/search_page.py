@@ -18,7 +18,7 @@ def write_search_site(con, env, site: Path, page_site: dict, n_neurons: int, tem
                       postings: int, concepts: bool = True) -> dict:
     """Write ``search/``: the page and the concept index."""
     info = {"concept": write_index(con, site / INDEX_DIR, postings, concepts)}
-    for name in ("atlas-search.js", "atlas-search.css"):
+    for name in ("atlas-text.js", "atlas-search.js", "atlas-search.css"):
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
     (site / "search" / "index.html").write_text(env.get_template("search.html").render(
         site=page_site, root="../", canonical=None, n_neurons=n_neurons, postings=postings,

@@ -137,18 +137,7 @@
     strips[j].tabIndex = 0;
   }
 
-  // Token and label text is untrusted: it reaches the page through textContent only, made
-  // visible as the site's Python does it (text.show_token and text.visible, its twins).
-  var SYMBOLS = { " ": "\u2423", "\n": "\u21b5", "\t": "\u21e5" };
-  var INVISIBLE = /^[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\p{Zs}]$/u;
-  function reveal(text, symbols) {
-    return Array.from(text, function (ch) {
-      if (symbols[ch] !== undefined) return symbols[ch];
-      return INVISIBLE.test(ch) ? "\u27e8U+" + ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + "\u27e9" : ch;
-    }).join("");
-  }
-  function showToken(token) { return (token == null ? "" : reveal(token, SYMBOLS)) || "\u2205"; }
-  function visible(label) { return label ? reveal(label.split(/\s+/).filter(Boolean).join(" "), { " ": " " }) : ""; }
+  var showToken = window.atlasText.showToken, visible = window.atlasText.visible;     // atlas-text.js
   function getJSON(url) {
     return fetch(url).then(function (r) { if (!r.ok) throw new Error(url + ": " + r.status); return r.json(); });
   }

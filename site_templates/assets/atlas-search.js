@@ -131,12 +131,7 @@
   }
 
   // Token text with its spaces shown, as on the neuron pages.
-  function showToken(token) {
-    return token.replace(/ /g, "\u2423").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5")
-      .replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, function (c) {
-        return "\u27e8U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + "\u27e9";
-      });
-  }
+  var showToken = window.atlasText.showToken, visible = window.atlasText.visible;     // atlas-text.js
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -183,7 +178,7 @@
       var a = el("a", "atlas-search-neuron", "L" + h.layer + " / N" + h.neuron);
       a.href = "../neurons/" + h.layer + "/" + h.neuron + "/";
       head.appendChild(a);
-      head.appendChild(el("span", "atlas-search-label" + (h.label ? "" : " atlas-search-nolabel"), h.label || "no label yet"));
+      head.appendChild(el("span", "atlas-search-label" + (h.label ? "" : " atlas-search-nolabel"), h.label ? visible(h.label) : "no label yet"));
       head.appendChild(el("span", "atlas-search-strength", h.score.toFixed(2)));   // "score" comes from the CSS
       if (h.faithfulness !== null) {
         head.appendChild(el("span", "atlas-search-pushed", "pushed " + h.faithfulness.toFixed(2)));

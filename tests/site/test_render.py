@@ -107,7 +107,8 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert "⟨U+202E⟩evil" in neuron
     parsed = parse(neuron)
     # The scripts are the site's own: the scheme helper and the keyboard/copy helper, from assets/.
-    assert parsed.tags.count("script") == 2 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    assert parsed.tags.count("script") == 3 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    assert '<script src="../../../assets/atlas-text.js" defer>' in neuron
     assert '<script src="../../../assets/atlas-theme.js">' in neuron
     assert "img" not in parsed.tags
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
@@ -248,7 +249,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         assert not {"onerror", "onmouseover"} & parsed.attrs_seen
         if page.startswith("neurons"):
-            assert parsed.tags.count("script") == 2 and "img" not in parsed.tags     # atlas-theme.js, atlas-neuron.js
+            assert parsed.tags.count("script") == 3 and "img" not in parsed.tags     # atlas-theme.js, atlas-text.js, atlas-neuron.js
             assert all(token in dom for token in plain)
 
 

@@ -18,10 +18,12 @@ from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.bench.synthetic import HOSTILE_LABELS
 from atlas.site.search import SCHEMA, match_words, normalise, search, status_line
+from atlas.site.text import show_token, visible
 from helpers import check_concepts, result_links, search_page, served, watch_errors
 
 pytestmark = pytest.mark.browser
 PREFIX = "atlas/"
+NBSP_TOKEN = "\u00a0nbsp"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,11 @@ def search_site(tmp_path_factory):
     with duckdb.connect(str(store)) as con:
         con.execute("UPDATE neurons SET clamp_value = NULL, clamp_lift = NULL, faithfulness = NULL WHERE neuron % 2 = 1")
         con.execute("DELETE FROM clamp_effects WHERE neuron % 2 = 1")
+        # A token with a no-break space, which the page must show as the neuron pages do.
+        token_id = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()[0]
+        con.execute("INSERT INTO vocab VALUES (?, ?, ?)", [token_id, NBSP_TOKEN, NBSP_TOKEN])
+        con.execute("UPDATE decoded_tokens SET token = ?, token_id = ? WHERE layer = 1 AND neuron = 60 AND side = 'out' "
+                    "AND polarity = 'top' AND rank = 0", [NBSP_TOKEN, token_id])
     render(store, root / "www" / PREFIX, RenderConfig(workers=1), progress=False)
     with served(root / "www") as base:
         yield root, base + PREFIX
@@ -169,7 +176,7 @@ def _dom_hits(page) -> list[dict]:
 
 
 def _want(site: Path, query: str, direction: str | None = None) -> list[dict]:
-    return [{"href": f"../neurons/{h['layer']}/{h['neuron']}/", "label": h["label"] or "no label yet",
+    return [{"href": f"../neurons/{h['layer']}/{h['neuron']}/", "label": visible(h["label"]) if h["label"] else "no label yet",
              "matches": [match_words(m) for m in h["matches"]]}
             for h in search(site, query, limit=50, direction=direction)["hits"]]
 
@@ -249,8 +256,18 @@ def test_hostile_labels_show_as_text(search_site, browser):
     query = "<script>alert(1)</script>"
     page = search_page(browser, base, query)
     labels = page.eval_on_selector_all(".atlas-search-label", "els => els.map(e => e.textContent)")
-    want = [h["label"] or "no label yet" for h in search(site, query, limit=50)["hits"]]
-    assert labels == want and set(labels) & set(HOSTILE_LABELS)
+    # As the neuron pages show them: on one line, control and direction characters as code points.
+    want = [visible(h["label"]) if h["label"] else "no label yet" for h in search(site, query, limit=50)["hits"]]
+    assert labels == want and set(labels) & {visible(label) for label in HOSTILE_LABELS}
+    # A label with a line break shows on one line: the neuron that has it, found by its top token.
+    i = next(i for i, label in enumerate(HOSTILE_LABELS) if "\n" in label)
+    with duckdb.connect(str(root / "atlas.duckdb"), read_only=True) as con:
+        token = con.execute("SELECT token FROM decoded_tokens WHERE layer = 0 AND neuron = ? AND side = 'out' "
+                            "AND polarity = 'top' AND rank = 0", [i]).fetchone()[0]
+    page.close()
+    page = search_page(browser, base, normalise(token))
+    labels = page.eval_on_selector_all(".atlas-search-label", "els => els.map(e => e.textContent)")
+    assert visible(HOSTILE_LABELS[i]) in labels and visible(HOSTILE_LABELS[i]) != HOSTILE_LABELS[i]
     assert page.locator("#atlas-search-results script, #atlas-search-results img, #atlas-search-results iframe").count() == 0
     assert page.title() != "pwned" and page.errors == []
     page.close()
@@ -269,3 +286,13 @@ def test_results_fit_a_phone_and_a_desktop(search_site, browser, tmp_path_factor
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         assert page.errors == []
         page.close()
+
+
+def test_tokens_show_as_the_neuron_pages_show_them(search_site, browser):
+    """A no-break space in a token is shown as its code point, as text.show_token does (atlas-text.js is its twin)."""
+    root, base = search_site
+    page = search_page(browser, base, "nbsp")
+    codes = page.eval_on_selector_all("#atlas-search-results code", "els => els.map(e => e.textContent)")
+    assert show_token(NBSP_TOKEN) == "\u27e8U+00A0\u27e9nbsp" and show_token(NBSP_TOKEN) in codes
+    assert page.errors == []
+    page.close()
