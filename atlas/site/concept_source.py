@@ -71,6 +71,7 @@ FUNCTION_WORDS = 200            # the lexicon's commonest words: never evidence,
 LITERAL_SIM = 0.5               # what a name's own word among the neuron's terms adds to its summed cosine
 GENERIC_SHARE = 0.002           # a term among the top terms of more neurons than this share names none
 GENERIC_MIN = 20                # ... and of more than this many
+GROUP_MIN = 2                   # a group's (cluster's) term is among the top terms of this many members
 CHUNK = 1024                    # query words scored at once ([terms, CHUNK] cosines in memory)
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
@@ -342,6 +343,97 @@ def _strength(n, sims, zs) -> np.ndarray:
     return zs / np.maximum(n, 1) * gain
 
 
+class _Namer:
+    """Each row's best name over the chunks of a scan, and then the names that hold (``concepts``)."""
+
+    def __init__(self, scan, query: list[str], is_name: np.ndarray, min_evidence: int, min_centroid: float):
+        self.scan, self.query, self.is_name = scan, query, is_name
+        self.min_evidence, self.min_centroid = min_evidence, min_centroid
+        self.best = np.full(len(scan.nt.keys) if scan else 0, -np.inf)
+        self.found: dict[int, tuple[int, list[str]]] = {}
+
+    def add(self, lo: int, S: np.ndarray, n, sims) -> None:
+        """One chunk of the scan: a name's own word among the row's terms is the best evidence there is."""
+        hi = lo + S.shape[1]
+        if not self.is_name[lo:hi].any():
+            return
+        scan = self.scan
+        if LITERAL_SIM >= scan.min_sim:
+            terms, literal_cols, literal = scan.literal(lo, hi)
+            n, sims = n + literal, sims + LITERAL_SIM * literal
+            S[terms, literal_cols] = LITERAL_SIM
+        neuron, col, count = _entries(n)
+        score = np.where((count >= self.min_evidence) & self.is_name[lo + col], sims.data, -np.inf)
+        rows, top, col = _row_best(neuron, col, score)
+        better = top > self.best[rows]
+        rows, top, col = rows[better], top[better], col[better]
+        if not len(rows):
+            return
+        self.best[rows] = top
+        top, _ = scan.evidence(S, rows, col)
+        terms = scan.nt.terms
+        for i, c, row in zip(rows.tolist(), col.tolist(), top.tolist()):
+            self.found[i] = (lo + c, [terms[t] for t in row if t >= 0])
+
+    def names(self) -> dict:
+        """{key: (word, evidence, centroid cosine)}: a name sums many near terms, but a row whose
+        terms are about other things too (or about nothing: "encourag, advoc, affili") has no
+        clear concept: its terms' centroid must lie near the name."""
+        named = sorted(self.found)
+        if not named:
+            return {}
+        nt, found = self.scan.nt, self.found
+        idx = nt.index[named]                                               # [named, RANKS]
+        centroid = np.where((idx >= 0)[..., None], self.scan.T[idx.clip(0)], 0).sum(1)
+        centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-9)
+        cos = (centroid * self.scan.W[[found[i][0] for i in named]]).sum(1)
+        return {nt.keys[i]: (self.query[found[i][0]], found[i][1], round(float(c), 4))
+                for i, c in zip(named, cos.tolist()) if c >= self.min_centroid}
+
+
+def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> tuple[NeuronTerms, dict]:
+    """Each group's terms as a neuron's: the terms among the top terms of at least ``least`` of its
+    members, most shared first (``RANKS`` of them), with the share of members that have each for
+    strength. Keys are ``(group, 0)``; also returns each group's size among ``nt``'s neurons."""
+    member = np.array([groups.get(k, -1) for k in nt.keys], np.int64)
+    ids = sorted({g for g in member.tolist() if g >= 0})
+    at = {g: i for i, g in enumerate(ids)}
+    row = np.array([at.get(g, -1) for g in member.tolist()], np.int64)
+    r, c = np.nonzero((nt.index >= 0) & (row >= 0)[:, None])
+    counts = sparse.csr_matrix((np.ones(len(r)), (row[r], nt.index[r, c])), shape=(len(ids), len(nt.terms)))
+    counts.sum_duplicates()
+    size = np.bincount(row[row >= 0], minlength=len(ids))
+    index = np.full((len(ids), RANKS), -1, np.int32)
+    z = np.zeros((len(ids), RANKS))
+    for i in range(len(ids)):
+        lo, hi = counts.indptr[i], counts.indptr[i + 1]
+        terms, k = counts.indices[lo:hi], counts.data[lo:hi]
+        keep = np.flatnonzero(k >= least)
+        keep = keep[np.lexsort((terms[keep], -k[keep]))][:RANKS]
+        index[i, :len(keep)] = terms[keep]
+        z[i, :len(keep)] = k[keep] / max(size[i], 1)
+    rank = np.tile(np.arange(RANKS, dtype=np.int32), (len(ids), 1))
+    return NeuronTerms([(g, 0) for g in ids], nt.terms, index, z, rank), dict(zip(ids, size.tolist()))
+
+
+def _group_names(vectors, query: list[str], nt: NeuronTerms, groups: dict, min_sim: float, is_name: np.ndarray,
+                 min_evidence: int, min_centroid: float) -> dict:
+    """{group: (word, evidence, centroid cosine, members with evidence, members)} (``concepts``)."""
+    gt, size = group_terms(nt, groups)
+    scan = _Scan(vectors, query, gt, min_sim)
+    namer = _Namer(scan, query, is_name, min_evidence, min_centroid)
+    for lo, S, n, sims, _ in scan.chunks():
+        namer.add(lo, S, n, sims)
+    at = {t: i for i, t in enumerate(nt.terms)}
+    member = np.array([groups.get(k, -1) for k in nt.keys], np.int64)
+    out = {}
+    for (g, _), (word, evidence, cos) in namer.names().items():
+        ev = [at[t] for t in evidence if t in at]
+        has = np.isin(nt.index, ev).any(1) & (member == g)
+        out[g] = (word, evidence, cos, int(has.sum()), size[g])
+    return out
+
+
 def _prepare(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon):
     vocab = vocabulary(con, normalise, with_corpus, vectors, lexicon)
     return vocab, neuron_terms(con, normalise, z_sql, vocab)
@@ -354,6 +446,7 @@ class Concepts:
     names: dict             # {(layer, neuron): (word, evidence, centroid cosine)}: each named neuron's concept
     postings: pa.Table      # per query word its strongest concept matches (``POSTINGS_COLUMNS``)
     info: dict              # sizes, seconds, and the resource and word lists used
+    group_names: dict = None  # {group: (word, evidence, centroid cosine, members with evidence, members)}
 
 
 POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence")
@@ -361,7 +454,7 @@ POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "
 
 def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
              name_min_evidence: int = 3, min_centroid: float = 0.45, min_evidence: int = MIN_EVIDENCE,
-             postings: int = POSTINGS) -> Concepts:
+             postings: int = POSTINGS, groups: dict | None = None) -> Concepts:
     """Concept names for labels and concept postings for search, from one scan of every query word.
 
     **Postings**: per query word its ``postings`` strongest concept matches (see the module's docstring).
@@ -375,6 +468,9 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
 
     Both read the same (term, word) pairs: the names' evidence is the postings' evidence plus
     each name's own literal terms, added after the postings are taken.
+
+    **Group names** (``groups``: {(layer, neuron): group}, the clusters): a group is named as a
+    neuron is, with its shared terms for top terms (``group_terms``).
     """
     start = time.perf_counter()
     vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon)
@@ -387,8 +483,7 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     scan = _Scan(vectors, vocab.query, nt, min_sim) if nt.terms and vocab.query else None
     keys = np.array(nt.keys, np.int64).reshape(-1, 2)
     query = pa.array(vocab.query, pa.string())
-    best = np.full(len(nt.keys), -np.inf)
-    found: dict[int, tuple[int, list[str]]] = {}
+    namer = _Namer(scan, vocab.query, is_name, name_min_evidence, min_centroid)
     for lo, S, n, sims, zs in scan.chunks() if scan else ():
         hi = lo + S.shape[1]
         # Postings, from the evidence that is not the word itself.
@@ -409,36 +504,10 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
         cols["z"].append(z[order])
         cols["rank"].append(best_rank)
         cols["evidence"].append(scan.joined(top))
-        # Names: a name's own word among the neuron's terms is the best evidence there is.
-        if not is_name[lo:hi].any():
-            continue
-        if LITERAL_SIM >= min_sim:
-            terms, literal_cols, literal = scan.literal(lo, hi)
-            n, sims = n + literal, sims + LITERAL_SIM * literal
-            S[terms, literal_cols] = LITERAL_SIM
-        neuron, col, count = _entries(n)
-        score = np.where((count >= name_min_evidence) & is_name[lo + col], sims.data, -np.inf)
-        rows, top, col = _row_best(neuron, col, score)
-        better = top > best[rows]
-        rows, top, col = rows[better], top[better], col[better]
-        if not len(rows):
-            continue
-        best[rows] = top
-        top, _ = scan.evidence(S, rows, col)
-        terms = scan.nt.terms
-        for i, c, row in zip(rows.tolist(), col.tolist(), top.tolist()):
-            found[i] = (lo + c, [terms[t] for t in row if t >= 0])
-    # A name sums many near terms, but a neuron whose terms are about other things too (or about
-    # nothing: "encourag, advoc, affili") has no clear concept: its terms' centroid must lie near the name.
-    named = sorted(found)
-    names: dict = {}
-    if named:
-        idx = nt.index[named]                                               # [named, RANKS]
-        centroid = np.where((idx >= 0)[..., None], scan.T[idx.clip(0)], 0).sum(1)
-        centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-9)
-        cos = (centroid * scan.W[[found[i][0] for i in named]]).sum(1)
-        names = {nt.keys[i]: (vocab.query[found[i][0]], found[i][1], round(float(c), 4))
-                 for i, c in zip(named, cos.tolist()) if c >= min_centroid}
+        namer.add(lo, S, n, sims)
+    names = namer.names()
+    group_names = _group_names(vectors, vocab.query, nt, groups, min_sim, is_name, name_min_evidence, min_centroid) \
+        if groups and nt.terms else {}
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     strings = (lambda parts: pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
     table = pa.table({"word": strings(cols["word"]),
@@ -450,7 +519,8 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     info = {"vocabulary": len(vocab.query), "names": int(is_name.sum()), "generic": len(generic),
             "neuron_terms": len(nt.terms), "related_pairs": scan.pairs if scan else 0, "postings": table.num_rows,
             "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source}
-    return Concepts(names, table, info)
+    info["groups_named"] = len(group_names)
+    return Concepts(names, table, info, group_names)
 
 
 def concept_matches(con, check_sql: str, src: int) -> tuple[str | None, dict]:

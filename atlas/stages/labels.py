@@ -13,9 +13,11 @@ never an invented name. ``neuron_labels`` keeps label, concept, evidence, tokens
 and score; ``neurons.label`` gets the label. The same scan gives the concept matches of
 search, kept in ``concept_postings`` for the render's index (``atlas.site.concept_source``).
 
-A **cluster's name** is the concept shared by the most of its members when at least
-``CLUSTER_SHARE`` of them and two or more share it: "animal (14 of 90)"; otherwise the
-cluster stage's token label stays.
+A **cluster's name** comes from the same scan with the cluster in the place of a neuron and
+its shared terms (the terms among the top terms of two or more members, most shared first)
+in the place of a neuron's top terms: "months (31 of 227): month, days, year", 31 being the
+members that have one of the evidence terms. Without such a concept the cluster keeps the
+cluster stage's token label.
 
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
@@ -33,10 +35,10 @@ from atlas.config import LabelsConfig
 from atlas.site.concept_source import POSTINGS, concepts
 from atlas.site.search import normalise
 from atlas.stages.contract import Context, insert_arrow, update_from_arrow
+from atlas.store import finished_stage
 
 TOKENS = 10             # top `out` tokens read per neuron
 SHOWN = 3               # tokens or evidence terms shown in a label
-CLUSTER_SHARE = 0.2
 NO_CONCEPT = "no clear concept"
 STAGE = "labels"
 _OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
@@ -67,20 +69,24 @@ def normalise_spelling(token: str) -> str:
     return token[i:i + len(term)] if i >= 0 else term
 
 
-def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Table, pa.Table | None, dict]:
+def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
+                   clustered: bool = False) -> tuple[pa.Table, pa.Table | None, pa.Table, dict]:
     """One row per neuron (label, concept, evidence, tokens, method, score), the concept postings
-    for search made by the same scan (None without word vectors), and what the scan reported."""
+    for search made by the same scan (None without word vectors), the clusters' concept names
+    (``cluster_names``; only when ``clustered``) and what the scan reported."""
     rows = con.execute(f"""
         SELECT layer, neuron, list(token ORDER BY rank) FROM decoded_tokens
         WHERE side = 'out' AND polarity = 'top' AND rank < {TOKENS}
         GROUP BY layer, neuron ORDER BY layer, neuron""").fetchall()
     concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
-    postings, info = None, {}
+    postings, info, groups = None, {}, {}
     if vectors is not None:
         with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+        members = {(layer, neuron): c for layer, neuron, c in con.execute(
+            "SELECT layer, neuron, cluster_id FROM neurons WHERE cluster_id IS NOT NULL").fetchall()} if clustered else None
         found = concepts(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
-                         cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid)
-        concept, postings, info = found.names, found.postings, found.info
+                         cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid, groups=members)
+        concept, postings, info, groups = found.names, found.postings, found.info, found.group_names
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:
         merged = merged_tokens(tokens)
@@ -102,21 +108,29 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None) -> tuple[pa.Ta
                       "evidence": pa.array(out["evidence"], pa.list_(pa.string())),
                       "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
                       "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
-    return table, postings, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
+    return table, postings, cluster_names(groups), {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
 
 
-def name_clusters(con) -> int:
-    """Clusters named by the concept most of their members share (see the module's docstring); returns how many."""
-    con.execute(f"""
-        UPDATE clusters SET label = c.name FROM (
-            SELECT cluster_id, concept || ' (' || n || ' of ' || size || ')' AS name FROM (
-                SELECT n.cluster_id, l.concept, count(*) AS n, any_value(k.size) AS size
-                FROM neuron_labels l JOIN neurons n USING (layer, neuron) JOIN clusters k USING (cluster_id)
-                WHERE l.concept IS NOT NULL GROUP BY n.cluster_id, l.concept)
-            WHERE n >= 2 AND n >= {CLUSTER_SHARE} * size
-            QUALIFY row_number() OVER (PARTITION BY cluster_id ORDER BY n DESC, concept) = 1
-        ) c WHERE clusters.cluster_id = c.cluster_id""")
-    return con.execute("SELECT count(*) FROM clusters WHERE label LIKE '% of %)'").fetchone()[0]
+def cluster_names(group_names: dict) -> pa.Table:
+    """One row per cluster that has a concept: its name, "months (31 of 227): month, days, year"
+    (the concept, how many members have an evidence term among their top terms, of how many,
+    and the strongest evidence terms other than the concept itself)."""
+    ids, labels = [], []
+    for cluster_id, (word, evidence, _, with_evidence, size) in sorted(group_names.items()):
+        shown = [t for t in evidence if t != word][:SHOWN]
+        ids.append(cluster_id)
+        labels.append(f"{word} ({with_evidence} of {size})" + (f": {', '.join(shown)}" if shown else ""))
+    return pa.table({"cluster_id": pa.array(ids, pa.int32()), "label": pa.array(labels, pa.string())})
+
+
+def name_clusters(con, names: pa.Table, exemplar_votes: bool) -> int:
+    """Clusters get the cluster stage's token labels back (a name from an earlier run never
+    stays), then those with a concept get its name; returns how many."""
+    from atlas.stages.cluster import write_labels
+    write_labels(con, exemplar_votes)
+    if names.num_rows:
+        update_from_arrow(con, "clusters", names, keys=("cluster_id",))
+    return names.num_rows
 
 
 def run(ctx: Context, cfg: LabelsConfig) -> dict:
@@ -126,14 +140,15 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     lexicon, lexicon_why = lexicon_mod.load()
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
-    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS)
+    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
+                                 cluster_names="shared terms")
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
     store = ctx.store
-    table, postings, info = compute_labels(store.con, cfg, vectors, lexicon)
+    cluster = finished_stage(store.con, "cluster")
+    table, postings, names, info = compute_labels(store.con, cfg, vectors, lexicon, clustered=cluster is not None)
     faults.point(STAGE, "labels computed")
-    clustered = ctx.inputs().get("cluster") is not None
     with store.transaction() as con:
         con.execute("DELETE FROM neuron_labels")
         insert_arrow(con, "neuron_labels", table, order="layer, neuron")
@@ -141,7 +156,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         if postings is not None:
             insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
         update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
-        named = name_clusters(con) if clustered else 0
+        named = name_clusters(con, names, bool(cluster.get("exemplar_labels"))) if cluster is not None else 0
         with_concept = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
         seconds = round(time.perf_counter() - start, 2)
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,

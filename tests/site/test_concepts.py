@@ -184,3 +184,44 @@ def test_clusters_by_term_profile_share_more_words_than_by_out_direction(tmp_pat
     # (measured: 0.050 against 0.041 and 0.040 for random pairs; the default atlas's figures are in the README).
     assert ratios["terms"]["within"] > 1.15 * ratios["out"]["within"], ratios
     assert abs(ratios["out"]["ratio"] - 1) < 0.1
+
+
+def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):
+    from atlas.bench.synthetic import synthetic_directions
+    from atlas.config import ClusterConfig
+    from atlas.stages.cluster import cluster_store, write_labels
+    from atlas.stages.labels import cluster_names, name_clusters
+
+    store = concept_store(tmp_path / "atlas.duckdb")
+    colours = CONCEPT_NEURONS[(1, 9)]
+    with Store(store) as s:
+        con = s.con
+        # Two more neurons write the same colours in other orders: three members share them.
+        for neuron, order in ((6, [2, 0, 4, 1, 3]), (7, [4, 3, 0, 2, 1])):
+            for rank, i in enumerate(order):
+                con.execute("UPDATE decoded_tokens SET token = v.token, token_id = v.token_id FROM vocab v "
+                            "WHERE v.token = ? AND layer = 1 AND neuron = ? AND side = 'out' AND polarity = 'top' "
+                            "AND rank = ?", [colours[i], neuron, rank])
+        ctx = Context(s, STAGES["cluster"], "sha256:0", get_lm=None, progress=False)
+        cluster_store(ctx, ClusterConfig(n_clusters=8, neighbours=2), lambda: synthetic_directions(2, 64, 32, seed=1))
+        # The three in a cluster of their own and a fourth member, the animal neuron, which shares nothing.
+        con.execute("UPDATE neurons SET cluster_id = 8 WHERE layer = 1 AND neuron IN (5, 6, 7, 9)")
+        con.execute("INSERT INTO clusters (cluster_id, size) VALUES (8, 4)")
+        write_labels(con, exemplars=False)                  # the cluster stage's token labels of these members
+        token_labels = dict(con.execute("SELECT cluster_id, label FROM clusters").fetchall())
+        con.execute("UPDATE clusters SET label = 'stale'")
+        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
+        labels = dict(con.execute("SELECT cluster_id, label FROM clusters").fetchall())
+        record = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.labels'").fetchone()[0])
+        name = labels[8]
+        word, rest = name.split(" (", 1)
+        # The concept, the members with an evidence term (3 of the 4), then evidence that is not the concept.
+        assert rest.startswith("3 of 4): ") and word not in rest, name
+        evidence = rest.split("): ")[1].split(", ")
+        assert len(evidence) == 3 and set(evidence) <= {c.strip() for c in colours}, name
+        assert record["clusters_named"] == sum(" of " in v for v in labels.values()) >= 1
+        # Clusters without a shared concept keep the cluster stage's token labels (none stays stale).
+        assert all(labels[c] == token_labels[c] for c in labels if " of " not in labels[c])
+        # A name never outlives its concept: naming again without it gives the token label back.
+        name_clusters(con, cluster_names({}), exemplar_votes=False)
+        assert con.execute("SELECT label FROM clusters WHERE cluster_id = 8").fetchone()[0] == token_labels[8] != name
