@@ -111,11 +111,16 @@ class ExemplarConfig:
     context: int = field(default=128, metadata={"help": "tokens per model input"})
     batch_size: int = field(default=16, metadata={"help": "model inputs per forward pass"})
     k: int = field(default=20, metadata={"help": "top and bottom exemplars kept per neuron"})
-    window_before: int = field(default=12, metadata={"help": "tokens of context stored before each exemplar's peak token"})
-    window_after: int = field(default=11, metadata={"help": "tokens of context stored after each exemplar's peak token"})
+    window_before: int = field(default=7, metadata={
+        "help": "tokens of context stored before each exemplar's peak token (a page's strip shows 7)"})
+    window_after: int = field(default=4, metadata={
+        "help": "tokens of context stored after each exemplar's peak token (a page's strip shows 4)"})
     window_ranks: int = field(default=10, metadata={
-        "help": "exemplars per polarity, strongest first, whose window of activations is stored (the ones a "
+        "help": "strongest exemplars, strongest first, whose window of activations is stored (the ones a "
                 "page draws as strips); deeper ranks keep their peak and position"})
+    window_ranks_min: int = field(default=2, metadata={
+        "help": "most negative exemplars, strongest first, whose window of activations is stored (a page "
+                "draws 2 strips of them)"})
     quantile: float = field(default=1e-5, metadata={"help": "upper quantile used as each neuron's normaliser"})
     attribution_rows: int = field(default=64, metadata={
         "help": "corpus inputs (one sampled position each) used for attribution; 0 skips attribution"})
@@ -138,8 +143,9 @@ class ExemplarConfig:
         if not (0 <= self.window_before < self.context and 0 <= self.window_after < self.context):
             raise AtlasError(f"--window-before {self.window_before} and --window-after {self.window_after}: "
                              f"give 0 or more tokens, fewer than the context of {self.context}")
-        if self.window_ranks < 0:
-            raise AtlasError(f"--window-ranks {self.window_ranks}: give 0 (no windows) or more exemplars")
+        for flag, ranks in (("--window-ranks", self.window_ranks), ("--window-ranks-min", self.window_ranks_min)):
+            if ranks < 0:
+                raise AtlasError(f"{flag} {ranks}: give 0 (no windows) or more exemplars")
         if self.checkpoint_every < 1:
             raise AtlasError(f"--checkpoint-every {self.checkpoint_every}: give at least 1 (batches)")
         if self.attribution_rows < 0:

@@ -95,9 +95,12 @@ def _decoded_layer(layer: int, d_mlp: int, sides: tuple[str, ...], top_k: int, b
     })
 
 
-N_DOCS, CONTEXT, WINDOW_BEFORE, WINDOW = 64, 128, 12, 24      # the default window of activations.py
+N_DOCS, CONTEXT = 64, 128
+WINDOW_BEFORE = ExemplarConfig().window_before                 # the exemplars stage's default window
+WINDOW = WINDOW_BEFORE + 1 + ExemplarConfig().window_after
 CLAMP = ClampConfig()                                          # the clamp stage's defaults
-WINDOW_RANKS = ExemplarConfig().window_ranks                   # ranks that keep their window, as the stage does
+# Ranks that keep their window, per polarity, as the stage does.
+WINDOW_RANKS = {"max": ExemplarConfig().window_ranks, "min": ExemplarConfig().window_ranks_min}
 
 
 def _corpus_docs(words: list[str], rng: np.random.Generator) -> pa.Table:
@@ -127,7 +130,7 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
         window[(offsets < 0) | (offsets >= CONTEXT)] = np.nan                 # beyond the input
         cols[polarity] = dict(neuron=np.repeat(np.arange(d), k), rank=np.tile(np.arange(k), d), doc_id=doc.ravel(),
                               token_pos=pos.ravel(), activation=acts.ravel(), window=window.reshape(-1, WINDOW),
-                              norm=(acts / normaliser[:, None]).ravel())
+                              norm=(acts / normaliser[:, None]).ravel(), ranks=np.full(d * k, WINDOW_RANKS[polarity]))
     n = 2 * d * k
 
     def both(key):
@@ -142,7 +145,7 @@ def _corpus_layer(layer: int, neurons: pa.Table, k: int, tokens: pa.Array,
         "norm_activation": pa.array(both("norm").astype(np.float32)),
         "window_start": pa.array((both("token_pos") - WINDOW_BEFORE).astype(np.int32)),
         "window_activations": pa.FixedSizeListArray.from_arrays(pa.array(windows.ravel()), WINDOW,
-                                                                mask=pa.array(both("rank") >= WINDOW_RANKS))})
+                                                                mask=pa.array(both("rank") >= both("ranks")))})
     counts = rng.poisson(np.exp(-np.linspace(-3, 3, 64) ** 2) * 200, (d, 64)).astype(np.int64)
     histograms = pa.table({"layer": pa.array(np.full(d, layer, np.int16)),
                            "neuron": pa.array(np.arange(d, dtype=np.int32)),

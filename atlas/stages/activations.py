@@ -15,8 +15,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-# The default exemplar window: 24 tokens centred on the peak (ExemplarConfig.window_before/after).
-WINDOW_BEFORE, WINDOW_AFTER = 12, 11
+# The default exemplar window: the 12 tokens a page's strip shows, 7 before the peak and 4 after
+# (ExemplarConfig.window_before/after; corpus_sections.STRIP_BEFORE/AFTER).
+WINDOW_BEFORE, WINDOW_AFTER = 7, 4
 WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
 # Band samples: tokens taken as candidates are those whose position hash is 0 mod SAMPLE_EVERY
 # (never an input's first token, the BOS, whose activations are unlike any text's); per neuron

@@ -230,7 +230,7 @@ def run(ctx: Context, cfg: ExemplarConfig) -> dict:
                                   "sources": corpus_sources(cfg, counts),
                                   "near_duplicates_dropped": dedupe.dropped,
                                   "window": {"before": cfg.window_before, "after": cfg.window_after,
-                                             "ranks": cfg.window_ranks}})
+                                             "ranks": cfg.window_ranks, "ranks_min": cfg.window_ranks_min}})
         store.set_meta("histogram_edges", [float(e) for e in hist_edges()])
         ctx.finish(fp, cfg, quick_key=quick_key(ctx, cfg))
         faults.point(STAGE, "written, not committed")
@@ -385,7 +385,7 @@ def _write(con, lm: LoadedModel, rows: list[Row], state: PassState, normaliser: 
         n = norm[layer, neuron]
         act = vals.numpy()[layer, rank, neuron]
         w = wins.numpy()[layer, rank, neuron]                                  # [n, W]
-        windowed = rank < cfg.window_ranks                                     # deeper ranks: no window
+        windowed = rank < (cfg.window_ranks if polarity == "max" else cfg.window_ranks_min)   # deeper: no window
         offsets = np.concatenate([[0], np.cumsum(windowed * w.shape[1])]).astype(np.int32)
         parts.append(pa.table({
             "layer": pa.array(layer.astype(np.int16)), "neuron": pa.array(neuron.astype(np.int32)),

@@ -97,9 +97,10 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         # What follows from other columns, and the nulls of window positions outside the input,
         # are left out of the file (table_rows puts them back, checked below).
         assert '"prob"' not in raw and '"norm_activation"' not in raw and ',null]' not in raw and '[null' not in raw
-        # Ranks past --window-ranks have no window, and the file leaves them out rather than writing nulls.
-        assert all(len(e["window_activations"]) == len(e["window_activations_exp"]) == WINDOW_RANKS < len(e["doc_id"])
-                   for e in data["exemplars"].values())
+        # Ranks past --window-ranks (max) and --window-ranks-min (min) have no window, and the file
+        # leaves them out rather than writing nulls.
+        assert all(len(e["window_activations"]) == len(e["window_activations_exp"]) == WINDOW_RANKS[p] < len(e["doc_id"])
+                   for p, e in data["exemplars"].items())
         page = (site / f"neurons/{layer}/{n}/index.html").read_text()
         key = "layer = ? AND neuron = ?"
 

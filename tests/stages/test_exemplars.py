@@ -49,7 +49,8 @@ def _activations(lm, ids: list[list[int]]) -> torch.Tensor:
 
 
 def test_exemplars_are_true_extremes_and_recompute(built, tmp_path):
-    cfg = ExemplarConfig(corpus=str(corpus_file(tmp_path)), quantile=0.01, window_ranks=3, **CFG)
+    cfg = ExemplarConfig(corpus=str(corpus_file(tmp_path)), quantile=0.01, window_ranks=3, window_ranks_min=1,
+                         **CFG)
     built.exemplars(cfg)
     con = duckdb.connect(str(built.out / "atlas.duckdb"), read_only=True)
     docs = con.execute("SELECT doc_id, token_ids FROM corpus_docs ORDER BY doc_id").fetchall()
@@ -87,12 +88,13 @@ def test_exemplars_are_true_extremes_and_recompute(built, tmp_path):
     # Mean and std over the corpus.
     mean = np.array(con.execute("SELECT act_mean FROM neurons ORDER BY layer, neuron").fetchall())[:, 0]
     np.testing.assert_allclose(mean, flat.mean(1).reshape(-1).numpy(), atol=1e-5)
-    # No neuron shows the same window twice; windows are 24 tokens around the peak (clipped to the input).
+    # No neuron shows the same window twice; windows are the 12 tokens around the peak that a strip shows.
     assert duplicate_windows(con) == []
-    # Only the strongest 3 (--window-ranks) of each polarity keep their window of activations.
-    starts = con.execute("SELECT DISTINCT token_pos - window_start, len(window_activations), rank < 3 "
-                         "FROM exemplars ORDER BY ALL").fetchall()
-    assert starts == [(WINDOW_BEFORE, 24, True), (WINDOW_BEFORE, None, False)]
+    # Only the strongest 3 of max (--window-ranks) and 1 of min (--window-ranks-min) keep their window.
+    starts = con.execute("SELECT DISTINCT polarity, token_pos - window_start, len(window_activations), "
+                         "rank < CASE polarity WHEN 'max' THEN 3 ELSE 1 END FROM exemplars ORDER BY ALL").fetchall()
+    assert starts == [("max", WINDOW_BEFORE, 12, True), ("max", WINDOW_BEFORE, None, False),
+                      ("min", WINDOW_BEFORE, 12, True), ("min", WINDOW_BEFORE, None, False)]
     # Band samples: each is the token it names, in the bin that holds its band's fraction of the
     # normaliser, and is one of the 2 candidates of that bin with the smallest position hash.
     samples = con.execute("""SELECT layer, neuron, band, rank, doc_id, token_pos, activation, bin_lo, bin_hi
