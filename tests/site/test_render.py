@@ -168,7 +168,8 @@ def test_plain_mlp_has_no_gate_side(tmp_path):
     store = make_synthetic_store(tmp_path / "plain.duckdb", 1, 4, vocab_size=256, gated=False)
     render(store, tmp_path / "site", progress=False)
     page = (tmp_path / "site/neurons/0/3/index.html").read_text()
-    assert '<section id=in>' in page and '<section id=out>' in page and 'id=gate' not in page
+    assert '<section id=out>' in page and '<div data-draw=reads></div>' in page     # `in` is drawn from the JSON
+    assert set(json.loads((tmp_path / "site/neurons/0/3.json").read_text())["decoded_tokens"]) == {"in", "out"}
 
 
 def test_refuses_a_store_without_a_finished_decode(store_path, tmp_path):
