@@ -117,6 +117,21 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert IMG in {r["token"] for r in table_rows(data, "decoded_tokens")}
 
 
+def test_the_theme_script_carries_the_site_palette(site, tmp_path):
+    """Pages carry no palette attributes: atlas-theme.js sets them, from the palette the render writes into it."""
+    from atlas.site.frame import theme_palette
+
+    neuron = (site / "neurons/0/0/index.html").read_text()
+    assert "\n<body>\n" in neuron and "data-md-color" not in neuron
+    script = tmp_path / "atlas-theme.js"
+    shutil.copyfile(site / "assets/atlas-theme.js", script)
+    theme_palette(script, {"scheme": "slate", "primary": "deep-orange", "accent": "teal"})
+    assert 'var PALETTE = {"primary": "deep-orange", "accent": "teal"};' in script.read_text()
+    script.write_text("no palette here")
+    with pytest.raises(RuntimeError, match="PALETTE"):
+        theme_palette(script, {"primary": "a", "accent": "b"})
+
+
 def test_links_resolve_to_existing_files(site):
     pages = sorted(site.glob("neurons/*/*/index.html")) + [site / "index.html", site / "layers/0/index.html"]
     for page in pages:
