@@ -12,7 +12,7 @@ and JSON are made from the same fetch of the same rows:
   repeated parts (logit rows, exemplar strips) joined in Python: a template loop costs
   about five times as much per row. What a citation and a reader without JavaScript do not
   need (the reading sides, neighbours, histogram, ...) is left to atlas-neuron.js, which
-  draws it from the neuron's JSON: a page is about 5.8 KB, and there are up to half a million.
+  draws it from the neuron's JSON: a page is about 5.6 KB, and there are up to half a million.
   End tags that HTML implies (``</td>``, ``</tr>``, ``</li>``) are left out of them.
 """
 
