@@ -38,19 +38,18 @@ def _clusters(con, key: str) -> dict[int, tuple[str, str]]:
 
 
 def cluster_sections(con, layer: int, lo: int, hi: int, key: str) -> dict[int, dict]:
-    """For neurons ``lo..hi-1`` of ``layer``: their cluster (label, and row as JSON) and neighbours."""
+    """For neurons ``lo..hi-1`` of ``layer``: their cluster (label, and row as JSON) and whether
+    they have neighbours (the page's section for them, which atlas-neuron.js fills from the
+    neuron's JSON, with their labels from the search index's label files)."""
     clusters = _clusters(con, key)
-    sections = {n: {"cluster": c, "cluster_label": clusters.get(c, ("", ""))[0], "neighbours": [],
+    sections = {n: {"cluster": c, "cluster_label": clusters.get(c, ("", ""))[0], "neighbours": False,
                     "json": clusters.get(c, ("", "null"))[1]}
                 for n, c in con.execute("SELECT neuron, cluster_id FROM neurons WHERE layer = ? AND neuron >= ? "
                                         "AND neuron < ? AND cluster_id IS NOT NULL", [layer, lo, hi]).fetchall()}
-    # Their labels are not repeated on every page that lists them: atlas-neuron.js adds them
-    # from the search index's label files.
-    for n, nb_layer, nb_neuron, cosine in con.execute("""
-            SELECT neuron, nb_layer, nb_neuron, cosine FROM neighbours
-            WHERE layer = ? AND neuron >= ? AND neuron < ? ORDER BY neuron, rank""", [layer, lo, hi]).fetchall():
+    for (n,) in con.execute("SELECT DISTINCT neuron FROM neighbours WHERE layer = ? AND neuron >= ? AND neuron < ?",
+                            [layer, lo, hi]).fetchall():
         if n in sections:
-            sections[n]["neighbours"].append((nb_layer, nb_neuron, cosine))
+            sections[n]["neighbours"] = True
     return sections
 
 

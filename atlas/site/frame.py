@@ -8,6 +8,7 @@ through one stylesheet (``theme_assets``) and what ``page_site`` says about the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -160,8 +161,24 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
         page.write_text(html.replace(LAYER_TABLE_MARKER, table.render(layer=layer, rows=rows)), encoding="utf-8")
     palette = mk.theme.get("palette") or {}
     palette = palette[0] if isinstance(palette, list) else palette
-    return {k: str(palette.get(k, "default" if k == "scheme" else "indigo")).replace(" ", "-")
-            for k in ("scheme", "primary", "accent")}
+    palette = {k: str(palette.get(k, "default" if k == "scheme" else "indigo")).replace(" ", "-")
+               for k in ("scheme", "primary", "accent")}
+    theme_palette(site / "assets" / "atlas-theme.js", palette)
+    return palette
+
+
+_PALETTE = re.compile(r"var PALETTE = \{[^}]*\};")
+
+
+def theme_palette(script: Path, palette: dict) -> None:
+    """Write the site's palette into atlas-theme.js, which gives it to the <body> of atlas's own
+    pages (the theme's stylesheets colour a page by its ``data-md-color-*`` attributes): one
+    copy in the site rather than one on every page."""
+    colours = json.dumps({"primary": palette["primary"], "accent": palette["accent"]})
+    text, found = _PALETTE.subn(lambda _: f"var PALETTE = {colours};", script.read_text(encoding="utf-8"))
+    if found != 1:
+        raise RuntimeError(f"{script} has no one PALETTE line for the site's palette")
+    script.write_text(text, encoding="utf-8")
 
 
 # Finds the site's root at view time: the deepest folder of the missing page's path that holds

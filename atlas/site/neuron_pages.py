@@ -9,8 +9,10 @@ and JSON are made from the same fetch of the same rows:
   itself (``to_json``) in C++, which at half a million neurons is the difference between
   minutes and seconds;
 - the page is the jinja template ``neuron.html`` filled from the same rows, with the dense
-  repeated parts (logit rows, exemplar strips, neighbours) joined in Python: a template
-  loop costs about five times as much per row, and there are ~200 such rows on a page.
+  repeated parts (logit rows, exemplar strips) joined in Python: a template loop costs
+  about five times as much per row. What a citation and a reader without JavaScript do not
+  need (the reading sides, neighbours, histogram, ...) is left to atlas-neuron.js, which
+  draws it from the neuron's JSON: a page is about 5.6 KB, and there are up to half a million.
   End tags that HTML implies (``</td>``, ``</tr>``, ``</li>``) are left out of them.
 """
 
@@ -21,7 +23,7 @@ import re
 from types import SimpleNamespace as NS
 from typing import Any
 
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
 from atlas.site.clamp_sections import clamp_sections
@@ -33,25 +35,30 @@ from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
 # Short on purpose: they are on every page; the method page says how each direction is made.
-# Tokens a page shows (top, bottom) for the sides that read; `out`, what the neuron writes and
-# the clamp check tests, shows all it has. The JSON has every decoded token of every side.
-SHOWN_TOKENS = {"in": (8, 4), "gate": (8, 4)}
-SHOWN_OUT = (10, 10)    # `out` tokens (top, bottom): the top ones in the page's HTML, the bottom ones drawn
 SIDE_TITLES = {"in": "what it reads (up row)", "gate": "what opens its gate (gate row)",
                "out": "what it writes (down column)"}
+# Decoded tokens a page shows per side (top, bottom). The top `out` ones are in the page's HTML,
+# what a citation of the neuron needs; every other table, the reading sides' and the `out` side's
+# bottom one, atlas-neuron.js draws from the neuron's JSON, which has every decoded token.
+SHOWN_TOKENS = {"in": (8, 4), "gate": (8, 4)}
+SHOWN_OUT = (10, 10)
 
 
-def side_section(side: str, tokens: dict, row: dict, pushed: dict[int, float] | None) -> NS:
-    """One decoded side of a page: its stats, and the `out` side's strongest rows. A reading
-    side (``SHOWN_TOKENS``) names only how many rows to show, as does the `out` side for its
-    bottom rows: atlas-neuron.js draws them from the neuron's JSON. ``tokens`` holds the side's
+def drawn_sides() -> list[dict]:
+    """What atlas-neuron.js needs to draw a page's decoded tables, the same on every page (it is
+    in atlas-site.json): per side, in ``SIDES`` order, its title and the (top, bottom) rows it
+    draws; the `out` side draws no top rows, which are in the HTML."""
+    return [{"side": side, "title": SIDE_TITLES[side], "shown": list(SHOWN_TOKENS.get(side, (0, SHOWN_OUT[1])))}
+            for side in SIDES]
+
+
+def side_section(tokens: dict, row: dict, pushed: dict[int, float] | None) -> NS:
+    """The `out` side of a page: its stats and its strongest rows. ``tokens`` holds the side's
     strongest rows (``"top"``, (token, logit) pairs) and how many top rows it has (``"total"``)."""
-    stats = NS(**{stat: row.get(f"{side}_{stat}") for stat in SIDE_STATS})
-    if side in SHOWN_TOKENS:
-        return NS(name=side, title=SIDE_TITLES[side], stats=stats, shown=SHOWN_TOKENS[side])
-    top, bottom = SHOWN_OUT
-    return NS(name=side, title=SIDE_TITLES[side], pushed=bool(pushed), stats=stats, top=logit_rows(tokens["top"][:top], pushed),
-              shown=min(top, len(tokens["top"])), total=tokens["total"], bottom=bottom)
+    stats = NS(**{stat: row.get(f"out_{stat}") for stat in SIDE_STATS})
+    top = SHOWN_OUT[0]
+    return NS(name="out", title=SIDE_TITLES["out"], pushed=bool(pushed), stats=stats,
+              top=logit_rows(tokens["top"][:top], pushed), shown=min(top, len(tokens["top"])), total=tokens["total"])
 
 
 def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Markup:
@@ -69,11 +76,6 @@ def logit_rows(rows: list[tuple], pushed: dict[int, float] | None = None) -> Mar
 
 def _delta(d: float | None) -> str:
     return "<td>" if d is None else f"<td>{d:+.2f}"       # an empty cell keeps the row's borders whole
-
-
-def neighbour_rows(rows: list[tuple]) -> Markup:
-    """List items of (layer, neuron, cosine), linked relative to a neuron page."""
-    return Markup("".join(f'<li><a href="../../{layer}/{n}/">L{layer}/N{n}</a> {cosine:.3f}' for layer, n, cosine in rows))
 
 
 # -- what every page of a site shares ----------------------------------------------------
@@ -133,8 +135,9 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     names = [d[0] for d in cur.description][:-1]
     neurons = [(dict(zip(names, r[:-1])), r[-1]) for r in cur.fetchall()]
     # Only the rows the HTML shows: the strongest `out` tokens, and one row of each other side
-    # (that it has one), each with how many its group has. Columns as numpy arrays and then
-    # lists: a third of the time of fetching row tuples.
+    # (that it has one: the page then has a placeholder for the reading sides), each with how
+    # many its group has. Columns as numpy arrays and then lists: a third of the time of fetching
+    # row tuples.
     cols = con.execute(f"""
             SELECT neuron, side, token, logit, count(*) OVER (PARTITION BY neuron, side, polarity) AS total
             FROM decoded_tokens WHERE layer = ? AND neuron >= ? AND neuron < ?
@@ -157,8 +160,6 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     clustering: dict[int, dict] = {}
     if job["has_clusters"]:
         clustering = cluster_sections(con, layer, lo, hi, job["site"])
-        for sec in clustering.values():
-            sec["neighbours"] = neighbour_rows(sec["neighbours"])
 
     clamping: dict[int, dict] = {}
     if job.get("has_clamp"):
@@ -183,10 +184,11 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         by_side = decoded.get(n, {})
         # A clamped neuron's own `out` tokens carry their Δ log p in the `out` table itself.
         pushed = clamping[n]["own_by_rank"] if n in clamping else None
-        sides = [side_section(s, by_side[s], row, pushed) for s in SIDES if s in by_side]
+        out = side_section(by_side["out"], row, pushed) if "out" in by_side else None
+        reads = any(side in by_side for side in SIDES if side != "out")
         url = job["site_url"] + f"neurons/{layer}/{n}/"
         html = template.render(
-            page_globals, layer=layer, neuron=n, row=NS(**row), sides=sides, url=url, bibtex=bibtex(site, layer, n, url),
+            page_globals, layer=layer, neuron=n, row=NS(**row), out=out, reads=reads, url=url, bibtex=bibtex(site, layer, n, url),
             canonical=job["site_url"] and url,
             prev=_step(sizes, layer, n, -1), next=_step(sizes, layer, n, +1),
             prev_layer=_layer_step(sizes, layer, n, -1), next_layer=_layer_step(sizes, layer, n, +1),

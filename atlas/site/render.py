@@ -27,7 +27,7 @@ from atlas.site.clamp_sections import has_clamp
 from atlas.site.corpus_sections import has_corpus, histogram_edges_meta
 from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
-from atlas.site.neuron_pages import block_jobs
+from atlas.site.neuron_pages import block_jobs, drawn_sides
 from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
 from atlas.site.text import html_safe_json, to_json
@@ -183,8 +183,10 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes),
                 # What every neuron page's script shares: the tables its reproduce snippet reads,
-                # whether the store is inside the site, and the bins of every neuron's histogram.
+                # whether the store is inside the site, the decoded tables it draws, and the bins
+                # of every neuron's histogram.
                 "reproduce": {"tables": page["site"]["tables"], "exports": bool(page["site"]["exports"])},
+                "sides": drawn_sides(),
                 **({"histogram_edges": edges} if (edges := histogram_edges_meta(store.con)) else {})}),
                 encoding="utf-8")
         except BaseException:

@@ -1,7 +1,8 @@
 // Neuron pages: keyboard navigation, copy buttons, strip values for the keyboard, and what is
 // drawn from files the page does not repeat: the decoded token tables beyond the strongest `out`
-// tokens, the activation histogram and the next tokens it pushes (from the neuron's JSON), and
-// the neighbours' labels (from the search index's label files). Without this script a page still
+// tokens (the reading sides among them), the activation histogram, the next tokens it pushes,
+// the neighbours and the reproduce snippet (from the neuron's JSON and atlas-site.json), and the
+// neighbours' labels (from the search index's label files). Without this script a page still
 // shows what a citation needs: its label, strips, strongest `out` tokens, numbers and links, and
 // it says where the rest is.
 (function () {
@@ -189,15 +190,39 @@
                     ", skew " + v("logit_skew") + ", kurtosis " + v("logit_kurtosis");
     return p;
   }
-  function drawDecoded(data, names) {
-    var decoded = data.decoded_tokens || {};
-    document.querySelectorAll("div.atlas-read[data-side]").forEach(function (div) {
-      var name = div.getAttribute("data-side"), side = decoded[name] || {}, shown = div.getAttribute("data-shown").split(" ");
-      if (div.hasAttribute("data-stats")) div.appendChild(statsLine(data.neurons || {}, name));
-      ["top", "bottom"].forEach(function (polarity, i) {
-        if (side[polarity] && Number(shown[i]) > 0) div.appendChild(logitTable(polarity, side[polarity], names, Number(shown[i])));
-      });
+  function sideTables(parent, side, shown, names) {
+    ["top", "bottom"].forEach(function (polarity, i) {
+      if (side[polarity] && shown[i] > 0) parent.appendChild(logitTable(polarity, side[polarity], names, shown[i]));
     });
+  }
+  // What the HTML leaves out of the decoded sides (atlas-site.json's `sides`: each side's title and
+  // the rows it shows, in the store's order): the `out` side's bottom table, and the reading sides
+  // the JSON has (in, gate), folded, each a section of its heading, stats line and tables.
+  function drawDecoded(data, names, sides) {
+    var decoded = data.decoded_tokens || {}, out = document.querySelector("[data-draw=out]");
+    var reads = document.querySelector("[data-draw=reads]"), read = [];
+    sides.forEach(function (s) {
+      if (!decoded[s.side]) return;
+      if (s.side === "out") {
+        if (out) sideTables(out, decoded.out, s.shown, names);
+        return;
+      }
+      var section = document.createElement("section"), h2 = document.createElement("h2"), small = document.createElement("small");
+      section.id = s.side;
+      small.textContent = s.title;
+      h2.append(s.side + " ", small);
+      section.append(h2, statsLine(data.neurons || {}, s.side));
+      sideTables(section, decoded[s.side], s.shown, names);
+      read.push(section);
+    });
+    if (!reads || !read.length) return;
+    var details = document.createElement("details"), summary = document.createElement("summary"), grid = document.createElement("div");
+    details.className = "atlas-reads";
+    summary.textContent = "What it reads: " + read.map(function (section) { return section.id; }).join(" and ");
+    grid.className = "atlas-sides";
+    grid.append.apply(grid, read);
+    details.append(summary, grid);
+    reads.appendChild(details);
   }
 
   // "Next tokens it pushes": the strongest few of the JSON's attributions (data-shown), each
@@ -310,67 +335,84 @@
     box.appendChild(fig);
   }
 
-  // The reproduce snippet: the same rows from the store, for this page's layer and neuron.
-  function drawQuery(pre, data, reproduce) {
-    var tables = reproduce.tables.map(function (t) { return '"' + t + '"'; }).join(", ");
+  // The reproduce section: where what every page shares is (the home page), and a snippet that
+  // reads the same rows from the store, for this page's layer and neuron.
+  function drawQuery(section, data, reproduce, home) {
+    var h2 = document.createElement("h2"), p = document.createElement("p"), link = document.createElement("a");
+    var pre = document.createElement("pre"), tables = reproduce.tables.map(function (t) { return '"' + t + '"'; }).join(", ");
+    h2.textContent = "Reproduce";
+    p.className = "atlas-stats";
+    link.setAttribute("href", home);
+    link.textContent = "the home page";
+    p.append("The model, its weights' hash, the corpus and the versions are on ", link, ".");
+    pre.id = "atlas-query";
+    pre.setAttribute("data-copy", "copy");
     pre.textContent = "import duckdb  # the same rows, from atlas.duckdb" + (reproduce.exports ? " (in exports/ on this site)" : "") +
       '\ncon = duckdb.connect("atlas.duckdb", read_only=True)\nfor table in (' + tables + (reproduce.tables.length === 1 ? "," : "") +
       '):\n    con.sql(f"SELECT * FROM {table} WHERE layer = ' + Number(data.layer) + " AND neuron = " + Number(data.neuron) +
       ' ORDER BY ALL").show(max_rows=100)\n';
-    pre.hidden = false;
+    section.append(h2, p, pre);
     addCopyButton(pre);
   }
 
-  // One fetch of the neuron's JSON (the page's "data (JSON)" link) draws all of the above.
-  var jsonLink = document.getElementById("atlas-json"), root = document.querySelector(".atlas-bar__home");
-  var drawn = document.querySelectorAll("div.atlas-read[data-side], [data-draw]");
+  // The neighbours by cosine of `out` directions, linked as the site links neuron pages, each
+  // cosine with the decimals the JSON keeps (3 on most neurons: rounding them again to a fixed
+  // number would round twice), and then their labels, from the label files of the neurons listed
+  // (<index>labels/<layer>/<chunk>.json).
+  function drawNeighbours(list, data, index) {
+    var nb = data.neighbours || { nb_layer: [], nb_neuron: [], cosine: [] }, cosines = column(nb, "cosine"), items = [];
+    var decimals = Math.max(0, -(nb.cosine_exp || 0));
+    for (var r = 0; r < nb.nb_layer.length; r++) {
+      var li = document.createElement("li"), a = document.createElement("a"), layer = Number(nb.nb_layer[r]), n = Number(nb.nb_neuron[r]);
+      a.setAttribute("href", "../../" + layer + "/" + n + "/");
+      a.textContent = "L" + layer + "/N" + n;
+      li.append(a, " " + (cosines[r] == null ? "\u2013" : cosines[r].toFixed(decimals)));
+      list.appendChild(li);
+      items.push([li, layer, n]);
+    }
+    getJSON(index + "meta.json").then(function (meta) {
+      var chunk = meta.label_chunk, files = [];
+      if (!chunk) throw new Error("no label chunks");
+      items.forEach(function (item) {
+        item.push(item[1] + "/" + Math.floor(item[2] / chunk));
+        if (files.indexOf(item[3]) < 0) files.push(item[3]);
+      });
+      return Promise.all(files.map(function (f) { return getJSON(index + "labels/" + f + ".json"); })).then(function (lists) {
+        items.forEach(function (item) {
+          var label = visible(lists[files.indexOf(item[3])][item[2] % chunk]);
+          if (label) item[0].append(" " + label);
+        });
+        list.setAttribute("data-state", "labelled");
+      });
+    }).catch(function () { list.setAttribute("data-state", "unlabelled"); });
+  }
+
+  // One fetch of the neuron's JSON (the page's "data (JSON)" link) draws all of the above, with
+  // what every page shares from atlas-site.json (without it, what that file describes is missing:
+  // the decoded tables, the histogram and the snippet, not the rest).
+  var jsonLink = document.getElementById("atlas-json"), home = document.querySelector(".atlas-bar__home").getAttribute("href");
+  var drawn = document.querySelectorAll("[data-draw]");
   if (jsonLink && drawn.length) {
-    var hist = document.querySelector("[data-draw=histogram]"), query = document.querySelector("pre[data-draw=query]");
     Promise.all([getJSON(jsonLink.getAttribute("href")),
-                 // Without the site's file only the histogram and the snippet are missing, not the rest.
-                 hist || query ? getJSON(root.getAttribute("href") + "atlas-site.json").catch(function () { return null; })
-                               : Promise.resolve(null)]).then(function (got) {
-      var data = got[0], names = data.tokens ? data.tokens.token : [];
-      drawDecoded(data, names);
-      var attr = document.querySelector("[data-draw=attributions]");
-      if (attr) drawAttributions(attr, data, names);
-      var clamp = document.querySelector("[data-draw=clamp]");
-      if (clamp) drawClamp(clamp, data, names);
-      if (hist && got[1]) drawHistogram(hist, data, got[1]);
-      if (query && got[1] && got[1].reproduce) drawQuery(query, data, got[1].reproduce);
-      document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "drawn"); });
+                 getJSON(home + "atlas-site.json").catch(function () { return null; })]).then(function (got) {
+      var data = got[0], site = got[1] || {}, names = data.tokens ? data.tokens.token : [];
+      var find = function (what) { return document.querySelector("[data-draw=" + what + "]"); };
+      if (site.sides) drawDecoded(data, names, site.sides);
+      if (find("attributions")) drawAttributions(find("attributions"), data, names);
+      if (find("clamp")) drawClamp(find("clamp"), data, names);
+      if (find("histogram") && got[1]) drawHistogram(find("histogram"), data, site);
+      if (find("query") && site.reproduce) drawQuery(find("query"), data, site.reproduce, home);
+      if (find("neighbours")) drawNeighbours(find("neighbours"), data, home + "search/idx/");
+      drawn.forEach(function (el) { el.setAttribute("data-state", "drawn"); });      // the neighbours' labels come later
     }).catch(function (err) {
       var p = document.createElement("p");
       p.className = "atlas-stats";
       p.textContent = "Part of this page could not be loaded (" + err.message + "); it is in the JSON.";
       drawn[0].parentNode.insertBefore(p, drawn[0]);
-      document.querySelectorAll("details.atlas-reads, [data-draw]").forEach(function (el) { el.setAttribute("data-state", "failed"); });
+      drawn.forEach(function (el) { el.setAttribute("data-state", "failed"); });
     });
   }
 
-  // The neighbours' labels, from the label files of the neurons listed (idx/labels/<layer>/<chunk>.json).
-  var neighbours = document.querySelector("ol.atlas-nb[data-index]");
-  if (neighbours) {
-    var index = neighbours.getAttribute("data-index");
-    getJSON(index + "meta.json").then(function (meta) {
-      var chunk = meta.label_chunk, items = [], files = [];
-      neighbours.querySelectorAll("li > a").forEach(function (a) {
-        var m = /(\d+)\/(\d+)\/$/.exec(a.getAttribute("href"));
-        if (!m || !chunk) return;
-        var file = m[1] + "/" + Math.floor(Number(m[2]) / chunk);
-        if (files.indexOf(file) < 0) files.push(file);
-        items.push([a.parentNode, file, Number(m[2]) % chunk]);
-      });
-      return Promise.all(files.map(function (f) { return getJSON(index + "labels/" + f + ".json"); })).then(function (lists) {
-        items.forEach(function (item) {
-          var label = visible(lists[files.indexOf(item[1])][item[2]]);
-          if (label) item[0].append(" " + label);
-        });
-        neighbours.setAttribute("data-state", "labelled");
-      });
-    }).catch(function () { neighbours.setAttribute("data-state", "unlabelled"); });
-  }
-
-  var blocks = document.querySelectorAll("pre[data-copy][id]:not([data-draw])");     // a drawn one gets its button when drawn
+  var blocks = document.querySelectorAll("pre[data-copy][id]");     // the snippet's, drawn later, gets its own when drawn
   for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();

@@ -2,13 +2,18 @@
 // JavaScript. The scheme follows the system until the reader picks one with the header's
 // toggle; the choice is kept where mkdocs-material keeps its own (localStorage, key
 // "<site path>.__palette", value {index, color}), so frame and atlas pages agree.
-// Loaded at the top of <body>, before anything is painted.
+// Loaded at the top of <body>, before anything is painted. It also gives <body> the palette's
+// colours, which the pages do not repeat: the site's palette is written into PALETTE below when
+// the site is rendered (frame.theme_palette).
 (function () {
   "use strict";
+  var PALETTE = {"primary": "indigo", "accent": "indigo"};
   var site = new URL("..", document.currentScript.src);      // this file is <site>/assets/atlas-theme.js
   var key = site.pathname + ".__palette";
   var dark = window.matchMedia("(prefers-color-scheme: dark)");
   var body = document.body;
+  body.setAttribute("data-md-color-primary", PALETTE.primary);
+  body.setAttribute("data-md-color-accent", PALETTE.accent);
 
   function chosen() {
     try {
@@ -31,8 +36,8 @@
     var color = {
       media: scheme === "slate" ? "(prefers-color-scheme: dark)" : "(prefers-color-scheme: light)",
       scheme: scheme,
-      primary: body.getAttribute("data-md-color-primary"),
-      accent: body.getAttribute("data-md-color-accent")
+      primary: PALETTE.primary,
+      accent: PALETTE.accent
     };
     try {
       window.localStorage.setItem(key, JSON.stringify({ index: scheme === "slate" ? 1 : 0, color: color }));

@@ -139,13 +139,18 @@ def test_question_mark_opens_the_keyboard_help(site, browser):
 
 
 def test_the_scheme_toggle_is_remembered(site, browser):
-    """The toggle on an atlas page sets the scheme, and the choice holds on the next page."""
+    """The toggle on an atlas page sets the scheme, and the choice holds on the next page; the
+    palette's colours, which the page does not carry, come from atlas-theme.js as the frame's do."""
     page = _open(browser, site, "light", 1400)
+    page.goto(site[1] + "method/")
+    palette = "[document.body.dataset.mdColorPrimary, document.body.dataset.mdColorAccent]"
+    frame = page.evaluate(palette)
     page.goto(site[1] + "neurons/1/3/")
     assert page.evaluate("document.body.dataset.mdColorScheme") == "default"
+    assert page.evaluate(palette) == frame == ["indigo", "indigo"]
     page.click(".atlas-scheme")
     assert page.evaluate("document.body.dataset.mdColorScheme") == "slate"
     page.goto(site[1] + "clusters/")
     assert page.evaluate("document.body.dataset.mdColorScheme") == "slate"
     page.goto(site[1] + "method/")
-    assert page.evaluate("document.body.dataset.mdColorScheme") == "slate"
+    assert page.evaluate("document.body.dataset.mdColorScheme") == "slate" and page.evaluate(palette) == frame

@@ -64,7 +64,8 @@ def test_core_content_renders_without_javascript(site_url, browser):
     # What a citation needs is in the HTML: the strongest `out` tokens; the rest needs the script.
     assert page.locator("table.atlas-logits tr td:first-child").count() == SHOWN_OUT[0]
     assert page.text_content("#out th").startswith(f"top {SHOWN_OUT[0]} of 20")
-    assert "drawn from the JSON with JavaScript" in page.text_content("noscript")
+    # One line says what the script draws, beside the link to the JSON it draws it from.
+    assert "neighbours and more tables are drawn from it with JavaScript" in page.text_content("#atlas-json + noscript")
     assert page.locator("svg.atlas-hist, .atlas-attr:not(#clamp *)").count() == 0
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
@@ -75,7 +76,8 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
     assert page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
-    assert page.locator(".atlas-nb li").count() == 10
+    assert page.locator("#neighbours h2").is_visible() and page.locator(".atlas-nb li").count() == 0    # drawn
+    assert page.locator("#in, #gate, #reproduce h2").count() == 0                                     # drawn
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
     assert page.title() == "L0/N0: <script>alert(1)</script> · Neuron atlas: synthetic/gated-2x8"   # the label, as text
     assert "<script>alert(1)</script>" in page.text_content("#out")
@@ -95,8 +97,9 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
     root, site_url = synthetic_site
     con = duckdb.connect(str(root / "atlas.duckdb"), read_only=True)
     page = _open(browser.new_context(), site_url + "neurons/0/0/")
-    for drawn in ("details.atlas-reads", "[data-draw=histogram]", "[data-draw=attributions]", "[data-draw=clamp]"):
-        page.wait_for_selector(f"{drawn}[data-state=drawn]", state="attached", timeout=10_000)
+    for drawn in ("reads", "out", "histogram", "attributions", "clamp", "neighbours", "query"):
+        page.wait_for_selector(f"[data-draw={drawn}][data-state]", state="attached", timeout=10_000)
+    assert page.locator("[data-draw][data-state=failed]").count() == 0
     tables, cells = [*SHOWN_TOKENS.items(), ("out", SHOWN_OUT)], []
     for side, (top, bottom) in tables:
         want = []
@@ -141,13 +144,22 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
     assert ticks[:len(figure["ticks"])] == [[str(x), label] for x, label in figure["ticks"]]
     assert ticks[len(figure["ticks"])][1] == "{:,}".format(figure["count_max"])
     assert hist.locator("path.z").get_attribute("d") == f"M{figure['zero']} 0V48"
+    # The neighbours: each links the neuron the store names, with its cosine as the JSON rounds it
+    # (its step, 10^cosine_exp: 4 decimals here) and its label.
     page.wait_for_selector("ol.atlas-nb[data-state=labelled]", state="attached", timeout=10_000)
-    nbs = con.execute("SELECT g.nb_layer, g.nb_neuron, n.label FROM neighbours g JOIN neurons n ON n.layer = g.nb_layer "
+    nbs = con.execute("SELECT g.nb_layer, g.nb_neuron, g.cosine, n.label FROM neighbours g JOIN neurons n ON n.layer = g.nb_layer "
                       "AND n.neuron = g.nb_neuron WHERE g.layer = 0 AND g.neuron = 0 ORDER BY g.rank").fetchall()
-    items = page.eval_on_selector_all("ol.atlas-nb li", "lis => lis.map(li => li.textContent)")
-    assert len(items) == len(nbs) == 10
-    for text, (layer, n, label) in zip(items, nbs):
-        assert text.startswith(f"L{layer}/N{n} ") and text.endswith(" " + visible(label)), (text, label)
+    items = page.eval_on_selector_all("ol.atlas-nb li", "lis => lis.map(li => [li.firstChild.href, li.textContent])")
+    step = 10.0 ** data["neighbours"]["cosine_exp"]
+    assert len(items) == len(nbs) == 10 and step <= 1e-3
+    for (href, text), (layer, n, cosine, label) in zip(items, nbs):
+        assert href == f"{site_url}neurons/{layer}/{n}/", (href, layer, n)
+        name, shown, *rest = text.split(" ", 2)
+        assert name == f"L{layer}/N{n}" and rest == ([visible(label)] if visible(label) else []), (text, label)
+        assert len(shown.split(".")[1]) == -data["neighbours"]["cosine_exp"] and abs(float(shown) - cosine) <= step / 2 + 1e-9, (shown, cosine)
+    # The reproduce section: its heading, the home page for what every page shares, the snippet (test_cite_box...).
+    assert page.text_content("#reproduce h2") == "Reproduce"
+    assert page.eval_on_selector("#reproduce p a", "a => a.href") == site_url
     assert page.title() != "pwned" and page.errors == []
 
 
@@ -158,9 +170,14 @@ def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, brows
     strip = page.locator("ol.atlas-strips li").first.bounding_box()
     assert strip is not None and strip["y"] + strip["height"] <= 900, strip
     assert page.locator("#out").bounding_box()["y"] > strip["y"]
+    page.wait_for_selector("[data-draw=reads][data-state=drawn]", state="attached", timeout=10_000)
     reads = page.locator("details.atlas-reads")
     assert reads.count() == 1 and not reads.evaluate("d => d.open")    # in and gate: folded, one click away
+    assert reads.locator("summary").text_content() == "What it reads: in and gate"
     assert page.locator("details.atlas-reads #in, details.atlas-reads #gate").count() == 2
+    assert not reads.locator("#in table.atlas-logits").first.is_visible()     # folded
+    reads.locator("summary").click()
+    assert reads.locator("#gate table.atlas-logits").first.is_visible()
     phone = browser.new_context(viewport={"width": 360, "height": 740})
     for path in ("neurons/0/0/", "", "layers/0/", "clusters/", "search/?q=enta"):
         page = _open(phone, site_url + path)

@@ -117,6 +117,21 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert IMG in {r["token"] for r in table_rows(data, "decoded_tokens")}
 
 
+def test_the_theme_script_carries_the_site_palette(site, tmp_path):
+    """Pages carry no palette attributes: atlas-theme.js sets them, from the palette the render writes into it."""
+    from atlas.site.frame import theme_palette
+
+    neuron = (site / "neurons/0/0/index.html").read_text()
+    assert "\n<body>\n" in neuron and "data-md-color" not in neuron
+    script = tmp_path / "atlas-theme.js"
+    shutil.copyfile(site / "assets/atlas-theme.js", script)
+    theme_palette(script, {"scheme": "slate", "primary": "deep-orange", "accent": "teal"})
+    assert 'var PALETTE = {"primary": "deep-orange", "accent": "teal"};' in script.read_text()
+    script.write_text("no palette here")
+    with pytest.raises(RuntimeError, match="PALETTE"):
+        theme_palette(script, {"primary": "a", "accent": "b"})
+
+
 def test_links_resolve_to_existing_files(site):
     pages = sorted(site.glob("neurons/*/*/index.html")) + [site / "index.html", site / "layers/0/index.html"]
     for page in pages:
@@ -168,7 +183,8 @@ def test_plain_mlp_has_no_gate_side(tmp_path):
     store = make_synthetic_store(tmp_path / "plain.duckdb", 1, 4, vocab_size=256, gated=False)
     render(store, tmp_path / "site", progress=False)
     page = (tmp_path / "site/neurons/0/3/index.html").read_text()
-    assert '<section id=in>' in page and '<section id=out>' in page and 'id=gate' not in page
+    assert '<section id=out>' in page and '<div data-draw=reads></div>' in page     # `in` is drawn from the JSON
+    assert set(json.loads((tmp_path / "site/neurons/0/3.json").read_text())["decoded_tokens"]) == {"in", "out"}
 
 
 def test_refuses_a_store_without_a_finished_decode(store_path, tmp_path):
