@@ -11,10 +11,12 @@ with no code of its own:
   ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token": [...], ...}}}``; the
   innermost object is a *group*; a key order whose only key after the nesting ones is ``rank``
   leaves the rank out, as the rows' place in their group;
-- the tokens a file mentions are one table of their own, ``"tokens": {"token_id": [...],
-  "token": [...]}`` by id; a table that has both ``token_id`` and ``token`` writes instead
-  ``token``, each row's place in ``"tokens"`` (a dictionary: a small index for an id and a
-  text that would each be written again and again);
+- the tokens a file mentions are one table of their own, ``"tokens": {"token_id_diff": [...],
+  "token": [...]}`` by id, ascending, each id written as its difference from the one before
+  (the first from 0: ``[17, 243]`` is ids 17 and 260; a vocabulary of 128k ids costs 6 digits
+  an id, a difference about 3); a table that has both ``token_id`` and ``token`` writes
+  instead ``token``, each row's place in ``"tokens"`` (a dictionary: a small index for an id
+  and a text that would each be written again and again);
 - a float column of a group is one measurement, written as whole numbers of one step, a
   power of ten whose exponent is beside it in ``"<name>_exp"``: ``[397, 372]`` with ``-2`` is
   ``[3.97, 3.72]``. The step gives the group's largest magnitude ``FLOAT_DIGITS`` significant
@@ -43,7 +45,8 @@ import math
 
 from atlas.schema import JSON_TABLES
 
-FORMAT = 4              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id
+FORMAT = 5              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id;
+                        # 4: whole numbers of a step, derived columns left out; 5: token ids as differences
 FLOAT_DIGITS = 3        # significant digits of a lone float, and of the largest magnitude of a group's column
 LEAST_DIGITS = 2        # ... and of its smallest non-zero magnitude, as long as the largest
 MOST_DIGITS = 6         # then has no more than this (an attribution list spans ~200x, a few 10,000x)
@@ -53,6 +56,7 @@ LSE_DECIMALS = 4
 POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...: implied by the order
 EXPONENT = "_exp"       # "<float column>_exp": the decimal exponent of that column's step
 TOKEN = "token"         # in a table: a row's place in the file's "tokens"
+TOKEN_ID_DIFF = "token_id_diff"     # in "tokens": each id less the one before it (the first less 0)
 LSE = "lse"             # in a group of decoded tokens: the side's log-sum-exp, prob = exp(logit - lse)
 NORMALISED = ("norm_activation", "activation")   # left out: activation / the neurons row's normaliser
 SOFTMAX = ("prob", "logit")                      # left out: exp(logit - lse)
@@ -224,8 +228,10 @@ def tokens_sql(con, tables: list[str]) -> str | None:
     """A query for the file's ``"tokens"`` from ``TOKEN_INDEX``, one JSON object per neuron."""
     if token_index_sql(con, tables) is None:
         return None
-    return ("SELECT neuron, to_json(struct_pack(token_id := list(token_id ORDER BY token_id), "
-            f"token := list(token ORDER BY token_id))) FROM {TOKEN_INDEX} GROUP BY neuron")
+    diff = "token_id - coalesce(lag(token_id) OVER (PARTITION BY neuron ORDER BY token_id), 0)"
+    return (f'SELECT neuron, to_json(struct_pack("{TOKEN_ID_DIFF}" := list(__diff ORDER BY token_id), '
+            f"token := list(token ORDER BY token_id))) FROM (SELECT *, {diff} AS __diff FROM {TOKEN_INDEX}) "
+            "GROUP BY neuron")
 
 
 def neurons_sql(con) -> str:
@@ -259,6 +265,19 @@ def _padded(window: list, start: int, length: int) -> list:
     return [None] * lead + window + [None] * (length - lead - len(window))
 
 
+def token_table(data: dict) -> dict | None:
+    """The file's ``"tokens"`` as ``{"token_id": [...], "token": [...]}``, ids summed back from
+    their differences; None where the file lists none."""
+    tokens = data.get("tokens")
+    if not isinstance(tokens, dict) or TOKEN_ID_DIFF not in tokens:
+        return None
+    ids, at = [], 0
+    for d in tokens[TOKEN_ID_DIFF]:
+        at += d
+        ids.append(at)
+    return {"token_id": ids, "token": tokens["token"]}
+
+
 def group_columns(node: dict, data: dict) -> dict:
     """A group's columns as the store holds them: floats from their whole numbers and ``"<name>_exp"``,
     ``token_id`` and ``token`` from the file's ``"tokens"``, and the columns left out put back."""
@@ -277,8 +296,8 @@ def group_columns(node: dict, data: dict) -> dict:
                              for v, start in zip(out[name], starts)] + [None] * (len(starts) - len(out[name]))
         else:
             out[name] = [number(v, exp) for v in col]
-    tokens = data.get("tokens")
-    if TOKEN in out and isinstance(tokens, dict) and "token_id" in tokens:
+    tokens = token_table(data)
+    if TOKEN in out and tokens is not None:
         places = out.pop(TOKEN)
         out["token_id"] = [tokens["token_id"][i] for i in places]
         out["token"] = [tokens["token"][i] for i in places]

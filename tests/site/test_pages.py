@@ -95,6 +95,8 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         raw = (site / f"neurons/{layer}/{n}.json").read_text()
         data = json.loads(raw)
         assert data["format"] == FORMAT
+        # Token ids ascending, each written as its difference from the one before (table_rows sums them back).
+        assert data["tokens"]["token_id_diff"][0] >= 0 and min(data["tokens"]["token_id_diff"][1:]) > 0
         # What follows from other columns, and the nulls of window positions outside the input,
         # are left out of the file (table_rows puts them back, checked below).
         assert '"prob"' not in raw and '"norm_activation"' not in raw and ',null]' not in raw and '[null' not in raw
