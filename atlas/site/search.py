@@ -360,7 +360,7 @@ def _concept_meta(info: dict | None):
 #      matches' evidence in posting order, each word as its index in w, a base-64 varint
 #      (``_varint_sql``); a concept posting's ``variant`` is its number of evidence words.
 # On the default atlas a posting takes 8 characters where the JSON lists of integers took
-# 21, and an evidence word about 1.1 where the text of every list took 7 a word.
+# 21, and the concept matches' evidence 19.2 MB (words 14.7, indices 4.5) where its text took 28.2.
 def _digits(n: int) -> int:
     """Base-64 digits that hold the numbers 0 to n - 1 (at least one)."""
     d = 1
