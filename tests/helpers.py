@@ -480,3 +480,58 @@ def float_bits(t):
     """A float tensor's bit patterns, for equality bit for bit (NaN equals NaN, -0.0 is not 0.0)."""
     ints = {torch.float32: torch.int32, torch.float64: torch.int64}
     return t.view(ints[t.dtype]) if t.dtype in ints else t
+
+
+# -- the search index's packed shards, written from rows the test chose ------------------------------
+def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
+    """Shards written by ``search._write_shards`` from hand-made kept postings: hostile tokens and
+    evidence words (spaces, commas, markup, controls, an empty word, a missing list), and ranges of
+    an 80-layer, 128k-neuron model whose fields need more than one packed group.
+
+    Returns (folder of the shards, the postings' layout, per term what a reader must decode:
+    ``n``, ``d`` and its postings as (layer, neuron, strength, src, rank, check, token), best first)."""
+    from atlas.site.search import CONCEPT, DESCRIPTION, _write_shards, shard_of
+
+    rng = random.Random(0)
+    tokens = HOSTILE_TOKENS + ["dog", " dog", "Dog"]
+    plain = ["bird", "mammal", "1,000", "", "caf\u00e9", "<b>"]         # no word with a space: joined by spaces
+    hostile_words = [t for t in HOSTILE_TOKENS if ", " not in t] + plain + ["new york"]
+    terms = ["dog", "<script>alert(1)</script>", "constructor", "__proto__", "a b", "\u202eevil", "caf\u00e9"]
+    vocab, kept, expected = list(enumerate(tokens)), [], {}
+    for t, term in enumerate(terms):
+        rows = []
+        for pos in range(1, 2 + 60 * (t % 3)):
+            src = rng.choice([0, 1, 4, 5, 6, DESCRIPTION] + [CONCEPT, CONCEPT] * (term != "constructor"))
+            token_id = rng.randrange(len(tokens)) if src < CONCEPT else None
+            evidence = None
+            if src == CONCEPT and rng.random() < 0.9:
+                evidence = ", ".join(rng.sample(plain if t % 2 else hostile_words, rng.randint(1, 5)))
+            rows.append(dict(term=term, pos=pos, layer=rng.choice([0, 79, rng.randrange(80)]),
+                             neuron=rng.choice([0, 131_071, rng.randrange(131_072)]),
+                             strength=rng.choice([-5, 0, 2**31 - 1, rng.randrange(20_000)]), src=src,
+                             rank=rng.choice([0, 4095, rng.randrange(20)]), check=rng.choice([-1, 0, 100, rng.randrange(101)]),
+                             token_id=token_id, evidence=evidence))
+        n = len(rows) + rng.randrange(1000)
+        d = [rng.randrange(n), rng.randrange(n), rng.randrange(n)]
+        for r in rows:
+            r.update(n_total=n, n_promotes=d[0], n_suppresses=d[1], n_reads=d[2])
+        kept += rows
+        expected[term] = {"n": n, "d": d, "postings": [
+            (r["layer"], r["neuron"], r["strength"], r["src"], r["rank"], r["check"],
+             (r["evidence"] if r["evidence"] is not None else term) if r["src"] == CONCEPT
+             else tokens[r["token_id"]] if r["token_id"] is not None else term) for r in rows]}
+    con = duckdb.connect()
+    con.execute("CREATE TABLE vocab (token_id INTEGER, token VARCHAR)")
+    con.executemany("INSERT INTO vocab VALUES (?, ?)", vocab)
+    columns = list(kept[0])
+    con.execute("CREATE TEMP TABLE search_kept (term VARCHAR, pos BIGINT, layer SMALLINT, neuron INTEGER, strength INTEGER, "
+                "src INTEGER, rank INTEGER, \"check\" INTEGER, token_id INTEGER, evidence VARCHAR, n_total BIGINT, "
+                "n_promotes BIGINT, n_suppresses BIGINT, n_reads BIGINT)")
+    con.executemany(f"INSERT INTO search_kept ({', '.join(map(json.dumps, columns))}) VALUES ({', '.join('?' * len(columns))})",
+                    [[r[c] for c in columns] for r in kept])
+    con.execute("CREATE TEMP TABLE search_buckets AS SELECT term, CAST(NULL AS INTEGER) AS bucket "
+                "FROM (SELECT DISTINCT term FROM search_kept)")
+    for term in terms:
+        con.execute("UPDATE search_buckets SET bucket = ? WHERE term = ?", [shard_of(term, n_shards), term])
+    _, layout = _write_shards(con, folder, n_shards)
+    return folder, layout, expected

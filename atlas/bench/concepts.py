@@ -32,7 +32,7 @@ from pathlib import Path
 from atlas.bench.wordnet import DEFAULT_DIR, WordNet
 from atlas.errors import AtlasError
 from atlas.resources import data_json
-from atlas.site.search import INDEX_DIR, META_NAME, normalise, rank, shard_name, write_index
+from atlas.site.search import INDEX_DIR, normalise, rank, read_meta, shard_name, write_index
 from atlas.store import Store
 
 RANKS = 20
@@ -64,7 +64,7 @@ def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]]) -> dict[s
 
 
 def _searcher(idx: Path):
-    meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
+    meta = read_meta(idx)
     shards: dict[int, dict] = {}
 
     def load(b: int) -> dict:

@@ -1,12 +1,13 @@
 """Concept search: a sharded static index of the tokens each neuron decodes to or fires on.
 
 Typing "dog" finds the neurons whose decoded tokens (any side, top or bottom) or whose
-corpus exemplars are " dog", "Dog", "dog" ..., strongest first. The index is plain JSON
-under ``search/idx/`` in the site, sharded by a hash of the term, so a query fetches one
-small file per word however large the model is. The search page's script
-(``site_templates/assets/atlas-search.js``) and ``atlas search`` read the same files and
-rank with the same rule; keep ``normalise``, ``query_terms``, ``shard_of`` and ``rank``
-in step with their JavaScript twins.
+corpus exemplars are " dog", "Dog", "dog" ..., strongest first. The index is JSON under
+``search/idx/`` in the site, its postings packed in strings (see "the shards' format" below),
+sharded by a hash of the term, so a query fetches one small file per word however large the
+model is. The search page's script (``site_templates/assets/atlas-search.js``) and
+``atlas search`` read the same files and rank with the same rule; keep ``normalise``,
+``query_terms``, ``shard_of``, ``entry_postings`` and ``rank`` in step with their
+JavaScript twins.
 
 Definitions (also on the search page):
 
@@ -66,8 +67,8 @@ from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
-SCHEMA = 4              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
-                        # 4: per-direction counts and postings, neuron labels in labels/
+SCHEMA = 5              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
+                        # 4: per-direction counts and postings, neuron labels in labels/; 5: packed postings and evidence
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
 # 8 a concept match (``atlas.site.concept_source``), whose "token" is its evidence terms,
 # 9 a word of the neuron's description (the describe stage).
@@ -78,7 +79,12 @@ DESCRIPTION = 9
 DIRECTIONS = ("promotes", "suppresses", "reads")
 SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None)    # SOURCES -> DIRECTIONS index (None: no direction)
 LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
-POSTING = 7             # ints per posting: layer, neuron, strength x 100, src, rank, variant, faithfulness x 100 (-1: none)
+# A posting's integers: strength x 100; rank, its rank in the source; variant, its token's place in the
+# term's ``t`` (for a concept match, how many evidence words it has in ``e``); check, the faithfulness
+# x 100 (-1: none). How they are packed: "the shards' format" below.
+POSTING_FIELDS = ("layer", "neuron", "strength", "src", "rank", "variant", "check")
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"      # URL-safe base 64: JSON- and HTML-safe
+SAFE_INT = 2 ** 53      # a JavaScript number holds every integer below it exactly: the limit of one packed group
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
 SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
 MAX_WORDS = 8           # words of a query that are searched, which bounds its download
@@ -300,15 +306,16 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                    sum(CASE WHEN dir = 2 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_reads
             FROM directed QUALIFY pos <= {int(postings)} OR (dir < 3 AND dir_pos <= {max(1, int(postings) // 2)})""")
         n_postings, n_terms = con.execute("SELECT count(*), count(DISTINCT term) FROM search_kept").fetchone()
-        # About 20 bytes a posting and 40 a term; shards a power of two so the count is easy to reason about.
+        # About 15 bytes a posting (8 of packed fields on the default atlas, the rest its share of the
+        # evidence words) and 50 a term; shards a power of two so the count is easy to reason about.
         n_shards = 1
-        while n_shards < 65_536 and (n_postings * 20 + n_terms * 40) / n_shards > SHARD_BYTES:
+        while n_shards < 65_536 and (n_postings * 15 + n_terms * 50) / n_shards > SHARD_BYTES:
             n_shards *= 2
         terms = [t for (t,) in con.execute("SELECT DISTINCT term FROM search_kept").fetchall()]
         con.register("search_buckets", pa.table({"term": pa.array(terms, pa.string()),
                                                  "bucket": pa.array([shard_of(t, n_shards) for t in terms],
                                                                     pa.int32())}))
-        sizes = _write_shards(con, out_dir, n_shards)
+        sizes, layout = _write_shards(con, out_dir, n_shards)
         label_sizes = _write_labels(con, out_dir / "labels")
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
@@ -321,6 +328,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     meta = {"schema": SCHEMA, "hash": "fnv1a-32", "shards": n_shards, "postings": postings, "terms": n_terms,
             "clamp_weighted": check != "-1",
             "neurons": n_neurons, "sources": list(SOURCES), "exemplars": with_exemplars, "label_chunk": LABEL_CHUNK,
+            "posting": layout,
             "concepts": _concept_meta(sources_info.get("concepts"))}
     (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
@@ -339,32 +347,173 @@ def _concept_meta(info: dict | None):
             "word_lists": info.get("word_lists")}
 
 
-# One JSON object per term of a shard, built in DuckDB: a default atlas has about two million
-# postings, and turning them into Python rows took 13 s of a 25 s index (the query 0.5 s).
-# n: neurons matching the term in all; d: of them, how many promote, suppress, read it;
-# t: the token variants in order of first use; p: per posting (layer, neuron, strength, src,
-# rank, variant, check), flat, best first.
-_SHARDS_SQL = """
+# -- the shards' format -------------------------------------------------------------------
+# A shard is a JSON object, term -> entry, and an entry is
+#   n: neurons matching the term in all; d: of them, how many promote, suppress, read it;
+#   p: the kept postings, best first, packed: per posting a fixed number of base-64 digits
+#      (``B64``) holding its ``POSTING_FIELDS`` in mixed radix, laid out by meta.json's
+#      ``posting`` (``posting_layout``);
+#   t: the token variants of its literal and description matches, in order of first use (a
+#      posting's ``variant`` is its place there);
+#   w, e (only with concept matches): the words of their evidence lists, the most used first,
+#      as one string joined by spaces (a list where a word holds a space), and the concept
+#      matches' evidence in posting order, each word as its index in w, a base-64 varint
+#      (``_varint_sql``); a concept posting's ``variant`` is its number of evidence words.
+# On the default atlas a posting takes 8 characters where the JSON lists of integers took
+# 21, and the concept matches' evidence 19.2 MB (words 14.7, indices 4.5) where its text took 28.2.
+def _digits(n: int) -> int:
+    """Base-64 digits that hold the numbers 0 to n - 1 (at least one)."""
+    d = 1
+    while 64 ** d < n:
+        d += 1
+    return d
+
+
+def posting_layout(low: list[int], high: list[int]) -> dict:
+    """The packing of postings whose ``POSTING_FIELDS`` range over ``low``..``high``.
+
+    Each field is stored as value - min in its radix (max - min + 1; a constant field takes
+    none), fields after fields in groups whose product of radices stays below ``SAFE_INT``, so
+    JavaScript unpacks a group exactly; ``groups`` is per group (fields, digits).
+    """
+    radix = [h - lo + 1 for lo, h in zip(low, high)]
+    groups, product, count = [], 1, 0
+    for r in radix:
+        if count and product * r > SAFE_INT:
+            groups.append([count, _digits(product)])
+            product, count = 1, 0
+        product, count = product * r, count + 1
+    groups.append([count, _digits(product)])
+    return {"fields": list(POSTING_FIELDS), "min": list(low), "radix": radix, "groups": groups}
+
+
+_B64_VALUE = {c: i for i, c in enumerate(B64)}
+
+
+def unpack(text: str, layout: dict) -> list[list[int]]:
+    """The postings of a packed ``p``: per posting its ``POSTING_FIELDS``, best first."""
+    low, radix, groups = layout["min"], layout["radix"], layout["groups"]
+    width = sum(d for _, d in groups)
+    out = []
+    for start in range(0, len(text), width):
+        values, at, f = [], start, 0
+        for count, digits in groups:
+            x = 0
+            for ch in text[at:at + digits]:
+                x = x * 64 + _B64_VALUE[ch]
+            at += digits
+            group = []
+            for r in reversed(radix[f:f + count]):
+                x, v = divmod(x, r)
+                group.append(v)
+            values.extend(reversed(group))
+            f += count
+        out.append([v + m for v, m in zip(values, low)])
+    return out
+
+
+def entry_postings(entry: dict, layout: dict) -> list[tuple]:
+    """(layer, neuron, strength, src, rank, check, token) per kept posting of a term's entry, best first;
+    a concept match's token is its evidence, "bird, mammal, monkey"."""
+    words = entry.get("w", [])
+    words = words.split(" ") if isinstance(words, str) else words
+    evidence, at = entry.get("e", ""), 0
+    out = []
+    for layer, neuron, strength, src, rank, variant, check in unpack(entry["p"], layout):
+        if src == CONCEPT:
+            picked = []
+            for _ in range(variant):        # a concept match's variant: how many evidence words
+                x = 0
+                while (d := _B64_VALUE[evidence[at]]) >= 32:     # varint digits: 32 and up, more follow
+                    x, at = x * 32 + d - 32, at + 1
+                x, at = x * 32 + d, at + 1
+                picked.append(words[x])
+            token = ", ".join(picked)
+        else:
+            token = entry["t"][variant]
+        out.append((layer, neuron, strength, src, rank, check, token))
+    return out
+
+
+def _b64_sql(expr: str, digits: int) -> str:
+    """SQL: the non-negative integer ``expr`` in ``digits`` base-64 digits, most significant first."""
+    return " || ".join(f"substr('{B64}', CAST(({expr}) // {64 ** k} % 64 AS INTEGER) + 1, 1)"
+                       for k in reversed(range(digits)))
+
+
+def _varint_sql(expr: str, most: int = 6) -> str:
+    """SQL: the non-negative integer ``expr`` as a base-64 varint, 5 bits a digit, most significant
+    first, every digit but the last 32 and up: 0-31 take one digit, up to 1,023 two ..."""
+    cases = []
+    for n in range(1, most + 1):
+        digits = [f"substr('{B64}', CAST(({expr}) // {32 ** k} % 32 AS INTEGER) + {33 if k else 1}, 1)"
+                  for k in reversed(range(n))]
+        cases.append(f"WHEN ({expr}) < {32 ** n} THEN " + " || ".join(digits))
+    return "CASE " + " ".join(cases) + " END"
+
+
+def _packed_sql(layout: dict) -> str:
+    """SQL: a posting's packed digits (columns named as ``POSTING_FIELDS``), as ``unpack`` reads them."""
+    parts, f = [], 0
+    for count, digits in layout["groups"]:
+        x = "0"
+        for name, low, r in list(zip(POSTING_FIELDS, layout["min"], layout["radix"]))[f:f + count]:
+            x = f"({x}) * {r} + (CAST(\"{name}\" AS BIGINT) - {low})"
+        parts.append(_b64_sql(x, digits))
+        f += count
+    return " || ".join(parts)
+
+
+# A term's rows with their token variant numbered (temp table ``search_kept`` joined to its
+# shard); a concept match carries its evidence apart from the variants.
+_ROWS_SQL = f"""
+    CREATE OR REPLACE TEMP TABLE search_rows AS
     WITH rows AS (
         SELECT b.bucket, k.term, k.pos, k.n_total, k.n_promotes, k.n_suppresses, k.n_reads,
                k.layer, k.neuron, k.strength, k.src, k.rank, k."check",
-               coalesce(k.evidence, v.token, k.term) AS token
+               CASE WHEN k.src = {CONCEPT} THEN NULL ELSE coalesce(k.evidence, v.token, k.term) END AS token,
+               CASE WHEN k.src = {CONCEPT} THEN string_split(coalesce(k.evidence, k.term), ', ') END AS evidence
         FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
     ), variants AS (
-        SELECT term, token, min(pos) AS first_pos,
-               row_number() OVER (PARTITION BY term ORDER BY min(pos)) - 1 AS variant
-        FROM rows GROUP BY term, token
-    ), entries AS (
-        SELECT r.bucket, r.term, to_json(struct_pack(
-                   d := CAST([any_value(r.n_promotes), any_value(r.n_suppresses), any_value(r.n_reads)] AS BIGINT[]),
-                   n := CAST(any_value(r.n_total) AS BIGINT),
-                   p := flatten(list(CAST([r.layer, r.neuron, r.strength, r.src, r.rank, x.variant, r."check"]
-                                          AS BIGINT[]) ORDER BY r.pos)),
-                   t := list(r.token ORDER BY x.variant) FILTER (WHERE r.pos = x.first_pos))) AS entry
-        FROM rows r JOIN variants x USING (term, token)
-        GROUP BY r.bucket, r.term
+        SELECT term, token, row_number() OVER (PARTITION BY term ORDER BY min(pos)) - 1 AS variant
+        FROM rows WHERE token IS NOT NULL GROUP BY term, token
     )
-    SELECT bucket, '{' || string_agg(to_json(term) || ':' || entry, ',' ORDER BY term) || '}'
+    SELECT r.*, CASE WHEN r.src = {CONCEPT} THEN len(r.evidence) ELSE x.variant END AS variant
+    FROM rows r LEFT JOIN variants x USING (term, token)"""
+
+# One JSON object per term of a shard, built in DuckDB: a default atlas has about three million
+# postings, and turning them into Python rows took 13 s of a 25 s index (the query 0.5 s).
+_SHARDS_SQL = """
+    WITH packed AS (
+        SELECT bucket, term, any_value(n_total) AS n,
+               CAST([any_value(n_promotes), any_value(n_suppresses), any_value(n_reads)] AS BIGINT[]) AS d,
+               string_agg({packed}, '' ORDER BY pos) AS p
+        FROM search_rows GROUP BY bucket, term
+    ), variants AS (
+        SELECT term, list(token ORDER BY variant) AS t
+        FROM (SELECT DISTINCT term, token, variant FROM search_rows WHERE token IS NOT NULL) GROUP BY term
+    ), uses AS (
+        SELECT term, pos, unnest(evidence) AS word, unnest(range(len(evidence))) AS i
+        FROM search_rows WHERE src = {concept}
+    ), words AS (
+        SELECT term, word, row_number() OVER (PARTITION BY term ORDER BY count(*) DESC, word) - 1 AS w
+        FROM uses GROUP BY term, word
+    ), concept AS (
+        SELECT u.term, string_agg({varint_w}, '' ORDER BY u.pos, u.i) AS e
+        FROM uses u JOIN words USING (term, word) GROUP BY u.term
+    ), word_lists AS (
+        SELECT term, CASE WHEN bool_or(contains(word, ' ')) THEN to_json(list(word ORDER BY w))
+                          ELSE to_json(string_agg(word, ' ' ORDER BY w)) END AS w
+        FROM words GROUP BY term
+    ), entries AS (
+        SELECT p.bucket, p.term,
+               '{{"d":' || to_json(p.d) || ',"n":' || CAST(p.n AS VARCHAR) || ',"p":' || to_json(p.p)
+               || ',"t":' || to_json(coalesce(v.t, [])::VARCHAR[])
+               || coalesce(',"w":' || wl.w || ',"e":' || to_json(c.e), '') || '}}' AS entry
+        FROM packed p LEFT JOIN variants v USING (term) LEFT JOIN concept c USING (term)
+        LEFT JOIN word_lists wl USING (term)
+    )
+    SELECT bucket, '{{' || string_agg(to_json(term) || ':' || entry, ',' ORDER BY term) || '}}'
     FROM entries GROUP BY bucket ORDER BY bucket"""
 
 
@@ -378,27 +527,35 @@ def _json_text(text: str) -> str:
 _UPPER_ESCAPE = re.compile(r"\\(?:u00[0-9A-F]{2}|.)")     # an escape pair at a time, so "\\\\u" is left alone
 
 
-def _write_shards(con, out_dir: Path, n_shards: int) -> list[int]:
-    """One JSON file per bucket of the kept postings (temp tables ``search_kept``, ``search_buckets``)."""
+def _write_shards(con, out_dir: Path, n_shards: int) -> tuple[list[int], dict]:
+    """One JSON file per bucket of the kept postings (temp tables ``search_kept``, ``search_buckets``);
+    returns the files' sizes and the postings' layout (meta.json's ``posting``)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     sizes: list[int] = []
     written = set()
-    cur = con.execute(_SHARDS_SQL)
-    while rows := cur.fetchmany(256):
-        for bucket, text in rows:
-            data = _json_text(text).encode("utf-8")
-            (out_dir / shard_name(bucket, n_shards)).write_bytes(data)
-            sizes.append(len(data))
-            written.add(bucket)
+    try:
+        con.execute(_ROWS_SQL)
+        bounds = con.execute("SELECT " + ", ".join(f'min("{f}"), max("{f}")' for f in POSTING_FIELDS)
+                             + " FROM search_rows").fetchone()
+        layout = posting_layout([b or 0 for b in bounds[0::2]], [b or 0 for b in bounds[1::2]])
+        cur = con.execute(_SHARDS_SQL.format(packed=_packed_sql(layout), concept=CONCEPT, varint_w=_varint_sql("w")))
+        while rows := cur.fetchmany(256):
+            for bucket, text in rows:
+                data = _json_text(text).encode("utf-8")
+                (out_dir / shard_name(bucket, n_shards)).write_bytes(data)
+                sizes.append(len(data))
+                written.add(bucket)
+    finally:
+        con.execute("DROP TABLE IF EXISTS search_rows")
     # Every bucket gets a file, so a query never meets a 404 (which browsers log as an error).
     empty = to_json({}).encode("utf-8")
     for b in range(n_shards):
         if b not in written:
             (out_dir / shard_name(b, n_shards)).write_bytes(empty)
             sizes.append(len(empty))
-    return sizes
+    return sizes, layout
 
 
 def _write_labels(con, out_dir: Path) -> list[int]:
@@ -462,10 +619,8 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
         direction_counts[term] = (entry["d"][want] if entry else 0) if want is not None else counts[term]
         if not entry:
             continue
-        p = entry["p"]
         position = 0        # the neuron's place in this term's list (after the filter)
-        for i in range(0, len(p), POSTING):
-            layer, neuron, strength, src, rk, v, check = p[i:i + POSTING]
+        for layer, neuron, strength, src, rk, check, token in entry_postings(entry, meta["posting"]):
             if want is not None and SRC_DIRECTION[src] != want:
                 continue
             hit = hits.get((layer, neuron))
@@ -477,7 +632,7 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
             hit["best"] = min(hit["best"], position)
             hit["score"] += score(strength, src, check)
             d = SRC_DIRECTION[src]
-            hit["matches"].append({"term": term, "token": entry["t"][v], "source": meta["sources"][src],
+            hit["matches"].append({"term": term, "token": token, "source": meta["sources"][src],
                                    "direction": DIRECTIONS[d] if d is not None else None,
                                    "rank": rk, "strength": strength / 100})
             position += 1
@@ -512,18 +667,24 @@ def index_dir(path: str | Path) -> Path:
                      "run `atlas render` first")
 
 
+def read_meta(idx: Path) -> dict:
+    """The meta.json of the index in ``idx``, refused in words when this atlas cannot read its layout."""
+    try:
+        meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise AtlasError(f"{idx / META_NAME} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        raise AtlasError(f"{idx} holds a search index of schema {meta.get('schema') if isinstance(meta, dict) else None}; "
+                         f"this atlas reads {SCHEMA}: render the site again")
+    return meta
+
+
 def search(path: str | Path, query: str, limit: int = 20, direction: str | None = None) -> dict:
     """Search the built site at ``path`` as its search page does; see ``rank``."""
     if limit < 1:
         raise AtlasError(f"--limit {limit}: give at least 1 (the neurons to list)")
     idx = index_dir(path)
-    try:
-        meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise AtlasError(f"{idx / META_NAME} is not valid JSON ({e})") from None
-    if meta.get("schema") != SCHEMA:
-        raise AtlasError(f"{idx} holds a search index of schema {meta.get('schema')}; "
-                         f"this atlas reads {SCHEMA}: render the site again")
+    meta = read_meta(idx)
     if not query_terms(query):
         raise AtlasError(f"the query {query!r} has no words to search for")
 

@@ -11,7 +11,8 @@
   var list = document.getElementById("atlas-search-results");
   var filter = document.getElementById("atlas-search-dir");
   var SHOWN = 50;
-  var SCHEMA = 4, MAX_WORDS = 8, POSTING = 7;     // SCHEMA, POSTING and the rest as in atlas/site/search.py
+  var SCHEMA = 5, MAX_WORDS = 8, CONCEPT = 8;     // as in atlas/site/search.py
+  var B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
   var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null];
   var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
   var SPLIT = /[\p{Z}\p{Cc}]/u;
@@ -60,6 +61,45 @@
     });
   }
 
+  // The postings of a term's entry, best first, each [layer, neuron, strength, src, rank, check, token]:
+  // the twin of entry_postings() in atlas/site/search.py, which describes the format. A group of
+  // fields is read as one number, below 2^53, so that the arithmetic is exact.
+  function entryPostings(entry, layout) {
+    var low = layout.min, radix = layout.radix, groups = layout.groups, width = 0;
+    groups.forEach(function (g) { width += g[1]; });
+    var words = entry.w === undefined ? [] : typeof entry.w === "string" ? entry.w.split(" ") : entry.w;
+    var ev = entry.e || "", at = 0, p = entry.p, out = [];
+    for (var start = 0; start < p.length; start += width) {
+      var values = [], pos = start, f = 0;
+      groups.forEach(function (g) {
+        var x = 0, group = [];
+        for (var k = 0; k < g[1]; k++) x = x * 64 + B64.indexOf(p[pos + k]);
+        pos += g[1];
+        for (var j = f + g[0] - 1; j >= f; j--) {
+          var v = x % radix[j];
+          group.unshift(v + low[j]);
+          x = (x - v) / radix[j];
+        }
+        values = values.concat(group);
+        f += g[0];
+      });
+      var src = values[3], variant = values[5], token;
+      if (src === CONCEPT) {     // a concept match: `variant` evidence words, each a varint index into w
+        var picked = [];
+        for (var n = 0; n < variant; n++) {
+          var y = 0, d;
+          while ((d = B64.indexOf(ev[at++])) >= 32) y = y * 32 + d - 32;
+          picked.push(words[y * 32 + d]);
+        }
+        token = picked.join(", ");
+      } else {
+        token = entry.t[variant];
+      }
+      out.push([values[0], values[1], values[2], src, values[4], values[6], token]);
+    }
+    return out;
+  }
+
   // A match's score: its strength, weighted by the neuron's clamp check (faithfulness x 100,
   // -1 when not measured) for matches on its top decoded `out` tokens; integers, as in Python.
   function score(strength, src, check, outTop) {
@@ -80,24 +120,24 @@
       counts[term] = entry ? entry.n : 0;
       dirCounts[term] = want >= 0 ? (entry ? entry.d[want] : 0) : counts[term];
       if (!entry) return;
-      var p = entry.p, position = 0;
-      for (var i = 0; i < p.length; i += POSTING) {
-        var src = p[i + 3];
-        if (want >= 0 && SRC_DIRECTION[src] !== want) continue;
-        var key = p[i] + "/" + p[i + 1], hit = hits.get(key);
+      var position = 0;
+      entryPostings(entry, meta.posting).forEach(function (p) {
+        var src = p[3], check = p[5];
+        if (want >= 0 && SRC_DIRECTION[src] !== want) return;
+        var key = p[0] + "/" + p[1], hit = hits.get(key);
         if (!hit) {
-          hit = { layer: p[i], neuron: p[i + 1], label: null, words: new Set(), best: position, score: 0,
-                  faithfulness: p[i + 6] >= 0 ? p[i + 6] / 100 : null, matches: [] };
+          hit = { layer: p[0], neuron: p[1], label: null, words: new Set(), best: position, score: 0,
+                  faithfulness: check >= 0 ? check / 100 : null, matches: [] };
           hits.set(key, hit);
         }
         (term === phrase ? terms : [term]).forEach(function (t) { hit.words.add(t); });
         hit.best = Math.min(hit.best, position);
-        hit.score += score(p[i + 2], src, p[i + 6], outTop);
+        hit.score += score(p[2], src, check, outTop);
         var d = SRC_DIRECTION[src];
-        hit.matches.push({ term: term, token: entry.t[p[i + 5]], source: meta.sources[src],
-                           direction: d === null ? null : DIRECTIONS[d], rank: p[i + 4], strength: p[i + 2] / 100 });
+        hit.matches.push({ term: term, token: p[6], source: meta.sources[src],
+                           direction: d === null ? null : DIRECTIONS[d], rank: p[4], strength: p[2] / 100 });
         position += 1;
-      }
+      });
     });
     hits.forEach(function (h) { h.words = h.words.size; });
     var ordered = Array.from(hits.values()).sort(function (a, b) {
@@ -265,6 +305,6 @@
     window.location.href = "?" + next.toString();
   });
   conceptSearch(query, direction);
-  window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score,
+  window.atlasSearch = { normalise: normalise, queryTerms: queryTerms, shardOf: shardOf, score: score, entryPostings: entryPostings,
                          schema: SCHEMA, pageSchema: data.schema };
 })();

@@ -16,10 +16,10 @@ from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SOURCES, normalise, query_terms, score, search, shard_name,
-                          shard_of, write_index)
+from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SCHEMA, SOURCES, normalise, query_terms, score, search,
+                               shard_name, shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
-from helpers import assert_one_line_error, atlas, hostile
+from helpers import assert_one_line_error, atlas, hostile, packed_shards
 
 SIDES = ("in", "gate", "out")
 
@@ -227,6 +227,12 @@ def test_cli_errors_are_one_line(site, tmp_path):
     (tmp_path / INDEX_DIR).mkdir(parents=True)
     (tmp_path / INDEX_DIR / META_NAME).write_text("{not json")
     assert_one_line_error(atlas("search", tmp_path, "dog"), "not valid JSON")
+    # An index written before the packed postings (schema 4: JSON lists of integers) is refused in words.
+    (tmp_path / INDEX_DIR / META_NAME).write_text(json.dumps({"schema": 4, "shards": 1}))
+    (tmp_path / INDEX_DIR / shard_name(0, 1)).write_text(json.dumps({"dog": {"d": [1, 0, 0], "n": 1, "p": [0] * 7, "t": ["dog"]}}))
+    assert_one_line_error(atlas("search", tmp_path, "dog"), "schema 4", f"reads {SCHEMA}", "render the site again")
+    (tmp_path / INDEX_DIR / META_NAME).write_text("[]")
+    assert_one_line_error(atlas("search", tmp_path, "dog"), "schema None")
     with pytest.raises(AtlasError, match="at least 1"):
         render(site.parent / "atlas.duckdb", tmp_path / "s", RenderConfig(search_postings=0), progress=False)
 
@@ -255,6 +261,29 @@ def test_shard_text_from_duckdb_is_what_the_site_json_writer_writes():
     for text in texts:
         (written,) = con.execute("SELECT to_json(struct_pack(t := [?::VARCHAR]))", [text]).fetchone()
         assert _json_text(written) == to_json({"t": [text]}), repr(text)
+
+
+def test_packed_shards_decode_to_the_postings_written(tmp_path):
+    """Every term's packed postings, variants and evidence words read back as the rows they were
+    written from, hostile text included, with field ranges that take two packed groups."""
+    from atlas.site.search import SAFE_INT, entry_postings, shard_of
+
+    folder, layout, expected = packed_shards(tmp_path / "idx")
+    assert len(layout["groups"]) >= 2          # 80 x 131,072 neurons and 31-bit strengths do not fit one number
+    first = 0
+    for count, digits in layout["groups"]:
+        product = math.prod(layout["radix"][first:first + count])
+        assert product <= SAFE_INT and 64 ** digits >= product
+        first += count
+    forms = set()
+    for term, want in expected.items():
+        path = folder / shard_name(shard_of(term, 4), 4)
+        assert b"<" not in path.read_bytes() and b"\x00" not in path.read_bytes()
+        entry = json.loads(path.read_text(encoding="utf-8"))[term]
+        assert (entry["n"], entry["d"]) == (want["n"], want["d"]), term
+        assert entry_postings(entry, layout) == want["postings"], term
+        forms.add(type(entry.get("w")).__name__)
+    assert forms == {"str", "list", "NoneType"}     # words joined by spaces, a list where one holds a space, none
 
 
 def test_a_synthetic_store_with_concept_postings_indexes_them(tmp_path):

@@ -19,7 +19,7 @@ from atlas.site.render import render
 from atlas.bench.synthetic import HOSTILE_LABELS
 from atlas.site.search import SCHEMA, match_words, normalise, search, status_line
 from atlas.site.text import show_token, visible
-from helpers import check_concepts, result_links, search_page, served, watch_errors
+from helpers import check_concepts, packed_shards, result_links, search_page, served, watch_errors
 
 pytestmark = pytest.mark.browser
 PREFIX = "atlas/"
@@ -120,8 +120,8 @@ def test_hostile_tokens_show_as_text(search_site, browser):
     assert page.title() != "pwned" and page.errors == []
 
 
-def test_page_and_python_agree_on_terms_and_shards(search_site, browser):
-    from atlas.site.search import POSTING, SCHEMA, OUT_TOP, query_terms, score, shard_of
+def test_page_and_python_agree_on_terms_and_shards(search_site, browser, tmp_path):
+    from atlas.site.search import SCHEMA, OUT_TOP, entry_postings, query_terms, score, shard_of
 
     _, base = search_site
     samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",
@@ -138,7 +138,16 @@ def test_page_and_python_agree_on_terms_and_shards(search_site, browser):
     cases = [(s, src, c) for s in (0, 1, 49, 50, 149, 1234, 99999) for src in (0, OUT_TOP) for c in (-1, 0, 1, 49, 50, 99, 100)]
     assert page.evaluate(f"cases => cases.map(c => atlasSearch.score(c[0], c[1], c[2], {OUT_TOP}))", cases) == \
         [score(*c) for c in cases]
-    assert POSTING == 7
+    # The packed postings: hand-made shards with hostile text and fields in several groups, and the site's own.
+    folder, layout, _ = packed_shards(tmp_path / "idx")
+    site_idx = search_site[0] / "www" / PREFIX / "search" / "idx"
+    site_layout = json.loads((site_idx / "meta.json").read_text(encoding="utf-8"))["posting"]
+    entries = [(e, layout) for f in sorted(folder.glob("*.json")) for e in json.loads(f.read_text(encoding="utf-8")).values()]
+    entries += [(e, site_layout) for f in sorted(site_idx.glob("*.json"))[:8] if f.name != "meta.json"
+                for e in json.loads(f.read_text(encoding="utf-8")).values()]
+    assert any("e" in e for e, _ in entries) and len(entries) > 20
+    got = page.evaluate("cases => cases.map(c => atlasSearch.entryPostings(c[0], c[1]))", [list(c) for c in entries])
+    assert got == [[list(p) for p in entry_postings(e, lay)] for e, lay in entries]
     assert page.errors == []
 
 
