@@ -32,6 +32,8 @@ with no code of its own:
   ``neurons`` row's normaliser), and ``prob`` is ``exp(logit - lse)``, ``lse`` being the
   log-sum-exp of the side's logits over the whole vocabulary, written once per group
   (``LSE_DECIMALS`` decimals: the logits' own rounding is what limits a probability);
+- ``window_start`` is ``token_pos - window_before`` where one ``window_before`` holds for
+  every row of the table (the exemplars stage writes it so), which the group then gives once;
 - ``layer`` and ``neuron`` are said once, at the top (and in the ``neurons`` row, which is
   the table's row as it is), and left out of every other table.
 
@@ -46,7 +48,8 @@ import math
 from atlas.schema import JSON_TABLES
 
 FORMAT = 5              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id;
-                        # 4: whole numbers of a step, derived columns left out; 5: token ids as differences
+                        # 4: whole numbers of a step, derived columns left out; 5: token ids as differences,
+                        # window_start as one window_before
 FLOAT_DIGITS = 3        # significant digits of a lone float, and of the largest magnitude of a group's column
 LEAST_DIGITS = 2        # ... and of its smallest non-zero magnitude, as long as the largest
 MOST_DIGITS = 6         # then has no more than this (an attribution list spans ~200x, a few 10,000x)
@@ -61,6 +64,8 @@ LSE = "lse"             # in a group of decoded tokens: the side's log-sum-exp, 
 NORMALISED = ("norm_activation", "activation")   # left out: activation / the neurons row's normaliser
 SOFTMAX = ("prob", "logit")                      # left out: exp(logit - lse)
 WINDOW = ("window_activations", "window_start")  # an array of activations and the input position of its first
+PEAK = "token_pos"      # the exemplar's own position: window_start = token_pos - window_before
+OFFSET = "window_before"  # a group's token_pos - window_start, where one number holds for the whole table
 LENGTH = "_len"         # "<window>_len": a group's window length, to pad a window back to it
 SOFTMAX_OVER = "side"                            # lse is one per side: its logits over the whole vocabulary
 _FLOATS = ("FLOAT", "DOUBLE")
@@ -153,6 +158,17 @@ def token_index_sql(con, tables: list[str]) -> str | None:
             f"FROM ({' UNION ALL '.join(sources)}) GROUP BY neuron, token_id")
 
 
+def window_offset(con, table: str, types: dict) -> int | None:
+    """``token_pos - window_start`` where it is one number for every row of ``table`` that has a
+    window start (the window's tokens before the peak); None where it is not, or there is none."""
+    if not {PEAK, WINDOW[1]} <= types.keys():
+        return None
+    kinds, offset = con.execute(f'SELECT count(DISTINCT "{PEAK}" - "{WINDOW[1]}"), min("{PEAK}" - "{WINDOW[1]}") '
+                                f'FROM {table}').fetchone()
+    has_null = con.execute(f'SELECT count(*) FROM {table} WHERE "{WINDOW[1]}" IS NULL AND "{PEAK}" IS NOT NULL').fetchone()[0]
+    return int(offset) if kinds == 1 and not has_null else None
+
+
 def table_sql(con, table: str, order: str, tables: list[str]) -> str:
     """A query for ``table``'s rows of one block, one JSON object per neuron (see the module doc);
     ``tables`` are all the tables the file holds, whose tokens share one ``"tokens"``.
@@ -177,6 +193,9 @@ def table_sql(con, table: str, order: str, tables: list[str]) -> str:
     for derived, source in (NORMALISED, SOFTMAX):
         if {derived, source} <= types.keys():
             drop.add(derived)
+    offset = window_offset(con, table, types)
+    if offset is not None:
+        drop.add(WINDOW[1])
     softmax = set(SOFTMAX) <= types.keys()
     per_neuron = keys == ["neuron"]         # one row per neuron: its floats are lone floats
     fields, helpers = [], []
@@ -204,6 +223,8 @@ def table_sql(con, table: str, order: str, tables: list[str]) -> str:
             if _is_array(dtype):
                 helpers.append(f'{array_step(name)} AS "__step_{name}"')
                 fields.append(f'"{name}{EXPONENT}" := list("__step_{name}" ORDER BY {rest})')
+    if offset is not None:
+        fields.append(f'"{OFFSET}" := {offset}')
     if softmax:
         # The side's log-sum-exp, from its most probable token: logit - ln(prob) is the same for every row.
         prob, logit = (f'CAST("{c}" AS DOUBLE)' for c in SOFTMAX)
@@ -282,8 +303,10 @@ def group_columns(node: dict, data: dict) -> dict:
     """A group's columns as the store holds them: floats from their whole numbers and ``"<name>_exp"``,
     ``token_id`` and ``token`` from the file's ``"tokens"``, and the columns left out put back."""
     out = {}
+    if OFFSET in node and PEAK in node:
+        node = {**node, WINDOW[1]: [None if p is None else p - node[OFFSET] for p in node[PEAK]]}
     for name, col in node.items():
-        if name == LSE or any(name.endswith(x) and name[:-len(x)] in node for x in (EXPONENT, LENGTH)):
+        if name in (LSE, OFFSET) or any(name.endswith(x) and name[:-len(x)] in node for x in (EXPONENT, LENGTH)):
             continue
         exp = node.get(name + EXPONENT)
         if exp is None:

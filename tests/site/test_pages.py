@@ -95,6 +95,8 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         raw = (site / f"neurons/{layer}/{n}.json").read_text()
         data = json.loads(raw)
         assert data["format"] == FORMAT
+        # Every window starts 7 tokens before its peak: said once per group, not once per row.
+        assert all(e["window_before"] == 7 and "window_start" not in e for e in data["exemplars"].values())
         # Token ids ascending, each written as its difference from the one before (table_rows sums them back).
         assert data["tokens"]["token_id_diff"][0] >= 0 and min(data["tokens"]["token_id_diff"][1:]) > 0
         # What follows from other columns, and the nulls of window positions outside the input,
@@ -155,6 +157,17 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
         assert re.findall(r"<li><span>([^<]*)</span>", page) == want
         # ... and the neighbours' heading, the list drawn by the script from the JSON's rows (above).
         assert '<section id=neighbours>' in page and '<ol class=atlas-nb data-draw=neighbours></ol>' in page
+
+
+def test_a_window_start_off_the_common_offset_is_written_per_row(tmp_path):
+    store = make_synthetic_store(tmp_path / "atlas.duckdb", 1, 4, vocab_size=512, corpus=True)
+    with duckdb.connect(str(store)) as con:
+        con.execute("UPDATE exemplars SET window_start = window_start - 1 WHERE neuron = 2 AND polarity = 'max' AND rank = 0")
+        want = con.execute("SELECT polarity, rank, window_start FROM exemplars WHERE neuron = 2 ORDER BY ALL").fetchall()
+    render(store, tmp_path / "site", RenderConfig(workers=1, exports=False), progress=False)
+    data = json.loads((tmp_path / "site/neurons/0/2.json").read_text())
+    assert all("window_before" not in e and "window_start" in e for e in data["exemplars"].values())
+    assert [(r["polarity"], r["rank"], r["window_start"]) for r in table_rows(data, "exemplars")] == want
 
 
 def test_exports_are_the_store_and_are_linked_from_home(built):
