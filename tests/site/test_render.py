@@ -16,6 +16,7 @@ from atlas.site import neuron_pages as render_page
 from atlas.errors import AtlasError
 from atlas.config import RenderConfig
 from atlas.site.render import render
+from atlas.resources import TEMPLATES
 from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
 from atlas.site.neuron_json import FORMAT, table_rows
@@ -107,8 +108,11 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert "⟨U+202E⟩evil" in neuron
     parsed = parse(neuron)
     # The scripts are the site's own: the scheme helper and the keyboard/copy helper, from assets/.
-    assert parsed.tags.count("script") == 3 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
-    assert '<script src="../../../assets/atlas-text.js" defer>' in neuron
+    assert parsed.tags.count("script") == 2 and '<script src="../../../assets/atlas-neuron.js" defer>' in neuron
+    assert "atlas-text.js" not in neuron
+    # The neuron page's one script is atlas-text.js and then its own, bundled when the site is built.
+    bundle = (site / "assets/atlas-neuron.js").read_text(encoding="utf-8")
+    assert bundle.startswith((TEMPLATES / "assets/atlas-text.js").read_text(encoding="utf-8"))
     assert '<script src="../../../assets/atlas-theme.js">' in neuron
     assert "img" not in parsed.tags
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
@@ -265,7 +269,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
         assert not {"onerror", "onmouseover"} & parsed.attrs_seen
         if page.startswith("neurons"):
-            assert parsed.tags.count("script") == 3 and "img" not in parsed.tags     # atlas-theme.js, atlas-text.js, atlas-neuron.js
+            assert parsed.tags.count("script") == 2 and "img" not in parsed.tags     # atlas-theme.js, atlas-neuron.js
             assert all(token in dom for token in plain)
 
 
