@@ -154,6 +154,9 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
     # The theme ships lunr's search scripts (34 files, about 1 MB) even with its search plugin
     # off; no page loads them, and on a host that counts files they are pure cost.
     shutil.rmtree(site / "assets" / "javascripts" / "lunr", ignore_errors=True)
+    # ... and source maps of its minified files (1.3 MB), which only a developer's tools fetch.
+    for source_map in (site / "assets").rglob("*.map"):
+        source_map.unlink()
     if not site_url(cfg):
         _portable_404(site / "404.html")
     table = env.get_template("partials/layer_table.html")

@@ -189,7 +189,8 @@ def test_site_has_map_cluster_pages_and_neuron_sections(clustered_site):
     cid = _rows(store, "SELECT cluster_id FROM neurons WHERE layer = 1 AND neuron = 5")[0][0]
     assert f"../../../clusters/{cid}/" in hrefs
     nbs = _rows(store, "SELECT nb_layer, nb_neuron FROM neighbours WHERE layer = 1 AND neuron = 5 ORDER BY rank")
-    assert len(nbs) == 10 and all(f"../../{a}/{b}/" in hrefs for a, b in nbs)
+    # The page has the section; atlas-neuron.js draws the links from the JSON (test_neuron_browser).
+    assert len(nbs) == 10 and 'id=neighbours' in page.read_text() and "#neighbours" in hrefs
     data = json.loads((site / "neurons/1/5.json").read_text())
     assert [(r["nb_layer"], r["nb_neuron"]) for r in table_rows(data, "neighbours")] == nbs
     for p in [page, site / "map/index.html", site / "clusters/index.html", site / f"clusters/{cid}/index.html"]:
