@@ -419,7 +419,8 @@ def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> tuple[
 def _group_names(vectors, query: list[str], nt: NeuronTerms, groups: dict, min_sim: float, is_name: np.ndarray,
                  min_evidence: int, min_centroid: float) -> dict:
     """{group: (word, evidence, centroid cosine, members with evidence, members)} (``concepts``)."""
-    gt, size = group_terms(nt, groups)
+    gt, _ = group_terms(nt, groups)
+    size = Counter(groups.values())             # every member, with decoded terms or not
     scan = _Scan(vectors, query, gt, min_sim)
     namer = _Namer(scan, query, is_name, min_evidence, min_centroid)
     for lo, S, n, sims, _ in scan.chunks():
