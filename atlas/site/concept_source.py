@@ -391,10 +391,10 @@ class _Namer:
                 for i, c in zip(named, cos.tolist()) if c >= self.min_centroid}
 
 
-def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> tuple[NeuronTerms, dict]:
+def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> NeuronTerms:
     """Each group's terms as a neuron's: the terms among the top terms of at least ``least`` of its
     members, most shared first (``RANKS`` of them), with the share of members that have each for
-    strength. Keys are ``(group, 0)``; also returns each group's size among ``nt``'s neurons."""
+    strength. Keys are ``(group, 0)``."""
     member = np.array([groups.get(k, -1) for k in nt.keys], np.int64)
     ids = sorted({g for g in member.tolist() if g >= 0})
     at = {g: i for i, g in enumerate(ids)}
@@ -413,15 +413,14 @@ def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> tuple[
         index[i, :len(keep)] = terms[keep]
         z[i, :len(keep)] = k[keep] / max(size[i], 1)
     rank = np.tile(np.arange(RANKS, dtype=np.int32), (len(ids), 1))
-    return NeuronTerms([(g, 0) for g in ids], nt.terms, index, z, rank), dict(zip(ids, size.tolist()))
+    return NeuronTerms([(g, 0) for g in ids], nt.terms, index, z, rank)
 
 
 def _group_names(vectors, query: list[str], nt: NeuronTerms, groups: dict, min_sim: float, is_name: np.ndarray,
                  min_evidence: int, min_centroid: float) -> dict:
     """{group: (word, evidence, centroid cosine, members with evidence, members)} (``concepts``)."""
-    gt, _ = group_terms(nt, groups)
     size = Counter(groups.values())             # every member, with decoded terms or not
-    scan = _Scan(vectors, query, gt, min_sim)
+    scan = _Scan(vectors, query, group_terms(nt, groups), min_sim)
     namer = _Namer(scan, query, is_name, min_evidence, min_centroid)
     for lo, S, n, sims, _ in scan.chunks():
         namer.add(lo, S, n, sims)
