@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from atlas.resources import hostile
-from atlas.site.neuron_json import table_rows
+from atlas.site.neuron_json import table_rows, with_vocab
 from helpers import FAULT_COUNTS, atlas, served, tiny_model
 
 pytestmark = pytest.mark.faults
@@ -115,7 +115,7 @@ def test_every_file_holds_the_text_escaped(hostile_site):
     tokens = set()
     for rel, text in texts.items():
         if re.fullmatch(r"neurons/\d+/\d+\.json", rel):
-            data = json.loads(text)
+            data = with_vocab(json.loads(text), json.loads(texts["vocab.json"])["token"])
             tokens |= {r["token"] for r in table_rows(data, "decoded_tokens")}
             assert data["model"] == MODEL_NAME
     assert set(PAYLOADS) <= tokens, set(PAYLOADS) - tokens

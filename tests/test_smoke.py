@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from atlas.resources import concepts
-from atlas.site.neuron_json import table_rows
+from atlas.site.neuron_json import load as load_neuron, table_rows
 from helpers import DEFAULT_BUILD, atlas, check_concepts
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_site_has_a_page_per_neuron(default_atlas):
     assert (site / "index.html").is_file()
     for layer, neuron in ((0, 0), (13, 777), (29, 1535)):
         page = site / "neurons" / str(layer) / str(neuron) / "index.html"
-        data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
+        data = load_neuron(site / "neurons" / str(layer) / f"{neuron}.json")
         html = page.read_text()
         assert data["neurons"]["layer"] == layer and data["neurons"]["neuron"] == neuron
         top_out = next(r for r in table_rows(data, "decoded_tokens")

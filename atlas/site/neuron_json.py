@@ -11,12 +11,16 @@ with no code of its own:
   ``side`` and ``polarity`` are written once: ``{"out": {"top": {"token": [...], ...}}}``; the
   innermost object is a *group*; a key order whose only key after the nesting ones is ``rank``
   leaves the rank out, as the rows' place in their group;
-- the tokens a file mentions are one table of their own, ``"tokens": {"token_id_diff": [...],
-  "token": [...]}`` by id, ascending, each id written as its difference from the one before
-  (the first from 0: ``[17, 243]`` is ids 17 and 260; a vocabulary of 128k ids costs 6 digits
-  an id, a difference about 3); a table that has both ``token_id`` and ``token`` writes
-  instead ``token``, each row's place in ``"tokens"`` (a dictionary: a small index for an id
-  and a text that would each be written again and again);
+- token text is the site's, not the file's: ``vocab.json`` at the site's root lists every
+  token of the vocabulary, ``{"token": [...]}`` by id, and a file names it in ``"vocab"`` (a
+  URL relative to the file, ``"../../vocab.json"``). A 128k vocabulary is about 1 MB once,
+  where each file's own copy of the text it mentions cost 1.6 KB of the 8B shape's 13.6 KB;
+- the tokens a file mentions are one table of their own, ``"tokens": {"token_id_diff": [...]}``
+  by id, ascending, each id written as its difference from the one before (the first from 0:
+  ``[17, 243]`` is ids 17 and 260; a vocabulary of 128k ids costs 6 digits an id, a
+  difference about 3); a table that has both ``token_id`` and ``token`` writes instead
+  ``token``, each row's place in ``"tokens"`` (a dictionary: a small index for an id that
+  would be written again and again);
 - a float column of a group is one measurement, written as whole numbers of one step, a
   power of ten whose exponent is beside it in ``"<name>_exp"``: ``[397, 372]`` with ``-2`` is
   ``[3.97, 3.72]``. The step gives the group's largest magnitude ``FLOAT_DIGITS`` significant
@@ -38,18 +42,22 @@ with no code of its own:
   the table's row as it is), and left out of every other table.
 
 DuckDB writes each of these objects in C++ (``to_json``), a block of neurons per query.
-``table_rows`` turns a loaded file back into the store's rows, for readers and tests.
+``load`` reads a file with its token text from ``vocab.json``; ``table_rows`` turns it back
+into the store's rows, for readers and tests.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from functools import lru_cache
+from pathlib import Path
 
 from atlas.schema import JSON_TABLES
 
-FORMAT = 5              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id;
+FORMAT = 6              # 1: row objects; 2: arrays as decimals; 3: 3-digit decimals, token text keyed by id;
                         # 4: whole numbers of a step, derived columns left out; 5: token ids as differences,
-                        # window_start as one window_before
+                        # window_start as one window_before; 6: token text in the site's vocab.json
 FLOAT_DIGITS = 3        # significant digits of a lone float, and of the largest magnitude of a group's column
 LEAST_DIGITS = 2        # ... and of its smallest non-zero magnitude, as long as the largest
 MOST_DIGITS = 6         # then has no more than this (an attribution list spans ~200x, a few 10,000x)
@@ -60,6 +68,9 @@ POSITION = "rank"       # a key column that numbers a group's rows 0, 1, 2, ...:
 EXPONENT = "_exp"       # "<float column>_exp": the decimal exponent of that column's step
 TOKEN = "token"         # in a table: a row's place in the file's "tokens"
 TOKEN_ID_DIFF = "token_id_diff"     # in "tokens": each id less the one before it (the first less 0)
+VOCAB = "vocab"         # at the top: the site's token text, relative to the file
+VOCAB_FILE = "vocab.json"           # at the site's root: {"token": [text by id]}
+VOCAB_URL = "../../" + VOCAB_FILE   # from neurons/<layer>/<neuron>.json
 LSE = "lse"             # in a group of decoded tokens: the side's log-sum-exp, prob = exp(logit - lse)
 NORMALISED = ("norm_activation", "activation")   # left out: activation / the neurons row's normaliser
 SOFTMAX = ("prob", "logit")                      # left out: exp(logit - lse)
@@ -147,13 +158,13 @@ TOKEN_INDEX = "__atlas_tokens"      # a block's token index, a temporary table t
 
 def token_index_sql(con, tables: list[str]) -> str | None:
     """SQL that makes ``TOKEN_INDEX`` for one block: every token that ``tables`` mention, per
-    neuron, as ``neuron, token_id, token`` and ``__token``, its place in the file's ``"tokens"``
+    neuron, as ``neuron, token_id`` and ``__token``, its place in the file's ``"tokens"``
     (by id, from 0). Made once per block, it is read by ``tokens_sql`` and every ``table_sql``
     that points into it (made inside each, it was a fifth of the JSON's time)."""
-    sources = [f"SELECT neuron, token_id, token FROM {t} {_BLOCK}" for t in tables if has_token_text(_columns(con, t))]
+    sources = [f"SELECT neuron, token_id FROM {t} {_BLOCK}" for t in tables if has_token_text(_columns(con, t))]
     if not sources:
         return None
-    return (f"CREATE OR REPLACE TEMP TABLE {TOKEN_INDEX} AS SELECT neuron, token_id, min(token) AS token, "
+    return (f"CREATE OR REPLACE TEMP TABLE {TOKEN_INDEX} AS SELECT neuron, token_id, "
             "CAST(row_number() OVER (PARTITION BY neuron ORDER BY token_id) - 1 AS INTEGER) AS __token "
             f"FROM ({' UNION ALL '.join(sources)}) GROUP BY neuron, token_id")
 
@@ -250,9 +261,17 @@ def tokens_sql(con, tables: list[str]) -> str | None:
     if token_index_sql(con, tables) is None:
         return None
     diff = "token_id - coalesce(lag(token_id) OVER (PARTITION BY neuron ORDER BY token_id), 0)"
-    return (f'SELECT neuron, to_json(struct_pack("{TOKEN_ID_DIFF}" := list(__diff ORDER BY token_id), '
-            f"token := list(token ORDER BY token_id))) FROM (SELECT *, {diff} AS __diff FROM {TOKEN_INDEX}) "
-            "GROUP BY neuron")
+    return (f'SELECT neuron, to_json(struct_pack("{TOKEN_ID_DIFF}" := list(__diff ORDER BY token_id))) '
+            f"FROM (SELECT *, {diff} AS __diff FROM {TOKEN_INDEX}) GROUP BY neuron")
+
+
+def vocab_json(con) -> dict:
+    """``vocab.json``: every token's text, by id (null for an id the store has no text for)."""
+    rows = con.execute("SELECT token_id, token FROM vocab ORDER BY token_id").fetchall()
+    text: list[str | None] = [None] * ((rows[-1][0] + 1) if rows else 0)
+    for token_id, token in rows:
+        text[token_id] = token
+    return {"token": text}
 
 
 def neurons_sql(con) -> str:
@@ -286,9 +305,32 @@ def _padded(window: list, start: int, length: int) -> list:
     return [None] * lead + window + [None] * (length - lead - len(window))
 
 
+@lru_cache(maxsize=4)
+def _vocab(path: str, mtime_ns: int) -> tuple:
+    return tuple(json.loads(Path(path).read_text(encoding="utf-8"))["token"])
+
+
+def load(path: str | Path) -> dict:
+    """A neuron's JSON file, with the text of its ``"tokens"`` from the ``vocab.json`` it names."""
+    path = Path(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data.get(VOCAB), str):
+        vocab = (path.parent / data[VOCAB]).resolve()
+        data = with_vocab(data, _vocab(str(vocab), vocab.stat().st_mtime_ns))
+    return data
+
+
+def with_vocab(data: dict, vocab) -> dict:
+    """``data`` with ``"tokens"`` given the text of each of its ids from ``vocab`` (a list by id)."""
+    table = token_table(data)
+    if table is None:
+        return data
+    return {**data, "tokens": {**data["tokens"], "token": [vocab[i] for i in table["token_id"]]}}
+
+
 def token_table(data: dict) -> dict | None:
     """The file's ``"tokens"`` as ``{"token_id": [...], "token": [...]}``, ids summed back from
-    their differences; None where the file lists none."""
+    their differences, text where ``with_vocab`` gave it (else None); None where the file lists none."""
     tokens = data.get("tokens")
     if not isinstance(tokens, dict) or TOKEN_ID_DIFF not in tokens:
         return None
@@ -296,7 +338,7 @@ def token_table(data: dict) -> dict | None:
     for d in tokens[TOKEN_ID_DIFF]:
         at += d
         ids.append(at)
-    return {"token_id": ids, "token": tokens["token"]}
+    return {"token_id": ids, "token": tokens.get("token") or [None] * len(ids)}
 
 
 def group_columns(node: dict, data: dict) -> dict:

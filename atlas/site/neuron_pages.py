@@ -30,7 +30,7 @@ from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_scale, strip_vocab
 from atlas.site.describe_sections import description_sections, has_descriptions
-from atlas.site.neuron_json import FORMAT, neurons_sql, table_sql, token_index_sql, tokens_sql
+from atlas.site.neuron_json import FORMAT, VOCAB, VOCAB_URL, neurons_sql, table_sql, token_index_sql, tokens_sql
 from atlas.site.text import fmt_logit, html_safe_json, to_json, token_cell
 
 BLOCK = 1024            # neurons fetched and rendered per query; bounds memory at any model size
@@ -177,7 +177,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
     out_dir = os.path.join(job["site"], "neurons", str(layer))
     os.makedirs(out_dir, exist_ok=True)
     head = (f'{{"format":{FORMAT},"schema_version":{job["schema_version"]},"model":{job["model_json"]},'
-            f'"layer":{layer},')
+            f'"{VOCAB}":"{VOCAB_URL}","layer":{layer},')
     page_bytes = json_bytes = 0
     for row, row_json in neurons:
         n = row["neuron"]

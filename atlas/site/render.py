@@ -27,6 +27,7 @@ from atlas.site.clamp_sections import has_clamp
 from atlas.site.corpus_sections import has_corpus, histogram_edges_meta
 from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
+from atlas.site.neuron_json import VOCAB_FILE, vocab_json
 from atlas.site.neuron_pages import block_jobs, drawn_sides
 from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
@@ -169,6 +170,8 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             page = {"site": page_site(meta, store, site_name, theme_assets(building), palette, cfg),
                     "root": "../../../"}
             has_clusters = clusters.has_clusters(store.con)
+            # The token text every neuron's JSON points into (neuron_json's format 6).
+            (building / VOCAB_FILE).write_text(to_json(vocab_json(store.con)), encoding="utf-8")
             jobs = block_jobs(store.con, str(building), layer_sizes, page, meta, site_url(cfg),
                               has_corpus(store.con), has_clusters, has_clamp(store.con))
             pages_start, cpu_start = time.perf_counter(), cpu_seconds()

@@ -1,7 +1,7 @@
 // Neuron pages: keyboard navigation, copy buttons, strip values for the keyboard, and what is
 // drawn from files the page does not repeat: the decoded token tables beyond the strongest `out`
 // tokens (the reading sides among them), the activation histogram, the next tokens it pushes,
-// the neighbours and the reproduce snippet (from the neuron's JSON and atlas-site.json), and the
+// the neighbours and the reproduce snippet (from the neuron's JSON, atlas-site.json and vocab.json), and the
 // neighbours' labels (from the search index's label files). Without this script a page still
 // shows what a citation needs: its label, strips, strongest `out` tokens, numbers and links, and
 // it says where the rest is.
@@ -158,6 +158,13 @@
   function column(group, name) {
     var exp = group[name + "_exp"] || 0;
     return group[name].map(function (v) { return v == null ? null : exp < 0 ? v / Math.pow(10, -exp) : v * Math.pow(10, exp); });
+  }
+
+  // The text of the file's "tokens", by place: their ids are differences from the one before,
+  // their text is the site's vocab.json (neuron_json's format 6).
+  function tokenNames(tokens, vocab) {
+    var at = 0;
+    return ((tokens && tokens.token_id_diff) || []).map(function (d) { at += d; return vocab[at]; });
   }
 
   // Decoded tokens: the rows a table shows (data-shown: top, bottom) of a side's decoded_tokens,
@@ -389,13 +396,15 @@
 
   // One fetch of the neuron's JSON (the page's "data (JSON)" link) draws all of the above, with
   // what every page shares from atlas-site.json (without it, what that file describes is missing:
-  // the decoded tables, the histogram and the snippet, not the rest).
+  // the decoded tables, the histogram and the snippet, not the rest) and the token text of
+  // vocab.json (one file for the whole site, which the browser keeps after the first page).
   var jsonLink = document.getElementById("atlas-json"), home = document.querySelector(".atlas-bar__home").getAttribute("href");
   var drawn = document.querySelectorAll("[data-draw]");
   if (jsonLink && drawn.length) {
     Promise.all([getJSON(jsonLink.getAttribute("href")),
-                 getJSON(home + "atlas-site.json").catch(function () { return null; })]).then(function (got) {
-      var data = got[0], site = got[1] || {}, names = data.tokens ? data.tokens.token : [];
+                 getJSON(home + "atlas-site.json").catch(function () { return null; }),
+                 getJSON(home + "vocab.json")]).then(function (got) {
+      var data = got[0], site = got[1] || {}, names = tokenNames(data.tokens, got[2].token);
       var find = function (what) { return document.querySelector("[data-draw=" + what + "]"); };
       if (site.sides) drawDecoded(data, names, site.sides);
       if (find("attributions")) drawAttributions(find("attributions"), data, names);

@@ -91,7 +91,7 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
     import duckdb
 
     from atlas.site.corpus_sections import histogram_edges, histogram_figure
-    from atlas.site.neuron_json import table_rows
+    from atlas.site.neuron_json import table_rows, with_vocab
     from atlas.site.text import fmt_logit, fmt_stat, show_token, visible
 
     root, site_url = synthetic_site
@@ -120,7 +120,8 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
             assert page.text_content(f"#{side} p.atlas-stats") == want_stats
     assert any("<script>" in t or "⟨U+" in t for t, _ in cells)         # the hostile tokens are among them, as text
     # The next tokens it pushes: the JSON's strongest attributions, in the Python formats.
-    data = page.request.get(site_url + "neurons/0/0.json").json()
+    data = with_vocab(page.request.get(site_url + "neurons/0/0.json").json(),
+                      page.request.get(site_url + "vocab.json").json()["token"])
     rows = table_rows(data, "attributions")
     want = "".join(f"{label}: " + " · ".join([f"{show_token(r['token'])} {fmt_stat(r['attribution'])}"
                                             for r in rows if r["polarity"] == polarity][:SHOWN_ATTR])

@@ -16,7 +16,7 @@ from atlas.schema import EXPORT_TABLES
 from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.site.corpus_sections import SHOWN_MAX, SHOWN_MIN, SHOWN_SAMPLES
-from atlas.site.neuron_json import FORMAT, table_rows
+from atlas.site.neuron_json import FORMAT, load as load_neuron, table_rows
 from atlas.site.neuron_pages import SHOWN_OUT
 from atlas.site.text import fmt_act, fmt_logit, fmt_stat, token_cell
 from atlas.bench.synthetic import WINDOW_RANKS, make_synthetic_store
@@ -93,8 +93,8 @@ def test_pages_json_and_exports_show_the_same_numbers(built):
     con = duckdb.connect()
     for layer, n in SAMPLE:
         raw = (site / f"neurons/{layer}/{n}.json").read_text()
-        data = json.loads(raw)
-        assert data["format"] == FORMAT
+        data = load_neuron(site / f"neurons/{layer}/{n}.json")          # with its token text from vocab.json
+        assert data["format"] == FORMAT and set(json.loads(raw)["tokens"]) == {"token_id_diff"} and data["vocab"] == "../../vocab.json"
         # Every window starts 7 tokens before its peak: said once per group, not once per row.
         assert all(e["window_before"] == 7 and "window_start" not in e for e in data["exemplars"].values())
         # Token ids ascending, each written as its difference from the one before (table_rows sums them back).
@@ -165,7 +165,7 @@ def test_a_window_start_off_the_common_offset_is_written_per_row(tmp_path):
         con.execute("UPDATE exemplars SET window_start = window_start - 1 WHERE neuron = 2 AND polarity = 'max' AND rank = 0")
         want = con.execute("SELECT polarity, rank, window_start FROM exemplars WHERE neuron = 2 ORDER BY ALL").fetchall()
     render(store, tmp_path / "site", RenderConfig(workers=1, exports=False), progress=False)
-    data = json.loads((tmp_path / "site/neurons/0/2.json").read_text())
+    data = load_neuron(tmp_path / "site/neurons/0/2.json")
     assert all("window_before" not in e and "window_start" in e for e in data["exemplars"].values())
     assert [(r["polarity"], r["rank"], r["window_start"]) for r in table_rows(data, "exemplars")] == want
 

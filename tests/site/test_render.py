@@ -19,7 +19,7 @@ from atlas.site.render import render
 from atlas.resources import TEMPLATES
 from atlas.site.text import show_token
 from atlas.schema import SCHEMA_VERSION
-from atlas.site.neuron_json import FORMAT, table_rows
+from atlas.site.neuron_json import FORMAT, load as load_neuron, table_rows
 from atlas.site.neuron_pages import SHOWN_OUT
 from atlas.store import Store
 from atlas.bench.synthetic import make_synthetic_store
@@ -63,7 +63,7 @@ def test_json_equals_the_store_rows(site, store_path):
     try:
         for layer in range(N_LAYERS):
             for n in range(D_MLP):
-                data = json.loads((site / "neurons" / str(layer) / f"{n}.json").read_text())
+                data = load_neuron(site / "neurons" / str(layer) / f"{n}.json")
                 assert (data["layer"], data["neuron"], data["schema_version"]) == (layer, n, SCHEMA_VERSION)
                 assert data["format"] == FORMAT
                 cur = con.execute("SELECT * FROM neurons WHERE layer = ? AND neuron = ?", [layer, n])
@@ -116,7 +116,7 @@ def test_hostile_strings_are_escaped_everywhere(site):
     assert '<script src="../../../assets/atlas-theme.js">' in neuron
     assert "img" not in parsed.tags
     assert not {"onerror", "onmouseover"} & parsed.attrs_seen
-    data = json.loads((site / "neurons/0/0.json").read_text())
+    data = load_neuron(site / "neurons/0/0.json")
     assert data["neurons"]["label"] == SCRIPT      # the JSON escapes `<` yet decodes to the original
     assert IMG in {r["token"] for r in table_rows(data, "decoded_tokens")}
 
@@ -253,7 +253,7 @@ def test_browser_shows_tokens_and_runs_no_injected_script(site, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's `chromium` is not installed (apt-get install chromium)")
-    data = json.loads((site / "neurons/0/0.json").read_text())
+    data = load_neuron(site / "neurons/0/0.json")
     plain = [show_token(r["token"]) for r in table_rows(data, "decoded_tokens")     # the rows the page itself holds
              if not set("<>&\"'") & set(r["token"]) and r["side"] == "out" and r["polarity"] == "top" and r["rank"] < SHOWN_OUT[0]]
     assert plain

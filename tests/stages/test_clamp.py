@@ -23,7 +23,7 @@ from atlas.errors import AtlasError
 from atlas.stages.exemplars import ExemplarConfig
 from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
-from atlas.site.neuron_json import table_rows
+from atlas.site.neuron_json import load as load_neuron, table_rows
 from atlas.steer import Intervention, steer
 from helpers import (CFG, HOSTILE_TOKENS, assert_one_line_error, assert_tokens_escaped, atlas, atlas_here,
                      corpus_file)
@@ -233,7 +233,7 @@ def test_pages_show_the_clamp_check(tiny_atlas):
     # clamp effects: every page holds them escaped, and shows them as the same text.
     shown = assert_tokens_escaped(site, HOSTILE_TOKENS)
     assert len(shown) >= 4 and all(shown.values()), shown
-    data = json.loads((site / "neurons" / str(layer) / f"{neuron}.json").read_text())
+    data = load_neuron(site / "neurons" / str(layer) / f"{neuron}.json")
     assert {r["direction"] for r in table_rows(data, "clamp_effects")} == {"rises", "falls", "own"}
     assert data["neurons"]["faithfulness"] == pytest.approx(faith, rel=1e-3)   # JSON keeps 3 significant digits
     other = (site / "neurons" / str(unmeasured[0]) / str(unmeasured[1]) / "index.html").read_text()

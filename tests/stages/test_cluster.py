@@ -14,7 +14,7 @@ import torch
 from atlas.stages.cluster import ClusterConfig, cluster_store, compute_geometry, unit_directions
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.neuron_json import table_rows
+from atlas.site.neuron_json import load as load_neuron, table_rows
 from atlas.bench.synthetic import make_synthetic_store, synthetic_directions
 
 from helpers import parse, resolve
@@ -191,7 +191,7 @@ def test_site_has_map_cluster_pages_and_neuron_sections(clustered_site):
     nbs = _rows(store, "SELECT nb_layer, nb_neuron FROM neighbours WHERE layer = 1 AND neuron = 5 ORDER BY rank")
     # The page has the section; atlas-neuron.js draws the links from the JSON (test_neuron_browser).
     assert len(nbs) == 10 and 'id=neighbours' in page.read_text() and "#neighbours" in hrefs
-    data = json.loads((site / "neurons/1/5.json").read_text())
+    data = load_neuron(site / "neurons/1/5.json")
     assert [(r["nb_layer"], r["nb_neuron"]) for r in table_rows(data, "neighbours")] == nbs
     for p in [page, site / "map/index.html", site / "clusters/index.html", site / f"clusters/{cid}/index.html"]:
         for href in parse(p.read_text()).hrefs:

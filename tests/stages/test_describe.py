@@ -27,7 +27,7 @@ from atlas.llm.generate import Generator
 from atlas.llm.server import make_server
 from atlas.model.load import load_model
 from atlas.pipeline import Build, render_site
-from atlas.site.neuron_json import table_rows
+from atlas.site.neuron_json import load as load_neuron, table_rows
 from atlas.stages.decode import DecodeConfig
 from atlas.llm.judge import auc, yes_share
 from atlas.stages.describe import balanced_accuracy, parse_fits
@@ -363,7 +363,7 @@ def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
     page = (site / f"neurons/{layer}/{neuron}/index.html").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; zebracrossing" in page and "<script>alert(1)" not in page
     assert f"written by <code>{NAME}</code>" in page and "detection score <strong>" in page
-    data = json.loads((site / f"neurons/{layer}/{neuron}.json").read_text())
+    data = load_neuron(site / f"neurons/{layer}/{neuron}.json")
     (shown,) = table_rows(data, "descriptions")
     assert shown["explainer"] == NAME and "zebracrossing" in shown["description"]
     exports = site.parent / "exports"            # beside the site, not inside it
