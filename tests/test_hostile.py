@@ -110,7 +110,8 @@ def test_every_file_holds_the_text_escaped(hostile_site):
     assert "&lt;script&gt;window.__pwned=&#39;script&#39;&lt;/script&gt;" in everything
     assert "⟨U+202E⟩evil" in everything                                   # bidi shown as a code point
     assert "&amp;lt;script&amp;gt;" in everything                         # pre-escaped text stays as typed
-    assert "&lt;svg onload=window.__pwned=&#39;model&#39;&gt;" in texts["neurons/0/0/index.html"]   # model name
+    # The model name: in the BibTeX entry every neuron page's script fills in (BibTeX-escaped, then JSON-escaped).
+    assert r"\u003csvg onload=window.\\_\\_pwned='model'\u003e" in texts["atlas-site.json"]
     # The JSON keeps every string exactly, escaped only in form.
     tokens = set()
     for rel, text in texts.items():
@@ -188,6 +189,9 @@ def test_no_page_runs_injected_script(browser_page, hostile_site):
         if rel == "map":
             page.wait_for_selector("#atlas-map[data-ready]", timeout=60_000)   # drawn, and its handlers set
             _hover_every_point(page)
+        if rel == "neurons/0/0":            # drawn from the JSON files, the model name as the BibTeX's text
+            page.wait_for_selector("#atlas-bibtex:not([hidden])", timeout=10_000)
+            assert r"<svg onload=window.\_\_pwned='model'>" in page.text_content("#atlas-bibtex")
         found = _dom_problems(page)
         if found:
             problems[rel] = found
@@ -202,6 +206,8 @@ def test_no_page_runs_injected_script(browser_page, hostile_site):
 
 
 def _hover_every_point(page) -> None:
+    # What stands above the map (the clusters' names) can be taller than the window: hover where it is seen.
+    page.locator("#atlas-map").scroll_into_view_if_needed()
     positions = page.evaluate("""() => {
         const el = document.getElementById("atlas-map"), n = Number(el.getAttribute("data-points"));
         return Array.from({length: n}, (_, i) => el.atlasScatter.project(i));

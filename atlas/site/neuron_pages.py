@@ -79,8 +79,12 @@ def _delta(d: float | None) -> str:
 
 
 # -- what every page of a site shares ----------------------------------------------------
-def bibtex(site: dict, layer: int, neuron: int, url: str) -> str:
-    """A BibTeX entry for one neuron page; ``site`` holds the model id, weights hash, versions, year."""
+BIBTEX_SLOTS = ("<L>", "<N>", "<U>")     # what a page's script puts its layer, neuron and URL in
+
+
+def bibtex(site: dict, layer: int | str, neuron: int | str, url: str) -> str:
+    """A BibTeX entry for one neuron page; ``site`` holds the model id, weights hash, versions, year.
+    With ``BIBTEX_SLOTS`` for the layer, neuron and URL, the entry every page fills in (atlas-site.json)."""
     return (f"@misc{{{bibtex_key(site['model_id'], layer, neuron)},\n"
             f"  title = {{Layer {layer}, neuron {neuron} of {{{bibtex_text(site['model_id'])}}}}},\n"
             f"  howpublished = {{Neuron atlas}},\n"
@@ -188,7 +192,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         reads = any(side in by_side for side in SIDES if side != "out")
         url = job["site_url"] + f"neurons/{layer}/{n}/"
         html = template.render(
-            page_globals, layer=layer, neuron=n, row=NS(**row), out=out, reads=reads, url=url, bibtex=bibtex(site, layer, n, url),
+            page_globals, layer=layer, neuron=n, row=NS(**row), out=out, reads=reads, url=url,
             canonical=job["site_url"] and url,
             prev=_step(sizes, layer, n, -1), next=_step(sizes, layer, n, +1),
             prev_layer=_layer_step(sizes, layer, n, -1), next_layer=_layer_step(sizes, layer, n, +1),

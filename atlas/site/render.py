@@ -28,7 +28,7 @@ from atlas.site.corpus_sections import has_corpus, histogram_edges_meta
 from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
 from atlas.site.neuron_json import VOCAB_FILE, vocab_json
-from atlas.site.neuron_pages import block_jobs, drawn_sides
+from atlas.site.neuron_pages import BIBTEX_SLOTS, bibtex, block_jobs, drawn_sides
 from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
 from atlas.site.text import html_safe_json, to_json
@@ -190,6 +190,9 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                 # of every neuron's histogram.
                 "reproduce": {"tables": page["site"]["tables"], "exports": bool(page["site"]["exports"])},
                 "sides": drawn_sides(),
+                # Each page's BibTeX entry, its layer, neuron and URL left to the page's script
+                # (the same text on 458,752 pages was 300 B of each).
+                "bibtex": bibtex(page["site"], *BIBTEX_SLOTS),
                 **({"histogram_edges": edges} if (edges := histogram_edges_meta(store.con)) else {})}),
                 encoding="utf-8")
         except BaseException:

@@ -116,11 +116,18 @@
   // Built without --site-url, the permanent URL is relative to the site, which is useless once
   // pasted: served over http(s), the page knows its own address, and the neuron's URL is its folder.
   var cited = document.getElementById("atlas-cite-url");
-  if (cited && /^https?:$/.test(window.location.protocol)) {
-    var relative = cited.textContent, absolute = new URL(".", window.location.href).href;
-    var bibtex = document.getElementById("atlas-bibtex");
-    cited.textContent = absolute;
-    if (bibtex) bibtex.textContent = bibtex.textContent.replace("url = {" + relative + "}", "url = {" + absolute + "}");
+  if (cited && cited.tagName === "CODE" && /^https?:$/.test(window.location.protocol)) {
+    cited.textContent = new URL(".", window.location.href).href;
+  }
+
+  // The BibTeX entry: atlas-site.json's, with this page's layer, neuron and permanent URL in its
+  // slots (neuron_pages.BIBTEX_SLOTS).
+  function drawBibtex(pre, data, entry) {
+    var fill = { "<L>": String(Number(data.layer)), "<N>": String(Number(data.neuron)),
+                 "<U>": cited ? cited.textContent.replace(/[{}]/g, "") : "" };
+    pre.textContent = entry.replace(/<[LNU]>/g, function (slot) { return fill[slot]; });
+    pre.hidden = false;
+    addCopyButton(pre);
   }
 
   // Keyboard and screen readers: a strip's shaded tokens and their values (the titles, which
@@ -411,6 +418,7 @@
       if (find("clamp")) drawClamp(find("clamp"), data, names);
       if (find("histogram") && got[1]) drawHistogram(find("histogram"), data, site);
       if (find("query") && site.reproduce) drawQuery(find("query"), data, site.reproduce, home);
+      if (find("bibtex") && site.bibtex) drawBibtex(find("bibtex"), data, site.bibtex);
       if (find("neighbours")) drawNeighbours(find("neighbours"), data, home + "search/idx/");
       drawn.forEach(function (el) { el.setAttribute("data-state", "drawn"); });      // the neighbours' labels come later
     }).catch(function (err) {
@@ -422,6 +430,6 @@
     });
   }
 
-  var blocks = document.querySelectorAll("pre[data-copy][id]");     // the snippet's, drawn later, gets its own when drawn
+  var blocks = document.querySelectorAll("pre[data-copy][id]:not([data-draw])");     // drawn ones get theirs when drawn
   for (var i = 0; i < blocks.length; i++) addCopyButton(blocks[i]);
 })();

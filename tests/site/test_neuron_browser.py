@@ -27,8 +27,9 @@ def test_cite_box_copies_the_bibtex(site_url, browser):
     context = browser.new_context()
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site_url.rstrip("/"))
     page = _open(context, site_url + "neurons/1/3/")
+    page.wait_for_selector('button[data-copy="atlas-bibtex"]', timeout=5_000)      # drawn by the script
     button = page.locator('button[data-copy="atlas-bibtex"]')
-    assert button.is_visible()                       # revealed by the script
+    assert button.is_visible()
     button.click()
     page.wait_for_selector('button[data-copy="atlas-bibtex"][data-state="copied"]', timeout=5_000)
     assert button.text_content() == "copied"
@@ -65,7 +66,7 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert page.locator("table.atlas-logits tr td:first-child").count() == SHOWN_OUT[0]
     assert page.text_content("#out th").startswith(f"top {SHOWN_OUT[0]} of 20")
     # One line says what the script draws, beside the link to the JSON it draws it from.
-    assert "neighbours and more tables are drawn from it with JavaScript" in page.text_content("#atlas-json + noscript")
+    assert "neighbours and more tables: JavaScript draws them" in page.text_content("#atlas-json + noscript")
     assert page.locator("svg.atlas-hist, .atlas-attr:not(#clamp *)").count() == 0
     assert page.locator("table.atlas-logits").first.is_visible()
     shown = SHOWN_MAX + SHOWN_MIN
@@ -74,7 +75,8 @@ def test_core_content_renders_without_javascript(site_url, browser):
     samples = page.locator("ol.atlas-bands li")      # weaker activations, sampled from the histogram's bins
     assert 0 < samples.count() <= 3 * SHOWN_SAMPLES and page.locator("ol.atlas-bands b").count() == samples.count()
     assert page.locator("#clamp").is_visible() and page.locator("#out th", has_text="Δ pushed").count() == 1
-    assert page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
+    assert not page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
+    assert page.locator("#atlas-cite-url").is_visible()                                               # in the HTML
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
     assert page.locator("#neighbours h2").is_visible() and page.locator(".atlas-nb li").count() == 0    # drawn
     assert page.locator("#in, #gate, #reproduce h2").count() == 0                                     # drawn

@@ -236,9 +236,12 @@ def test_exports_can_be_left_out(built, tmp_path):
 def test_cite_box_and_navigation_links(built):
     _, site = built
     page = (site / "neurons/1/3/index.html").read_text()
-    assert "@misc{atlas:synthetic-gated-2x24:L1:N3," in page
-    assert "title = {Layer 1, neuron 3 of {synthetic/gated-2x24}}" in page
-    assert "url = {neurons/1/3/}" in page and "<code id=atlas-cite-url>neurons/1/3/</code>" in page   # made absolute by the script
+    # The entry every page's script fills in with its layer, neuron and URL (tests/site/test_neuron_browser.py).
+    entry = json.loads((site / "atlas-site.json").read_text())["bibtex"]
+    assert entry.startswith("@misc{atlas:synthetic-gated-2x24:L<L>:N<N>,")
+    assert "title = {Layer <L>, neuron <N> of {synthetic/gated-2x24}}" in entry and "url = {<U>}" in entry
+    assert "<pre id=atlas-bibtex data-copy=\"copy BibTeX\" data-draw=bibtex hidden></pre>" in page
+    assert "<code id=atlas-cite-url>neurons/1/3/</code>" in page   # made absolute by the script
     links = dict(re.findall(r'<a href="([^"]+)" data-key="([^"]+)"', page))
     assert links == {"../../../layers/1/": "u", "../../0/3/": "["}
     assert dict(re.findall(r'<a href="([^"]+)" rel=(prev|next)>', page)) == {"../2/": "prev", "../4/": "next"}
