@@ -373,7 +373,14 @@
   // cosine with the decimals the JSON keeps (3 on most neurons: rounding them again to a fixed
   // number would round twice), and then their labels, from the label files of the neurons listed
   // (<index>labels/<layer>/<chunk>.json).
-  function drawNeighbours(list, data, index) {
+  function drawNeighbours(section, data, index) {
+    var h2 = document.createElement("h2"), small = document.createElement("small"), code = document.createElement("code");
+    var list = document.createElement("ol");
+    code.textContent = "out";
+    small.append("by cosine of ", code, " directions");
+    h2.append("Neighbours ", small);
+    list.className = "atlas-nb";
+    section.append(h2, list);
     var nb = data.neighbours || { nb_layer: [], nb_neuron: [], cosine: [] }, cosines = column(nb, "cosine"), items = [];
     var decimals = Math.max(0, -(nb.cosine_exp || 0));
     for (var r = 0; r < nb.nb_layer.length; r++) {

@@ -78,7 +78,7 @@ def test_core_content_renders_without_javascript(site_url, browser):
     assert not page.locator("#atlas-bibtex").is_visible() and not page.locator("#atlas-query").is_visible()   # drawn
     assert page.locator("#atlas-cite-url").is_visible()                                               # in the HTML
     assert page.locator("button[data-copy]").count() == 0     # made by the script, which cannot run
-    assert page.locator("#neighbours h2").is_visible() and page.locator(".atlas-nb li").count() == 0    # drawn
+    assert page.locator("#neighbours h2, .atlas-nb").count() == 0                                     # drawn
     assert page.locator("#in, #gate, #reproduce h2").count() == 0                                     # drawn
     # Injected token text stays text: the hostile tokens are on this page and did nothing.
     assert page.title() == "L0/N0: <script>alert(1)</script> · Neuron atlas: synthetic/gated-2x8"   # the label, as text
