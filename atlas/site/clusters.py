@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from atlas.site.neuron_json import compact
 from atlas.site.text import script_json, to_json, visible
 from atlas.store import finished_stage
 
@@ -27,12 +28,11 @@ def has_clusters(con) -> bool:
 
 
 def _clusters(con, key: str) -> dict[int, tuple[str, str]]:
-    """Per cluster: its label as shown, and its row as JSON (floats as their shortest float32 decimal)."""
+    """Per cluster: its label as shown, and its row as JSON (floats as the neurons row's, ``neuron_json.compact``)."""
     if _cache.get("key") != key:
-        _cache["clusters"] = {c: (visible(label), row) for c, label, row in con.execute("""
-            SELECT cluster_id, label, to_json(t) FROM (SELECT cluster_id, size, label,
-                   CAST(CAST(x AS VARCHAR) AS DOUBLE) AS x, CAST(CAST(y AS VARCHAR) AS DOUBLE) AS y,
-                   CAST(CAST(cohesion AS VARCHAR) AS DOUBLE) AS cohesion FROM clusters) t""").fetchall()}
+        floats = ", ".join(f"{compact(name, 'FLOAT')} AS {name}" for name in ("x", "y", "cohesion"))
+        _cache["clusters"] = {c: (visible(label), row) for c, label, row in con.execute(f"""
+            SELECT cluster_id, label, to_json(t) FROM (SELECT cluster_id, size, label, {floats} FROM clusters) t""").fetchall()}
         _cache["key"] = key
     return _cache["clusters"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from atlas.schema import JSON_TABLES, SIDE_STATS, SIDES
+from atlas.schema import JSON_TABLES, SIDES
 from atlas.site.clamp_sections import clamp_sections
 from atlas.site.clusters import cluster_sections
 from atlas.site.corpus_sections import corpus_sections, strip_scale, strip_vocab
@@ -53,11 +53,10 @@ def drawn_sides() -> list[dict]:
 
 
 def side_section(tokens: dict, row: dict, pushed: dict[int, float] | None) -> NS:
-    """The `out` side of a page: its stats and its strongest rows. ``tokens`` holds the side's
-    strongest rows (``"top"``, (token, logit) pairs) and how many top rows it has (``"total"``)."""
-    stats = NS(**{stat: row.get(f"out_{stat}") for stat in SIDE_STATS})
+    """The `out` side of a page: its strongest rows (its stats line is drawn from the JSON). ``tokens``
+    holds the side's strongest rows (``"top"``, (token, logit) pairs) and how many top rows it has (``"total"``)."""
     top = SHOWN_OUT[0]
-    return NS(name="out", title=SIDE_TITLES["out"], pushed=bool(pushed), stats=stats,
+    return NS(name="out", title=SIDE_TITLES["out"], pushed=bool(pushed),
               top=logit_rows(tokens["top"][:top], pushed), shown=min(top, len(tokens["top"])), total=tokens["total"])
 
 

@@ -196,7 +196,8 @@
     }
     return table;
   }
-  // A side's stats line (partials/stats.html), from the JSON's neurons row.
+  // A side's stats line (its direction's norm and the moments of its logits over the vocabulary),
+  // from the JSON's neurons row.
   function statsLine(row, side) {
     var p = document.createElement("p"), v = function (stat) { return fmtStat(row[side + "_" + stat]); };
     p.className = "atlas-stats";
@@ -210,7 +211,7 @@
     });
   }
   // What the HTML leaves out of the decoded sides (atlas-site.json's `sides`: each side's title and
-  // the rows it shows, in the store's order): the `out` side's bottom table, and the reading sides
+  // the rows it shows, in the store's order): the `out` side's stats line and bottom table, and the reading sides
   // the JSON has (in, gate), folded, each a section of its heading, stats line and tables.
   function drawDecoded(data, names, sides) {
     var decoded = data.decoded_tokens || {}, out = document.querySelector("[data-draw=out]");
@@ -218,7 +219,10 @@
     sides.forEach(function (s) {
       if (!decoded[s.side]) return;
       if (s.side === "out") {
-        if (out) sideTables(out, decoded.out, s.shown, names);
+        if (out) {
+          out.parentNode.insertBefore(statsLine(data.neurons || {}, "out"), out.parentNode.querySelector("table"));
+          sideTables(out, decoded.out, s.shown, names);
+        }
         return;
       }
       var section = document.createElement("section"), h2 = document.createElement("h2"), small = document.createElement("small");

@@ -115,11 +115,12 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
                                         "rows => rows.map(r => [...r.cells].slice(0, 2).map(c => c.textContent))")
         assert got == want, side
         cells += got
-        if side in SHOWN_TOKENS:          # the reading sides' stats lines are drawn too, from the neurons row
-            row = con.execute(f"SELECT {side}_norm, {side}_logit_mean, {side}_logit_std, {side}_logit_skew, "
-                              f"{side}_logit_kurtosis FROM neurons WHERE layer = 0 AND neuron = 0").fetchone()
-            want_stats = "‖v‖ {} · logits: mean {}, std {}, skew {}, kurtosis {}".format(*map(fmt_stat, row))
-            assert page.text_content(f"#{side} p.atlas-stats") == want_stats
+        # Every side's stats line is drawn too, from the neurons row (the `out` side's above its table).
+        row = con.execute(f"SELECT {side}_norm, {side}_logit_mean, {side}_logit_std, {side}_logit_skew, "
+                          f"{side}_logit_kurtosis FROM neurons WHERE layer = 0 AND neuron = 0").fetchone()
+        want_stats = "‖v‖ {} · logits: mean {}, std {}, skew {}, kurtosis {}".format(*map(fmt_stat, row))
+        assert page.text_content(f"#{side} p.atlas-stats") == want_stats
+        assert page.locator(f"#{side} p.atlas-stats + table.atlas-logits").count() == 1
     assert any("<script>" in t or "⟨U+" in t for t, _ in cells)         # the hostile tokens are among them, as text
     # The next tokens it pushes: the JSON's strongest attributions, in the Python formats.
     data = with_vocab(page.request.get(site_url + "neurons/0/0.json").json(),
