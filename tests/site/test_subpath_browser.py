@@ -54,6 +54,8 @@ def test_links_search_and_map_work_under_a_sub_path(subpath_site, browser):
     neuron = (base + "neurons/1/7/")
     page.goto(neuron)
     assert page.get_attribute("link[rel=canonical]", "href") == SITE_URL + "neurons/1/7/"
+    page.wait_for_selector("#atlas-bibtex:not([hidden])", timeout=10_000)      # filled in from atlas-site.json
+    assert f"url = {{{SITE_URL}neurons/1/7/}}" in page.text_content("#atlas-bibtex")
     assert _status(neuron.replace("/1/7/", "/1/7.json")) == 200
 
     page.goto(base + "map/")
