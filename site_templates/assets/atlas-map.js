@@ -55,11 +55,13 @@
       return;
     }
     bySize.slice(0, LEGEND).forEach(function (c) {
-      var item = document.createElement("span"), swatch = document.createElement("span");
+      var item = document.createElement("span"), swatch = document.createElement("span"), name = document.createElement("span");
       swatch.className = "atlas-map-swatch";
       swatch.style.background = css(clusterColour(c));
-      item.append(swatch, document.createTextNode(clusterLabel[c] || "cluster " + c));
-      item.title = "cluster " + c + ", " + clusterSize[c].toLocaleString() + " neurons";
+      name.className = "atlas-map-name";
+      name.textContent = clusterLabel[c] || "cluster " + c;
+      item.append(swatch, name);
+      item.title = name.textContent + " (cluster " + c + ", " + clusterSize[c].toLocaleString() + " neurons)";
       legend.append(item);
     });
     if (bySize.length > LEGEND) {
