@@ -62,7 +62,7 @@ import pyarrow as pa
 
 from atlas.errors import AtlasError
 from atlas.site.concept_source import LITERAL_GAIN, concept_matches
-from atlas.site.text import html_safe_json, show_token, to_json
+from atlas.site.text import html_safe_json, show_token, to_json, visible
 from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
@@ -744,7 +744,7 @@ def format_hits(result: dict) -> list[str]:
     for i, h in enumerate(result["hits"], 1):
         why = " · ".join(match_words(m) for m in h["matches"])
         pushed = "–" if h["faithfulness"] is None else f"{h['faithfulness']:.2f}"
-        label = show_token(h["label"]) if h["label"] else "(no label)"
+        label = visible(h["label"]) or "(no label)"          # text on one line, its spaces as spaces
         lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  "
                      f"{label} | {why}")
     return lines

@@ -16,6 +16,7 @@ from atlas.stages.exemplars import ExemplarConfig
 from atlas.pipeline import Build
 from atlas.config import RenderConfig
 from atlas.site.render import render
+from atlas.site.text import visible
 from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SCHEMA, SOURCES, normalise, query_terms, score, search,
                                shard_name, shard_of, write_index)
 from atlas.bench.synthetic import make_synthetic_store
@@ -219,6 +220,9 @@ def test_cli_prints_the_same_ranking(site):
     assert lines[0].startswith("\u2018script>alert(1)</script\u2019: ")
     assert [line.split()[1] for line in lines[2:]] == [f"L{h['layer']}/N{h['neuron']}" for h in want]
     assert "L0/N0" in [line.split()[1] for line in lines[2:]]
+    # Labels are text: their spaces stay spaces (a token's would be shown as ␣).
+    assert all(f"  {visible(h['label'])} | " in line for h, line in zip(want, lines[2:]) if h["label"])
+    assert any(" " in visible(h["label"]) for h in want)
 
 
 def test_cli_errors_are_one_line(site, tmp_path):
