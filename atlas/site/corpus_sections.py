@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 from markupsafe import Markup
 
+from atlas.site.neuron_json import vocab_by_id
 from atlas.site.text import fmt_act, strip_text
 from atlas.store import finished_stage
 
@@ -41,11 +42,7 @@ def has_corpus(con) -> bool:
 
 def strip_vocab(con) -> list[str]:
     """Strip text of every vocabulary entry, indexed by token id (one list per worker)."""
-    rows = con.execute("SELECT token_id, token FROM vocab ORDER BY token_id").fetchall()
-    out = ["\u2205"] * (rows[-1][0] + 1 if rows else 0)
-    for token_id, token in rows:
-        out[token_id] = strip_text(token)
-    return out
+    return [strip_text(token) for token in vocab_by_id(con)]     # an id without text is EMPTY, as a text-less token is
 
 
 _CLASS = {level: f" class={'p' if level > 0 else 'n'}{abs(level)}" if level else "" for level in range(-SHADES, SHADES + 1)}

@@ -265,13 +265,18 @@ def tokens_sql(con, tables: list[str]) -> str | None:
             f"FROM (SELECT *, {diff} AS __diff FROM {TOKEN_INDEX}) GROUP BY neuron")
 
 
-def vocab_json(con) -> dict:
-    """``vocab.json``: every token's text, by id (null for an id the store has no text for)."""
+def vocab_by_id(con) -> list[str | None]:
+    """The store's token text as a list indexed by token id (None for an id it has no text for)."""
     rows = con.execute("SELECT token_id, token FROM vocab ORDER BY token_id").fetchall()
     text: list[str | None] = [None] * ((rows[-1][0] + 1) if rows else 0)
     for token_id, token in rows:
         text[token_id] = token
-    return {"token": text}
+    return text
+
+
+def vocab_json(con) -> dict:
+    """``vocab.json``: every token's text, by id (null for an id the store has no text for)."""
+    return {"token": vocab_by_id(con)}
 
 
 def neurons_sql(con) -> str:

@@ -52,7 +52,7 @@ def drawn_sides() -> list[dict]:
             for side in SIDES]
 
 
-def side_section(tokens: dict, row: dict, pushed: dict[int, float] | None) -> NS:
+def side_section(tokens: dict, pushed: dict[int, float] | None) -> NS:
     """The `out` side of a page: its strongest rows (its stats line is drawn from the JSON). ``tokens``
     holds the side's strongest rows (``"top"``, (token, logit) pairs) and how many top rows it has (``"total"``)."""
     top = SHOWN_OUT[0]
@@ -187,7 +187,7 @@ def render_block(job: dict, con, template) -> tuple[int, int, int]:
         by_side = decoded.get(n, {})
         # A clamped neuron's own `out` tokens carry their Δ log p in the `out` table itself.
         pushed = clamping[n]["own_by_rank"] if n in clamping else None
-        out = side_section(by_side["out"], row, pushed) if "out" in by_side else None
+        out = side_section(by_side["out"], pushed) if "out" in by_side else None
         reads = any(side in by_side for side in SIDES if side != "out")
         url = job["site_url"] + f"neurons/{layer}/{n}/"
         html = template.render(
