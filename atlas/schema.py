@@ -12,7 +12,7 @@ from typing import Callable
 
 import duckdb
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS decoded_tokens (
     prob FLOAT
 );
 CREATE TABLE IF NOT EXISTS clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR,
-    x FLOAT, y FLOAT, cohesion FLOAT);
+    x FLOAT, y FLOAT, cohesion FLOAT, named_by VARCHAR);
 CREATE TABLE IF NOT EXISTS neighbours (layer SMALLINT, neuron INTEGER, rank SMALLINT,
     nb_layer SMALLINT, nb_neuron INTEGER, cosine FLOAT);
 CREATE TABLE IF NOT EXISTS corpus_docs (doc_id INTEGER PRIMARY KEY, source VARCHAR, text VARCHAR,
@@ -112,9 +112,17 @@ def _v4_to_v5(con: duckdb.DuckDBPyConnection) -> None:
     labels stage's fingerprint changed with it, so the next build fills it."""
 
 
+def _v5_to_v6(con: duckdb.DuckDBPyConnection) -> None:
+    """v6 says how each cluster was named (clusters.named_by: 'concept', 'token kind', NULL for its
+    tokens); the labels stage's fingerprint changed with it, so the next build fills it."""
+    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'clusters'").fetchone()[0]:
+        con.execute("ALTER TABLE clusters ADD COLUMN IF NOT EXISTS named_by VARCHAR")
+
+
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
 # A store older than the oldest registered step is refused with a message that says so.
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5,
+                                                                 5: _v5_to_v6}
 
 # The public tables, in the order exports list them, each with the key its rows are sorted
 # by; stage_progress is bookkeeping and stays out.

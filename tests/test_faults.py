@@ -263,7 +263,7 @@ def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
     with Store(path) as store:
-        assert store.meta("schema_version") == SCHEMA_VERSION == 5
+        assert store.meta("schema_version") == SCHEMA_VERSION == 6
         cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
         assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
         assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
@@ -283,7 +283,7 @@ def test_a_v2_store_keeps_its_16_token_windows_as_lists(tmp_path):
                     "window_start INTEGER, window_activations FLOAT[16])")
         con.execute("INSERT INTO exemplars VALUES (0, 0, 'max', 0, 3, 20, 1.5, 1.0, 8, ?)", [window])
     with Store(path) as store:
-        assert store.meta("schema_version") == 5
+        assert store.meta("schema_version") == 6
         assert store.con.execute("SELECT window_activations FROM exemplars").fetchall() == [(window,)]
         assert dict(store.con.execute("DESCRIBE exemplars").fetchall()[i][:2] for i in range(10))["window_activations"] == "FLOAT[]"
         assert store.count("exemplar_samples") == 0
@@ -330,6 +330,23 @@ def test_a_v3_store_keeps_its_list_scores_and_gains_p_yes(tmp_path):
                     "doc_id INTEGER, token_pos INTEGER, fits BOOLEAN)")
         con.execute("INSERT INTO description_scores VALUES (0, 0, 0, 'held_out', 3, 20, true)")
     with Store(path) as store:
-        assert store.meta("schema_version") == 5
+        assert store.meta("schema_version") == 6
         assert store.con.execute("SELECT kind, fits, p_yes FROM description_scores").fetchall() == [
             ("held_out", True, None)]
+
+
+def test_a_v5_stores_clusters_keep_their_labels_and_gain_named_by(tmp_path):
+    """v6 records how each cluster was named (clusters.named_by); v5 rows keep theirs, with NULL
+    until the labels stage, whose fingerprint changed with it, runs again."""
+    from atlas.store import Store
+
+    path = tmp_path / "atlas.duckdb"
+    _old_store(path, {"schema_version": 5, "model": {"id": "m"}})
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, "
+                    "x FLOAT, y FLOAT, cohesion FLOAT)")
+        con.execute("INSERT INTO clusters VALUES (0, 3, 'months (2 of 3): month, year', 0.5, -0.5, 0.25)")
+    with Store(path) as store:
+        assert store.meta("schema_version") == 6
+        assert store.con.execute("SELECT label, size, named_by FROM clusters").fetchall() == [
+            ("months (2 of 3): month, year", 3, None)]

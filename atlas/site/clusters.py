@@ -69,7 +69,7 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
     """Write ``clusters/``, ``clusters/<id>/`` and ``map/`` into ``site``; returns counts."""
     for name in ("atlas-scatter.js", "atlas-map.js", "atlas-map.css"):
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
-    clusters = con.execute("SELECT cluster_id, size, label, x, y, cohesion FROM clusters "
+    clusters = con.execute("SELECT cluster_id, size, label, x, y, cohesion, named_by FROM clusters "
                            "ORDER BY cluster_id").fetchall()
     labels = [visible(c[2]) for c in clusters]
 
@@ -86,7 +86,7 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
     def flush():
         if current is None:
             return
-        cid, size, _, _, _, cohesion = clusters[current]
+        cid, size, _, _, _, cohesion, _ = clusters[current]
         out = site / "clusters" / str(cid)
         out.mkdir(parents=True)
         (out / "index.html").write_text(page.render(
@@ -115,7 +115,10 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
                 "y": [round(r[1], 3) if r[1] is not None else None for r in rows],
                 "cluster": [r[2] for r in rows], "label": [visible(r[3]) for r in rows]}
         (points / f"{layer}.json").write_text(to_json(data), encoding="utf-8")
-    data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters]}}
+    # How each cluster was named (the labels stage: "c" a concept, "k" a kind of token, "" its
+    # tokens): the plot names named clusters first.
+    named = [{"concept": "c", "token kind": "k"}.get(c[6], "") for c in clusters]
+    data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters], "named": named}}
     (site / "map" / "index.html").write_text(env.get_template("map.html").render(
         site=page_site, root="../", canonical=None, n_neurons=sum(layer_sizes), n_clusters=len(clusters),
         n_layers=len(layer_sizes), data_json=script_json(data)), encoding="utf-8")

@@ -27,8 +27,9 @@ from atlas.site.clamp_sections import has_clamp
 from atlas.site.corpus_sections import has_corpus, histogram_edges_meta
 from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
-from atlas.site.neuron_json import VOCAB_FILE, vocab_json
+from atlas.site.neuron_json import FORMAT as JSON_FORMAT, VOCAB_FILE, vocab_json
 from atlas.site.neuron_pages import BIBTEX_SLOTS, bibtex, block_jobs, drawn_sides
+from atlas.site.search import SCHEMA as INDEX_SCHEMA
 from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
 from atlas.site.text import html_safe_json, to_json
@@ -92,12 +93,15 @@ def _replace(new: Path, target: Path) -> None:
 
 
 def _inputs_fingerprint(meta: dict, cfg: RenderConfig) -> str:
-    """Everything a site is made from: the store's provenance and stage marks, settings, templates."""
+    """Everything a site is made from: the store's provenance and stage marks, settings, templates,
+    and the formats of the neuron JSON and the search index (a change to either alone would
+    otherwise leave a site in the old format marked up to date)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "memory_mb")}   # speed only
     # Hashed, not published: written as the standard library writes JSON, as it always was,
     # so that a site rendered before the site's JSON moved to orjson (which spells 1e-05 as
     # 0.00001) is still recognised as up to date.
-    text = json.dumps({"meta": without_timings(meta), "config": settings, "version": __version__},
+    text = json.dumps({"meta": without_timings(meta), "config": settings, "version": __version__,
+                       "formats": {"neuron_json": JSON_FORMAT, "search_index": INDEX_SCHEMA}},
                       sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     h = hashlib.sha256((html_safe_json(text) + "\n").encode())
     for path in sorted(p for p in TEMPLATES.rglob("*") if p.is_file()) + [MKDOCS_YML]:

@@ -385,6 +385,46 @@ def write_geometry(con, g: Geometry) -> None:
     insert_arrow(con, "neighbours", rows, order="layer, neuron, rank")
 
 
+def distinctive_sql(exemplars: bool, select: str | None = None) -> str:
+    """A query of each cluster's distinctive tokens: ``cluster_id, r, key, spelling, raw, c``, ``r``
+    counting from 1 in order of distinctiveness (see ``write_labels``); ``raw`` is the commonest
+    token text, spaces kept, and ``c`` the members that have it. ``select`` replaces the final
+    SELECT, to read the query's other parts (``per_member``: each member's distinct keys)."""
+    exemplar_pool = """
+        UNION ALL
+        SELECT e.layer, e.neuron, v.token FROM exemplars e
+        JOIN corpus_docs d USING (doc_id) JOIN vocab v ON v.token_id = d.token_ids[e.token_pos + 1]
+        WHERE e.polarity = 'max'""" if exemplars else ""
+    return f"""
+        WITH pool AS (
+            SELECT layer, neuron, token FROM decoded_tokens
+            WHERE side = 'out' AND polarity = 'top' AND rank < {LABEL_RANKS}
+            {exemplar_pool}),
+        votes AS (
+            SELECT n.cluster_id, p.layer, p.neuron, lower(s.spelling) AS key, s.spelling, p.token
+            FROM pool p JOIN neurons n USING (layer, neuron),
+                 LATERAL (SELECT regexp_replace(p.token, '{_EDGE_SPACE}', '', 'g') AS spelling) s
+            WHERE n.cluster_id IS NOT NULL AND s.spelling <> '' AND NOT contains(s.spelling, '\ufffd')),
+        per_member AS (SELECT DISTINCT cluster_id, layer, neuron, key FROM votes),
+        spelling AS (
+            SELECT cluster_id, key, first(spelling ORDER BY c DESC, spelling) AS spelling,
+                   first(token ORDER BY c DESC, token) AS raw FROM (
+                SELECT cluster_id, key, spelling, token, count(*) AS c FROM votes GROUP BY ALL) GROUP BY ALL),
+        counts AS (SELECT cluster_id, key, count(*) AS c FROM per_member GROUP BY ALL),
+        overall AS (SELECT key, count(*) AS total FROM per_member GROUP BY key),
+        n_all AS (SELECT count(*) AS n FROM neurons WHERE cluster_id IS NOT NULL),
+        lifted AS (
+            SELECT c.cluster_id, c.key, c.c, (c.c / k.size) / (o.total / n_all.n) AS lift
+            FROM counts c JOIN overall o USING (key) JOIN clusters k USING (cluster_id), n_all
+            WHERE c.c >= 2),
+        ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY cluster_id ORDER BY c * ln(lift) DESC, key) AS r
+            FROM lifted WHERE lift >= {MIN_LIFT})
+        """ + (select or """
+        SELECT r.cluster_id, r.r, r.key, s.spelling, s.raw, r.c
+        FROM ranked r JOIN spelling s USING (cluster_id, key)""")
+
+
 def write_labels(con, exemplars: bool) -> None:
     """Label each cluster with the tokens most over-represented among its members.
 
@@ -396,40 +436,11 @@ def write_labels(con, exemplars: bool) -> None:
     in small models, would otherwise name every large cluster alike). The label shows
     each token's commonest spelling.
     """
-    exemplar_pool = """
-        UNION ALL
-        SELECT e.layer, e.neuron, v.token FROM exemplars e
-        JOIN corpus_docs d USING (doc_id) JOIN vocab v ON v.token_id = d.token_ids[e.token_pos + 1]
-        WHERE e.polarity = 'max'""" if exemplars else ""
-    con.execute("UPDATE clusters SET label = NULL")
+    con.execute("UPDATE clusters SET label = NULL, named_by = NULL")
     con.execute(f"""
         UPDATE clusters SET label = l.label FROM (
-            WITH pool AS (
-                SELECT layer, neuron, token FROM decoded_tokens
-                WHERE side = 'out' AND polarity = 'top' AND rank < {LABEL_RANKS}
-                {exemplar_pool}),
-            votes AS (
-                SELECT n.cluster_id, p.layer, p.neuron, lower(s.spelling) AS key, s.spelling
-                FROM pool p JOIN neurons n USING (layer, neuron),
-                     LATERAL (SELECT regexp_replace(p.token, '{_EDGE_SPACE}', '', 'g') AS spelling) s
-                WHERE n.cluster_id IS NOT NULL AND s.spelling <> '' AND NOT contains(s.spelling, '\ufffd')),
-            per_member AS (SELECT DISTINCT cluster_id, layer, neuron, key FROM votes),
-            spelling AS (
-                SELECT cluster_id, key, first(spelling ORDER BY c DESC, spelling) AS spelling FROM (
-                    SELECT cluster_id, key, spelling, count(*) AS c FROM votes GROUP BY ALL) GROUP BY ALL),
-            counts AS (SELECT cluster_id, key, count(*) AS c FROM per_member GROUP BY ALL),
-            overall AS (SELECT key, count(*) AS total FROM per_member GROUP BY key),
-            n_all AS (SELECT count(*) AS n FROM neurons WHERE cluster_id IS NOT NULL),
-            lifted AS (
-                SELECT c.cluster_id, c.key, c.c, (c.c / k.size) / (o.total / n_all.n) AS lift
-                FROM counts c JOIN overall o USING (key) JOIN clusters k USING (cluster_id), n_all
-                WHERE c.c >= 2),
-            ranked AS (
-                SELECT *, row_number() OVER (PARTITION BY cluster_id ORDER BY c * ln(lift) DESC, key) AS r
-                FROM lifted WHERE lift >= {MIN_LIFT})
-            SELECT r.cluster_id, string_agg(s.spelling, ' · ' ORDER BY r.r) AS label
-            FROM ranked r JOIN spelling s USING (cluster_id, key)
-            WHERE r.r <= {LABEL_TOKENS} GROUP BY r.cluster_id
+            SELECT cluster_id, string_agg(spelling, ' · ' ORDER BY r) AS label FROM ({distinctive_sql(exemplars)})
+            WHERE r <= {LABEL_TOKENS} GROUP BY cluster_id
         ) l WHERE clusters.cluster_id = l.cluster_id""")
 
 

@@ -16,8 +16,13 @@ search, kept in ``concept_postings`` for the render's index (``atlas.site.concep
 A **cluster's name** comes from the same scan with the cluster in the place of a neuron and
 its shared terms (the terms among the top terms of two or more members, most shared first)
 in the place of a neuron's top terms: "months (31 of 227): month, days, year", 31 being the
-members that have one of the evidence terms. Without such a concept the cluster keeps the
-cluster stage's token label.
+members that have one of the evidence terms. A cluster whose most distinctive tokens (the
+cluster stage's ranking, ``KIND_TOKENS`` of them) are mostly of one kind of token
+(``atlas.token_kinds``: word pieces, Python names, Greek script ...) is named by that kind the
+same way, "Python names (280 of 292): pathlib, hashlib, tempfile", 280 being the members that
+have one of its tokens of that kind; a concept comes first where a cluster has both. Without
+either the cluster keeps the cluster stage's token label. ``clusters.named_by`` says which:
+'concept', 'token kind' or NULL.
 
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
@@ -25,21 +30,26 @@ only, with method ``tokens``, and the stage record says why.
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import asdict
 
 import pyarrow as pa
 
-from atlas import faults, lexicon as lexicon_mod, wordvec
+from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import LabelsConfig
-from atlas.site.concept_source import POSTINGS, concepts
+from atlas.site.concept_source import FUNCTION_WORDS, LEXICON_MIN, POSTINGS, concepts
 from atlas.site.search import normalise
-from atlas.stages.contract import Context, insert_arrow, update_from_arrow
+from atlas.stages.contract import Context, insert_arrow, registered, update_from_arrow
 from atlas.store import finished_stage
 
 TOKENS = 10             # top `out` tokens read per neuron
 SHOWN = 3               # tokens or evidence terms shown in a label
 NO_CONCEPT = "no clear concept"
+KIND_TOKENS = 10        # a cluster's most distinctive tokens read for its kind of token
+KIND_MIN, KIND_SHARE, PIECES_SHARE = 4, 0.4, 0.6    # how many of them one kind needs (token_kinds.dominant)
+KIND_MEMBERS = 0.2      # ... and the share of the members that must have one of its tokens
+CONCEPT, KIND = "concept", "token kind"     # clusters.named_by
 STAGE = "labels"
 _OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
           "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
@@ -72,8 +82,8 @@ def normalise_spelling(token: str) -> str:
 def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
                    clustered: bool = False) -> tuple[pa.Table, pa.Table | None, pa.Table, dict]:
     """One row per neuron (label, concept, evidence, tokens, method, score), the concept postings
-    for search made by the same scan (None without word vectors), the clusters' concept names
-    (``cluster_names``; only when ``clustered``) and what the scan reported."""
+    for search made by the same scan (None without word vectors), the clusters' concepts
+    (``_group_names``'s dict; only when ``clustered``) and what the scan reported."""
     rows = con.execute(f"""
         SELECT layer, neuron, list(token ORDER BY rank) FROM decoded_tokens
         WHERE side = 'out' AND polarity = 'top' AND rank < {TOKENS}
@@ -108,24 +118,64 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
                       "evidence": pa.array(out["evidence"], pa.list_(pa.string())),
                       "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
                       "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
-    return table, postings, cluster_names(groups), {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
+    return table, postings, groups, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
 
 
-def cluster_names(group_names: dict) -> pa.Table:
-    """One row per cluster that has a concept: its name, "months (31 of 227): month, days, year"
-    (the concept, how many members have an evidence term among their top terms, of how many,
-    and the strongest evidence terms other than the concept itself)."""
-    ids, labels = [], []
-    for cluster_id, (word, evidence, _, with_evidence, size) in sorted(group_names.items()):
+def kind_names(con, kinds: token_kinds.Kinds, exemplar_votes: bool) -> dict:
+    """{cluster: (kind, its tokens in the cluster's order, members with one of them, members)} for
+    clusters whose ``KIND_TOKENS`` most distinctive tokens are mostly of one kind (not plain words;
+    ``token_kinds.dominant``) held by at least ``KIND_MEMBERS`` of the members."""
+    from atlas.stages.cluster import distinctive_sql
+    rows = con.execute(f"SELECT cluster_id, key, spelling, raw FROM ({distinctive_sql(exemplar_votes)}) "
+                       f"WHERE r <= {KIND_TOKENS} ORDER BY cluster_id, r").fetchall()
+    per: dict[int, list] = {}
+    for cluster_id, key, spelling, raw in rows:
+        per.setdefault(cluster_id, []).append((key, spelling, kinds.of(raw)))
+    found, keys = {}, {"cluster_id": [], "key": []}
+    for cluster_id, tokens in per.items():
+        kind = token_kinds.dominant([k for _, _, k in tokens], KIND_MIN, KIND_SHARE, PIECES_SHARE)
+        if kind is None:
+            continue
+        found[cluster_id] = (kind, [spelling for _, spelling, k in tokens if k == kind])
+        for key, _, k in tokens:
+            if k == kind:
+                keys["cluster_id"].append(cluster_id)
+                keys["key"].append(key)
+    if not found:
+        return {}
+    with registered(con, "atlas_kind_keys", pa.table({"cluster_id": pa.array(keys["cluster_id"], pa.int32()),
+                                                      "key": pa.array(keys["key"], pa.string())})):
+        members = dict(con.execute(distinctive_sql(exemplar_votes, select="""
+            SELECT p.cluster_id, count(DISTINCT (p.layer, p.neuron)) FROM per_member p
+            JOIN atlas_kind_keys k USING (cluster_id, key) GROUP BY p.cluster_id""")).fetchall())
+    size = dict(con.execute("SELECT cluster_id, size FROM clusters").fetchall())
+    return {c: (kind, shown, members.get(c, 0), size.get(c, 0)) for c, (kind, shown) in found.items()
+            if members.get(c, 0) >= KIND_MEMBERS * size.get(c, 0)}
+
+
+def cluster_names(group_names: dict, kinds: dict | None = None) -> pa.Table:
+    """One row per cluster with a concept or a kind of token: its name, "months (31 of 227):
+    month, days, year" (the concept, how many members have an evidence term among their top
+    terms, of how many, and the strongest evidence terms other than the concept itself), or
+    "word pieces (328 of 428): aughed, uggage, ighthouse" (``kind_names``), and ``named_by``.
+    A concept, the more specific of the two, names a cluster that has both."""
+    names = {}
+    for cluster_id, (word, evidence, _, with_evidence, size) in group_names.items():
         shown = [t for t in evidence if t != word][:SHOWN]
-        ids.append(cluster_id)
-        labels.append(f"{word} ({with_evidence} of {size})" + (f": {', '.join(shown)}" if shown else ""))
-    return pa.table({"cluster_id": pa.array(ids, pa.int32()), "label": pa.array(labels, pa.string())})
+        names[cluster_id] = (with_evidence, f"{word} ({with_evidence} of {size})"
+                             + (f": {', '.join(shown)}" if shown else ""), CONCEPT)
+    for cluster_id, (kind, tokens, with_kind, size) in (kinds or {}).items():
+        if cluster_id not in names:
+            names[cluster_id] = (with_kind, f"{kind} ({with_kind} of {size}): {', '.join(tokens[:SHOWN])}", KIND)
+    ids = sorted(names)
+    return pa.table({"cluster_id": pa.array(ids, pa.int32()),
+                     "label": pa.array([names[c][1] for c in ids], pa.string()),
+                     "named_by": pa.array([names[c][2] for c in ids], pa.string())})
 
 
 def name_clusters(con, names: pa.Table, exemplar_votes: bool) -> int:
     """Clusters get the cluster stage's token labels back (a name from an earlier run never
-    stays), then those with a concept get its name; returns how many."""
+    stays), then those with a concept or a kind of token get its name; returns how many."""
     from atlas.stages.cluster import write_labels
     write_labels(con, exemplar_votes)
     if names.num_rows:
@@ -141,13 +191,17 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
-                                 cluster_names="shared terms")
+                                 cluster_names="shared terms; token kinds 1", python=platform.python_version())
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
     store = ctx.store
     cluster = finished_stage(store.con, "cluster")
-    table, postings, names, info = compute_labels(store.con, cfg, vectors, lexicon, clustered=cluster is not None)
+    table, postings, groups, info = compute_labels(store.con, cfg, vectors, lexicon, clustered=cluster is not None)
+    exemplar_votes = bool(cluster and cluster.get("exemplar_labels"))
+    kinds = kind_names(store.con, token_kinds.Kinds.build(lexicon, LEXICON_MIN, FUNCTION_WORDS),
+                       exemplar_votes) if cluster is not None else {}
+    names = cluster_names(groups, kinds)
     faults.point(STAGE, "labels computed")
     with store.transaction() as con:
         con.execute("DELETE FROM neuron_labels")
@@ -156,15 +210,16 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         if postings is not None:
             insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
         update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
-        named = name_clusters(con, names, bool(cluster.get("exemplar_labels"))) if cluster is not None else 0
+        named = name_clusters(con, names, exemplar_votes) if cluster is not None else 0
+        by_kind = sum(v == KIND for v in names.column("named_by").to_pylist())
         with_concept = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
         seconds = round(time.perf_counter() - start, 2)
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
-                   with_concept=with_concept, clusters_named=named,
+                   with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
                    concept_postings=0 if postings is None else postings.num_rows, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
     return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept, "clusters_named": named,
-            "resource": source}
+            "clusters_named_by_kind": by_kind, "resource": source}

@@ -1,5 +1,5 @@
 // The map page: every neuron a point, drawn by atlas-scatter.js, coloured by cluster or by
-// layer, a layer filter, the biggest clusters named on the plot, a legend, a search box, and
+// layer, a layer filter, named clusters (concept first) on the plot, a legend, a search box, and
 // ?n=L/N to highlight and centre one neuron. Labels are untrusted text: everything here that
 // shows one (legend, status, names on the plot, hover tip) writes it as DOM text.
 (function () {
@@ -15,7 +15,7 @@
   var query = document.getElementById("atlas-map-search");
   var nLayers = data.layers.length;
   var clusterLabel = data.clusters.label, clusterSize = data.clusters.size;
-  var NAMED = window.innerWidth < 600 ? 6 : 12;     // cluster names on the plot, biggest first
+  var NAMED = window.innerWidth < 600 ? 20 : 70;    // cluster names offered to the plot (it shows those that fit)
   var LEGEND = window.innerWidth < 600 ? 4 : 8;     // clusters listed in the legend
   // Point colours all have a WCAG relative luminance near 0.2, so each keeps a contrast of
   // about 4:1 against the light page (#fff) and the dark one (slate, #1e2129): 12 hues at
@@ -132,10 +132,25 @@
       label: "Map of " + total.toLocaleString() + " neurons: arrows pan, + and - zoom, 0 shows all; the find box above reaches one neuron" });
     scatter.setPoints(X, Y, G);
     scatter.setColours(colours(colourSelect.value));
-    // Cluster names at the centroids of the biggest clusters, so the plot reads without hovering.
-    scatter.setNames(bySize.filter(function (c) { return sum[c]; }).slice(0, NAMED).map(function (c) {
+    // Cluster names at their clusters' centroids, so the plot reads without hovering: those
+    // named by a concept first, then by a kind of token, then by their tokens, biggest first
+    // within each, where they fit. A concept shows its word ("months"), a kind its kind and
+    // first two tokens ("Python names: pathlib, hashlib"); the legend and pages have the rest.
+    var named = data.clusters.named || [], rank = { c: 0, k: 1 };
+    function rankOf(c) { return rank[named[c]] !== undefined ? rank[named[c]] : 2; }
+    function plotName(c) {
+      var label = clusterLabel[c] || "cluster " + c, cut = label.indexOf(" (");
+      if (named[c] === "c" && cut > 0) return label.slice(0, cut);
+      if (named[c] === "k" && cut > 0) {
+        var tokens = label.slice(label.indexOf("): ") + 3).split(", ");
+        return label.slice(0, cut) + ": " + tokens.slice(0, 2).join(", ");
+      }
+      return label;
+    }
+    var byName = bySize.slice().sort(function (a, b) { return rankOf(a) - rankOf(b) || clusterSize[b] - clusterSize[a] || a - b; });
+    scatter.setNames(byName.filter(function (c) { return sum[c]; }).slice(0, NAMED).map(function (c) {
       var s = sum[c];
-      return { x: s[0] / s[2], y: s[1] / s[2], text: clusterLabel[c] || "cluster " + c };
+      return { x: s[0] / s[2], y: s[1] / s[2], text: plotName(c) };
     }));
     scatter.draw();
     el.setAttribute("data-points", String(total));

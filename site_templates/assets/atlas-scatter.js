@@ -4,7 +4,7 @@
 // through a grid index, so a mouse move looks at a few cells of points, not at all of them.
 //
 //   var s = AtlasScatter(container, {tip: function (i) { return ["line", ...]; }, open: function (i) {}});
-//   s.setPoints(x, y, group); s.setColours(rgb); s.showGroup(g); s.setNames([{x, y, text}]);
+//   s.setPoints(x, y, group); s.setColours(rgb); s.showGroup(g); s.setNames([{x, y, text}]) (first first: later names that overlap it are hidden);
 //   s.highlight(i); s.centre(x, y, half); s.fit(); s.pick(cx, cy); s.project(i); s.view(); s.colour(i)
 //
 // x, y: Float32Array of data coordinates (NaN: not drawn); group: per point a small integer
@@ -159,13 +159,22 @@
     }
 
     // DOM over the canvas follows the view: names at their points, the ring at its neuron.
+    // Names go down the list in its order, each shown only where it overlaps none shown
+    // before it: zooming in makes room for more.
     function place() {
+      var shown = [];
       nameEls.forEach(function (el, a) {
         var px = w / 2 + (names[a].x - view.cx) * view.k, py = h / 2 - (names[a].y - view.cy) * view.k;
-        el.hidden = !(px >= 0 && px <= w && py >= 0 && py <= h);
-        // Centred on its point, but kept inside the plot's edges (widths measured once).
-        var half = Math.min(names[a].width / 2, w / 2);
+        var inside = px >= 0 && px <= w && py >= 0 && py <= h;
+        // Centred on its point, but kept inside the plot's edges (sizes measured once).
+        var half = Math.min(names[a].width / 2, w / 2), rise = names[a].height / 2;
         px = Math.max(half, Math.min(w - half, px));
+        var box = [px - half, py - rise, px + half, py + rise];
+        var free = inside && shown.every(function (b) {
+          return box[2] <= b[0] || box[0] >= b[2] || box[3] <= b[1] || box[1] >= b[3];
+        });
+        el.hidden = !free;
+        if (free) shown.push(box);
         el.style.transform = "translate(" + px.toFixed(1) + "px," + py.toFixed(1) + "px) translate(-50%,-50%)";
       });
       if (marked >= 0 && !(group >= 0 && G[marked] !== group)) {
@@ -364,7 +373,7 @@
           namesLayer.appendChild(el);
           return el;
         });
-        nameEls.forEach(function (el, a) { names[a].width = el.offsetWidth; });
+        nameEls.forEach(function (el, a) { names[a].width = el.offsetWidth; names[a].height = el.offsetHeight; });
         place();
       },
       highlight: function (i) { marked = i; place(); },

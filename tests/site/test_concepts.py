@@ -225,3 +225,43 @@ def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):
         # A name never outlives its concept: naming again without it gives the token label back.
         name_clusters(con, cluster_names({}), exemplar_votes=False)
         assert con.execute("SELECT label FROM clusters WHERE cluster_id = 8").fetchone()[0] == token_labels[8] != name
+
+
+def test_a_cluster_without_a_concept_is_named_by_the_kind_of_token_its_members_write(tmp_path):
+    """Three members write standard-library module names (no word vector links them to a
+    concept): the cluster is "Python names (3 of 4): ...", and clusters.named_by says how each
+    cluster was named; the map names it before bigger clusters named by their tokens."""
+    from atlas.bench.synthetic import synthetic_directions
+    from atlas.config import ClusterConfig
+    from atlas.stages.cluster import cluster_store
+
+    store = concept_store(tmp_path / "atlas.duckdb")
+    modules = [" pathlib", " hashlib", " tempfile", " shutil", " functools"]
+    with Store(store) as s:
+        con = s.con
+        next_id = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()[0]
+        for i, token in enumerate(modules):
+            con.execute("INSERT INTO vocab VALUES (?, ?, ?)", [next_id + i, token, token])
+        for neuron, order in ((10, [0, 1, 2, 3, 4]), (11, [2, 4, 1, 0, 3]), (12, [4, 3, 2, 1, 0])):
+            for rank, i in enumerate(order):
+                con.execute("UPDATE decoded_tokens SET token = ?, token_id = ? WHERE layer = 0 AND neuron = ? "
+                            "AND side = 'out' AND polarity = 'top' AND rank = ?", [modules[i], next_id + i, neuron, rank])
+        ctx = Context(s, STAGES["cluster"], "sha256:0", get_lm=None, progress=False)
+        cluster_store(ctx, ClusterConfig(n_clusters=8, neighbours=2), lambda: synthetic_directions(2, 64, 32, seed=1))
+        con.execute("UPDATE neurons SET cluster_id = 8 WHERE layer = 0 AND neuron IN (10, 11, 12, 13)")
+        con.execute("INSERT INTO clusters (cluster_id, size, x, y) VALUES (8, 4, 0, 0)")
+        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
+        rows = {c: (label, by) for c, label, by in con.execute("SELECT cluster_id, label, named_by FROM clusters").fetchall()}
+        record = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.labels'").fetchone()[0])
+    label, by = rows[8]
+    assert by == "token kind" and label.startswith("Python names (3 of 4): "), label
+    assert set(label.split(": ", 1)[1].split(", ")) <= {m.strip() for m in modules}
+    assert record["clusters_named_by_kind"] == sum(b == "token kind" for _, b in rows.values())
+    assert record["clusters_named"] == sum(b is not None for _, b in rows.values())
+    # Every name says how it was made: a kind's name starts with its kind, a token label has none.
+    assert all((by is None) == (" of " not in label) for label, by in rows.values()), rows
+    render(store, store.parent / "site", RenderConfig(workers=1, exports=False, search_concepts=False), progress=False)
+    html = (store.parent / "site" / "map" / "index.html").read_text()
+    data = json.loads(html.split('<script id="atlas-map-data" type="application/json">', 1)[1].split("</script>", 1)[0])
+    named = data["clusters"]["named"]
+    assert named[8] == "k" and all(named[c] == {"concept": "c", "token kind": "k", None: ""}[rows[c][1]] for c in rows)

@@ -149,14 +149,36 @@ def test_legend_names_the_biggest_clusters_then_shows_a_layer_scale(page):
     page.select_option("#atlas-map-colour", "cluster")
 
 
-def test_cluster_names_are_drawn_on_the_plot_escaped_once(page):
+def _plot_name(label: str, named: str) -> str:
+    """A cluster's name on the plot: a concept's word, a kind with its first two tokens, else the label."""
+    cut = label.find(" (")
+    if named == "c" and cut > 0:
+        return label[:cut]
+    if named == "k" and cut > 0:
+        return label[:cut] + ": " + ", ".join(label[label.find("): ") + 3:].split(", ")[:2])
+    return label
+
+
+def test_cluster_names_are_drawn_on_the_plot_escaped_once_named_first_where_they_fit(page):
     data = json.loads(page.text_content("#atlas-map-data"))
-    sizes, labels = data["clusters"]["size"], data["clusters"]["label"]
-    biggest = sorted(range(len(sizes)), key=lambda c: (-sizes[c], c))[:12]
-    drawn = page.locator(".atlas-scatter-name").all_text_contents()
-    assert drawn == [labels[c] or f"cluster {c}" for c in biggest]
+    sizes, labels, named = (data["clusters"][k] for k in ("size", "label", "named"))
+    rank = {"c": 0, "k": 1}
+    order = sorted(range(len(sizes)), key=lambda c: (rank.get(named[c], 2), -sizes[c], c))[:70]
+    names = page.locator(".atlas-scatter-name")
+    drawn = names.all_text_contents()
+    assert drawn == [_plot_name(labels[c] or f"cluster {c}", named[c]) for c in order]
     assert not any("&amp;" in t or "&quot;" in t or "&lt;" in t for t in drawn), drawn
     assert page.locator(".atlas-scatter-names *:not(span)").count() == 0
+    # The first name is shown; every name shown overlaps none shown before it, and a hidden one
+    # lies outside the plot or overlaps one shown.
+    boxes = names.evaluate_all("els => els.map(e => e.hidden ? null : e.getBoundingClientRect().toJSON())")
+    shown = [b for b in boxes if b]
+    assert boxes[0] and len(shown) >= 2, boxes
+
+    def overlap(a, b, slack=0.5):           # positions are written to 0.1 px
+        return (a["left"] + slack < b["right"] and b["left"] + slack < a["right"]
+                and a["top"] + slack < b["bottom"] and b["top"] + slack < a["bottom"])
+    assert not any(overlap(a, b) for i, a in enumerate(shown) for b in shown[:i])
 
 
 def test_the_count_follows_the_layer_filter(page):

@@ -232,6 +232,18 @@ def test_an_up_to_date_site_is_not_rendered_again(site, store_path, tmp_path):
     assert stats["neurons"] == N_LAYERS * D_MLP and tree(target) != tree(site)
 
 
+def test_a_new_json_or_index_format_alone_makes_a_site_stale(site, store_path, tmp_path, monkeypatch):
+    """Templates and settings unchanged, only the neuron JSON's or the index's format: render again."""
+    import atlas.site.render as render_mod
+    target = tmp_path / "site"
+    shutil.copytree(site, target)
+    assert render(store_path, target, progress=False).get("skipped")
+    for name in ("JSON_FORMAT", "INDEX_SCHEMA"):
+        with monkeypatch.context() as m:
+            m.setattr(render_mod, name, getattr(render_mod, name) + 1)
+            assert not render(store_path, target, progress=False).get("skipped"), name
+
+
 def test_refuses_to_replace_a_directory_that_is_not_a_site(store_path, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("precious")
