@@ -302,7 +302,8 @@ class DescribeConfig:
         "help": "contexts the scorer judges per neuron: half held-out top exemplars, half random corpus (0: no score)"})
     score_method: str = field(default="list", metadata={
         "help": "detection score: 'logprob' (one yes/no request per context, AUC of p(yes); needs an endpoint that "
-                "returns logprobs) or 'list' (one request naming the contexts that fit, balanced accuracy)"})
+                "returns logprobs), 'list' (one request naming the contexts that fit, balanced accuracy) or "
+                "'embedding' (no request: AUC of each context's word-vector cosine with the description)"})
     describe_seed: int = field(default=0, metadata={"help": "seed of the random contexts, their order and the models"})
     describe_max_tokens: int = field(default=32, metadata={"help": "most tokens of one answer"})
     describe_concurrency: int = field(default=8, metadata={"help": "requests in flight at once (the batch of 'local')"})
@@ -318,8 +319,8 @@ class DescribeConfig:
         if self.score_contexts < 0 or self.score_contexts % 2:
             raise AtlasError(f"--score-contexts {self.score_contexts}: give an even number (half held-out, "
                              "half random), or 0 for no score")
-        if self.score_method not in ("logprob", "list"):
-            raise AtlasError(f"--score-method {self.score_method!r}: give 'logprob' or 'list'")
+        if self.score_method not in ("logprob", "list", "embedding"):
+            raise AtlasError(f"--score-method {self.score_method!r}: give 'list', 'logprob' or 'embedding'")
         if not self.describe_timeout > 0 or self.describe_retries < 0:
             raise AtlasError("--describe-timeout must be positive and --describe-retries not negative")
         for flag, url in (("--explainer-url", self.explainer_url), ("--scorer-url", self.scorer_url)):

@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER
 CREATE TABLE IF NOT EXISTS concept_postings (word VARCHAR, layer SMALLINT, neuron INTEGER, n_ev SMALLINT,
     sim_sum FLOAT, z DOUBLE, rank SMALLINT, evidence VARCHAR);
 CREATE TABLE IF NOT EXISTS description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT,
-    kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT);
+    kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT, similarity FLOAT);
 """
 
 
@@ -114,9 +114,14 @@ def _v4_to_v5(con: duckdb.DuckDBPyConnection) -> None:
 
 def _v5_to_v6(con: duckdb.DuckDBPyConnection) -> None:
     """v6 says how each cluster was named (clusters.named_by: 'concept', 'token kind', NULL for its
-    tokens); the labels stage's fingerprint changed with it, so the next build fills it."""
-    if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'clusters'").fetchone()[0]:
+    tokens; the labels stage's fingerprint changed with it, so the next build fills it) and keeps
+    each scored context's cosine with the description (description_scores.similarity, the
+    embedding score's; NULL in older rows)."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "clusters" in tables:
         con.execute("ALTER TABLE clusters ADD COLUMN IF NOT EXISTS named_by VARCHAR")
+    if "description_scores" in tables:
+        con.execute("ALTER TABLE description_scores ADD COLUMN IF NOT EXISTS similarity FLOAT")
 
 
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.

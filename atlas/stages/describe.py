@@ -7,11 +7,12 @@ the top tokens its ``out`` direction decodes to, and answers with one phrase.
 **Score** (detection, in the sense of EleutherAI's Delphi). The scorer judges the
 description against ``score_contexts`` plain text windows in a seeded shuffled order: half
 are the neuron's held-out top exemplars (the ones between those shown to the explainer),
-half are windows of the same length at random corpus positions. ``--score-method logprob``
-(the default) asks one yes/no question per window and scores the AUC of the yes
-probability; ``list`` asks for the numbers of the windows that fit in one request and
-scores the balanced accuracy of the answer (``describe_score`` says why the default is
-logprob). 0.5 is chance for both, 1.0 a perfect split.
+half are windows of the same length at random corpus positions. ``--score-method list``
+(the default) asks for the numbers of the windows that fit in one request and scores the
+balanced accuracy of the answer; ``logprob`` asks one yes/no question per window and scores
+the AUC of the yes probability; ``embedding`` sends nothing and scores the AUC of each
+window's word-vector cosine with the description (``describe_score``). 0.5 is chance for
+all three, 1.0 a perfect split.
 
 **Resume.** Every answer is stored as it arrives, in its own transaction. A rerun asks
 again only for the neurons without a description from the same explainer and the same
@@ -37,7 +38,7 @@ from atlas.model.files import DEFAULT_MODEL, EMBEDDED_ID
 from atlas.resources import data_json
 from atlas.stages.contract import Context, registered, write_record
 from atlas.stages.describe_score import (  # noqa: F401  (parse_fits, balanced_accuracy: this stage's API)
-    answers, balanced_accuracy, conversations, parse_fits, score_prompt, score_set, scores)
+    EMBEDDING, answers, balanced_accuracy, conversations, parse_fits, score_prompt, score_set, scores)
 from atlas.store import finished_stage
 
 STAGE = "describe"
@@ -158,11 +159,36 @@ class Plan:
 
 
 def names(cfg: DescribeConfig) -> tuple[str, str]:
-    """(explainer, scorer) as the stored rows name them: the model names sent, the embedded model by its id."""
+    """(explainer, scorer) as the stored rows name them: the model names sent, the embedded model by its id,
+    the embedding method's word vectors by package, version and file."""
     def name(url: str, model: str) -> str:
         return EMBEDDED_ID if url == "local" and model in ("", DEFAULT_MODEL) else model
-    return (name(cfg.explainer_url, cfg.explainer_model),
-            name(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model))
+    if cfg.score_method == EMBEDDING:
+        src = word_vectors().source
+        scorer = f"{src['name']}=={src['version']}:{src['file']}"
+    else:
+        scorer = name(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model)
+    return name(cfg.explainer_url, cfg.explainer_model), scorer
+
+
+def word_vectors():
+    """The embedding method's word vectors (``atlas.wordvec``), or a one-line error naming what is missing."""
+    from atlas import wordvec
+    vectors, why = wordvec.load()
+    if vectors is None:
+        raise AtlasError(f"--score-method embedding needs the word vectors: {why}")
+    return vectors
+
+
+def make_scorer(cfg: DescribeConfig, device: str, explainer=None):
+    """The scorer: the explainer's client where it is the same model, else its own; the word vectors
+    for the embedding method."""
+    if cfg.score_method == EMBEDDING:
+        return word_vectors()
+    same = (cfg.scorer_url or cfg.explainer_url) == cfg.explainer_url and cfg.scorer_model in ("", cfg.explainer_model)
+    if explainer is not None and same:
+        return explainer
+    return make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg, device)
 
 
 def make_plan(con, corpus: Corpus, cfg: DescribeConfig, explainer: str, scorer: str) -> Plan:
@@ -272,10 +298,7 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
     unparsed = 0
     scored = []
     if plan.score:
-        scorer = (explainer if explainer and (cfg.scorer_url or cfg.explainer_url) == cfg.explainer_url
-                  and scorer_name == explainer_name
-                  else make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg,
-                                   ctx.device_type))
+        scorer = make_scorer(cfg, ctx.device_type, explainer)
         windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in plan.score}
         for (nr, text), sc in scores(scorer, cfg.score_method, plan.score, lambda nr: windows[(nr.layer, nr.neuron)],
                                      cfg.describe_max_tokens, cfg.describe_seed, cfg.describe_concurrency):
@@ -287,10 +310,11 @@ def _ask(ctx: Context, cfg: DescribeConfig, fp: str, corpus: Corpus, plan: Plan,
                            [sc.score, scorer_name, score_version, len(win), cfg.describe_seed, sc.tpr, sc.tnr,
                             nr.layer, nr.neuron])
                 tx.execute("DELETE FROM description_scores WHERE layer = ? AND neuron = ?", [nr.layer, nr.neuron])
+                sims = sc.similarity or [None] * len(win)
                 tx.executemany("INSERT INTO description_scores (layer, neuron, rank, kind, doc_id, token_pos, fits, "
-                               "p_yes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               [[nr.layer, nr.neuron, i, kind, doc, pos, fit, p]
-                                for i, ((kind, doc, pos, _), fit, p) in enumerate(zip(win, sc.fits, sc.p_yes))])
+                               "p_yes, similarity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               [[nr.layer, nr.neuron, i, kind, doc, pos, fit, p, sim] for i, ((kind, doc, pos, _), fit, p, sim)
+                                in enumerate(zip(win, sc.fits, sc.p_yes, sims))])
             faults.point(STAGE, "score stored")
             used["prompt_tokens"] += sc.prompt_tokens
             used["completion_tokens"] += sc.completion_tokens
@@ -333,7 +357,7 @@ def shuffled_check(store, cfg: DescribeConfig, device: str = "auto") -> dict:
     neurons = {(nr.layer, nr.neuron): nr for nr in gather(con, corpus, [(r[0], r[1]) for r in own], cfg)}
     jobs = [(neurons[(r[0], r[1])], own[(i + 1) % len(own)][2]) for i, r in enumerate(own) if (r[0], r[1]) in neurons]
     windows = {(nr.layer, nr.neuron): score_set(nr, corpus, cfg.describe_seed) for nr, _ in jobs}
-    client = make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg, device)
+    client = make_scorer(cfg, device)
     shuffled = {(nr.layer, nr.neuron): sc.score for (nr, _), sc in scores(
         client, cfg.score_method, jobs, lambda nr: windows[(nr.layer, nr.neuron)], cfg.describe_max_tokens,
         cfg.describe_seed, cfg.describe_concurrency)}

@@ -9,6 +9,13 @@ exemplars, half windows at random corpus positions, shuffled.
   contains what the description says, and reads the first answer token's probabilities:
   ``p_yes / (p_yes + p_no)``, each summed over the spellings in ``atlas.llm.judge``. The
   score is the AUC of ``p_yes``, held-out windows against random ones.
+- **embedding** (``detect-embedding-v1``): no language model and no request. The
+  description and each window are embedded with the static word vectors the concepts use
+  (``atlas.wordvec``: the mean of their tokens' rows, unit length), and the score is the AUC
+  of their cosine, held-out windows against random ones (Delphi's embedding score, with a
+  static embedding in place of its encoder). It measures whether a description names what
+  the neuron's contexts are about, in a space no explainer was tuned to; it cannot judge a
+  description that only an LLM could apply (a syntactic role, "the token after a comma").
 
 The list answer needs a scorer that writes a list; SmolLM2-135M answered without any
 number 7 times of 8, so every score came out at chance. The yes/no probabilities exist for
@@ -30,9 +37,14 @@ from atlas.llm.judge import auc, yes_share
 from atlas.resources import data_json
 
 METHODS = {"list": "score", "logprob": "score_logprob"}        # --score-method -> its prompt in describe_prompts.json
+EMBEDDING = "embedding"                                         # --score-method without a language model
+EMBEDDING_VERSION = "detect-embedding-v1"
 
 
 def score_prompt(method: str) -> dict:
+    """The scorer's prompt (the embedding method has none: only its version)."""
+    if method == EMBEDDING:
+        return {"version": EMBEDDING_VERSION}
     return data_json("describe_prompts.json")[METHODS[method]]
 
 
@@ -60,7 +72,10 @@ def judge_messages(description: str, window: str) -> list[dict]:
 
 
 def conversations(method: str, description: str, windows: list) -> list[list[dict]]:
-    """The requests that score one description: one for the list method, one per window for logprob."""
+    """The requests that score one description: one for the list method, one per window for logprob,
+    none for the embedding method."""
+    if method == EMBEDDING:
+        return []
     if method == "list":
         return [score_messages(description, windows)]
     return [judge_messages(description, w[3]) for w in windows]
@@ -82,14 +97,15 @@ def balanced_accuracy(fits: set[int], kinds: list[str]) -> tuple[float, float, f
 
 @dataclass
 class Scored:
-    score: float                    # balanced accuracy (list) or AUC (logprob)
-    tpr: float                      # logprob: of the windows whose yes is the likelier answer (p_yes > 0.5)
-    tnr: float
+    score: float                    # balanced accuracy (list) or AUC (logprob, embedding)
+    tpr: float                      # logprob: of the windows whose yes is the likelier answer (p_yes > 0.5);
+    tnr: float                      # embedding: of the half of the windows nearest the description
     fits: list[bool]                # per window, in the order shown
     p_yes: list[float | None]       # per window (logprob only)
     prompt_tokens: int
     completion_tokens: int
     unparsed: bool = False          # a list answer with neither a number nor "none"
+    similarity: list[float | None] | None = None   # per window, cosine with the description (embedding only)
 
 
 def judge(method: str, windows: list, replies: list) -> Scored:
@@ -107,6 +123,20 @@ def judge(method: str, windows: list, replies: list) -> Scored:
     _, tpr, tnr = balanced_accuracy(fits, kinds)
     score = auc([p for p, k in zip(p_yes, kinds) if k == "held_out"], [p for p, k in zip(p_yes, kinds) if k != "held_out"])
     return Scored(score, tpr, tnr, [i in fits for i in range(len(windows))], p_yes, *used)
+
+
+def similarity_score(vectors, description: str, windows: list) -> Scored:
+    """The embedding method's score of one description: AUC of each window's cosine with it."""
+    kinds = [w[0] for w in windows]
+    E = vectors.embed([description] + [w[3] for w in windows])
+    sims = [round(float(x), 6) for x in E[1:] @ E[0]]
+    # "Fits": the nearer half of the windows (ties to the median included), for a TPR and TNR at a fixed rate.
+    median = float(np.median(sims)) if sims else 0.0
+    fits = {i for i, x in enumerate(sims) if x >= median}
+    _, tpr, tnr = balanced_accuracy(fits, kinds)
+    score = auc([x for x, k in zip(sims, kinds) if k == "held_out"], [x for x, k in zip(sims, kinds) if k != "held_out"])
+    return Scored(score, tpr, tnr, [i in fits for i in range(len(windows))], [None] * len(windows), 0, 0,
+                  similarity=sims)
 
 
 def answers(jobs: list, one: Callable, many: Callable | None, concurrency: int) -> Iterator[tuple]:
@@ -150,8 +180,13 @@ def scores(client, method: str, jobs: list, windows: Callable, max_tokens: int, 
 
     A job's requests go together: one list request, or one yes/no request per window (sent
     one after another within the job, ``concurrency`` jobs at a time; a local model takes a
-    batch of jobs' windows through one forward pass).
+    batch of jobs' windows through one forward pass). For the embedding method ``client`` is
+    the word vectors, and nothing is sent.
     """
+    if method == EMBEDDING:
+        for job in jobs:
+            yield job, similarity_score(client, job[1], windows(job[0]))
+        return
     def convs(job):
         return conversations(method, job[1], windows(job[0]))
 

@@ -195,6 +195,49 @@ def test_logprob_score_through_http_stores_p_yes_and_its_auc_and_never_pays_twic
         assert check["own_mean"] == pytest.approx(own)
 
 
+def test_embedding_score_sends_nothing_and_stores_each_contexts_cosine(tiny_atlas, tiny_gen):
+    """Descriptions written through HTTP, then scored by word vectors: no request, the AUC of the stored cosines."""
+    from atlas import wordvec
+    from atlas.pipeline import describe_check
+    vectors, why = wordvec.load()
+    if vectors is None:
+        pytest.skip(why)
+    with serving(tiny_gen, batch=4) as (url, stats_url):
+        tiny_atlas.describe(cfg(url))                                  # 4 descriptions, list scores
+        sent = stats(stats_url)["requests"]
+        proc = atlas("describe", "--out", tiny_atlas.out, "--explainer-url", url, "--explainer-model", NAME,
+                     "--describe-budget", 4, "--score-contexts", 4, "--score-method", "embedding", "--dry-run")
+        dry = json.loads(proc.stdout)
+        assert (dry["explain_requests"], dry["score_requests"], dry["already_stored"]) == (0, 0, 4)
+        config = cfg(url, score_method="embedding")
+        result = tiny_atlas.describe(config)
+        check = describe_check(tiny_atlas.out, config, "cpu")
+        assert stats(stats_url)["requests"] == sent                     # the embedding score asked nothing
+    scorer = f"wordllama=={vectors.source['version']}:{vectors.source['file']}"
+    assert (result["described"], result["scored"], result["scorer"], result["score_prompt"]) == (
+        0, 4, scorer, "detect-embedding-v1")
+    described = {(r[0], r[1]): r[2:] for r in rows(tiny_atlas.out, "SELECT layer, neuron, description, score, scorer, "
+                                                                     "contexts FROM descriptions")}
+    windows = rows(tiny_atlas.out, "SELECT layer, neuron, rank, kind, doc_id, token_pos, similarity, p_yes, fits "
+                                   "FROM description_scores ORDER BY ALL")
+    assert len(windows) == 16 and all(-1.0001 <= w[6] <= 1.0001 and w[7] is None for w in windows)
+    from atlas.stages.describe import Corpus, gather, score_set
+    with duckdb.connect(str(tiny_atlas.out / "atlas.duckdb"), read_only=True) as con:
+        corpus = Corpus(con)
+        neurons = {(nr.layer, nr.neuron): nr for nr in gather(con, corpus, list(described), config)}
+    for key, (text, score, by, contexts) in described.items():
+        mine = [w for w in windows if (w[0], w[1]) == key]
+        shown = score_set(neurons[key], corpus, config.describe_seed)
+        # Each stored cosine is the description's with that window's text, recomputed here.
+        E = vectors.embed([text] + [w[3] for w in shown])
+        assert [m[6] for m in mine] == pytest.approx((E[1:] @ E[0]).tolist(), abs=1e-5)
+        assert [(m[3], m[4], m[5]) for m in mine] == [w[:3] for w in shown]
+        held = [m[6] for m in mine if m[3] == "held_out"]
+        rand = [m[6] for m in mine if m[3] == "random"]
+        assert (by, contexts) == (scorer, 4) and score == pytest.approx(auc(held, rand), abs=1e-6)
+    assert check["pairs"] == 4 and check["score_method"] == "embedding" and check["scorer"] == scorer
+
+
 class _NoLogprobs(BaseHTTPRequestHandler):
     """An endpoint that answers every chat with a word and no logprobs, as some servers do."""
 
@@ -380,7 +423,7 @@ def test_pages_json_exports_and_search_carry_descriptions(tiny_atlas, tiny_gen):
 def test_describe_settings_are_checked_before_anything_runs(tmp_path):
     for flags, needle in ((["--explainer-url", "http://x/v1"], "needs --explainer-model"),
                           (["--score-contexts", 3], "even number"),
-                          (["--score-method", "vibes"], "give 'logprob' or 'list'"),
+                          (["--score-method", "vibes"], "give 'list', 'logprob' or 'embedding'"),
                           (["--describe-budget", -2], "--describe-budget")):
         assert_one_line_error(atlas("describe", "--out", tmp_path / "o", *flags), needle)
     assert not (tmp_path / "o").exists()
@@ -407,8 +450,15 @@ def test_embedded_model_describes_scores_and_beats_shuffled_descriptions(default
         from atlas.pipeline import describe_check
         check = describe_check(out, config, "cpu")
         sent = stats(stats_url)["requests"]
+        own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
+        # The same descriptions scored by word vectors, and their held-out check: nothing more is sent.
+        words = cfg(url, explainer_model="smollm2", describe_budget=3, describe_shown=4, score_contexts=4,
+                    score_method="embedding")
+        by_words = Build(out, "default", device="cpu", progress=False).describe(words)
+        check_words = describe_check(out, words, "cpu")
+        assert stats(stats_url)["requests"] == sent
     assert (result["described"], result["scored"]) == (3, 3) and sent == 9           # the list score: one per neuron
     assert check["pairs"] == 3 and check["own_higher"] + check["ties"] + check["own_lower"] == 3
-    own = rows(out, "SELECT avg(score) FROM descriptions")[0][0]
     assert abs(check["own_mean"] - own) < 1e-6
-    print("held-out check (3 neurons):", json.dumps(check))
+    assert (by_words["described"], by_words["scored"], check_words["pairs"]) == (0, 3, 3)
+    print("held-out check (3 neurons):", json.dumps(check), json.dumps(check_words))
