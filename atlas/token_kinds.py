@@ -62,13 +62,22 @@ def python_names() -> set[str]:
     return {n for n in names if len(n) >= 3}
 
 
+# Scripts named as Unicode's character names begin (the first word); letters of others are "other".
+SCRIPTS = {"GREEK", "CYRILLIC", "ARMENIAN", "HEBREW", "ARABIC", "SYRIAC", "THAANA", "DEVANAGARI", "BENGALI",
+           "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM", "SINHALA", "THAI", "LAO",
+           "TIBETAN", "MYANMAR", "GEORGIAN", "HANGUL", "ETHIOPIC", "CHEROKEE", "KHMER", "MONGOLIAN", "HIRAGANA",
+           "KATAKANA", "BOPOMOFO", "CJK", "YI"}
+
+
 def script(letters: str) -> str | None:
-    """The script of a run of letters when none is Latin ("Greek"), else None."""
+    """The script of a run of letters when none is Latin ("Greek", "CJK", "other"), else None."""
     names = Counter(unicodedata.name(ch, "UNKNOWN").split(" ")[0] for ch in letters)
     if "LATIN" in names:
         return None
     top = names.most_common(1)[0][0]
-    return top if top in ("CJK",) else top.title()
+    if top not in SCRIPTS:
+        return "other"
+    return top if top == "CJK" else top.title()
 
 
 @dataclass

@@ -19,6 +19,7 @@ def kinds():
 @pytest.mark.parametrize("token, kind", [
     (" 2024", NUMBERS), ("3", NUMBERS), ("?](", PUNCTUATION), ("'}),", PUNCTUATION), (" ,", PUNCTUATION),
     (" ζω", "Greek script"), ("ομαι", "Greek script"), ("Привет", "Cyrillic script"), ("为", "CJK script"),
+    ("ª", "other script"), ("ひらがな", "Hiragana script"),
     (" pathlib", PYTHON), (" getattr", PYTHON), ("RuntimeError", PYTHON), (" functools", PYTHON),
     ("CreateModel", CODE), (" setObjectName", CODE), ("__init__", CODE), ("_('x", CODE), (" {name}", CODE),
     (" her", FUNCTION), (" was", FUNCTION), (" The", FUNCTION),
