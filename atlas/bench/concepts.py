@@ -18,6 +18,12 @@ top 20 are scored:
 
 The ``tune`` part is the one whose numbers guided the concept search's settings; the
 ``held_out`` part was not looked at until they were fixed, and is reported apart.
+
+**Other languages** (``bench_other_languages``): the same categories asked in French,
+Spanish, German and Italian ("tier" for animal), each judged by its English query's judged
+neurons, written before any was searched and never tuned on. A word reaches concept search
+only where the word vectors know it as a whole token (the query vocabulary); each row says
+whether it does.
 """
 
 from __future__ import annotations
@@ -40,9 +46,18 @@ MIN_MEMBERS = 3
 TOP = 20
 
 
+OTHER = "other languages"
+WHOLE = "other languages, word-vector words"
+
+
 def categories() -> dict[str, list[tuple[str, str, int]]]:
     parts = data_json("concepts.json")["bench_categories"]
     return {part: [tuple(c) for c in cats] for part, cats in parts.items()}
+
+
+def other_languages() -> list[tuple[str, str, str]]:
+    """(word, language, the English query whose judged neurons judge it)."""
+    return [tuple(r) for r in data_json("concepts.json")["bench_other_languages"]]
 
 
 def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]]) -> dict[str, set[tuple[int, int]]]:
@@ -99,10 +114,18 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
                 for name in ("before", "after"):
                     row[name] = score(search[name](query), j)
                 rows.append(row)
+        known = _whole_words()
+        for word, lang, query in other_languages():
+            j = judged[query]
+            row = {"part": OTHER, "query": word, "lang": lang, "category": query, "judged": len(j),
+                   "whole_word": word in known}
+            for name in ("before", "after"):
+                row[name] = score(search[name](word), j)
+            rows.append(row)
         coherence = cluster_coherence(con)
     summary = {}
-    for part in parts:
-        scored = [r for r in rows if r["part"] == part and r["judged"]]
+    for part in [*parts, OTHER, WHOLE]:
+        scored = [r for r in rows if (r["part"] == part or part == WHOLE and r.get("whole_word")) and r["judged"]]
         summary[part] = {"queries": len(scored)}
         for name in ("before", "after"):
             for m in ("precision", "recall"):
@@ -111,12 +134,23 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
             "judge": {"wordnet": str(wn.root), "ranks": RANKS, "min_members": MIN_MEMBERS}}
 
 
+def _whole_words() -> set[str]:
+    """The word vectors' whole-word tokens, accents kept (empty without them)."""
+    from atlas import wordvec
+    vectors, _ = wordvec.load()
+    if vectors is None:
+        return set()
+    return {t[1:].lower() for t in vectors.tokenizer.get_vocab() if t.startswith("\u2581") and t[1:].isalpha()}
+
+
 def table(result: dict) -> str:
     lines = ["| part | query | judged | P@20 before | R@20 before | P@20 after | R@20 after |",
              "|---|---|---|---|---|---|---|"]
     fmt = (lambda v: "–" if v is None else f"{v:.2f}")
     for r in result["rows"]:
-        lines.append(f"| {r['part']} | {r['query']} | {r['judged']} | {fmt(r['before']['precision'])} | "
+        query = r["query"] if r["part"] != OTHER else (f"{r['query']} ({r['lang']}, {r['category']}"
+                                                       + ("" if r["whole_word"] else "; not a word-vector word") + ")")
+        lines.append(f"| {r['part']} | {query} | {r['judged']} | {fmt(r['before']['precision'])} | "
                      f"{fmt(r['before']['recall'])} | {fmt(r['after']['precision'])} | {fmt(r['after']['recall'])} |")
     for part, s in result["summary"].items():
         lines.append(f"| **{part}, mean of {s['queries']}** | | | {fmt(s['precision_before'])} | "

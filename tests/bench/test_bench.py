@@ -76,3 +76,13 @@ def test_gpu_decode_matches_the_cpu_in_bfloat16():
 def test_negative_decode_neurons_is_a_one_line_error():
     r = CliRunner().invoke(main, ["bench", "decode", "--shape", "smollm2-135m", "--decode-neurons", "-1"])
     assert r.exit_code != 0 and "--decode-neurons" in r.output and "Traceback" not in r.output
+
+
+def test_the_concept_benchmarks_other_languages_ask_its_own_categories():
+    """Each foreign query is judged by an English query of the benchmark: a typo there would judge nothing."""
+    from atlas.bench.concepts import categories, other_languages
+    queries = {q for cats in categories().values() for q, _, _ in cats}
+    rows = other_languages()
+    assert len(rows) >= 20 and len({w for w, _, _ in rows}) == len(rows)
+    assert {lang for _, lang, _ in rows} == {"fr", "es", "de", "it"}
+    assert {q for _, _, q in rows} <= queries
