@@ -59,10 +59,18 @@ def summary(con) -> dict | None:
         return None
     status = finished_stage(con, "cluster")
     stats = status.get("stats", {})
+    named = dict(con.execute("SELECT coalesce(named_by, 'tokens'), count(*) FROM clusters GROUP BY 1").fetchall())
     return {"n_clusters": con.execute("SELECT count(*) FROM clusters").fetchone()[0],
+            "grouped_by": grouped_by(status), "named": named,
             "within": stats.get("within_cosine"), "across": stats.get("across_cosine"),
             "search": stats.get("neighbour_search", {}), "config": status.get("config", {}),
             "exemplar_labels": bool(status.get("exemplar_labels"))}
+
+
+def grouped_by(record: dict) -> str:
+    """What k-means grouped by ('terms' or 'out'), from the cluster stage's settings; stores
+    clustered before --cluster-on existed grouped by `out` cosine."""
+    return (record.get("config") or {}).get("cluster_on", "out")
 
 
 def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[int], templates: Path) -> dict:
@@ -71,6 +79,7 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
         shutil.copyfile(templates / "assets" / name, site / "assets" / name)
     clusters = con.execute("SELECT cluster_id, size, label, x, y, cohesion, named_by FROM clusters "
                            "ORDER BY cluster_id").fetchall()
+    grouped = grouped_by(finished_stage(con, "cluster") or {})
     labels = [visible(c[2]) for c in clusters]
 
     # One page per cluster, members streamed in cluster order so memory stays flat.
@@ -86,11 +95,12 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
     def flush():
         if current is None:
             return
-        cid, size, _, _, _, cohesion, _ = clusters[current]
+        cid, size, _, _, _, cohesion, named_by = clusters[current]
         out = site / "clusters" / str(cid)
         out.mkdir(parents=True)
         (out / "index.html").write_text(page.render(
             site=page_site, root="../../", cluster=cid, label=labels[current], size=size, cohesion=cohesion,
+            named_by=named_by, grouped_by=grouped,
             members=[(layer, n, visible(label), tokens or []) for layer, n, label, tokens in members],
             canonical=None), encoding="utf-8")
 
@@ -102,7 +112,7 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
             members.append((layer, n, label, tokens))
     flush()
     (site / "clusters" / "index.html").write_text(env.get_template("clusters.html").render(
-        site=page_site, root="../", canonical=None,
+        site=page_site, root="../", canonical=None, grouped_by=grouped,
         clusters=[(c[0], labels[i], c[1], c[5]) for i, c in enumerate(clusters)]), encoding="utf-8")
 
     # The map: a page, and per layer parallel arrays (x, y, cluster id, neuron label).
@@ -121,6 +131,7 @@ def write_cluster_site(con, env, site: Path, page_site: dict, layer_sizes: list[
     data = {"layers": layer_sizes, "clusters": {"label": labels, "size": [c[1] for c in clusters], "named": named}}
     (site / "map" / "index.html").write_text(env.get_template("map.html").render(
         site=page_site, root="../", canonical=None, n_neurons=sum(layer_sizes), n_clusters=len(clusters),
+        grouped_by=grouped,
         n_layers=len(layer_sizes), data_json=script_json(data)), encoding="utf-8")
     return {"clusters": len(clusters)}
 

@@ -503,4 +503,4 @@ def cluster_store(ctx: Context, cfg: ClusterConfig, directions) -> dict:
 
 def _kept(record: dict) -> dict:
     """What a relabelling keeps of the record of the geometry it relabels."""
-    return {k: v for k, v in record.items() if k in ("geometry", "side", "seconds", "stats")}
+    return {k: v for k, v in record.items() if k in ("geometry", "side", "grouped_by", "seconds", "stats")}

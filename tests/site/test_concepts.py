@@ -265,3 +265,12 @@ def test_a_cluster_without_a_concept_is_named_by_the_kind_of_token_its_members_w
     data = json.loads(html.split('<script id="atlas-map-data" type="application/json">', 1)[1].split("</script>", 1)[0])
     named = data["clusters"]["named"]
     assert named[8] == "k" and all(named[c] == {"concept": "c", "token kind": "k", None: ""}[rows[c][1]] for c in rows)
+    # The cluster's page says how it was named, and the method page how many were named each way.
+    page = (store.parent / "site" / "clusters" / "8" / "index.html").read_text()
+    assert "named by the kind of token its members write" in page
+    method = (store.parent / "site" / "method" / "index.html").read_text()
+    counts = {k: sum(b == v for _, b in rows.values()) for k, v in (("concept", "concept"), ("kind", "token kind"),
+                                                                    ("tokens", None))}
+    assert (f"Here: {counts['concept']} by a concept, {counts['kind']} by a kind of token, "
+            f"{counts['tokens']} by their tokens.") in " ".join(method.split())
+    assert "grouped by <strong>what they write</strong>" in method
