@@ -319,34 +319,44 @@ def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_p
     assert sorted(p.name for p in out.iterdir()) == [".atlas.lock", "atlas.duckdb", "exports", "site"]
 
 
-def test_a_v3_store_keeps_its_list_scores_and_gains_p_yes(tmp_path):
-    """v4 adds description_scores.p_yes (the logprob score's per-context yes); v3 rows keep theirs, with NULL."""
+def _migrated(tmp_path, version: int, setup: list[str], query: str) -> list[tuple]:
+    """A store left at schema ``version`` with the tables ``setup`` makes, opened (so migrated to
+    v6); returns ``query``'s rows."""
     from atlas.store import Store
 
     path = tmp_path / "atlas.duckdb"
-    _old_store(path, {"schema_version": 3, "model": {"id": "m"}})
+    _old_store(path, {"schema_version": version, "model": {"id": "m"}})
     with duckdb.connect(str(path)) as con:
-        con.execute("CREATE TABLE description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT, kind VARCHAR, "
-                    "doc_id INTEGER, token_pos INTEGER, fits BOOLEAN)")
-        con.execute("INSERT INTO description_scores VALUES (0, 0, 0, 'held_out', 3, 20, true)")
+        for sql in setup:
+            con.execute(sql)
     with Store(path) as store:
         assert store.meta("schema_version") == 6
-        assert store.con.execute("SELECT kind, fits, p_yes FROM description_scores").fetchall() == [
-            ("held_out", True, None)]
+        return store.con.execute(query).fetchall()
+
+
+def test_a_v3_store_keeps_its_list_scores_and_gains_p_yes(tmp_path):
+    """v4 adds description_scores.p_yes (the logprob score's per-context yes); v3 rows keep theirs, with NULL."""
+    assert _migrated(tmp_path, 3, [
+        "CREATE TABLE description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT, kind VARCHAR, "
+        "doc_id INTEGER, token_pos INTEGER, fits BOOLEAN)",
+        "INSERT INTO description_scores VALUES (0, 0, 0, 'held_out', 3, 20, true)"],
+        "SELECT kind, fits, p_yes FROM description_scores") == [("held_out", True, None)]
 
 
 def test_a_v5_stores_clusters_keep_their_labels_and_gain_named_by(tmp_path):
     """v6 records how each cluster was named (clusters.named_by); v5 rows keep theirs, with NULL
     until the labels stage, whose fingerprint changed with it, runs again."""
-    from atlas.store import Store
+    assert _migrated(tmp_path, 5, [
+        "CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, "
+        "x FLOAT, y FLOAT, cohesion FLOAT)",
+        "INSERT INTO clusters VALUES (0, 3, 'months (2 of 3): month, year', 0.5, -0.5, 0.25)"],
+        "SELECT label, size, named_by FROM clusters") == [("months (2 of 3): month, year", 3, None)]
 
-    path = tmp_path / "atlas.duckdb"
-    _old_store(path, {"schema_version": 5, "model": {"id": "m"}})
-    with duckdb.connect(str(path)) as con:
-        con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, "
-                    "x FLOAT, y FLOAT, cohesion FLOAT)")
-        con.execute("INSERT INTO clusters VALUES (0, 3, 'months (2 of 3): month, year', 0.5, -0.5, 0.25)")
-    with Store(path) as store:
-        assert store.meta("schema_version") == 6
-        assert store.con.execute("SELECT label, size, named_by FROM clusters").fetchall() == [
-            ("months (2 of 3): month, year", 3, None)]
+
+def test_a_v5_stores_scored_contexts_gain_a_null_similarity(tmp_path):
+    """v6 also keeps each scored context's cosine with the description (the embedding score's); v5 rows keep theirs."""
+    assert _migrated(tmp_path, 5, [
+        "CREATE TABLE description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT, kind VARCHAR, "
+        "doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT)",
+        "INSERT INTO description_scores VALUES (0, 0, 0, 'random', 3, 20, false, 0.25)"],
+        "SELECT kind, fits, p_yes, similarity FROM description_scores") == [("random", False, 0.25, None)]

@@ -135,12 +135,10 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
 
 
 def _whole_words() -> set[str]:
-    """The word vectors' whole-word tokens, accents kept (empty without them)."""
+    """The word vectors' whole-word tokens, as the query vocabulary takes them (empty without them)."""
     from atlas import wordvec
     vectors, _ = wordvec.load()
-    if vectors is None:
-        return set()
-    return {t[1:].lower() for t in vectors.tokenizer.get_vocab() if t.startswith("\u2581") and t[1:].isalpha()}
+    return set(vectors.words()) if vectors is not None else set()
 
 
 def table(result: dict) -> str:

@@ -389,7 +389,8 @@ def distinctive_sql(exemplars: bool, select: str | None = None) -> str:
     """A query of each cluster's distinctive tokens: ``cluster_id, r, key, spelling, raw, c``, ``r``
     counting from 1 in order of distinctiveness (see ``write_labels``); ``raw`` is the commonest
     token text, spaces kept, and ``c`` the members that have it. ``select`` replaces the final
-    SELECT, to read the query's other parts (``per_member``: each member's distinct keys)."""
+    SELECT, to read the query's other parts (``ranked``, ``spelling``, and ``per_member``: each
+    member's distinct keys)."""
     exemplar_pool = """
         UNION ALL
         SELECT e.layer, e.neuron, v.token FROM exemplars e

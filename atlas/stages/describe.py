@@ -185,8 +185,9 @@ def make_scorer(cfg: DescribeConfig, device: str, explainer=None):
     for the embedding method."""
     if cfg.score_method == EMBEDDING:
         return word_vectors()
-    same = (cfg.scorer_url or cfg.explainer_url) == cfg.explainer_url and cfg.scorer_model in ("", cfg.explainer_model)
-    if explainer is not None and same:
+    explainer_name, scorer_name = names(cfg)
+    if explainer is not None and (cfg.scorer_url or cfg.explainer_url) == cfg.explainer_url \
+            and scorer_name == explainer_name:
         return explainer
     return make_client(cfg.scorer_url or cfg.explainer_url, cfg.scorer_model or cfg.explainer_model, cfg, device)
 

@@ -40,7 +40,7 @@ from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import LabelsConfig
 from atlas.site.concept_source import FUNCTION_WORDS, LEXICON_MIN, POSTINGS, concepts
 from atlas.site.search import normalise
-from atlas.stages.contract import Context, insert_arrow, registered, update_from_arrow
+from atlas.stages.contract import Context, insert_arrow, update_from_arrow
 from atlas.store import finished_stage
 
 TOKENS = 10             # top `out` tokens read per neuron
@@ -126,31 +126,25 @@ def kind_names(con, kinds: token_kinds.Kinds, exemplar_votes: bool) -> dict:
     clusters whose ``KIND_TOKENS`` most distinctive tokens are mostly of one kind (not plain words;
     ``token_kinds.dominant``) held by at least ``KIND_MEMBERS`` of the members."""
     from atlas.stages.cluster import distinctive_sql
-    rows = con.execute(f"SELECT cluster_id, key, spelling, raw FROM ({distinctive_sql(exemplar_votes)}) "
-                       f"WHERE r <= {KIND_TOKENS} ORDER BY cluster_id, r").fetchall()
+    rows = con.execute(distinctive_sql(exemplar_votes, select=f"""
+        SELECT r.cluster_id, s.spelling, s.raw, list((p.layer, p.neuron)) AS members
+        FROM ranked r JOIN spelling s USING (cluster_id, key) JOIN per_member p USING (cluster_id, key)
+        WHERE r.r <= {KIND_TOKENS} GROUP BY r.cluster_id, r.r, s.spelling, s.raw
+        ORDER BY r.cluster_id, r.r""")).fetchall()
     per: dict[int, list] = {}
-    for cluster_id, key, spelling, raw in rows:
-        per.setdefault(cluster_id, []).append((key, spelling, kinds.of(raw)))
-    found, keys = {}, {"cluster_id": [], "key": []}
+    for cluster_id, spelling, raw, members in rows:
+        per.setdefault(cluster_id, []).append((spelling, kinds.of(raw), members))
+    size = dict(con.execute("SELECT cluster_id, size FROM clusters").fetchall())
+    found = {}
     for cluster_id, tokens in per.items():
-        kind = token_kinds.dominant([k for _, _, k in tokens], KIND_MIN, KIND_SHARE, PIECES_SHARE)
+        kind = token_kinds.dominant([k for _, k, _ in tokens], KIND_MIN, KIND_SHARE, PIECES_SHARE)
         if kind is None:
             continue
-        found[cluster_id] = (kind, [spelling for _, spelling, k in tokens if k == kind])
-        for key, _, k in tokens:
-            if k == kind:
-                keys["cluster_id"].append(cluster_id)
-                keys["key"].append(key)
-    if not found:
-        return {}
-    with registered(con, "atlas_kind_keys", pa.table({"cluster_id": pa.array(keys["cluster_id"], pa.int32()),
-                                                      "key": pa.array(keys["key"], pa.string())})):
-        members = dict(con.execute(distinctive_sql(exemplar_votes, select="""
-            SELECT p.cluster_id, count(DISTINCT (p.layer, p.neuron)) FROM per_member p
-            JOIN atlas_kind_keys k USING (cluster_id, key) GROUP BY p.cluster_id""")).fetchall())
-    size = dict(con.execute("SELECT cluster_id, size FROM clusters").fetchall())
-    return {c: (kind, shown, members.get(c, 0), size.get(c, 0)) for c, (kind, shown) in found.items()
-            if members.get(c, 0) >= KIND_MEMBERS * size.get(c, 0)}
+        holders = set().union(*(members for _, k, members in tokens if k == kind))
+        if len(holders) >= KIND_MEMBERS * size.get(cluster_id, 0):
+            found[cluster_id] = (kind, [spelling for spelling, k, _ in tokens if k == kind], len(holders),
+                                 size.get(cluster_id, 0))
+    return found
 
 
 def cluster_names(group_names: dict, kinds: dict | None = None) -> pa.Table:
@@ -162,15 +156,15 @@ def cluster_names(group_names: dict, kinds: dict | None = None) -> pa.Table:
     names = {}
     for cluster_id, (word, evidence, _, with_evidence, size) in group_names.items():
         shown = [t for t in evidence if t != word][:SHOWN]
-        names[cluster_id] = (with_evidence, f"{word} ({with_evidence} of {size})"
-                             + (f": {', '.join(shown)}" if shown else ""), CONCEPT)
+        names[cluster_id] = (f"{word} ({with_evidence} of {size})" + (f": {', '.join(shown)}" if shown else ""),
+                             CONCEPT)
     for cluster_id, (kind, tokens, with_kind, size) in (kinds or {}).items():
         if cluster_id not in names:
-            names[cluster_id] = (with_kind, f"{kind} ({with_kind} of {size}): {', '.join(tokens[:SHOWN])}", KIND)
+            names[cluster_id] = (f"{kind} ({with_kind} of {size}): {', '.join(tokens[:SHOWN])}", KIND)
     ids = sorted(names)
     return pa.table({"cluster_id": pa.array(ids, pa.int32()),
-                     "label": pa.array([names[c][1] for c in ids], pa.string()),
-                     "named_by": pa.array([names[c][2] for c in ids], pa.string())})
+                     "label": pa.array([names[c][0] for c in ids], pa.string()),
+                     "named_by": pa.array([names[c][1] for c in ids], pa.string())})
 
 
 def name_clusters(con, names: pa.Table, exemplar_votes: bool) -> int:
