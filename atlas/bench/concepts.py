@@ -67,8 +67,13 @@ def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]]) -> dict[s
             SELECT layer, neuron, token FROM decoded_tokens
             WHERE side = 'out' AND polarity = 'top' AND rank < {RANKS}""").fetchall():
         t = normalise(token)
-        if len(t) >= 3 and t.isalpha():       # "in", "at", "be" are an inch, astatine and beryllium to WordNet
-            terms.setdefault((layer, neuron), set()).add(wn.lemma(t) or t)
+        # "in", "at", "be" are an inch, astatine and beryllium to WordNet; so are word pieces and
+        # acronyms ("als": aluminium, "ALS": a disease): a term counts from a token that starts a
+        # word (a leading space), not in capitals, with a lemma of 3 letters or more.
+        if len(t) >= 3 and t.isalpha() and token[:1].isspace() and not token.strip().isupper():
+            lemma = wn.lemma(t) or t
+            if len(lemma) >= 3:
+                terms.setdefault((layer, neuron), set()).add(lemma)
     vocabulary = sorted(set().union(*terms.values())) if terms else []
     judged = {}
     for query, lemma, sense in cats:
