@@ -264,12 +264,15 @@ def cluster(out, model, device, dtype, quiet, **kw):
 @config_options(LabelsConfig)
 @quiet_option
 def labels(out, model, device, dtype, quiet, **kw):
-    """Label each neuron's concept from its decoded tokens (word vectors), and name clusters by them.
+    """Label each neuron's concept from its decoded tokens (word vectors), and name clusters by them;
+    the model's own examples of each concept word ("The most common kinds of metal are") count as
+    evidence for search and cluster names.
 
     \b
     Example:
       atlas labels --out out/smollm2
       atlas labels --out out/smollm2 --label-min-evidence 4
+      atlas labels --out out/smollm2 --label-examples 0     # word vectors only, no model run
     """
     from atlas.pipeline import Build
     cfg = config_from(LabelsConfig, kw)

@@ -15,6 +15,7 @@ from atlas.errors import AtlasError
 from atlas.schema import SIDES
 
 HOLDS = 0.9             # faithfulness at which a neuron's decoded meaning counts as holding up
+CPU_EXAMPLES = 4000         # concept words whose examples the labels stage asks the model for without a GPU (~30 s)
 CPU_BUDGET = 2048           # neurons the clamp stage measures by default without a GPU (see README: ~2 min)
 EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search
 DEFAULT_PROBE = 16          # clusters searched per neuron above EXACT_MAX
@@ -186,8 +187,14 @@ class LabelsConfig:
     label_min_centroid: float = field(default=0.45, metadata={
         "help": "cosine (word vectors) between a concept word and the centroid of the neuron's decoded terms "
                 "from which the word names the neuron's concept; below it the label says there is no clear concept"})
+    label_examples: int = field(default=-1, metadata={
+        "help": "concept words whose examples the model is asked for ('The most common kinds of metal are'), "
+                f"which then count as evidence for the word: -1 all on a GPU and the commonest {CPU_EXAMPLES:,} "
+                "on a CPU, 0 none, N the commonest N"})
 
     def validate(self) -> None:
+        if self.label_examples < -1:
+            raise AtlasError("--label-examples must be -1 (all on a GPU, a CPU's share on a CPU), 0 or more")
         if self.label_min_evidence < 1:
             raise AtlasError("--label-min-evidence must be at least 1")
         if not 0 < self.label_min_sim < 1:

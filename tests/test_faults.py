@@ -263,7 +263,7 @@ def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
     with Store(path) as store:
-        assert store.meta("schema_version") == SCHEMA_VERSION == 6
+        assert store.meta("schema_version") == SCHEMA_VERSION == 7
         cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
         assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
         assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
@@ -283,7 +283,7 @@ def test_a_v2_store_keeps_its_16_token_windows_as_lists(tmp_path):
                     "window_start INTEGER, window_activations FLOAT[16])")
         con.execute("INSERT INTO exemplars VALUES (0, 0, 'max', 0, 3, 20, 1.5, 1.0, 8, ?)", [window])
     with Store(path) as store:
-        assert store.meta("schema_version") == 6
+        assert store.meta("schema_version") == 7
         assert store.con.execute("SELECT window_activations FROM exemplars").fetchall() == [(window,)]
         assert dict(store.con.execute("DESCRIBE exemplars").fetchall()[i][:2] for i in range(10))["window_activations"] == "FLOAT[]"
         assert store.count("exemplar_samples") == 0
@@ -321,7 +321,7 @@ def test_a_full_disk_during_render_keeps_the_published_site(clean, inputs, tmp_p
 
 def _migrated(tmp_path, version: int, setup: list[str], query: str) -> list[tuple]:
     """A store left at schema ``version`` with the tables ``setup`` makes, opened (so migrated to
-    v6); returns ``query``'s rows."""
+    the current schema); returns ``query``'s rows."""
     from atlas.store import Store
 
     path = tmp_path / "atlas.duckdb"
@@ -330,7 +330,7 @@ def _migrated(tmp_path, version: int, setup: list[str], query: str) -> list[tupl
         for sql in setup:
             con.execute(sql)
     with Store(path) as store:
-        assert store.meta("schema_version") == 6
+        assert store.meta("schema_version") == SCHEMA_VERSION
         return store.con.execute(query).fetchall()
 
 
@@ -360,3 +360,14 @@ def test_a_v5_stores_scored_contexts_gain_a_null_similarity(tmp_path):
         "doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT)",
         "INSERT INTO description_scores VALUES (0, 0, 0, 'random', 3, 20, false, 0.25)"],
         "SELECT kind, fits, p_yes, similarity FROM description_scores") == [("random", False, 0.25, None)]
+
+
+def test_a_v6_store_gains_an_empty_table_of_the_models_examples(tmp_path):
+    """v7 keeps the model's examples of each concept word; a v6 store has none until the labels
+    stage, whose fingerprint changed with it, runs again (its labels are kept till then)."""
+    assert _migrated(tmp_path, 6, [
+        "CREATE TABLE neuron_labels (layer SMALLINT, neuron INTEGER, label VARCHAR, concept VARCHAR, "
+        "evidence VARCHAR[], tokens VARCHAR[], method VARCHAR, score FLOAT)",
+        "INSERT INTO neuron_labels VALUES (0, 1, 'metal: iron, copper', 'metal', ['iron', 'copper'], ['iron'], "
+        "'word vectors', 0.5)"],
+        "SELECT label, (SELECT count(*) FROM concept_examples) FROM neuron_labels") == [("metal: iron, copper", 0)]

@@ -6,8 +6,11 @@ The queries and their judges are in ``data/concepts.json`` (``bench_categories``
 category a query word ("animal") and a WordNet noun synset (animal, sense 1). A neuron is
 **judged** to be about the category when at least ``MIN_MEMBERS`` distinct terms among its
 top ``RANKS`` decoded `out` tokens (letters only, 3 or more, plurals to their lemma) are nouns whose commonest sense falls under that synset
-in WordNet's hypernym tree (``atlas.bench.wordnet``). The judge reads WordNet only; concept
-search reads word vectors only, so neither is tuned to the other.
+in WordNet's hypernym tree (``atlas.bench.wordnet``). A term counts only from a token that
+starts a word (a leading space), not written in capitals, whose lemma has 3 letters or more:
+WordNet reads the word piece "als" and the acronym "ALS" as aluminium, "ras" as radium. The
+judge reads WordNet only; concept search reads word vectors and the model's own examples,
+never WordNet, so neither is tuned to the other.
 
 For each query the store's search index is written twice, **before** (literal matches
 only, as in the atlas up to now) and **after** (with concept matches), and the query's

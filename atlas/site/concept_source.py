@@ -18,7 +18,12 @@ too):
   the query word is at least ``MIN_SIM``, that is not the query word itself, its plural or
   its singular (a literal match) and that shares no ``SPELLING`` letters in a row with it
   (word vectors pooled from sub-word tokens mistake spelling for meaning: "unanim" for
-  "animal"); the ``EVIDENCE`` closest are shown;
+  "animal"); the ``EVIDENCE`` closest are shown. One of **the model's own examples** of the
+  word (``atlas.model_examples``: its likeliest next words after "The most common kinds of
+  metal are", the ``EXAMPLE_TOP`` first, less those that follow more than ``EXAMPLE_GENERIC``
+  of the words asked) counts with cosine ``EXAMPLE_SIM`` where its own is less: word vectors
+  put "pneumonia" 0.15 from "disease", the model names it the second kind of disease. Names
+  (labels) read the word vectors only, as their centroid test does;
 - **strength** of a concept match: ``mean(strength) x gain`` over the evidence, the
   strength of a decoded token as for literal matches (σ from the mean logit), where
   ``gain = min(1 + (sum(cosine) - MIN_EVIDENCE x MIN_SIM) / REF_SIM, MAX_GAIN)``: the least
@@ -73,6 +78,9 @@ GENERIC_SHARE = 0.002           # a term among the top terms of more neurons tha
 GENERIC_MIN = 20                # ... and of more than this many
 GROUP_MIN = 2                   # a group's (cluster's) term is among the top terms of this many members
 CHUNK = 1024                    # query words scored at once ([terms, CHUNK] cosines in memory)
+EXAMPLE_SIM = 0.6               # the cosine one of the model's examples of a word counts as, at least
+EXAMPLE_TOP = 30                # the model's likeliest examples of a word that may be evidence
+EXAMPLE_GENERIC = 0.01          # an example among the EXAMPLE_TOP of more than this share of the words asked is none
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
 
@@ -95,6 +103,11 @@ class Vocabulary:
     words: set[str]             # terms that are words (evidence may only be words)
     function: set[str]          # function words: never evidence, never a name
     source: dict                # what decided words and function words
+    common: list[str] = None    # the query words that are words and no function words, commonest first
+
+    def commonest(self, n: int) -> list[str]:
+        """The ``n`` commonest words of ``common`` (all of them for n < 0)."""
+        return list(self.common if n < 0 else self.common[:n])
 
 
 def vocabulary(con, normalise, with_corpus: bool, vectors=None, lexicon=None) -> Vocabulary:
@@ -117,12 +130,29 @@ def vocabulary(con, normalise, with_corpus: bool, vectors=None, lexicon=None) ->
         # they keep their literal matches and get no concept postings.
         query &= words | whole
         function = set(lexicon.commonest(FUNCTION_WORDS))
+        order = {w: i for i, w in enumerate(lexicon.commonest(len(lexicon.counts)))}
         source = {"words": f"{lexicon.source['name']} (count >= {LEXICON_MIN}), word vectors, corpus",
                   "function_words": f"{lexicon.source['name']}'s {FUNCTION_WORDS} commonest"}
     else:
         function = {w for w, _ in counts.most_common(FUNCTION_WORDS)}
+        order = {w: i for i, (w, _) in enumerate(counts.most_common())}
         source = {"words": "word vectors, corpus (no lexicon)", "function_words": f"corpus's {FUNCTION_WORDS} commonest"}
-    return Vocabulary(sorted(query), words, function, source)
+    common = sorted((w for w in query if w in words and w not in function), key=lambda w: (order.get(w, len(order)), w))
+    return Vocabulary(sorted(query), words, function, source, common)
+
+
+def example_sets(rows: list[tuple[str, str, int]], asked: int, top: int = EXAMPLE_TOP,
+                 generic: float = EXAMPLE_GENERIC) -> dict[str, list[str]]:
+    """{word: its examples that may be evidence} from the model's answers (word, term, rank): the
+    ``top`` likeliest terms of 3 letters or more, less those among the ``top`` of more than
+    ``generic`` x ``asked`` words ("used", "known", "typically" follow any word)."""
+    kept = [(w, t) for w, t, r in rows if r < top and _letters(t)]
+    spread = Counter(t for _, t in kept)
+    out: dict[str, list[str]] = {}
+    for w, t in kept:
+        if spread[t] <= max(1, generic * asked):
+            out.setdefault(w, []).append(t)
+    return out
 
 
 @dataclass
@@ -238,12 +268,29 @@ class _Spelling:
         return out
 
 
+@dataclass
+class _Chunk:
+    S: np.ndarray               # [terms, words of the chunk] cosines, -1 where a pair may not be evidence
+    n: sparse.csr_matrix        # [neurons, words]: evidence terms
+    sims: sparse.csr_matrix     # ... their summed cosine
+    zs: sparse.csr_matrix       # ... their summed strength
+
+
 class _Scan:
     """Every (query word, neuron) pair's evidence count, summed cosine and summed strength, a chunk of words at a time."""
 
-    def __init__(self, vectors, words: list[str], nt: NeuronTerms, min_sim: float):
+    def __init__(self, vectors, words: list[str], nt: NeuronTerms, min_sim: float, examples: dict | None = None):
         self.words, self.nt, self.min_sim = words, nt, min_sim
         self.W, self.T = vectors.embed(words), vectors.embed(nt.terms)       # [words, dim], [terms, dim]
+        # [terms, words]: the model's examples of each word among the terms (a plural or its
+        # singular too, as the terms merge them), whose cosine counts as at least EXAMPLE_SIM.
+        at, r, c = {t: i for i, t in enumerate(nt.terms)}, [], []
+        for j, w in enumerate(words):
+            for t in (examples or {}).get(w, ()):
+                for i in {at.get(v) for v in (t, t[:-1] if t.endswith("s") else t, t + "s")} - {None}:
+                    r.append(i)
+                    c.append(j)
+        self.E = sparse.csc_matrix((np.ones(len(r)), (r, c)), shape=(len(nt.terms), len(words))) if r else None
         self.wmask, self.tmask = _masks(words), _masks(nt.terms)
         # A text of SPELLING letters or fewer has at most one run of them, but may start another
         # ("pet", "petals"): such pairs get the exact test whatever their masks say.
@@ -267,13 +314,20 @@ class _Scan:
         self.term_array = pa.array(nt.terms, pa.string())
 
     def chunks(self, chunk: int = CHUNK):
-        """Yield (first word, S, n, sim_sum, z_sum): S [terms, chunk] cosines with pairs that may not be
-        evidence set to -1; n, sim_sum, z_sum [neurons, chunk] over each pair's evidence, sparse
-        matrices with the same entries: the (neuron, word) pairs with any evidence."""
+        """Yield (first word, plain, asked): each a ``_Chunk`` of S [terms, chunk] cosines with pairs
+        that may not be evidence set to -1, and n, sim_sum, z_sum [neurons, chunk] over each pair's
+        evidence, sparse matrices with the same entries (the (neuron, word) pairs with any
+        evidence). ``plain`` reads the word vectors only; ``asked`` also counts the model's examples
+        of a word at EXAMPLE_SIM at least, and is ``plain`` itself where none of the chunk's words has any."""
         for lo in range(0, len(self.words), chunk):
             hi = min(lo + chunk, len(self.words))
             S = self.T @ self.W[lo:hi].T                                        # [terms, chunk]
-            r, c = np.nonzero(S >= self.min_sim)
+            e = self.E[:, lo:hi].tocoo() if self.E is not None else None
+            Sx = S
+            if e is not None and e.nnz:
+                Sx = S.copy()
+                Sx[e.row, e.col] = np.maximum(S[e.row, e.col], EXAMPLE_SIM)
+            r, c = np.nonzero(Sx >= self.min_sim)
             # The word itself, its plural or its singular among the terms is a literal match, never evidence.
             literal = (self.same[r] == (c + lo)[:, None]).any(1)
             bad = literal.copy()
@@ -283,15 +337,21 @@ class _Scan:
             which = np.flatnonzero(maybe)
             bad[which] = self.spelling.alike(r[which], c[which] + lo)
             S[r[bad], c[bad]] = -1
+            Sx[r[bad], c[bad]] = -1
             r, c = r[~bad], c[~bad]
             self.pairs += len(r)
-            # Each (term, word) pair counts for every neuron that has the term: neurons x words, sparse.
-            shape = (len(self.nt.terms), hi - lo)
-            ones = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=shape)
-            n, zs = self.A @ ones, self.Az @ ones
-            sims = self.A @ sparse.csr_matrix((S[r, c], (r, c)), shape=shape)
-            zs.data -= n.data
-            yield lo, S, n, sims, zs
+            plain = S[r, c] >= self.min_sim
+            one = self._chunk(S, r[plain], c[plain], hi - lo)
+            yield lo, one, (one if Sx is S else self._chunk(Sx, r, c, hi - lo))
+
+    def _chunk(self, S: np.ndarray, r: np.ndarray, c: np.ndarray, width: int) -> "_Chunk":
+        # Each (term, word) pair counts for every neuron that has the term: neurons x words, sparse.
+        shape = (len(self.nt.terms), width)
+        ones = sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=shape)
+        n, zs = self.A @ ones, self.Az @ ones
+        sims = self.A @ sparse.csr_matrix((S[r, c], (r, c)), shape=shape)
+        zs.data -= n.data
+        return _Chunk(S, n, sims, zs)
 
     def literal(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
         """The (term, word) pairs of words ``lo:hi`` where the word is the term itself, its plural or
@@ -417,13 +477,13 @@ def group_terms(nt: NeuronTerms, groups: dict, least: int = GROUP_MIN) -> Neuron
 
 
 def _group_names(vectors, query: list[str], nt: NeuronTerms, groups: dict, min_sim: float, is_name: np.ndarray,
-                 min_evidence: int, min_centroid: float) -> dict:
+                 min_evidence: int, min_centroid: float, examples: dict | None = None) -> dict:
     """{group: (word, evidence, centroid cosine, members with evidence, members)} (``concepts``)."""
     size = Counter(groups.values())             # every member, with decoded terms or not
-    scan = _Scan(vectors, query, group_terms(nt, groups), min_sim)
+    scan = _Scan(vectors, query, group_terms(nt, groups), min_sim, examples)
     namer = _Namer(scan, query, is_name, min_evidence, min_centroid)
-    for lo, S, n, sims, _ in scan.chunks():
-        namer.add(lo, S, n, sims)
+    for lo, _, asked in scan.chunks():
+        namer.add(lo, asked.S, asked.n, asked.sims)
     at = {t: i for i, t in enumerate(nt.terms)}
     member = np.array([groups.get(k, -1) for k in nt.keys], np.int64)
     out = {}
@@ -434,8 +494,8 @@ def _group_names(vectors, query: list[str], nt: NeuronTerms, groups: dict, min_s
     return out
 
 
-def _prepare(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon):
-    vocab = vocabulary(con, normalise, with_corpus, vectors, lexicon)
+def _prepare(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon, vocab: Vocabulary | None = None):
+    vocab = vocab or vocabulary(con, normalise, with_corpus, vectors, lexicon)
     return vocab, neuron_terms(con, normalise, z_sql, vocab)
 
 
@@ -454,7 +514,8 @@ POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "
 
 def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
              name_min_evidence: int = 3, min_centroid: float = 0.45, min_evidence: int = MIN_EVIDENCE,
-             postings: int = POSTINGS, groups: dict | None = None) -> Concepts:
+             postings: int = POSTINGS, groups: dict | None = None, examples: dict | None = None,
+             vocab: Vocabulary | None = None) -> Concepts:
     """Concept names for labels and concept postings for search, from one scan of every query word.
 
     **Postings**: per query word its ``postings`` strongest concept matches (see the module's docstring).
@@ -473,19 +534,19 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     neuron is, with its shared terms for top terms (``group_terms``).
     """
     start = time.perf_counter()
-    vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon)
+    vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon, vocab)
     # Words the model writes from everywhere ("themselves", "however", "both": among the top
     # terms of more than GENERIC_SHARE of the neurons) say little about any one neuron: no names.
     spread = np.bincount(nt.index[nt.index >= 0], minlength=len(nt.terms))
     generic = {t for t, k in zip(nt.terms, spread.tolist()) if k > max(GENERIC_MIN, GENERIC_SHARE * len(nt.keys))}
     is_name = np.array([w in vocab.words and w not in vocab.function and w not in generic for w in vocab.query], bool)
     cols = {k: [] for k in POSTINGS_COLUMNS}
-    scan = _Scan(vectors, vocab.query, nt, min_sim) if nt.terms and vocab.query else None
+    scan = _Scan(vectors, vocab.query, nt, min_sim, examples) if nt.terms and vocab.query else None
     keys = np.array(nt.keys, np.int64).reshape(-1, 2)
     query = pa.array(vocab.query, pa.string())
     namer = _Namer(scan, vocab.query, is_name, name_min_evidence, min_centroid)
-    for lo, S, n, sims, zs in scan.chunks() if scan else ():
-        hi = lo + S.shape[1]
+    for lo, plain, asked in scan.chunks() if scan else ():
+        S, n, sims, zs = asked.S, asked.n, asked.sims, asked.zs
         # Postings, from the evidence that is not the word itself.
         neuron, col, count = _entries(n)
         keep = count >= min_evidence
@@ -504,9 +565,12 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
         cols["z"].append(z[order])
         cols["rank"].append(best_rank)
         cols["evidence"].append(scan.joined(top))
-        namer.add(lo, S, n, sims)
+        # A neuron's name must pass a test in the word vectors (its terms' centroid near the name),
+        # which knows nothing of the model's examples: names read the word vectors only.
+        namer.add(lo, plain.S, plain.n, plain.sims)
     names = namer.names()
-    group_names = _group_names(vectors, vocab.query, nt, groups, min_sim, is_name, name_min_evidence, min_centroid) \
+    group_names = _group_names(vectors, vocab.query, nt, groups, min_sim, is_name, name_min_evidence, min_centroid,
+                               examples) \
         if groups and nt.terms else {}
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     strings = (lambda parts: pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
@@ -518,7 +582,8 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
                       "evidence": strings(cols["evidence"])})
     info = {"vocabulary": len(vocab.query), "names": int(is_name.sum()), "generic": len(generic),
             "neuron_terms": len(nt.terms), "related_pairs": scan.pairs if scan else 0, "postings": table.num_rows,
-            "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source}
+            "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source,
+            "examples": len(examples or {})}
     info["groups_named"] = len(group_names)
     return Concepts(names, table, info, group_names)
 

@@ -24,6 +24,13 @@ have one of its tokens of that kind; a concept comes first where a cluster has b
 either the cluster keeps the cluster stage's token label. ``clusters.named_by`` says which:
 'concept', 'token kind' or NULL.
 
+**The model's own examples**: before the scan the stage asks the model for its likeliest next
+words after "The most common kinds of *word* are" for the commonest concept words
+(``label_examples``; ``atlas.model_examples``), keeps them in ``concept_examples`` and reads
+them again while the model and the words asked stay the same. An example counts as evidence
+for search postings and cluster names (``atlas.site.concept_source``); neuron names read the
+word vectors only.
+
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
 """
@@ -37,10 +44,11 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
-from atlas.config import LabelsConfig
-from atlas.site.concept_source import FUNCTION_WORDS, LEXICON_MIN, POSTINGS, concepts
+from atlas.config import CPU_EXAMPLES, LabelsConfig
+from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
+                                       Vocabulary, concepts, example_sets, vocabulary)
 from atlas.site.search import normalise
-from atlas.stages.contract import Context, insert_arrow, update_from_arrow
+from atlas.stages.contract import Context, digest, insert_arrow, update_from_arrow
 from atlas.store import finished_stage
 
 TOKENS = 10             # top `out` tokens read per neuron
@@ -50,6 +58,7 @@ KIND_TOKENS = 10        # a cluster's most distinctive tokens read for its kind 
 KIND_MIN, KIND_SHARE, PIECES_SHARE = 4, 0.4, 0.6    # how many of them one kind needs (token_kinds.dominant)
 KIND_MEMBERS = 0.2      # ... and the share of the members that must have one of its tokens
 CONCEPT, KIND = "concept", "token kind"     # clusters.named_by
+ASKED_TOP = 50          # the model's likeliest next terms kept per concept word (EXAMPLE_TOP of them may be evidence)
 STAGE = "labels"
 _OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
           "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
@@ -79,8 +88,8 @@ def normalise_spelling(token: str) -> str:
     return token[i:i + len(term)] if i >= 0 else term
 
 
-def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
-                   clustered: bool = False) -> tuple[pa.Table, pa.Table | None, pa.Table, dict]:
+def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None, clustered: bool = False, vocab: Vocabulary | None = None,
+                   examples: dict | None = None) -> tuple[pa.Table, pa.Table | None, pa.Table, dict]:
     """One row per neuron (label, concept, evidence, tokens, method, score), the concept postings
     for search made by the same scan (None without word vectors), the clusters' concepts
     (``_group_names``'s dict; only when ``clustered``) and what the scan reported."""
@@ -95,7 +104,8 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
         members = {(layer, neuron): c for layer, neuron, c in con.execute(
             "SELECT layer, neuron, cluster_id FROM neurons WHERE cluster_id IS NOT NULL").fetchall()} if clustered else None
         found = concepts(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
-                         cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid, groups=members)
+                         cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid, groups=members,
+                         examples=examples, vocab=vocab)
         concept, postings, info, groups = found.names, found.postings, found.info, found.group_names
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:
@@ -119,6 +129,33 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None,
                       "tokens": pa.array(out["tokens"], pa.list_(pa.string())),
                       "method": pa.array(out["method"], pa.string()), "score": pa.array(out["score"], pa.float32())})
     return table, postings, groups, {f"concepts_{k}": v for k, v in info.items() if k != "resource"}
+
+
+def _with_corpus(con) -> bool:
+    return con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+
+
+def examples_asked(cfg: LabelsConfig, device_type: str) -> int:
+    """How many concept words the model is asked for examples of: -1 all."""
+    if cfg.label_examples != -1:
+        return cfg.label_examples
+    return -1 if device_type != "cpu" else CPU_EXAMPLES
+
+
+def ask_examples(ctx: Context, vocab: Vocabulary, n: int) -> tuple[pa.Table | None, dict, bool]:
+    """The model's examples of the ``n`` commonest concept words (``atlas.model_examples``), and
+    whether they are new: the store's own are reused when the same model was asked the same."""
+    from atlas import model_examples          # torch, only when the model is asked
+
+    words = vocab.commonest(n)
+    key = digest({"weights": ctx.weights_hash, "template": model_examples.TEMPLATE, "top": ASKED_TOP, "words": words})
+    kept = ctx.store.meta("concept_examples") or {}
+    if kept.get("key") == key:
+        rows = ctx.store.con.execute("SELECT word, term, prob, rank FROM concept_examples ORDER BY word, rank").fetchall()
+        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(("word", "term", "prob", "rank"))}), kept, False
+    table, seconds = model_examples.ask(ctx.lm, words, ASKED_TOP, ctx.progress)
+    return table, {"key": key, "words": len(words), "template": model_examples.TEMPLATE, "top": ASKED_TOP,
+                   "seconds": seconds}, True
 
 
 def kind_names(con, kinds: token_kinds.Kinds, exemplar_votes: bool) -> dict:
@@ -184,14 +221,21 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     lexicon, lexicon_why = lexicon_mod.load()
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
+    asked = examples_asked(cfg, ctx.device_type) if vectors is not None else 0
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
-                                 cluster_names="shared terms; token kinds 1", python=platform.python_version())
+                                 cluster_names="shared terms; token kinds 1", python=platform.python_version(),
+                                 examples={"asked": asked, "top": ASKED_TOP, "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC,
+                                                                                       EXAMPLE_SIM]})
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
     store = ctx.store
     cluster = finished_stage(store.con, "cluster")
-    table, postings, groups, info = compute_labels(store.con, cfg, vectors, lexicon, clustered=cluster is not None)
+    vocab = vocabulary(store.con, normalise, _with_corpus(store.con), vectors, lexicon) if vectors is not None else None
+    answers, asked_info, new_answers = ask_examples(ctx, vocab, asked) if asked else (None, {"words": 0}, False)
+    examples = example_sets(zip(*[answers.column(c).to_pylist() for c in ("word", "term", "rank")]),
+                            asked_info["words"]) if answers is not None else None
+    table, postings, groups, info = compute_labels(store.con, cfg, vectors, lexicon, cluster is not None, vocab, examples)
     exemplar_votes = bool(cluster and cluster.get("exemplar_labels"))
     kinds = kind_names(store.con, token_kinds.Kinds.build(lexicon, LEXICON_MIN, FUNCTION_WORDS),
                        exemplar_votes) if cluster is not None else {}
@@ -200,6 +244,11 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     with store.transaction() as con:
         con.execute("DELETE FROM neuron_labels")
         insert_arrow(con, "neuron_labels", table, order="layer, neuron")
+        if answers is None or new_answers:
+            con.execute("DELETE FROM concept_examples")
+            if answers is not None:
+                insert_arrow(con, "concept_examples", answers, order="word, rank")
+            store.set_meta("concept_examples", asked_info if answers is not None else None)
         con.execute("DELETE FROM concept_postings")
         if postings is not None:
             insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
@@ -210,7 +259,8 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         seconds = round(time.perf_counter() - start, 2)
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
-                   concept_postings=0 if postings is None else postings.num_rows, **info)
+                   concept_postings=0 if postings is None else postings.num_rows,
+                   examples={k: v for k, v in asked_info.items() if k != "key"}, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:

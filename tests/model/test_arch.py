@@ -105,3 +105,22 @@ def test_model_without_known_mlp_is_refused():
     model.model.layers[0].mlp = nn.Identity()
     with pytest.raises(AtlasError, match="no MLP that the llama adapter knows"):
         adapter_for(model)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_models_examples_read_after_a_shared_prefix_are_those_of_the_whole_prompt(arch, tiny_model_dir):
+    """atlas.model_examples reads the prompts' shared prefix once and copies its cache to each
+    batch; every architecture's answers equal those of the whole prompts, left-padded."""
+    from atlas.model.load import load_model
+    from atlas.model_examples import ask
+
+    lm = load_model(str(tiny_model_dir(arch)), device="cpu")
+    words = ["dog", "cat", "Paris dog cat", "w3 w4 w5 w6"]              # of different lengths: padded
+    shared, _ = ask(lm, words, 10, progress=False)
+    whole, _ = ask(lm, words, 10, progress=False, reuse_prefix=False)
+    a, b = shared.to_pylist(), whole.to_pylist()
+    assert [(r["word"], r["term"], r["rank"]) for r in a] == [(r["word"], r["term"], r["rank"]) for r in b]
+    assert [r["prob"] for r in a] == pytest.approx([r["prob"] for r in b], abs=1e-5)
+    assert all(0 <= r["prob"] <= 1 for r in a) and sum(r["prob"] for r in a if r["word"] == "dog") <= 1 + 1e-5
+    # A tokenizer that makes something of the prompts gets answers (one test tokenizer makes nothing of them).
+    assert len({r["word"] for r in a}) == sum(1 for w in words if lm.tokenizer(f"kinds of {w}").input_ids)

@@ -18,6 +18,8 @@ from atlas.store import Store
 from helpers import CONCEPT_NEURONS, concept_store, result_links, search_page, served
 
 pytestmark = pytest.mark.skipif(wordvec.package_dir() is None, reason="wordllama is not installed (scripts/setup)")
+# These stores are synthetic, with no model behind them to ask for examples: word vectors only.
+WORD_VECTORS_ONLY = LabelsConfig(label_examples=0)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def site(tmp_path_factory):
                     "WHERE v.token = ' animal' AND layer = 0 AND neuron = 50 AND side = 'out' AND polarity = 'top' "
                     "AND rank = 15")
     with Store(store) as s:
-        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
+        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
     render(store, store.parent / "site", RenderConfig(workers=1, exports=False),
            progress=False)
     return store.parent / "site"
@@ -128,7 +130,7 @@ def test_concept_matches_are_the_labels_stages_rows_and_need_them(site, tmp_path
     assert "run `atlas labels` again" in info["concepts"]["missing"]
     with Store(store) as s:
         assert STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False),
-                                    LabelsConfig()).get("skipped") is None
+                                    WORD_VECTORS_ONLY).get("skipped") is None
         assert s.count("concept_postings") == kept[0]
 
 
@@ -210,7 +212,7 @@ def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):
         write_labels(con, exemplars=False)                  # the cluster stage's token labels of these members
         token_labels = dict(con.execute("SELECT cluster_id, label FROM clusters").fetchall())
         con.execute("UPDATE clusters SET label = 'stale'")
-        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
+        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
         labels = dict(con.execute("SELECT cluster_id, label FROM clusters").fetchall())
         record = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.labels'").fetchone()[0])
         name = labels[8]
@@ -250,7 +252,7 @@ def test_a_cluster_without_a_concept_is_named_by_the_kind_of_token_its_members_w
         cluster_store(ctx, ClusterConfig(n_clusters=8, neighbours=2), lambda: synthetic_directions(2, 64, 32, seed=1))
         con.execute("UPDATE neurons SET cluster_id = 8 WHERE layer = 0 AND neuron IN (10, 11, 12, 13)")
         con.execute("INSERT INTO clusters (cluster_id, size, x, y) VALUES (8, 4, 0, 0)")
-        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), LabelsConfig())
+        STAGES["labels"].run(Context(s, STAGES["labels"], "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
         rows = {c: (label, by) for c, label, by in con.execute("SELECT cluster_id, label, named_by FROM clusters").fetchall()}
         record = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.labels'").fetchone()[0])
     label, by = rows[8]
@@ -274,3 +276,99 @@ def test_a_cluster_without_a_concept_is_named_by_the_kind_of_token_its_members_w
     assert (f"Here: {counts['concept']} by a concept, {counts['kind']} by a kind of token, "
             f"{counts['tokens']} by their tokens.") in " ".join(method.split())
     assert "grouped by <strong>what they write</strong>" in method
+
+
+DISEASES = [" pneumonia", " diabetes", " cancer", " malaria"]       # word vectors: 0.15-0.32 from "disease"
+
+
+def _disease_neuron(store, neuron: int = 50) -> None:
+    with duckdb.connect(str(store)) as con:
+        next_id = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()[0]
+        for rank, token in enumerate(DISEASES):
+            con.execute("INSERT INTO vocab VALUES (?, ?, ?)", [next_id + rank, token, token])
+            con.execute("UPDATE decoded_tokens SET token = ?, token_id = ? WHERE layer = 1 AND neuron = ? "
+                        "AND side = 'out' AND polarity = 'top' AND rank = ?", [token, next_id + rank, neuron, rank])
+
+
+def test_the_models_examples_of_a_word_count_as_its_evidence(tmp_path):
+    """A term the model names as an example of the word counts as evidence at cosine
+    EXAMPLE_SIM or its own, whichever is more; the other terms keep their cosine."""
+    from atlas import lexicon as lexicon_mod
+    from atlas.site.concept_source import EXAMPLE_SIM, concepts
+    from atlas.site.search import normalise
+    from atlas.stages.labels import _OUT_Z
+
+    store = concept_store(tmp_path / "atlas.duckdb")
+    _disease_neuron(store)
+    vectors, _ = wordvec.load()
+    lexicon, _ = lexicon_mod.load()
+    examples = {"disease": ["pneumonia", "diabetes", "cancers"]}        # a plural finds its singular
+    with duckdb.connect(str(store), read_only=True) as con:
+        found = {}
+        for name, ex in (("plain", None), ("asked", examples)):
+            p = concepts(con, vectors, normalise, _OUT_Z, True, lexicon, examples=ex).postings.to_pylist()
+            found[name] = {(r["layer"], r["neuron"]): r for r in p if r["word"] == "disease"}
+    terms = [t.strip() for t in DISEASES]
+    cos = dict(zip(terms, (vectors.embed(terms) @ vectors.embed(["disease"])[0]).tolist()))
+    plain, asked = found["plain"].get((1, 50)), found["asked"][(1, 50)]
+    named = ("pneumonia", "diabetes", "cancer")
+    want = sum(max(c, EXAMPLE_SIM) if t in named else c for t, c in cos.items() if t in named or c >= 0.15)
+    assert asked["sim_sum"] == pytest.approx(want, abs=1e-3)
+    assert asked["evidence"].split(", ")[:3] == ["pneumonia", "diabetes", "cancer"]   # examples first, by rank
+    assert plain is None or asked["z"] > plain["z"] and asked["sim_sum"] > plain["sim_sum"] + 1
+    # Only the word asked about: no other word's evidence changed.
+    assert {k: v for k, v in found["asked"].items() if k != (1, 50)} == \
+        {k: v for k, v in found["plain"].items() if k != (1, 50)}
+
+
+def test_the_labels_stage_keeps_the_models_examples_and_asks_again_only_for_another_question(tiny_model_dir, tmp_path):
+    from atlas.model.load import load_model
+    from atlas.model_examples import TEMPLATE
+
+    lm = load_model(str(tiny_model_dir()), device="cpu")
+    loads = []
+
+    def get_lm():
+        loads.append(1)
+        return lm
+
+    store = concept_store(tmp_path / "atlas.duckdb")
+    labels = STAGES["labels"]
+
+    def run(cfg):
+        with Store(store) as s:
+            out = labels.run(Context(s, labels, "sha256:0", get_lm=get_lm, progress=False), cfg)
+            rows = s.con.execute("SELECT word, term, prob, rank FROM concept_examples ORDER BY word, rank").fetchall()
+            return out, rows, s.meta("concept_examples"), s.meta("stage.labels")
+
+    out, rows, kept, record = run(LabelsConfig(label_examples=40))
+    assert len(loads) == 1 and len({r[0] for r in rows}) == 40 and len(rows) <= 40 * 50
+    assert kept["words"] == record["examples"]["words"] == 40 and kept["template"] == TEMPLATE
+    assert all(0 <= r[2] <= 1 and r[1] for r in rows)
+    # Another setting, the same question: labels run again and read the store's examples.
+    out, again, kept_again, _ = run(LabelsConfig(label_examples=40, label_min_centroid=0.5))
+    assert out.get("skipped") is None and len(loads) == 1 and again == rows and kept_again == kept
+    # Another question asks again; none empties the table.
+    _, more, _, _ = run(LabelsConfig(label_examples=41))
+    assert len(loads) == 2 and len({r[0] for r in more}) == 41
+    _, none, kept_none, record = run(LabelsConfig(label_examples=0))
+    assert none == [] and kept_none is None and record["examples"] == {"words": 0} and len(loads) == 2
+
+
+@pytest.mark.slow
+def test_the_default_model_names_the_members_of_a_category_in_a_batch_as_alone(default_lm):
+    """Batched after one copy of the shared prefix, each prompt's answers are those of the whole
+    prompt run alone; and they are the category's members."""
+    from atlas.model_examples import ask
+
+    words = ["metal", "disease", "musical instrument", "a"]        # prompts of different lengths, padded
+    batch, _ = ask(default_lm, words, 30, progress=False)
+    rows = batch.to_pylist()
+    for word in words:
+        alone, _ = ask(default_lm, [word], 30, progress=False, reuse_prefix=False)
+        mine = [r for r in rows if r["word"] == word]
+        assert [r["term"] for r in mine] == [r["term"] for r in alone.to_pylist()], word
+        assert [r["prob"] for r in mine] == pytest.approx([r["prob"] for r in alone.to_pylist()], abs=1e-3)
+    named = {w: {r["term"] for r in rows if r["word"] == w} for w in words}
+    assert len(named["metal"] & {"iron", "copper", "steel", "silver", "gold", "aluminum", "zinc", "nickel"}) >= 4
+    assert len(named["disease"] & {"cancer", "pneumonia", "diabetes", "malaria", "influenza", "tuberculosis"}) >= 2
