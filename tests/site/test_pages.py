@@ -191,7 +191,8 @@ def test_exports_are_the_store_and_are_linked_from_home(built):
         n = con.execute(f"SELECT count(*) FROM s.{table}").fetchone()[0]
         # The describe stage's tables are empty without an explainer, and the synthetic store
         # runs no labels stage; they are exported all the same.
-        assert (n > 0 or table in ("descriptions", "description_scores", "neuron_labels", "concept_postings")) and con.execute(
+        assert (n > 0 or table in ("descriptions", "description_scores", "neuron_labels", "concept_postings",
+                                   "concept_examples")) and con.execute(
             "SELECT count(*) FROM read_parquet(?)", [parquet]).fetchone()[0] == n
         if table == "atlas_meta":
             want = meta("SELECT key, value FROM s.atlas_meta")
