@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from atlas.errors import AtlasError
@@ -191,8 +192,13 @@ class LabelsConfig:
         "help": "concept words whose examples the model is asked for ('The most common kinds of metal are'), "
                 f"which then count as evidence for the word: -1 all on a GPU and the commonest {CPU_EXAMPLES:,} "
                 "on a CPU, 0 none, N the commonest N"})
+    label_phrases: str = field(default="", metadata={
+        "help": "text file of concepts of several words to search for ('body part', 'past tense'), one a line: "
+                "each joins the query vocabulary and the model is asked for its examples ('' none)"})
 
     def validate(self) -> None:
+        if self.label_phrases and not Path(self.label_phrases).expanduser().is_file():
+            raise AtlasError(f"--label-phrases {self.label_phrases}: no such file")
         if self.label_examples < -1:
             raise AtlasError("--label-examples must be -1 (all on a GPU, a CPU's share on a CPU), 0 or more")
         if self.label_min_evidence < 1:

@@ -99,6 +99,9 @@ BEFORE_LOAD = [
     ("search limit -1", ["search", "dog", "--limit", -1], ["--limit -1", "at least 1"]),
     ("search limit 0", ["search", "dog", "--limit", 0], ["--limit 0"]),
     ("label-min-centroid 2", ["labels", "--label-min-centroid", 2], ["--label-min-centroid", "between -1 and 1"]),
+    ("label-examples -2", ["labels", "--label-examples", -2], ["--label-examples", "-1"]),
+    ("label-phrases missing (build)", ["build", "--label-phrases", "/nonexistent/phrases.txt"],
+     ["--label-phrases /nonexistent/phrases.txt", "no such file"]),
 ]
 AFTER_LOAD = [
     ("top-k over the vocabulary (build)", ["build", "--top-k", 1000], ["--top-k 1000", "vocabulary of 64"]),

@@ -141,6 +141,33 @@ def vocabulary(con, normalise, with_corpus: bool, vectors=None, lexicon=None) ->
     return Vocabulary(sorted(query), words, function, source, common)
 
 
+def read_phrases(path: str, normalise) -> list[str]:
+    """The concepts listed in a text file, one a line (blank lines and lines starting with # skipped),
+    each as search reads a query: its words normalised and joined by one space."""
+    from pathlib import Path
+
+    from atlas.errors import AtlasError
+
+    if not path:
+        return []
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AtlasError(f"cannot read --label-phrases {path}: {getattr(e, 'strerror', None) or e}") from None
+    out = []
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            words = [w for w in (normalise(t) for t in line.split()) if w]
+            if words and " ".join(words) not in out:
+                out.append(" ".join(words))
+    return out
+
+
+def with_phrases(vocab: Vocabulary, phrases: list[str]) -> Vocabulary:
+    """``vocab`` with ``phrases`` in its query vocabulary: they get concept postings, never a name."""
+    return Vocabulary(sorted(set(vocab.query) | set(phrases)), vocab.words, vocab.function, vocab.source, vocab.common)
+
+
 def example_sets(rows: list[tuple[str, str, int]], asked: int, top: int = EXAMPLE_TOP,
                  generic: float = EXAMPLE_GENERIC) -> dict[str, list[str]]:
     """{word: its examples that may be evidence} from the model's answers (word, term, rank): the

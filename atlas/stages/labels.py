@@ -46,7 +46,7 @@ import pyarrow as pa
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import CPU_EXAMPLES, LabelsConfig
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
-                                       Vocabulary, concepts, example_sets, vocabulary)
+                                       Vocabulary, concepts, example_sets, read_phrases, vocabulary, with_phrases)
 from atlas.site.search import normalise
 from atlas.stages.contract import Context, digest, insert_arrow, update_from_arrow
 from atlas.store import finished_stage
@@ -142,12 +142,13 @@ def examples_asked(cfg: LabelsConfig, device_type: str) -> int:
     return -1 if device_type != "cpu" else CPU_EXAMPLES
 
 
-def ask_examples(ctx: Context, vocab: Vocabulary, n: int) -> tuple[pa.Table | None, dict, bool]:
-    """The model's examples of the ``n`` commonest concept words (``atlas.model_examples``), and
-    whether they are new: the store's own are reused when the same model was asked the same."""
+def ask_examples(ctx: Context, vocab: Vocabulary, n: int, phrases: list[str] = ()) -> tuple[pa.Table | None, dict, bool]:
+    """The model's examples of the ``n`` commonest concept words and of ``phrases``
+    (``atlas.model_examples``), and whether they are new: the store's own are reused when the
+    same model was asked the same."""
     from atlas import model_examples          # torch, only when the model is asked
 
-    words = vocab.commonest(n)
+    words = list(dict.fromkeys(vocab.commonest(n) + list(phrases)))
     key = digest({"weights": ctx.weights_hash, "template": model_examples.TEMPLATE, "top": ASKED_TOP, "words": words})
     kept = ctx.store.meta("concept_examples") or {}
     if kept.get("key") == key:
@@ -222,7 +223,8 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
     asked = examples_asked(cfg, ctx.device_type) if vectors is not None else 0
-    fingerprint = ctx.fingerprint(cfg=asdict(cfg), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
+    phrases = read_phrases(cfg.label_phrases, normalise)
+    fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
                                  examples={"asked": asked, "top": ASKED_TOP, "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC,
                                                                                        EXAMPLE_SIM]})
@@ -232,7 +234,8 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     store = ctx.store
     cluster = finished_stage(store.con, "cluster")
     vocab = vocabulary(store.con, normalise, _with_corpus(store.con), vectors, lexicon) if vectors is not None else None
-    answers, asked_info, new_answers = ask_examples(ctx, vocab, asked) if asked else (None, {"words": 0}, False)
+    vocab = with_phrases(vocab, phrases) if vocab is not None else None
+    answers, asked_info, new_answers = ask_examples(ctx, vocab, asked, phrases) if asked else (None, {"words": 0}, False)
     examples = example_sets(zip(*[answers.column(c).to_pylist() for c in ("word", "term", "rank")]),
                             asked_info["words"]) if answers is not None else None
     table, postings, groups, info = compute_labels(store.con, cfg, vectors, lexicon, cluster is not None, vocab, examples)
@@ -260,7 +263,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
                    concept_postings=0 if postings is None else postings.num_rows,
-                   examples={k: v for k, v in asked_info.items() if k != "key"}, **info)
+                   examples={k: v for k, v in asked_info.items() if k != "key"}, phrases=len(phrases), **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:

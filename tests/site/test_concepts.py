@@ -372,3 +372,28 @@ def test_the_default_model_names_the_members_of_a_category_in_a_batch_as_alone(d
     named = {w: {r["term"] for r in rows if r["word"] == w} for w in words}
     assert len(named["metal"] & {"iron", "copper", "steel", "silver", "gold", "aluminum", "zinc", "nickel"}) >= 4
     assert len(named["disease"] & {"cancer", "pneumonia", "diabetes", "malaria", "influenza", "tuberculosis"}) >= 2
+
+
+def test_a_listed_phrase_gets_concept_matches_of_its_own(tmp_path):
+    """--label-phrases: each listed concept of several words joins the query vocabulary as
+    search reads it (words normalised, one space) and gets concept matches of its own, which a
+    query of those words finds as its phrase."""
+    store = concept_store(tmp_path / "atlas.duckdb")
+    listed = tmp_path / "phrases.txt"
+    listed.write_text("# concepts to search for\nbright colour\n\n  Bright   COLOUR \n", encoding="utf-8")
+    with Store(store) as s:
+        labels = STAGES["labels"]
+        labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False),
+                   LabelsConfig(label_examples=0, label_phrases=str(listed)))
+        record = s.meta("stage.labels")
+        rows = s.con.execute("SELECT layer, neuron, evidence FROM concept_postings WHERE word = 'bright colour' "
+                             "ORDER BY z DESC").fetchall()
+        names = {r[0] for r in s.con.execute("SELECT concept FROM neuron_labels").fetchall()}
+    assert record["phrases"] == 1 and "bright colour" not in names          # a phrase names nothing
+    assert rows[0][:2] == (1, 9) and {"red", "blue"} & set(rows[0][2].split(", "))
+    with duckdb.connect(str(store), read_only=True) as con:
+        write_index(con, tmp_path / INDEX_DIR, postings=10)
+    found = search(tmp_path, "bright colour", limit=5)
+    assert found["phrase"]["count"] == len(rows)
+    assert (found["hits"][0]["layer"], found["hits"][0]["neuron"]) == (1, 9)
+    assert any(m["term"] == "bright colour" and m["source"] == "concept" for m in found["hits"][0]["matches"])
