@@ -310,11 +310,13 @@ class _Scan:
         self.words, self.nt, self.min_sim = words, nt, min_sim
         self.W, self.T = vectors.embed(words), vectors.embed(nt.terms)       # [words, dim], [terms, dim]
         # [terms, words]: the model's examples of each word among the terms (a plural or its
-        # singular too, as the terms merge them), whose cosine counts as at least EXAMPLE_SIM.
+        # singular too, as the terms merge them; "brass" is no plural of "bras"), whose cosine
+        # counts as at least EXAMPLE_SIM.
         at, r, c = {t: i for i, t in enumerate(nt.terms)}, [], []
         for j, w in enumerate(words):
             for t in (examples or {}).get(w, ()):
-                for i in {at.get(v) for v in (t, t[:-1] if t.endswith("s") else t, t + "s")} - {None}:
+                singular = t[:-1] if t.endswith("s") and not t.endswith("ss") else t
+                for i in {at.get(v) for v in (t, singular, t + "s")} - {None}:
                     r.append(i)
                     c.append(j)
         self.E = sparse.csc_matrix((np.ones(len(r)), (r, c)), shape=(len(nt.terms), len(words))) if r else None

@@ -278,7 +278,7 @@ def test_a_cluster_without_a_concept_is_named_by_the_kind_of_token_its_members_w
     assert "grouped by <strong>what they write</strong>" in method
 
 
-DISEASES = [" pneumonia", " diabetes", " cancer", " malaria"]       # word vectors: 0.15-0.32 from "disease"
+DISEASES = [" pneumonia", " diabetes", " cancer", " malaria", " bras"]   # word vectors: 0.15-0.32 from "disease"
 
 
 def _disease_neuron(store, neuron: int = 50) -> None:
@@ -302,7 +302,8 @@ def test_the_models_examples_of_a_word_count_as_its_evidence(tmp_path):
     _disease_neuron(store)
     vectors, _ = wordvec.load()
     lexicon, _ = lexicon_mod.load()
-    examples = {"disease": ["pneumonia", "diabetes", "cancers"]}        # a plural finds its singular
+    # A plural finds its singular; "brass" is no plural of the neuron's "bras".
+    examples = {"disease": ["pneumonia", "diabetes", "cancers", "brass"]}
     with duckdb.connect(str(store), read_only=True) as con:
         found = {}
         for name, ex in (("plain", None), ("asked", examples)):
@@ -315,6 +316,7 @@ def test_the_models_examples_of_a_word_count_as_its_evidence(tmp_path):
     want = sum(max(c, EXAMPLE_SIM) if t in named else c for t, c in cos.items() if t in named or c >= 0.15)
     assert asked["sim_sum"] == pytest.approx(want, abs=1e-3)
     assert asked["evidence"].split(", ")[:3] == ["pneumonia", "diabetes", "cancer"]   # examples first, by rank
+    assert cos["bras"] < 0.15 and "bras" not in asked["evidence"].split(", ")
     assert plain is None or asked["z"] > plain["z"] and asked["sim_sum"] > plain["sim_sum"] + 1
     # Only the word asked about: no other word's evidence changed.
     assert {k: v for k, v in found["asked"].items() if k != (1, 50)} == \
