@@ -62,9 +62,14 @@ def summary(con) -> dict | None:
     named = dict(con.execute("SELECT coalesce(named_by, 'tokens'), count(*) FROM clusters GROUP BY 1").fetchall())
     return {"n_clusters": con.execute("SELECT count(*) FROM clusters").fetchone()[0],
             "grouped_by": grouped_by(status), "named": named,
-            "within": stats.get("within_cosine"), "across": stats.get("across_cosine"),
+            "within": _shown(stats.get("within_cosine")), "across": _shown(stats.get("across_cosine")),
             "search": stats.get("neighbour_search", {}), "config": status.get("config", {}),
             "exemplar_labels": bool(status.get("exemplar_labels"))}
+
+
+def _shown(cosine: float | None) -> float | None:
+    """A mean cosine as the method page prints it (4 places): a tiny negative one is 0, not "-0.0000"."""
+    return None if cosine is None else round(cosine, 4) + 0.0
 
 
 def grouped_by(record: dict) -> str:

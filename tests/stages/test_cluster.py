@@ -183,7 +183,8 @@ def test_site_has_map_cluster_pages_and_neuron_sections(clustered_site):
     assert not (site / "assets/plotly.min.js").exists()
     assert len(list(site.glob("clusters/*/index.html"))) == k
     assert "map/" in parse((site / "index.html").read_text()).hrefs
-    assert 'id="clusters"' in (site / "method/index.html").read_text()
+    method = (site / "method/index.html").read_text()
+    assert 'id="clusters"' in method and "-0.0000" not in method
     page = site / "neurons/1/5/index.html"
     hrefs = parse(page.read_text()).hrefs
     cid = _rows(store, "SELECT cluster_id FROM neurons WHERE layer = 1 AND neuron = 5")[0][0]
@@ -233,3 +234,11 @@ def test_cluster_store_refuses_a_store_without_decode(tmp_path):
         ctx = Context(store, STAGES["cluster"], "sha256:0", get_lm=None, progress=False)
         with pytest.raises(AtlasError, match="decode"):
             cluster_store(ctx, ClusterConfig(), lambda: synthetic_directions(1, 4, 8))
+
+
+def test_a_tiny_negative_mean_cosine_is_printed_as_zero():
+    """The default atlas's across-cluster mean cosine is about -3e-6: the method page said "-0.0000"."""
+    from atlas.site.clusters import _shown
+
+    assert f"{_shown(-3e-6):.4f}" == "0.0000" and f"{_shown(-0.00006):.4f}" == "-0.0001"
+    assert _shown(0.123456) == 0.1235 and _shown(None) is None
