@@ -185,7 +185,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
                 clusters.write_cluster_site(store.con, environment(), building, page["site"], layer_sizes, TEMPLATES)
                 faults.point("render", "cluster pages and map written")
             search = write_search_site(store.con, environment(), building, page["site"], sum(layer_sizes), TEMPLATES,
-                                       cfg.search_postings, cfg.search_concepts)
+                                       cfg.search_postings, cfg.search_concepts, has_clusters)
             (building / SITE_MARKER).write_text(to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes),

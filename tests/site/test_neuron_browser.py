@@ -169,7 +169,8 @@ def test_script_draws_what_the_html_leaves_out_and_the_neighbours_labels(synthet
 
 def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, browser):
     """At 1400 x 900 the first exemplar strip is on the first screen, above the decoded tables; at
-    360 px wide no page (neuron, home, layer, cluster, search) scrolls sideways."""
+    360 px wide no page (neuron, home, layer, cluster, search) scrolls sideways, and no neuron or
+    cluster id in a table's first column breaks across lines ("L0/N14" over "9")."""
     page = _open(browser.new_context(viewport={"width": 1400, "height": 900}), site_url + "neurons/0/0/")
     strip = page.locator("ol.atlas-strips li").first.bounding_box()
     assert strip is not None and strip["y"] + strip["height"] <= 900, strip
@@ -183,11 +184,25 @@ def test_evidence_comes_first_and_phones_scroll_no_page_sideways(site_url, brows
     reads.locator("summary").click()
     assert reads.locator("#gate table.atlas-logits").first.is_visible()
     phone = browser.new_context(viewport={"width": 360, "height": 740})
-    for path in ("neurons/0/0/", "", "layers/0/", "clusters/", "search/?q=enta"):
+    for path in ("neurons/0/0/", "", "layers/0/", "clusters/", "clusters/0/", "search/?q=enta"):
         page = _open(phone, site_url + path)
         width = page.evaluate("document.scrollingElement.scrollWidth")
         assert width <= 360, (path, width)
+        # The test site's ids are too short to wrap at 360 px, so the rule is checked too.
+        ids = page.eval_on_selector_all("table.atlas-compact td:first-child > a", """links => links.map(a =>
+            [a.textContent, a.getClientRects().length, getComputedStyle(a).whiteSpace])""")
+        assert all(n == 1 and ws == "nowrap" for _, n, ws in ids), (path, [i for i in ids if i[1:] != [1, "nowrap"]])
         assert page.errors == []
+
+
+def test_the_search_page_leads_to_the_clusters_and_the_map(site_url, browser):
+    """The search page's header links the pages a reader browses next, as cluster pages' do."""
+    page = _open(browser.new_context(viewport={"width": 1400, "height": 900}), site_url + "search/")
+    links = page.eval_on_selector_all("header nav a", "as => as.map(a => [a.textContent, a.href])")
+    assert [t for t, _ in links][1:] == ["Search", "Clusters", "Map"], links
+    for _, href in links[2:]:
+        assert page.request.get(href).status == 200, href
+    assert page.errors == []
 
 
 _CONTRAST = """els => els.map(el => {
