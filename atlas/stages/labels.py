@@ -100,7 +100,7 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None, clustered: boo
     concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
     postings, info, groups = None, {}, {}
     if vectors is not None:
-        with_corpus = con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+        with_corpus = vocab is None and _with_corpus(con)      # read only to make the vocabulary when not given
         members = {(layer, neuron): c for layer, neuron, c in con.execute(
             "SELECT layer, neuron, cluster_id FROM neurons WHERE cluster_id IS NOT NULL").fetchall()} if clustered else None
         found = concepts(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
