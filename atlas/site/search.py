@@ -712,7 +712,16 @@ def match_words(m: dict) -> str:
     else:
         side = src.split()[0]
         what = f"reads {token}{' negatively' if src.endswith('bottom') else ''} ({side} side)"
-    return f"{what}: \u2018{m['term']}\u2019, {src} #{m['rank']}, {m['strength']:.2f}\u03c3"
+    return f"{what}: \u2018{m['term']}\u2019, {src} #{m['rank']}, {shown_strength(m)}"
+
+
+def shown_strength(m: dict) -> str:
+    """A literal or exemplar match's strength is in standard deviations of the neuron's own
+    distribution ("8.42σ"); a concept or description match's is a score made from such
+    strengths ("strength 51.85"), not a number of σ. atlas-search.js writes it the same way."""
+    if m["source"] in (SOURCES[CONCEPT], SOURCES[DESCRIPTION]):
+        return f"strength {m['strength']:.2f}"
+    return f"{m['strength']:.2f}\u03c3"
 
 
 def status_line(result: dict) -> str:

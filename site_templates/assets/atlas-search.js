@@ -205,8 +205,10 @@
         line.appendChild(document.createTextNode((bottom ? " negatively" : "") + " (" + src.split(" ")[0] + " side)"));
       }
     }
-    line.appendChild(el("span", "atlas-search-why", ": \u2018" + m.term + "\u2019, " + src + " #" + m.rank + ", " +
-                        m.strength.toFixed(2) + "\u03c3"));
+    // Literal and exemplar strengths are in σ; a concept or description match's is a score (search.py's shown_strength).
+    var strength = src === "concept" || src === "description" ? "strength " + m.strength.toFixed(2) :
+      m.strength.toFixed(2) + "\u03c3";
+    line.appendChild(el("span", "atlas-search-why", ": \u2018" + m.term + "\u2019, " + src + " #" + m.rank + ", " + strength));
     return line;
   }
 

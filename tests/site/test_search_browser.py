@@ -7,6 +7,7 @@ link the page makes must be relative.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -208,6 +209,29 @@ def test_hits_show_label_direction_and_why(search_site, browser):
     assert page.text_content("#atlas-search-status") == status_line(search(site, term, limit=50))
     assert page.errors == []
     page.close()
+
+
+def test_a_concept_match_shows_a_strength_not_sigmas(browser, tmp_path):
+    """A literal match's strength is in σ of the neuron's own logits; a concept match's is a score
+    made from such strengths, and the page and `atlas search` say so alike."""
+    store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 32, vocab_size=512, concepts=20)
+    site = tmp_path / "www"
+    render(store, site, RenderConfig(workers=1), progress=False)
+    with duckdb.connect(str(store), read_only=True) as con:
+        words = [w for (w,) in con.execute("SELECT DISTINCT word FROM concept_postings ORDER BY word").fetchall()]
+    term = next(w for w in words if any(m["source"] == "concept" for h in search(site, w, limit=50)["hits"]
+                                        for m in h["matches"]))
+    with served(site) as base:
+        page = search_page(browser, base, term)
+        got = _dom_hits(page)
+        assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, term)
+        assert page.errors == []
+        page.close()
+    lines = [m for g in got for m in g["matches"]]
+    concept = [m for m in lines if ", concept #" in m]
+    other = [m for m in lines if ", concept #" not in m]
+    assert concept and all(re.search(r", concept #\d+, strength \d+\.\d\d$", m) for m in concept), concept
+    assert all(re.search(r" #\d+, \d+\.\d\d\u03c3$", m) for m in other), other
 
 
 def test_direction_filter_changes_the_list_and_the_url(search_site, browser):
