@@ -266,13 +266,15 @@ def cluster(out, model, device, dtype, quiet, **kw):
 def labels(out, model, device, dtype, quiet, **kw):
     """Label each neuron's concept from its decoded tokens (word vectors), and name clusters by them;
     the model's own examples of each concept word ("The most common kinds of metal are") count as
-    evidence for search and cluster names.
+    evidence for search and cluster names, and its readings of words of other languages ('The
+    French word "couleur" means "') let search find them.
 
     \b
     Example:
       atlas labels --out out/smollm2
       atlas labels --out out/smollm2 --label-min-evidence 4
       atlas labels --out out/smollm2 --label-examples 0     # word vectors only, no model run
+      atlas labels --out out/smollm2 --label-translations 5000 --label-languages fr,es
     """
     from atlas.pipeline import Build
     cfg = config_from(LabelsConfig, kw)
@@ -629,8 +631,7 @@ def bench(what, model, device, dtype, shape, layers, repeats, batches, neurons, 
         if store is None:
             raise AtlasError("atlas bench concepts needs --store (the atlas.duckdb to judge)")
         result = concepts.run(str(store), wordnet)
-        click.echo(concepts.table(result))
-        click.echo(concepts.coherence_line(result["coherence"]))
+        click.echo(concepts.report(result))
         if json_path:
             from atlas.files import write_json_atomic
             write_json_atomic(json_path, result)

@@ -16,6 +16,7 @@ from atlas.errors import AtlasError
 from atlas.schema import SIDES
 
 HOLDS = 0.9             # faithfulness at which a neuron's decoded meaning counts as holding up
+GPU_TRANSLATIONS = 20000    # words of each other language the labels stage asks the model to translate on a GPU
 CPU_EXAMPLES = 4000         # concept words whose examples the labels stage asks the model for without a GPU (~30 s)
 CPU_BUDGET = 2048           # neurons the clamp stage measures by default without a GPU (see README: ~2 min)
 EXACT_MAX = 100_000         # neurons up to which neighbours are found by exact search
@@ -192,13 +193,32 @@ class LabelsConfig:
         "help": "concept words whose examples the model is asked for ('The most common kinds of metal are'), "
                 f"which then count as evidence for the word: -1 all on a GPU and the commonest {CPU_EXAMPLES:,} "
                 "on a CPU, 0 none, N the commonest N"})
+    label_languages: str = field(default="fr,es,de,it", metadata={
+        "help": "languages whose commonest words the model is asked to translate, so that a query in them finds "
+                "what the model reads it as (codes of pyspellchecker's lists: fr, es, de, it, pt, nl, ru, ar, fa, lv, eu; "
+                "'' none)"})
+    label_translations: int = field(default=-1, metadata={
+        "help": "words of each of --label-languages the model is asked to translate ('The French word \"famille\" "
+                f"means \"'): -1 the commonest {GPU_TRANSLATIONS:,} on a GPU and none on a CPU (about 17 ms a word "
+                "there), 0 none, N the commonest N"})
     label_phrases: str = field(default="", metadata={
         "help": "text file of concepts of several words to search for ('body part', 'past tense'), one a line: "
                 "each joins the query vocabulary and the model is asked for its examples ('' none)"})
 
+    def languages(self) -> list[str]:
+        """The codes of --label-languages, in order, each once."""
+        return list(dict.fromkeys(c.strip().lower() for c in self.label_languages.split(",") if c.strip()))
+
     def validate(self) -> None:
         if self.label_phrases and not Path(self.label_phrases).expanduser().is_file():
             raise AtlasError(f"--label-phrases {self.label_phrases}: no such file")
+        from atlas.lexicon import LANGUAGES
+        unknown = [c for c in self.languages() if c not in LANGUAGES]
+        if unknown:
+            raise AtlasError(f"--label-languages: no word list for {', '.join(unknown)} (give codes among "
+                             f"{', '.join(LANGUAGES)})")
+        if self.label_translations < -1:
+            raise AtlasError("--label-translations must be -1 (the commonest words on a GPU, none on a CPU), 0 or more")
         if self.label_examples < -1:
             raise AtlasError("--label-examples must be -1 (all on a GPU, a CPU's share on a CPU), 0 or more")
         if self.label_min_evidence < 1:

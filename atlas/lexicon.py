@@ -1,4 +1,5 @@
-"""English word frequencies: which decoded terms are whole words, and which are function words.
+"""Word frequencies: which decoded terms are whole English words, which are function words, and
+which words of other languages the labels stage asks the model to translate.
 
 Concept matches and labels need two things that neither the model's vocabulary nor the word
 vectors say: whether a term is a word at all ("monkey") or a piece of one (" eleph",
@@ -9,6 +10,10 @@ tokens place by spelling), and which words are too common to name a concept ("wh
 counts, 650 KB). Nothing of the package is imported; only that file is read, as
 ``atlas.wordvec`` reads wordllama's. Without it atlas falls back to the word vectors' whole
 words and the corpus (see ``atlas.site.concept_source``), and says so.
+
+The same wheel ships lists of other languages (``LANGUAGES``, ``resources/<code>.json.gz``):
+the labels stage asks the model what their commonest words mean (``atlas.model_examples``),
+so that a query in French finds what the model reads it as.
 
 This module imports no torch, so the site's search index can use it.
 """
@@ -25,7 +30,10 @@ from atlas.resources import installed_package
 
 PACKAGE = "pyspellchecker"
 MODULE = "spellchecker"
-FILE = "resources/en.json.gz"
+FILE = "resources/{lang}.json.gz"
+# The languages whose lists pyspellchecker 0.9 ships besides English, by code.
+LANGUAGES = {"fr": "French", "es": "Spanish", "de": "German", "it": "Italian", "pt": "Portuguese", "nl": "Dutch",
+             "ru": "Russian", "ar": "Arabic", "fa": "Persian", "lv": "Latvian", "eu": "Basque"}
 
 
 @dataclass
@@ -42,17 +50,21 @@ class Lexicon:
         return sorted((w for w in self.counts if w.isalpha()), key=lambda w: (-self.counts[w], w))[:n]
 
 
-@lru_cache(maxsize=1)
-def load() -> tuple[Lexicon | None, str]:
-    """The lexicon, or None and the reason it is not there; read once per process."""
+@lru_cache(maxsize=None)
+def load(lang: str = "en") -> tuple[Lexicon | None, str]:
+    """The lexicon of ``lang`` (English by default), or None and the reason it is not there; read
+    once per process. Words are lower-cased, and the counts of spellings that meet are summed."""
     root = installed_package(MODULE)
     if root is None:
         return None, f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE})"
-    path = root / FILE
+    file = FILE.format(lang=lang)
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            counts = {str(w).lower(): int(c) for w, c in json.load(f).items()}
+        with gzip.open(root / file, "rt", encoding="utf-8") as f:
+            counts: dict[str, int] = {}
+            for w, c in json.load(f).items():
+                w = str(w).lower()
+                counts[w] = counts.get(w, 0) + int(c)
     except Exception as e:      # missing or damaged: concepts go on with the fallback, and say so
-        return None, f"{PACKAGE}'s {FILE} could not be read ({type(e).__name__}: {e})"
+        return None, f"{PACKAGE}'s {file} could not be read ({type(e).__name__}: {e})"
     version = importlib.metadata.version(PACKAGE)
-    return Lexicon(counts, {"name": PACKAGE, "version": version, "file": FILE, "words": len(counts)}), ""
+    return Lexicon(counts, {"name": PACKAGE, "version": version, "file": file, "words": len(counts)}), ""

@@ -12,7 +12,7 @@ from typing import Callable
 
 import duckdb
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -80,6 +80,8 @@ CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER
 CREATE TABLE IF NOT EXISTS concept_postings (word VARCHAR, layer SMALLINT, neuron INTEGER, n_ev SMALLINT,
     sim_sum FLOAT, z DOUBLE, rank SMALLINT, evidence VARCHAR);
 CREATE TABLE IF NOT EXISTS concept_examples (word VARCHAR, term VARCHAR, prob FLOAT, rank SMALLINT);
+CREATE TABLE IF NOT EXISTS concept_translations (word VARCHAR, language VARCHAR, term VARCHAR, prob FLOAT,
+    accepted BOOLEAN);
 CREATE TABLE IF NOT EXISTS description_scores (layer SMALLINT, neuron INTEGER, rank SMALLINT,
     kind VARCHAR, doc_id INTEGER, token_pos INTEGER, fits BOOLEAN, p_yes FLOAT, similarity FLOAT);
 """
@@ -130,10 +132,15 @@ def _v6_to_v7(con: duckdb.DuckDBPyConnection) -> None:
     table, and the labels stage's fingerprint changed with it, so the next build fills it."""
 
 
+def _v7_to_v8(con: duckdb.DuckDBPyConnection) -> None:
+    """v8 keeps the model's reading of words of other languages (concept_translations); SCHEMA
+    creates the table, and the labels stage's fingerprint changed with it, so the next build fills it."""
+
+
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
 # A store older than the oldest registered step is refused with a message that says so.
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5,
-                                                                 5: _v5_to_v6, 6: _v6_to_v7}
+                                                                 5: _v5_to_v6, 6: _v6_to_v7, 7: _v7_to_v8}
 
 # The public tables, in the order exports list them, each with the key its rows are sorted
 # by; stage_progress is bookkeeping and stays out.
@@ -155,6 +162,7 @@ EXPORT_TABLES = {
     "neuron_labels": "layer, neuron",
     "concept_postings": "word, layer, neuron",
     "concept_examples": "word, rank",
+    "concept_translations": "language, word",
 }
 
 # The tables a neuron's JSON carries, in this order, with the order of one neuron's rows.

@@ -535,5 +535,11 @@ def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
                 "FROM (SELECT DISTINCT term FROM search_kept)")
     for term in terms:
         con.execute("UPDATE search_buckets SET bucket = ? WHERE term = ?", [shard_of(term, n_shards), term])
+    # Two terms are words of another language the model read as a (hostile) English word.
+    aliases = {"caf\u00e9": ["</script><b>x", "French"], "\u202eevil": ["a\u0000b \"q\"", "Latvian"]}
+    con.execute("CREATE TEMP TABLE search_aliases (term VARCHAR, target VARCHAR, language VARCHAR)")
+    con.executemany("INSERT INTO search_aliases VALUES (?, ?, ?)", [[t, *a] for t, a in aliases.items()])
+    for term, alias in aliases.items():
+        expected[term]["a"] = alias
     _, layout = _write_shards(con, folder, n_shards)
     return folder, layout, expected

@@ -100,6 +100,8 @@ BEFORE_LOAD = [
     ("search limit 0", ["search", "dog", "--limit", 0], ["--limit 0"]),
     ("label-min-centroid 2", ["labels", "--label-min-centroid", 2], ["--label-min-centroid", "between -1 and 1"]),
     ("label-examples -2", ["labels", "--label-examples", -2], ["--label-examples", "-1"]),
+    ("label-languages unknown", ["labels", "--label-languages", "fr,xx"], ["--label-languages", "xx", "fr, es"]),
+    ("label-translations -2", ["labels", "--label-translations", -2], ["--label-translations", "-1"]),
     ("label-phrases missing (build)", ["build", "--label-phrases", "/nonexistent/phrases.txt"],
      ["--label-phrases /nonexistent/phrases.txt", "no such file"]),
 ]

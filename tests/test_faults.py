@@ -263,7 +263,7 @@ def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
     with Store(path) as store:
-        assert store.meta("schema_version") == SCHEMA_VERSION == 7
+        assert store.meta("schema_version") == SCHEMA_VERSION == 8
         cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
         assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
         assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
@@ -283,7 +283,7 @@ def test_a_v2_store_keeps_its_16_token_windows_as_lists(tmp_path):
                     "window_start INTEGER, window_activations FLOAT[16])")
         con.execute("INSERT INTO exemplars VALUES (0, 0, 'max', 0, 3, 20, 1.5, 1.0, 8, ?)", [window])
     with Store(path) as store:
-        assert store.meta("schema_version") == 7
+        assert store.meta("schema_version") == 8
         assert store.con.execute("SELECT window_activations FROM exemplars").fetchall() == [(window,)]
         assert dict(store.con.execute("DESCRIBE exemplars").fetchall()[i][:2] for i in range(10))["window_activations"] == "FLOAT[]"
         assert store.count("exemplar_samples") == 0
@@ -371,3 +371,12 @@ def test_a_v6_store_gains_an_empty_table_of_the_models_examples(tmp_path):
         "INSERT INTO neuron_labels VALUES (0, 1, 'metal: iron, copper', 'metal', ['iron', 'copper'], ['iron'], "
         "'word vectors', 0.5)"],
         "SELECT label, (SELECT count(*) FROM concept_examples) FROM neuron_labels") == [("metal: iron, copper", 0)]
+
+
+def test_a_v7_store_gains_an_empty_table_of_the_models_readings_of_other_languages(tmp_path):
+    """v8 keeps the model's reading of words of other languages; a v7 store has none until the
+    labels stage, whose fingerprint changed with it, runs again (its examples are kept till then)."""
+    assert _migrated(tmp_path, 7, [
+        "CREATE TABLE concept_examples (word VARCHAR, term VARCHAR, prob FLOAT, rank SMALLINT)",
+        "INSERT INTO concept_examples VALUES ('metal', 'iron', 0.25, 0)"],
+        "SELECT word, term, (SELECT count(*) FROM concept_translations) FROM concept_examples") == [("metal", "iron", 0)]

@@ -25,8 +25,9 @@ The ``tune`` part is the one whose numbers guided the concept search's settings;
 **Other languages** (``bench_other_languages``): the same categories asked in French,
 Spanish, German and Italian ("tier" for animal), each judged by its English query's judged
 neurons, written before any was searched and never tuned on. A word reaches concept search
-only where the word vectors know it as a whole token (the query vocabulary); each row says
-whether it does.
+where the word vectors know it as a whole token (the query vocabulary), and where the model
+read it as an English word (the labels stage's ``concept_translations``, ``--label-languages``);
+each row says which.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _searcher(idx: Path):
         if b not in shards:
             shards[b] = json.loads((idx / shard_name(b, meta["shards"])).read_text(encoding="utf-8"))
         return shards[b]
-    return lambda q: rank(q, meta, load, TOP)["hits"]
+    return lambda q: rank(q, meta, load, TOP)
 
 
 def score(hits: list[dict], judged: set) -> dict:
@@ -120,7 +121,7 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
                 j = judged[query]
                 row = {"part": part, "query": query, "synset": f"{lemma}.n.{sense:02d}", "judged": len(j)}
                 for name in ("before", "after"):
-                    row[name] = score(search[name](query), j)
+                    row[name] = score(search[name](query)["hits"], j)
                 rows.append(row)
         known = _whole_words()
         for word, lang, query in other_languages():
@@ -128,7 +129,9 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
             row = {"part": OTHER, "query": word, "lang": lang, "category": query, "judged": len(j),
                    "whole_word": word in known}
             for name in ("before", "after"):
-                row[name] = score(search[name](word), j)
+                found = search[name](word)
+                row[name] = score(found["hits"], j)
+            row["read_as"] = (found["aliases"].get(word) or [None])[0]
             rows.append(row)
         coherence = cluster_coherence(con)
     summary = {}
@@ -139,6 +142,7 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
             for m in ("precision", "recall"):
                 summary[part][f"{m}_{name}"] = round(statistics.mean(r[name][m] for r in scored), 3) if scored else None
     return {"rows": rows, "summary": summary, "concepts": info["after"].get("concepts"), "coherence": coherence,
+            "translations": info["after"].get("translations", 0),
             "judge": {"wordnet": str(wn.root), "ranks": RANKS, "min_members": MIN_MEMBERS}}
 
 
@@ -155,13 +159,24 @@ def table(result: dict) -> str:
     fmt = (lambda v: "–" if v is None else f"{v:.2f}")
     for r in result["rows"]:
         query = r["query"] if r["part"] != OTHER else (f"{r['query']} ({r['lang']}, {r['category']}"
-                                                       + ("" if r["whole_word"] else "; not a word-vector word") + ")")
+                                                       + ("" if r["whole_word"] else "; not a word-vector word")
+                                                       + (f"; read as {r['read_as']}" if r.get("read_as") else "") + ")")
         lines.append(f"| {r['part']} | {query} | {r['judged']} | {fmt(r['before']['precision'])} | "
                      f"{fmt(r['before']['recall'])} | {fmt(r['after']['precision'])} | {fmt(r['after']['recall'])} |")
     for part, s in result["summary"].items():
         lines.append(f"| **{part}, mean of {s['queries']}** | | | {fmt(s['precision_before'])} | "
                      f"{fmt(s['recall_before'])} | {fmt(s['precision_after'])} | {fmt(s['recall_after'])} |")
     return "\n".join(lines)
+
+
+def report(result: dict) -> str:
+    """What ``atlas bench concepts`` prints: the table, the cluster coherence, and how many foreign
+    queries the model read as an English word."""
+    read = [r for r in result["rows"] if r["part"] == OTHER and r.get("read_as")]
+    return "\n".join([table(result), coherence_line(result["coherence"]),
+                      f"other languages: {len(read)} of {sum(r['part'] == OTHER for r in result['rows'])} queries read "
+                      f"by the model as an English word ({result['translations']:,} readings in the index, from the "
+                      "labels stage's concept_translations)"])
 
 
 def coherence_line(c: dict) -> str:
@@ -179,8 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", type=Path, help="write the two indexes here (before/, after/) and keep them")
     args = ap.parse_args(argv)
     result = run(args.store, args.wordnet, keep=args.keep)
-    print(table(result))
-    print(coherence_line(result["coherence"]))
+    print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result

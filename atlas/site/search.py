@@ -261,10 +261,17 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     with_exemplars = finished_stage(con, "exemplars") is not None and {"exemplars", "corpus_docs"} <= _tables(con)
     check = _check_sql(con)
     con.register("search_terms", _term_table(con))
+    aliases = _aliases(con, concepts)
+    con.register("search_aliases", aliases)
     extra, sources_info = [], {}
     try:
         extra, sources_info = extra_sources(con, check, concepts)
         union = " UNION ALL ".join([_matches_sql(with_exemplars, check)] + extra)
+        # A word of another language that the model reads as an English word (the labels stage's
+        # concept_translations) has that word's matches beside its own.
+        union = f"""WITH found AS ({union})
+                    SELECT * FROM found UNION ALL
+                    SELECT a.term, f.* EXCLUDE (term) FROM found f JOIN search_aliases a ON f.term = a.target"""
         # With concept matches in the index, a top `out` token that spells the term (the neuron
         # writes the word itself) weighs LITERAL_GAIN on their scale, and a neuron that also has
         # a concept match for the term adds the two: the word joins its evidence (see the README,
@@ -319,7 +326,7 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
         label_sizes = _write_labels(con, out_dir / "labels")
     finally:
         con.execute("DROP TABLE IF EXISTS search_kept")
-        for name in ("search_terms", "search_buckets", "search_descriptions"):
+        for name in ("search_terms", "search_buckets", "search_descriptions", "search_aliases"):
             try:
                 con.unregister(name)
             except Exception:       # never registered: the build failed before that point
@@ -333,8 +340,23 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
     (out_dir / META_NAME).write_text(to_json(meta), encoding="utf-8")
     return {"terms": n_terms, "postings": n_postings, "shards": n_shards, "bytes": sum(sizes),
             "largest_shard": max(sizes, default=0), "label_bytes": sum(label_sizes), "label_files": len(label_sizes),
-            "seconds": round(time.perf_counter() - start, 3),
+            "seconds": round(time.perf_counter() - start, 3), "translations": aliases.num_rows,
             **sources_info}
+
+
+def _aliases(con, concepts: bool) -> pa.Table:
+    """(term, target, language): each word of another language that the model reads as the English
+    word ``target`` (its likeliest accepted reading), by the language's English name; empty
+    without concept matches or readings."""
+    from atlas.lexicon import LANGUAGES
+
+    rows = []
+    if concepts and "concept_translations" in _tables(con):
+        rows = con.execute("""SELECT word, arg_max(term, prob), arg_max(language, prob) FROM concept_translations
+                              WHERE accepted GROUP BY word ORDER BY word""").fetchall()
+    return pa.table({"term": pa.array([r[0] for r in rows], pa.string()),
+                     "target": pa.array([r[1] for r in rows], pa.string()),
+                     "language": pa.array([LANGUAGES.get(r[2], r[2]) for r in rows], pa.string())})
 
 
 def _concept_meta(info: dict | None):
@@ -509,9 +531,10 @@ _SHARDS_SQL = """
         SELECT p.bucket, p.term,
                '{{"d":' || to_json(p.d) || ',"n":' || CAST(p.n AS VARCHAR) || ',"p":' || to_json(p.p)
                || ',"t":' || to_json(coalesce(v.t, [])::VARCHAR[])
-               || coalesce(',"w":' || wl.w || ',"e":' || to_json(c.e), '') || '}}' AS entry
+               || coalesce(',"w":' || wl.w || ',"e":' || to_json(c.e), '')
+               || CASE WHEN al.target IS NULL THEN '' ELSE ',"a":' || to_json([al.target, al.language]) END || '}}' AS entry
         FROM packed p LEFT JOIN variants v USING (term) LEFT JOIN concept c USING (term)
-        LEFT JOIN word_lists wl USING (term)
+        LEFT JOIN word_lists wl USING (term) LEFT JOIN search_aliases al USING (term)
     )
     SELECT bucket, '{{' || string_agg(to_json(term) || ':' || entry, ',' ORDER BY term) || '}}'
     FROM entries GROUP BY bucket ORDER BY bucket"""
@@ -528,7 +551,8 @@ _UPPER_ESCAPE = re.compile(r"\\(?:u00[0-9A-F]{2}|.)")     # an escape pair at a 
 
 
 def _write_shards(con, out_dir: Path, n_shards: int) -> tuple[list[int], dict]:
-    """One JSON file per bucket of the kept postings (temp tables ``search_kept``, ``search_buckets``);
+    """One JSON file per bucket of the kept postings (temp tables ``search_kept``, ``search_buckets``,
+    ``search_aliases``);
     returns the files' sizes and the postings' layout (meta.json's ``posting``)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -610,11 +634,14 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
     hits: dict[tuple[int, int], dict] = {}
     counts: dict[str, int] = {}
     direction_counts: dict[str, int] = {}
+    aliases: dict[str, list[str]] = {}      # term -> [the English word the model reads it as, its language]
     for term in terms + ([phrase] if phrase else []):
         b = shard_of(term, meta["shards"])
         if b not in shards:
             shards[b] = load(b)
         entry = shards[b].get(term)
+        if entry and entry.get("a"):
+            aliases[term] = entry["a"]
         counts[term] = entry["n"] if entry else 0
         direction_counts[term] = (entry["d"][want] if entry else 0) if want is not None else counts[term]
         if not entry:
@@ -652,6 +679,7 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
     if phrase:      # the phrase is a lookup, not a word: report it apart
         phrase_count = counts.pop(phrase), direction_counts.pop(phrase)
     return {"terms": terms, "direction": direction, "counts": counts, "direction_counts": direction_counts,
+            "aliases": aliases,
             "phrase": {"text": phrase, "count": phrase_count[0], "direction_count": phrase_count[1]} if phrase else None,
             "shards": sorted(shards), "matched": len(ordered),
             "match_all": sum(1 for h in ordered if h["words"] == len(terms)), "hits": ordered[:limit]}
@@ -730,7 +758,9 @@ def status_line(result: dict) -> str:
     verb = {"promotes": "promote", "suppresses": "suppress", "reads": "read"}.get(d)
     parts = []
     for t in terms:
-        part = f"\u2018{t}\u2019: {result['counts'][t]:,} neurons match"
+        read = result.get("aliases", {}).get(t)
+        part = (f"\u2018{t}\u2019" + (f" (the model's {read[1]} for \u2018{read[0]}\u2019)" if read else "")
+                + f": {result['counts'][t]:,} neurons match")
         parts.append(part + (f", {result['direction_counts'][t]:,} {verb} it" if verb else ""))
     ph = result["phrase"]
     if ph and ph["count"]:

@@ -31,6 +31,13 @@ them again while the model and the words asked stay the same. An example counts 
 for search postings and cluster names (``atlas.site.concept_source``); neuron names read the
 word vectors only.
 
+**Other languages**: the stage asks the model what the commonest words of each of
+``label_languages`` mean ('The French word "famille" means "'; ``atlas.model_examples``), from
+pyspellchecker's lists (``atlas.lexicon``). A first answer that is an English word, no function
+word, at probability ``TRANSLATION_MIN`` or more is *accepted*; ``concept_translations`` keeps
+every first answer and says which. The search index gives an accepted word the matches of its
+reading beside its own ("famille" finds the neurons of "family") and says so.
+
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
 """
@@ -44,7 +51,7 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
-from atlas.config import CPU_EXAMPLES, LabelsConfig
+from atlas.config import CPU_EXAMPLES, GPU_TRANSLATIONS, LabelsConfig
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
                                        Vocabulary, concepts, example_sets, read_phrases, vocabulary, with_phrases)
 from atlas.site.search import normalise
@@ -60,6 +67,12 @@ KIND_MEMBERS = 0.2      # ... and the share of the members that must have one of
 CONCEPT, KIND = "concept", "token kind"     # clusters.named_by
 ASKED_TOP = 50          # the model's likeliest next terms kept per concept word (EXAMPLE_TOP of them may be evidence)
 STAGE = "labels"
+# Other languages: a first reading at this probability or more is taken. On tune_other_languages
+# (data/concepts.json) the right first readings ranged 0.14-0.96, the wrong ones that are English
+# words ("lord" for könig, "son" for sonne, "man" for chien, "lion" for soleil) 0.22-0.30.
+TRANSLATION_MIN = 0.35
+ENGLISH_MIN = 1000      # a word the English list counts this often is English too ("kind", "sole", "casa"): not asked
+COPIED = 0.6           # a reading that is the word's start and shorter than this share of it is a copy
 _OUT_Z = ("coalesce(abs(CAST(d.logit AS DOUBLE) - CAST(n.out_logit_mean AS DOUBLE)) "
           "/ nullif(CAST(n.out_logit_std AS DOUBLE), 0), abs(CAST(d.logit AS DOUBLE)))")
 
@@ -159,6 +172,67 @@ def ask_examples(ctx: Context, vocab: Vocabulary, n: int, phrases: list[str] = (
                    "seconds": seconds}, True
 
 
+def translations_asked(cfg: LabelsConfig, device_type: str) -> int:
+    """How many words of each language the model is asked to translate."""
+    if cfg.label_translations != -1:
+        return cfg.label_translations
+    return GPU_TRANSLATIONS if device_type != "cpu" else 0
+
+
+def foreign_words(lang: str, n: int, english) -> list[str]:
+    """The ``n`` commonest words of ``lang``'s list of 3 letters or more that the English list
+    (``english``) does not count ``ENGLISH_MIN`` times. Function words are asked too ("noche"
+    and "amor" are among Spanish's 200 commonest): their readings are English function words,
+    which are not accepted."""
+    found, _ = lexicon_mod.load(lang)
+    if found is None or n <= 0:
+        return []
+    out = []
+    for w in found.commonest(len(found.counts)):
+        if len(w) >= 3 and (english is None or english.counts.get(w, 0) < ENGLISH_MIN):
+            out.append(w)
+            if len(out) == n:
+                break
+    return out
+
+
+def ask_translations(ctx: Context, n: int, languages: list[str], english) -> tuple[pa.Table | None, dict]:
+    """The model's first reading of the ``n`` commonest words of each language (``foreign_words``):
+    rows (word, language, term, prob), reused from the store while the model and the words are
+    the same; and what was asked."""
+    from atlas import model_examples          # torch, only when the model is asked
+
+    words = {lang: foreign_words(lang, n, english) for lang in languages}
+    key = digest({"weights": ctx.weights_hash, "template": model_examples.TRANSLATE, "words": words})
+    kept = ctx.store.meta("concept_translations") or {}
+    info = {"key": key, "template": model_examples.TRANSLATE, "languages": {k: len(v) for k, v in words.items()}}
+    if kept.get("key") == key:
+        rows = ctx.store.con.execute("SELECT word, language, term, prob FROM concept_translations "
+                                     "ORDER BY language, word").fetchall()
+        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(("word", "language", "term", "prob"))}), \
+            {**info, "seconds": kept.get("seconds"), "reused": True}
+    parts, seconds, lm = [], 0.0, ctx.lm
+    for lang, asked in words.items():
+        table, took = model_examples.translate(lm, asked, lexicon_mod.LANGUAGES[lang], ctx.progress)
+        parts.append(pa.table({"word": table.column("word"), "language": pa.array([lang] * table.num_rows, pa.string()),
+                               "term": table.column("term"), "prob": table.column("prob")}))
+        seconds += took
+    return (pa.concat_tables(parts) if parts else None), {**info, "seconds": round(seconds, 2)}
+
+
+def accepted_translations(table: pa.Table, vocab: Vocabulary) -> pa.Table:
+    """``table`` with ``accepted``: a reading at ``TRANSLATION_MIN`` or more that is an English word
+    (of the query vocabulary's words, 3 letters or more, no function word) other than the word
+    itself, and not a short start of it (the model copying "imp" of "imposible"; "music" of
+    "musique", 5 of 7 letters, is a reading)."""
+    def taken(w: str, t: str, p: float) -> bool:
+        copied = w.startswith(t) and len(t) < COPIED * len(w)
+        return (p >= TRANSLATION_MIN and t != w and len(t) >= 3 and t.isalpha() and not copied
+                and t in vocab.words and t not in vocab.function)
+    flags = [taken(w, t, p) for w, t, p in zip(*(table.column(c).to_pylist() for c in ("word", "term", "prob")))]
+    return table.append_column("accepted", pa.array(flags, pa.bool_()))
+
+
 def kind_names(con, kinds: token_kinds.Kinds, exemplar_votes: bool) -> dict:
     """{cluster: (kind, its tokens in the cluster's order, members with one of them, members)} for
     clusters whose ``KIND_TOKENS`` most distinctive tokens are mostly of one kind (not plain words;
@@ -223,11 +297,14 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     source = vectors.source if vectors is not None else {"missing": why}
     source = {**source, "lexicon": lexicon.source if lexicon is not None else {"missing": lexicon_why}}
     asked = examples_asked(cfg, ctx.device_type) if vectors is not None else 0
+    foreign = translations_asked(cfg, ctx.device_type) if vectors is not None and cfg.languages() else 0
     phrases = read_phrases(cfg.label_phrases, normalise)
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
                                  examples={"asked": asked, "top": ASKED_TOP, "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC,
-                                                                                       EXAMPLE_SIM]})
+                                                                                       EXAMPLE_SIM]},
+                                 translations={"asked": foreign, "min": TRANSLATION_MIN, "english_min": ENGLISH_MIN,
+                                               "copied": COPIED})
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()
@@ -236,6 +313,8 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     vocab = vocabulary(store.con, normalise, _with_corpus(store.con), vectors, lexicon) if vectors is not None else None
     vocab = with_phrases(vocab, phrases) if vocab is not None else None
     answers, asked_info, new_answers = ask_examples(ctx, vocab, asked, phrases) if asked else (None, {"words": 0}, False)
+    readings, read_info = ask_translations(ctx, foreign, cfg.languages(), lexicon) if foreign else (None, {})
+    readings = accepted_translations(readings, vocab) if readings is not None else None
     examples = example_sets(zip(*[answers.column(c).to_pylist() for c in ("word", "term", "rank")]),
                             asked_info["words"]) if answers is not None else None
     table, postings, groups, info = compute_labels(store.con, cfg, vectors, lexicon, cluster is not None, vocab, examples)
@@ -252,6 +331,10 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
             if answers is not None:
                 insert_arrow(con, "concept_examples", answers, order="word, rank")
             store.set_meta("concept_examples", asked_info if answers is not None else None)
+        con.execute("DELETE FROM concept_translations")
+        if readings is not None:
+            insert_arrow(con, "concept_translations", readings, order="language, word")
+        store.set_meta("concept_translations", {k: v for k, v in read_info.items() if k != "reused"} or None)
         con.execute("DELETE FROM concept_postings")
         if postings is not None:
             insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
@@ -263,7 +346,10 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
                    concept_postings=0 if postings is None else postings.num_rows,
-                   examples={k: v for k, v in asked_info.items() if k != "key"}, phrases=len(phrases), **info)
+                   examples={k: v for k, v in asked_info.items() if k != "key"}, phrases=len(phrases),
+                   translations={**{k: v for k, v in read_info.items() if k != "key"},
+                                 "accepted": sum(readings.column("accepted").to_pylist()) if readings is not None else 0},
+                   **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:

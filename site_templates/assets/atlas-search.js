@@ -110,13 +110,14 @@
   // in one word's list, then summed score, then (layer, neuron); a direction filter first
   // drops the other directions' matches. The twin of rank() in atlas/site/search.py.
   function rank(terms, meta, shards, direction) {
-    var hits = new Map(), counts = {}, dirCounts = {}, outTop = meta.sources.indexOf("out top");
+    var hits = new Map(), counts = {}, dirCounts = {}, aliases = {}, outTop = meta.sources.indexOf("out top");
     var want = direction ? DIRECTIONS.indexOf(direction) : -1;
     var phrase = terms.length > 1 ? terms.join(" ") : null;
     terms.concat(phrase ? [phrase] : []).forEach(function (term) {
       // Own properties only: a word such as "constructor" must not find Object's prototype.
       var shard = shards[shardOf(term, meta.shards)];
       var entry = Object.prototype.hasOwnProperty.call(shard, term) ? shard[term] : null;
+      if (entry && entry.a) aliases[term] = entry.a;      // [the English word the model reads it as, its language]
       counts[term] = entry ? entry.n : 0;
       dirCounts[term] = want >= 0 ? (entry ? entry.d[want] : 0) : counts[term];
       if (!entry) return;
@@ -144,7 +145,8 @@
       return b.words - a.words || a.best - b.best || b.score - a.score || a.layer - b.layer || a.neuron - b.neuron;
     });
     ordered.forEach(function (h) { h.score /= 100; });
-    var result = { terms: terms, direction: direction, counts: counts, dirCounts: dirCounts, phrase: null, hits: ordered,
+    var result = { terms: terms, direction: direction, counts: counts, dirCounts: dirCounts, aliases: aliases,
+                   phrase: null, hits: ordered,
                    matchAll: ordered.filter(function (h) { return h.words === terms.length; }).length };
     if (phrase) {
       result.phrase = { text: phrase, count: counts[phrase], dirCount: dirCounts[phrase] };
@@ -157,7 +159,9 @@
   function statusLine(r) {
     var verb = r.direction ? VERB[r.direction] : null, n = function (x) { return x.toLocaleString("en"); };
     var parts = r.terms.map(function (t) {
-      return "\u2018" + t + "\u2019: " + n(r.counts[t]) + " neurons match" + (verb ? ", " + n(r.dirCounts[t]) + " " + verb + " it" : "");
+      var read = r.aliases[t];
+      return "\u2018" + t + "\u2019" + (read ? " (the model's " + read[1] + " for \u2018" + read[0] + "\u2019)" : "") +
+        ": " + n(r.counts[t]) + " neurons match" + (verb ? ", " + n(r.dirCounts[t]) + " " + verb + " it" : "");
     });
     if (r.phrase && r.phrase.count) {
       parts.push("the phrase \u2018" + r.phrase.text + "\u2019: " + n(r.phrase.count) +

@@ -86,3 +86,21 @@ def test_the_concept_benchmarks_other_languages_ask_its_own_categories():
     assert len(rows) >= 20 and len({w for w, _, _ in rows}) == len(rows)
     assert {lang for _, lang, _ in rows} == {"fr", "es", "de", "it"}
     assert {q for _, _, q in rows} <= queries
+
+
+def test_the_concept_benchmark_says_which_foreign_queries_the_model_read_as_english():
+    from atlas.bench.concepts import OTHER, report
+
+    scored = {"precision": 0.1, "recall": 0.5}
+    rows = [{"part": "tune", "query": "animal", "judged": 8, "before": scored, "after": scored},
+            {"part": OTHER, "query": "ciudad", "lang": "es", "category": "city", "judged": 5, "whole_word": False,
+             "read_as": "city", "before": scored, "after": scored},
+            {"part": OTHER, "query": "tier", "lang": "de", "category": "animal", "judged": 8, "whole_word": True,
+             "read_as": None, "before": scored, "after": scored}]
+    summary = {"tune": {"queries": 1, "precision_before": 0.1, "recall_before": 0.5, "precision_after": 0.1,
+                        "recall_after": 0.5}}
+    text = report({"rows": rows, "summary": summary, "coherence": {}, "translations": 1234})
+    assert "| ciudad (es, city; not a word-vector word; read as city) |" in text
+    assert "| tier (de, animal) |" in text
+    assert text.endswith("other languages: 1 of 2 queries read by the model as an English word (1,234 readings in the "
+                         "index, from the labels stage's concept_translations)")

@@ -10,7 +10,7 @@ import pytest
 from atlas import wordvec
 from atlas.config import LabelsConfig, RenderConfig
 from atlas.site.render import render
-from atlas.site.search import INDEX_DIR, META_NAME, search, write_index
+from atlas.site.search import INDEX_DIR, META_NAME, search, status_line, write_index
 from atlas.stages import STAGES
 from atlas.stages.contract import Context
 from atlas.stages.labels import merged_tokens
@@ -323,25 +323,34 @@ def test_the_models_examples_of_a_word_count_as_its_evidence(tmp_path):
         {k: v for k, v in found["plain"].items() if k != (1, 50)}
 
 
-def test_the_labels_stage_keeps_the_models_examples_and_asks_again_only_for_another_question(tiny_model_dir, tmp_path):
+def _labels_on_a_concept_store(model_dir, path, rows_sql: str, meta_key: str):
+    """run(cfg): the labels stage on a concept store at ``path`` with the tiny model at
+    ``model_dir``, returning (its result, ``rows_sql``'s rows, atlas_meta[meta_key], the stage
+    record); and the list that grows by one each time the stage loads the model."""
     from atlas.model.load import load_model
-    from atlas.model_examples import TEMPLATE
 
-    lm = load_model(str(tiny_model_dir()), device="cpu")
+    lm = load_model(str(model_dir), device="cpu")
     loads = []
 
     def get_lm():
         loads.append(1)
         return lm
 
-    store = concept_store(tmp_path / "atlas.duckdb")
+    store = concept_store(path)
     labels = STAGES["labels"]
 
     def run(cfg):
         with Store(store) as s:
             out = labels.run(Context(s, labels, "sha256:0", get_lm=get_lm, progress=False), cfg)
-            rows = s.con.execute("SELECT word, term, prob, rank FROM concept_examples ORDER BY word, rank").fetchall()
-            return out, rows, s.meta("concept_examples"), s.meta("stage.labels")
+            return out, s.con.execute(rows_sql).fetchall(), s.meta(meta_key), s.meta("stage.labels")
+    return run, loads
+
+
+def test_the_labels_stage_keeps_the_models_examples_and_asks_again_only_for_another_question(tiny_model_dir, tmp_path):
+    from atlas.model_examples import TEMPLATE
+
+    run, loads = _labels_on_a_concept_store(tiny_model_dir(), tmp_path / "atlas.duckdb", "SELECT word, term, prob, rank "
+                                            "FROM concept_examples ORDER BY word, rank", "concept_examples")
 
     out, rows, kept, record = run(LabelsConfig(label_examples=40))
     assert len(loads) == 1 and len({r[0] for r in rows}) == 40 and len(rows) <= 40 * 50
@@ -399,3 +408,101 @@ def test_a_listed_phrase_gets_concept_matches_of_its_own(tmp_path):
     assert found["phrase"]["count"] == len(rows)
     assert (found["hits"][0]["layer"], found["hits"][0]["neuron"]) == (1, 9)
     assert any(m["term"] == "bright colour" and m["source"] == "concept" for m in found["hits"][0]["matches"])
+
+
+def test_the_labels_stage_asks_the_model_what_words_of_other_languages_mean(tiny_model_dir, tmp_path):
+    """--label-translations N: the model's first reading of the N commonest words of each of
+    --label-languages that are not English words too, kept with whether it was accepted, and read
+    again while the model and the words are the same."""
+    from atlas.lexicon import load
+    from atlas.model_examples import TRANSLATE
+    from atlas.stages.labels import ENGLISH_MIN
+
+    run, loads = _labels_on_a_concept_store(tiny_model_dir(), tmp_path / "atlas.duckdb", "SELECT word, language, term, "
+                                            "prob, accepted FROM concept_translations ORDER BY language, word",
+                                            "concept_translations")
+    _, rows, kept, record = run(LabelsConfig(label_examples=0, label_translations=6, label_languages="fr,es"))
+    assert len(loads) == 1 and [r[1] for r in rows] == ["es"] * 6 + ["fr"] * 6
+    english, french = load()[0], load("fr")[0]
+    want = [w for w in french.commonest(100) if len(w) >= 3 and english.counts.get(w, 0) < ENGLISH_MIN][:6]
+    assert sorted(want) == [r[0] for r in rows if r[1] == "fr"]        # the commonest, less English words
+    assert all(len(r[0]) >= 3 and 0 <= r[3] <= 1 and isinstance(r[4], bool) for r in rows)
+    assert kept["template"] == TRANSLATE and kept["languages"] == {"fr": 6, "es": 6}
+    assert record["translations"]["accepted"] == sum(r[4] for r in rows)
+    # Another setting, the same words: read from the store, the model not loaded again.
+    _, again, _, _ = run(LabelsConfig(label_examples=0, label_translations=6, label_languages="fr,es",
+                                      label_min_centroid=0.5))
+    assert again == rows and len(loads) == 1
+    _, none, kept_none, record = run(LabelsConfig(label_examples=0, label_translations=0))
+    assert none == [] and kept_none is None and len(loads) == 1
+
+
+def test_a_reading_is_accepted_only_when_it_is_an_english_word_the_model_is_sure_of():
+    import pyarrow as pa
+
+    from atlas.site.concept_source import Vocabulary
+    from atlas.stages.labels import TRANSLATION_MIN, accepted_translations
+
+    vocab = Vocabulary(["animal", "city", "imp", "music", "the"], {"animal", "city", "imp", "music", "the"},
+                       {"the"}, {})
+    rows = [("animale", "animal", 0.9), ("ciudad", "city", TRANSLATION_MIN), ("stadt", "city", TRANSLATION_MIN - 0.01),
+            ("imposible", "imp", 0.9),        # the model copying the word's start
+            ("musique", "music", 0.6),        # a cognate: 5 of its 7 letters
+            ("dont", "the", 0.9),             # a function word
+            ("chien", "dogg", 0.9),           # no word
+            ("city", "city", 0.9)]            # itself
+    table = pa.table({"word": [r[0] for r in rows], "term": [r[1] for r in rows], "prob": [r[2] for r in rows]})
+    got = dict(zip(table.column("word").to_pylist(), accepted_translations(table, vocab).column("accepted").to_pylist()))
+    assert got == {"animale": True, "ciudad": True, "stadt": False, "imposible": False, "musique": True,
+                   "dont": False, "chien": False, "city": False}
+
+
+def test_a_word_the_model_reads_as_english_finds_that_words_neurons(tmp_path):
+    """An accepted reading gives the word the matches of the English word beside its own, and the
+    result says what it was read as; a reading not accepted gives nothing."""
+    store = concept_store(tmp_path / "atlas.duckdb")
+    with Store(store) as s:
+        labels = STAGES["labels"]
+        labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False), LabelsConfig(label_examples=0))
+        s.con.execute("INSERT INTO concept_translations VALUES ('animale', 'it', 'animal', 0.8, true), "
+                      "('bestia', 'it', 'animal', 0.2, false)")
+    with duckdb.connect(str(store), read_only=True) as con:
+        info = write_index(con, tmp_path / INDEX_DIR, postings=10)
+    assert info["translations"] == 1
+    english, italian = search(tmp_path, "animal", limit=10), search(tmp_path, "animale", limit=10)
+    assert italian["aliases"] == {"animale": ["animal", "Italian"]} and english["aliases"] == {}
+    assert [(h["layer"], h["neuron"]) for h in italian["hits"]] == [(h["layer"], h["neuron"]) for h in english["hits"]]
+    assert {(1, 5), (0, 7)} <= {(h["layer"], h["neuron"]) for h in italian["hits"]}
+    assert status_line(italian).startswith("\u2018animale\u2019 (the model's Italian for \u2018animal\u2019): ")
+    assert search(tmp_path, "bestia", limit=10)["counts"] == {"bestia": 0}
+    # Without concept matches the index has no readings either.
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert write_index(con, tmp_path / "plain" / INDEX_DIR, postings=10, concepts=False)["translations"] == 0
+
+
+def test_the_lexicon_wheel_reads_other_languages_and_says_why_not():
+    from atlas.lexicon import LANGUAGES, load
+
+    english, _ = load()
+    if english is None:
+        pytest.skip("pyspellchecker is not installed")
+    for code in ("fr", "es", "de", "it"):
+        found, why = load(code)
+        assert found is not None and why == "" and code in LANGUAGES, code
+        assert found.source["file"] == f"resources/{code}.json.gz" and len(found.counts) > 50_000
+        assert all(w == w.lower() for w in found.commonest(500))
+    assert "famille" in load("fr")[0].counts and "stadt" in load("de")[0].counts
+    missing, why = load("xx")
+    assert missing is None and "resources/xx.json.gz" in why
+
+
+@pytest.mark.slow
+def test_the_default_model_reads_spanish_words_of_the_tune_list(default_lm):
+    """The default model's first answers to the translation prompt, for tune words it reads with
+    confidence: the rules of concept_translations were chosen on these."""
+    from atlas.model_examples import translate
+
+    table, _ = translate(default_lm, ["agua", "libro", "guerra", "escuela"], "Spanish", progress=False)
+    got = {r["word"]: (r["term"], r["prob"]) for r in table.to_pylist()}
+    assert {w: t for w, (t, _) in got.items()} == {"agua": "water", "libro": "book", "guerra": "war", "escuela": "school"}
+    assert all(p >= 0.35 for _, p in got.values()), got

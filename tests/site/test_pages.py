@@ -192,7 +192,7 @@ def test_exports_are_the_store_and_are_linked_from_home(built):
         # The describe stage's tables are empty without an explainer, and the synthetic store
         # runs no labels stage; they are exported all the same.
         assert (n > 0 or table in ("descriptions", "description_scores", "neuron_labels", "concept_postings",
-                                   "concept_examples")) and con.execute(
+                                   "concept_examples", "concept_translations")) and con.execute(
             "SELECT count(*) FROM read_parquet(?)", [parquet]).fetchone()[0] == n
         if table == "atlas_meta":
             want = meta("SELECT key, value FROM s.atlas_meta")

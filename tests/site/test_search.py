@@ -268,8 +268,8 @@ def test_shard_text_from_duckdb_is_what_the_site_json_writer_writes():
 
 
 def test_packed_shards_decode_to_the_postings_written(tmp_path):
-    """Every term's packed postings, variants and evidence words read back as the rows they were
-    written from, hostile text included, with field ranges that take two packed groups."""
+    """Every term's packed postings, variants, evidence words and reading (a word of another
+    language) read back as the rows they were written from, hostile text included, with field ranges that take two packed groups."""
     from atlas.site.search import SAFE_INT, entry_postings, shard_of
 
     folder, layout, expected = packed_shards(tmp_path / "idx")
@@ -286,6 +286,7 @@ def test_packed_shards_decode_to_the_postings_written(tmp_path):
         entry = json.loads(path.read_text(encoding="utf-8"))[term]
         assert (entry["n"], entry["d"]) == (want["n"], want["d"]), term
         assert entry_postings(entry, layout) == want["postings"], term
+        assert entry.get("a") == want.get("a"), term          # what the model read a foreign word as
         forms.add(type(entry.get("w")).__name__)
     assert forms == {"str", "list", "NoneType"}     # words joined by spaces, a list where one holds a space, none
 

@@ -211,27 +211,53 @@ def test_hits_show_label_direction_and_why(search_site, browser):
     page.close()
 
 
-def test_a_concept_match_shows_a_strength_not_sigmas(browser, tmp_path):
+@pytest.fixture(scope="module")
+def concept_site(tmp_path_factory):
+    """A synthetic atlas with concept postings, one of whose words the model read the word
+    "parole" as (an accepted reading); yields (site, the word, base URL)."""
+    root = tmp_path_factory.mktemp("concept-site")
+    store = make_synthetic_store(root / "atlas.duckdb", 2, 32, vocab_size=512, concepts=20)
+    first, site = root / "first", root / "www"
+    with duckdb.connect(str(store)) as con:
+        words = [w for (w,) in con.execute("SELECT DISTINCT word FROM concept_postings ORDER BY word").fetchall()]
+    render(store, first, RenderConfig(workers=1), progress=False)
+    word = next(w for w in words if any(m["source"] == "concept" for h in search(first, w, limit=50)["hits"]
+                                        for m in h["matches"]))
+    with duckdb.connect(str(store)) as con:      # as the labels stage would have kept it
+        con.execute("INSERT INTO concept_translations VALUES ('parole', 'fr', ?, 0.9, true)", [word])
+    render(store, site, RenderConfig(workers=1), progress=False)
+    with served(site) as base:
+        yield site, word, base
+
+
+def test_a_concept_match_shows_a_strength_not_sigmas(concept_site, browser):
     """A literal match's strength is in σ of the neuron's own logits; a concept match's is a score
     made from such strengths, and the page and `atlas search` say so alike."""
-    store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 32, vocab_size=512, concepts=20)
-    site = tmp_path / "www"
-    render(store, site, RenderConfig(workers=1), progress=False)
-    with duckdb.connect(str(store), read_only=True) as con:
-        words = [w for (w,) in con.execute("SELECT DISTINCT word FROM concept_postings ORDER BY word").fetchall()]
-    term = next(w for w in words if any(m["source"] == "concept" for h in search(site, w, limit=50)["hits"]
-                                        for m in h["matches"]))
-    with served(site) as base:
-        page = search_page(browser, base, term)
-        got = _dom_hits(page)
-        assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, term)
-        assert page.errors == []
-        page.close()
+    site, term, base = concept_site
+    page = search_page(browser, base, term)
+    got = _dom_hits(page)
+    assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, term)
+    assert page.errors == []
+    page.close()
     lines = [m for g in got for m in g["matches"]]
     concept = [m for m in lines if ", concept #" in m]
     other = [m for m in lines if ", concept #" not in m]
     assert concept and all(re.search(r", concept #\d+, strength \d+\.\d\d$", m) for m in concept), concept
     assert all(re.search(r" #\d+, \d+\.\d\d\u03c3$", m) for m in other), other
+
+
+def test_a_word_the_model_reads_as_english_shows_that_words_neurons(concept_site, browser):
+    """The page lists what `atlas search` lists for a word of another language, and says what the
+    model reads it as."""
+    site, word, base = concept_site
+    page = search_page(browser, base, "parole")
+    want = search(site, "parole", limit=50)
+    assert want["aliases"] == {"parole": [word, "French"]} and want["hits"]
+    assert [{k: g[k] for k in ("href", "label", "matches")} for g in _dom_hits(page)] == _want(site, "parole")
+    assert page.text_content("#atlas-search-status") == status_line(want)
+    assert "(the model's French for \u2018" + word + "\u2019)" in status_line(want)
+    assert page.errors == []
+    page.close()
 
 
 def test_direction_filter_changes_the_list_and_the_url(search_site, browser):
