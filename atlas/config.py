@@ -199,8 +199,8 @@ class LabelsConfig:
                 "'' none)"})
     label_translations: int = field(default=-1, metadata={
         "help": "words of each of --label-languages the model is asked to translate ('The French word \"famille\" "
-                f"means \"'): -1 the commonest {GPU_TRANSLATIONS:,} on a GPU and none on a CPU (about 17 ms a word "
-                "there), 0 none, N the commonest N"})
+                f"means \"'): -1 the commonest {GPU_TRANSLATIONS:,} on a GPU and none on a CPU (about 12 ms a word "
+                "there on the default model), 0 none, N the commonest N"})
     label_phrases: str = field(default="", metadata={
         "help": "text file of concepts of several words to search for ('body part', 'past tense'), one a line: "
                 "each joins the query vocabulary and the model is asked for its examples ('' none)"})
@@ -275,7 +275,8 @@ class RenderConfig:
         "help": "strongest neurons kept per word in the concept-search index"})
     search_concepts: bool = field(default=True, metadata={
         "help": "add concept matches to the search index (word vectors from the wordllama wheel, where "
-                "installed): a word finds neurons whose tokens mean something near it"})
+                "installed): a word finds neurons whose tokens mean something near it, and a word of another language "
+                "those of the English word the model reads it as (the labels stage's --label-languages)"})
     exports: bool = field(default=True, metadata={
         "help": "write exports/ beside the site (DIR/exports): a copy of atlas.duckdb and a Parquet file per "
                 "table, to publish as a release or a dataset; the home page lists them"})

@@ -268,10 +268,13 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
         extra, sources_info = extra_sources(con, check, concepts)
         union = " UNION ALL ".join([_matches_sql(with_exemplars, check)] + extra)
         # A word of another language that the model reads as an English word (the labels stage's
-        # concept_translations) has that word's matches beside its own.
+        # concept_translations) has that word's matches beside its own; a description's word stays
+        # the English one it said (its token).
         union = f"""WITH found AS ({union})
                     SELECT * FROM found UNION ALL
-                    SELECT a.term, f.* EXCLUDE (term) FROM found f JOIN search_aliases a ON f.term = a.target"""
+                    SELECT a.term, f.* EXCLUDE (term, evidence),
+                           CASE WHEN f.src = {DESCRIPTION} THEN f.term ELSE f.evidence END AS evidence
+                    FROM found f JOIN search_aliases a ON f.term = a.target"""
         # With concept matches in the index, a top `out` token that spells the term (the neuron
         # writes the word itself) weighs LITERAL_GAIN on their scale, and a neuron that also has
         # a concept match for the term adds the two: the word joins its evidence (see the README,
@@ -352,8 +355,9 @@ def _aliases(con, concepts: bool) -> pa.Table:
 
     rows = []
     if concepts and "concept_translations" in _tables(con):
-        rows = con.execute("""SELECT word, arg_max(term, prob), arg_max(language, prob) FROM concept_translations
-                              WHERE accepted GROUP BY word ORDER BY word""").fetchall()
+        rows = con.execute("""SELECT word, term, language FROM concept_translations WHERE accepted
+                              QUALIFY row_number() OVER (PARTITION BY word ORDER BY prob DESC, language, term) = 1
+                              ORDER BY word""").fetchall()
     return pa.table({"term": pa.array([r[0] for r in rows], pa.string()),
                      "target": pa.array([r[1] for r in rows], pa.string()),
                      "language": pa.array([LANGUAGES.get(r[2], r[2]) for r in rows], pa.string())})
@@ -732,7 +736,7 @@ def match_words(m: dict) -> str:
     if src == SOURCES[CONCEPT]:
         what = f"promotes words near \u2018{m['term']}\u2019 via {m['token']}"
     elif src == SOURCES[DESCRIPTION]:
-        what = f"its description says \u2018{m['term']}\u2019"
+        what = f"its description says \u2018{m['token']}\u2019"     # the word itself, or what a reading copied
     elif src.startswith("exemplar"):
         what = f"fires {'on' if src.endswith('max') else 'most negatively on'} {token} in the corpus"
     elif src.startswith("out"):

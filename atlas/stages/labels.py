@@ -52,6 +52,7 @@ import pyarrow as pa
 
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import CPU_EXAMPLES, GPU_TRANSLATIONS, LabelsConfig
+from atlas.model_examples import TEMPLATE, TRANSLATE      # the questions; torch is imported only to ask them
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
                                        Vocabulary, concepts, example_sets, read_phrases, vocabulary, with_phrases)
 from atlas.site.search import normalise
@@ -188,7 +189,7 @@ def foreign_words(lang: str, n: int, english) -> list[str]:
     if found is None or n <= 0:
         return []
     out = []
-    for w in found.commonest(len(found.counts)):
+    for w in dict.fromkeys(normalise(w) for w in found.commonest(len(found.counts))):   # as search reads a query
         if len(w) >= 3 and (english is None or english.counts.get(w, 0) < ENGLISH_MIN):
             out.append(w)
             if len(out) == n:
@@ -200,12 +201,17 @@ def ask_translations(ctx: Context, n: int, languages: list[str], english) -> tup
     """The model's first reading of the ``n`` commonest words of each language (``foreign_words``):
     rows (word, language, term, prob), reused from the store while the model and the words are
     the same; and what was asked."""
-    from atlas import model_examples          # torch, only when the model is asked
+    from atlas import model_examples
 
     words = {lang: foreign_words(lang, n, english) for lang in languages}
-    key = digest({"weights": ctx.weights_hash, "template": model_examples.TRANSLATE, "words": words})
+    key = digest({"weights": ctx.weights_hash, "template": TRANSLATE, "words": words})
     kept = ctx.store.meta("concept_translations") or {}
-    info = {"key": key, "template": model_examples.TRANSLATE, "languages": {k: len(v) for k, v in words.items()}}
+    info = {"key": key, "template": TRANSLATE, "languages": {k: len(v) for k, v in words.items()}}
+    missing = {lang: lexicon_mod.load(lang)[1] or "no word to ask" for lang, asked in words.items() if not asked}
+    if missing:
+        info["missing"] = missing           # a list that could not be read: why
+    if not any(words.values()):
+        return None, info
     if kept.get("key") == key:
         rows = ctx.store.con.execute("SELECT word, language, term, prob FROM concept_translations "
                                      "ORDER BY language, word").fetchall()
@@ -213,6 +219,8 @@ def ask_translations(ctx: Context, n: int, languages: list[str], english) -> tup
             {**info, "seconds": kept.get("seconds"), "reused": True}
     parts, seconds, lm = [], 0.0, ctx.lm
     for lang, asked in words.items():
+        if not asked:
+            continue
         table, took = model_examples.translate(lm, asked, lexicon_mod.LANGUAGES[lang], ctx.progress)
         parts.append(pa.table({"word": table.column("word"), "language": pa.array([lang] * table.num_rows, pa.string()),
                                "term": table.column("term"), "prob": table.column("prob")}))
@@ -301,10 +309,10 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     phrases = read_phrases(cfg.label_phrases, normalise)
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
-                                 examples={"asked": asked, "top": ASKED_TOP, "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC,
-                                                                                       EXAMPLE_SIM]},
-                                 translations={"asked": foreign, "min": TRANSLATION_MIN, "english_min": ENGLISH_MIN,
-                                               "copied": COPIED})
+                                 examples={"asked": asked, "top": ASKED_TOP, "template": TEMPLATE,
+                                           "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC, EXAMPLE_SIM]},
+                                 translations={"asked": foreign, "template": TRANSLATE, "min": TRANSLATION_MIN,
+                                               "english_min": ENGLISH_MIN, "copied": COPIED})
     if ctx.is_done(fingerprint):
         return {"skipped": True}
     start = time.perf_counter()

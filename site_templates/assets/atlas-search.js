@@ -110,7 +110,9 @@
   // in one word's list, then summed score, then (layer, neuron); a direction filter first
   // drops the other directions' matches. The twin of rank() in atlas/site/search.py.
   function rank(terms, meta, shards, direction) {
-    var hits = new Map(), counts = {}, dirCounts = {}, aliases = {}, outTop = meta.sources.indexOf("out top");
+    // No prototype: a query word such as "constructor" must not find Object's own keys.
+    var hits = new Map(), counts = {}, dirCounts = {}, aliases = Object.create(null);
+    var outTop = meta.sources.indexOf("out top");
     var want = direction ? DIRECTIONS.indexOf(direction) : -1;
     var phrase = terms.length > 1 ? terms.join(" ") : null;
     terms.concat(phrase ? [phrase] : []).forEach(function (term) {
@@ -195,7 +197,7 @@
       line.appendChild(document.createTextNode(" via "));
       line.appendChild(el("code", "atlas-search-via", m.token));
     } else if (src === "description") {
-      dir.textContent = "its description says \u2018" + m.term + "\u2019";
+      dir.textContent = "its description says \u2018" + m.token + "\u2019";     // the word itself, or what a reading copied
       line.appendChild(dir);
     } else {
       var bottom = /(bottom|min)$/.test(src);

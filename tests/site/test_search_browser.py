@@ -107,6 +107,7 @@ def test_unknown_words_say_so(search_site, browser):
         assert want["counts"].get("tostring", 0) == want["counts"].get("__proto__", 0) == 0
         assert page.get_attribute("#atlas-search-results", "data-hits") == str(len(want["hits"]))
         assert query.split()[0].lower() in page.text_content("#atlas-search-status")
+        assert page.text_content("#atlas-search-status") == status_line(want)      # no reading from a prototype
         assert page.errors == []
         page.close()
 
