@@ -10,8 +10,8 @@ import contextlib
 import tempfile
 from pathlib import Path
 
-from atlas.config import (ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, RenderConfig,
-                          check_device)
+from atlas.config import (ClampConfig, ClusterConfig, DecodeConfig, DescribeConfig, ExemplarConfig, LabelsConfig,
+                          RenderConfig, check_device)
 from atlas.errors import AtlasError
 from atlas.lock import output_lock
 from atlas.model.files import DEFAULT_MODEL, hash_weights, resolve
@@ -110,6 +110,9 @@ class Build:
 
     def clamp(self, cfg: ClampConfig = ClampConfig()) -> dict:
         return self.run_stage("clamp", cfg)
+
+    def labels(self, cfg: LabelsConfig = LabelsConfig()) -> dict:
+        return self.run_stage("labels", cfg)
 
     def describe(self, cfg: DescribeConfig = DescribeConfig()) -> dict:
         return self.run_stage("describe", cfg)

@@ -59,16 +59,22 @@ def random_model(dest: Path, shape: str, tok_dir: Path, layers: int | None) -> d
 
 
 def build(out: Path, model: str, device: str, max_tokens: int, context: int, clamp_budget: int,
-          attribution_rows: int, save=lambda result: None) -> dict:
-    """Every stage in order; ``save`` gets the figures so far after each one, so a killed build keeps them."""
+          attribution_rows: int, save=lambda result: None, label_examples: int = -1,
+          label_translations: int = -1) -> dict:
+    """Every stage in order; ``save`` gets the figures so far after each one, so a killed build keeps them.
+
+    The labels stage runs last, after render (``atlas build`` runs it before): the model's
+    examples and readings it times are the newest work, and a build that runs out of time there
+    has kept every other stage's figures."""
     import torch
-    from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, RenderConfig
+    from atlas.config import ClampConfig, ClusterConfig, DecodeConfig, ExemplarConfig, LabelsConfig, RenderConfig
     from atlas.pipeline import Build
     from atlas.stages.exemplars import check_corpus
     cuda = torch.cuda.is_available() and device.startswith("cuda")
     ex = ExemplarConfig(max_tokens=max_tokens, context=context, attribution_rows=attribution_rows)
     cfgs = {"decode": DecodeConfig(), "exemplars": ex, "cluster": ClusterConfig(),
-            "clamp": ClampConfig(clamp_budget=clamp_budget), "render": RenderConfig()}
+            "clamp": ClampConfig(clamp_budget=clamp_budget), "render": RenderConfig(),
+            "labels": LabelsConfig(label_examples=label_examples, label_translations=label_translations)}
     for cfg in cfgs.values():
         cfg.validate()
     check_corpus(ex)
@@ -121,6 +127,8 @@ def main() -> None:
     b.add_argument("--context", type=int, default=128)
     b.add_argument("--clamp-budget", type=int, default=-1)
     b.add_argument("--attribution-rows", type=int, default=64)
+    b.add_argument("--label-examples", type=int, default=-1)
+    b.add_argument("--label-translations", type=int, default=-1)
     a = ap.parse_args()
     if a.cmd == "tokenizer":
         print(json.dumps({"tokenizer": tokenizer(a.dest, a.source)}))
@@ -141,7 +149,8 @@ def main() -> None:
             tmp = a.json.with_suffix(".partial")
             tmp.write_text(json.dumps({**made, **r}, indent=2, default=str))
             tmp.replace(a.json)
-        save(build(a.out, a.model, a.device, a.max_tokens, a.context, a.clamp_budget, a.attribution_rows, save))
+        save(build(a.out, a.model, a.device, a.max_tokens, a.context, a.clamp_budget, a.attribution_rows, save,
+                   a.label_examples, a.label_translations))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ def test_rehearsal_writes_every_figure_and_the_log(tmp_path):
         assert set(h[key]) == {"value", "goal", "met"} and h[key]["value"] > 0, key
     assert h["clamp_default_neurons"]["value"] == 64                    # every neuron of the tiny default
     for build in ("default", "llama_1b"):
-        assert set(h["stage_seconds"][build]) == {"decode", "exemplars", "cluster", "clamp", "render"}
+        assert set(h["stage_seconds"][build]) == {"decode", "exemplars", "cluster", "clamp", "render", "labels"}
+        # the labels stage asked the model for examples of 50 words and readings of 10 a language
+        assert h["labels"][build]["examples"]["words"] == 50, h["labels"]
+        assert h["labels"][build]["translations"]["languages"] == {"fr": 10, "es": 10, "de": 10, "it": 10}
         assert h["tokens_per_s"][f"{build}_corpus_pass"] > 0
     assert h["tokens_per_s"]["bench_plain_forward"] > 0 and "gpu_peak_mb" in h
     assert d["figures"]["pytest"]["passed"] >= 5                       # the GPU tests ran, in bf16 on the CPU

@@ -351,16 +351,17 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         by_kind = sum(v == KIND for v in names.column("named_by").to_pylist())
         with_concept = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
         seconds = round(time.perf_counter() - start, 2)
+        record = {"examples": {k: v for k, v in asked_info.items() if k != "key"},
+                  "translations": {**{k: v for k, v in read_info.items() if k != "key"},
+                                   "accepted": sum(readings.column("accepted").to_pylist()) if readings is not None else 0}}
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
-                   concept_postings=0 if postings is None else postings.num_rows,
-                   examples={k: v for k, v in asked_info.items() if k != "key"}, phrases=len(phrases),
-                   translations={**{k: v for k, v in read_info.items() if k != "key"},
-                                 "accepted": sum(readings.column("accepted").to_pylist()) if readings is not None else 0},
-                   **info)
+                   concept_postings=0 if postings is None else postings.num_rows, phrases=len(phrases),
+                   **record, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
     return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept, "clusters_named": named,
-            "clusters_named_by_kind": by_kind, "resource": source}
+            "clusters_named_by_kind": by_kind, "resource": source, "examples": record["examples"],
+            "translations": record["translations"]}
