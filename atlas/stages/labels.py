@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import CPU_EXAMPLES, GPU_TRANSLATIONS, LabelsConfig
-from atlas.model_examples import TEMPLATE, TRANSLATE      # the questions; torch is imported only to ask them
+from atlas.model_examples import TEMPLATE, TRANSLATE, ask, translate     # torch is imported only to ask
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
                                        Vocabulary, concepts, example_sets, read_phrases, vocabulary, with_phrases)
 from atlas.site.search import normalise
@@ -160,17 +160,19 @@ def ask_examples(ctx: Context, vocab: Vocabulary, n: int, phrases: list[str] = (
     """The model's examples of the ``n`` commonest concept words and of ``phrases``
     (``atlas.model_examples``), and whether they are new: the store's own are reused when the
     same model was asked the same."""
-    from atlas import model_examples          # torch, only when the model is asked
-
     words = list(dict.fromkeys(vocab.commonest(n) + list(phrases)))
-    key = digest({"weights": ctx.weights_hash, "template": model_examples.TEMPLATE, "top": ASKED_TOP, "words": words})
+    key = digest({"weights": ctx.weights_hash, "template": TEMPLATE, "top": ASKED_TOP, "words": words})
     kept = ctx.store.meta("concept_examples") or {}
     if kept.get("key") == key:
-        rows = ctx.store.con.execute("SELECT word, term, prob, rank FROM concept_examples ORDER BY word, rank").fetchall()
-        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(("word", "term", "prob", "rank"))}), kept, False
-    table, seconds = model_examples.ask(ctx.lm, words, ASKED_TOP, ctx.progress)
-    return table, {"key": key, "words": len(words), "template": model_examples.TEMPLATE, "top": ASKED_TOP,
-                   "seconds": seconds}, True
+        return _stored(ctx.store.con, "concept_examples", ("word", "term", "prob", "rank"), "word, rank"), kept, False
+    table, seconds = ask(ctx.lm, words, ASKED_TOP, ctx.progress)
+    return table, {"key": key, "words": len(words), "template": TEMPLATE, "top": ASKED_TOP, "seconds": seconds}, True
+
+
+def _stored(con, table: str, columns: tuple[str, ...], order: str) -> pa.Table:
+    """The model's answers the store kept in ``table``, read back to be used again."""
+    rows = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
 
 def translations_asked(cfg: LabelsConfig, device_type: str) -> int:
@@ -188,21 +190,20 @@ def foreign_words(lang: str, n: int, english) -> list[str]:
     found, _ = lexicon_mod.load(lang)
     if found is None or n <= 0:
         return []
-    out = []
-    for w in dict.fromkeys(normalise(w) for w in found.commonest(len(found.counts))):   # as search reads a query
-        if len(w) >= 3 and (english is None or english.counts.get(w, 0) < ENGLISH_MIN):
-            out.append(w)
+    out: dict[str, None] = {}
+    for w in found.commonest(len(found.counts)):
+        w = normalise(w)                    # as search reads a query
+        if len(w) >= 3 and w not in out and (english is None or english.counts.get(w, 0) < ENGLISH_MIN):
+            out[w] = None
             if len(out) == n:
                 break
-    return out
+    return list(out)
 
 
 def ask_translations(ctx: Context, n: int, languages: list[str], english) -> tuple[pa.Table | None, dict]:
     """The model's first reading of the ``n`` commonest words of each language (``foreign_words``):
     rows (word, language, term, prob), reused from the store while the model and the words are
     the same; and what was asked."""
-    from atlas import model_examples
-
     words = {lang: foreign_words(lang, n, english) for lang in languages}
     key = digest({"weights": ctx.weights_hash, "template": TRANSLATE, "words": words})
     kept = ctx.store.meta("concept_translations") or {}
@@ -213,15 +214,13 @@ def ask_translations(ctx: Context, n: int, languages: list[str], english) -> tup
     if not any(words.values()):
         return None, info
     if kept.get("key") == key:
-        rows = ctx.store.con.execute("SELECT word, language, term, prob FROM concept_translations "
-                                     "ORDER BY language, word").fetchall()
-        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(("word", "language", "term", "prob"))}), \
-            {**info, "seconds": kept.get("seconds"), "reused": True}
+        return (_stored(ctx.store.con, "concept_translations", ("word", "language", "term", "prob"), "language, word"),
+                {**info, "seconds": kept.get("seconds"), "reused": True})
     parts, seconds, lm = [], 0.0, ctx.lm
     for lang, asked in words.items():
         if not asked:
             continue
-        table, took = model_examples.translate(lm, asked, lexicon_mod.LANGUAGES[lang], ctx.progress)
+        table, took = translate(lm, asked, lexicon_mod.LANGUAGES[lang], ctx.progress)
         parts.append(pa.table({"word": table.column("word"), "language": pa.array([lang] * table.num_rows, pa.string()),
                                "term": table.column("term"), "prob": table.column("prob")}))
         seconds += took
