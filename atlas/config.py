@@ -189,6 +189,9 @@ class LabelsConfig:
     label_min_centroid: float = field(default=0.45, metadata={
         "help": "cosine (word vectors) between a concept word and the centroid of the neuron's decoded terms "
                 "from which the word names the neuron's concept; below it the label says there is no clear concept"})
+    label_exemplars: bool = field(default=True, metadata={
+        "help": "name a neuron whose decoded `out` terms name no concept from the words it fires on in the corpus "
+                "(its top exemplars' tokens): 'fires on family: parents, father, mother'"})
     label_examples: int = field(default=-1, metadata={
         "help": "concept words whose examples the model is asked for ('The most common kinds of metal are'), "
                 f"which then count as evidence for the word: -1 all on a GPU and the commonest {CPU_EXAMPLES:,} "

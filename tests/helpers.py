@@ -454,11 +454,12 @@ CONCEPT_NEURONS = {
 }
 
 
-def concept_store(path: Path) -> Path:
-    """A 2 x 64 synthetic store whose CONCEPT_NEURONS decode to those tokens, strongest first."""
+def concept_store(path: Path, corpus: bool = False) -> Path:
+    """A 2 x 64 synthetic store whose CONCEPT_NEURONS decode to those tokens, strongest first
+    (with ``corpus``, a synthetic corpus and exemplars of made-up words too)."""
     from atlas.bench.synthetic import make_synthetic_store
 
-    store = make_synthetic_store(path, 2, 64, vocab_size=512)
+    store = make_synthetic_store(path, 2, 64, vocab_size=512, corpus=corpus)
     with duckdb.connect(str(store)) as con:
         next_id = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()[0]
         ids = {}

@@ -37,7 +37,8 @@ too):
 The evidence terms travel with the posting, so a result says why it matched. One scan
 (``concepts``, run by the labels stage) gives both the postings, which the stage keeps in
 ``concept_postings`` for the search index, and each neuron's concept name from the same
-evidence.
+evidence. A second scan, for labels only, names neurons from the tokens they fire on in the
+corpus (``exemplar_rows``) instead of the tokens they write.
 
 Every (term, word) pair is scored in chunks of words with numpy: the pairs at ``MIN_SIM``
 or more are too many (14 million on the default atlas) for a join in DuckDB.
@@ -80,6 +81,7 @@ GROUP_MIN = 2                   # a group's (cluster's) term is among the top te
 CHUNK = 1024                    # query words scored at once ([terms, CHUNK] cosines in memory)
 EXAMPLE_SIM = 0.6               # the cosine one of the model's examples of a word counts as, at least
 EXAMPLE_TOP = 30                # the model's likeliest examples of a word that may be evidence
+EXEMPLAR_SHARE = 0.25            # of a neuron's top exemplars, the share whose peak token a name from them must cover
 EXAMPLE_GENERIC = 0.01          # an example among the EXAMPLE_TOP of more than this share of the words asked is none
 _WORD = re.compile(r"[^\W\d_]{3,24}")
 
@@ -194,11 +196,25 @@ class NeuronTerms:
 
 
 def neuron_terms(con, normalise, z_sql: str, vocab: Vocabulary) -> NeuronTerms:
-    rows = con.execute(f"""
+    """Each neuron's top ``RANKS`` decoded `out` terms."""
+    return _terms(con.execute(f"""
         SELECT d.layer, d.neuron, d.rank, d.token, {z_sql} AS z
         FROM decoded_tokens d JOIN neurons n USING (layer, neuron)
         WHERE d.side = 'out' AND d.polarity = 'top' AND d.rank < {RANKS}
-        ORDER BY d.layer, d.neuron, d.rank""").fetchall()
+        ORDER BY d.layer, d.neuron, d.rank""").fetchall(), normalise, vocab)
+
+
+def exemplar_rows(con) -> list[tuple]:
+    """(layer, neuron, rank, token, strength) of the tokens each neuron fires on most in the corpus
+    (its top ``RANKS`` exemplars' peak tokens, a token once per exemplar), strength its activation."""
+    return con.execute(f"""
+        SELECT e.layer, e.neuron, e.rank, v.token, abs(CAST(e.activation AS DOUBLE)) AS z
+        FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN vocab v ON v.token_id = c.token_ids[e.token_pos + 1]
+        WHERE e.polarity = 'max' AND e.rank < {RANKS}
+        ORDER BY e.layer, e.neuron, e.rank""").fetchall()
+
+
+def _terms(rows, normalise, vocab: Vocabulary) -> NeuronTerms:
     per: dict[tuple[int, int], dict[str, tuple[int, float]]] = {}
     term: dict[str, str | None] = {}                # each token's term, None for no letters: tokens repeat
     for layer, neuron, rank, token, z in rows:
@@ -536,6 +552,7 @@ class Concepts:
     postings: pa.Table      # per query word its strongest concept matches (``POSTINGS_COLUMNS``)
     info: dict              # sizes, seconds, and the resource and word lists used
     group_names: dict = None  # {group: (word, evidence, centroid cosine, members with evidence, members)}
+    exemplar_names: dict = None  # as ``names``, from the tokens each neuron fires on (``exemplars``)
 
 
 POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence")
@@ -544,7 +561,7 @@ POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "
 def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
              name_min_evidence: int = 3, min_centroid: float = 0.45, min_evidence: int = MIN_EVIDENCE,
              postings: int = POSTINGS, groups: dict | None = None, examples: dict | None = None,
-             vocab: Vocabulary | None = None) -> Concepts:
+             vocab: Vocabulary | None = None, exemplars: bool = False) -> Concepts:
     """Concept names for labels and concept postings for search, from one scan of every query word.
 
     **Postings**: per query word its ``postings`` strongest concept matches (see the module's docstring).
@@ -561,14 +578,14 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
 
     **Group names** (``groups``: {(layer, neuron): group}, the clusters): a group is named as a
     neuron is, with its shared terms for top terms (``group_terms``).
+
+    **Exemplar names** (``exemplars``, where the store has exemplars): each neuron named the same
+    way from the tokens it fires on most in the corpus (``exemplar_rows``): a neuron that writes
+    no concept may read one ("family: father, mother, parents").
     """
     start = time.perf_counter()
     vocab, nt = _prepare(con, vectors, normalise, z_sql, with_corpus, lexicon, vocab)
-    # Words the model writes from everywhere ("themselves", "however", "both": among the top
-    # terms of more than GENERIC_SHARE of the neurons) say little about any one neuron: no names.
-    spread = np.bincount(nt.index[nt.index >= 0], minlength=len(nt.terms))
-    generic = {t for t, k in zip(nt.terms, spread.tolist()) if k > max(GENERIC_MIN, GENERIC_SHARE * len(nt.keys))}
-    is_name = np.array([w in vocab.words and w not in vocab.function and w not in generic for w in vocab.query], bool)
+    generic, is_name = _names(nt, vocab)
     cols = {k: [] for k in POSTINGS_COLUMNS}
     scan = _Scan(vectors, vocab.query, nt, min_sim, examples) if nt.terms and vocab.query else None
     keys = np.array(nt.keys, np.int64).reshape(-1, 2)
@@ -601,6 +618,10 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     group_names = _group_names(vectors, vocab.query, nt, groups, min_sim, is_name, name_min_evidence, min_centroid,
                                examples) \
         if groups and nt.terms else {}
+    fired = time.perf_counter()
+    exemplar_names = _exemplar_names(con, vectors, normalise, vocab, min_sim, name_min_evidence, min_centroid) \
+        if exemplars else {}
+    fired = time.perf_counter() - fired
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     strings = (lambda parts: pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
     table = pa.table({"word": strings(cols["word"]),
@@ -614,7 +635,50 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
             "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source,
             "examples": len(examples or {})}
     info["groups_named"] = len(group_names)
-    return Concepts(names, table, info, group_names)
+    if exemplars:
+        info["exemplar_names"], info["exemplar_seconds"] = len(exemplar_names), round(fired, 2)
+    return Concepts(names, table, info, group_names, exemplar_names)
+
+
+def _names(nt: NeuronTerms, vocab: Vocabulary) -> tuple[set[str], np.ndarray]:
+    """The generic terms of ``nt`` and, per query word, whether it may name a row. Words the model
+    writes from everywhere ("themselves", "however", "both": among the top terms of more than
+    ``GENERIC_SHARE`` of the rows) say little about any one neuron: no names."""
+    spread = np.bincount(nt.index[nt.index >= 0], minlength=len(nt.terms))
+    generic = {t for t, k in zip(nt.terms, spread.tolist()) if k > max(GENERIC_MIN, GENERIC_SHARE * len(nt.keys))}
+    return generic, np.array([w in vocab.words and w not in vocab.function and w not in generic
+                              for w in vocab.query], bool)
+
+
+def _exemplar_names(con, vectors, normalise, vocab: Vocabulary, min_sim: float, min_evidence: int,
+                    min_centroid: float) -> dict:
+    """{(layer, neuron): (word, evidence, centroid cosine)}: each neuron named as ``concepts``
+    names it, from the tokens it fires on (``exemplar_rows``) in the place of its `out` terms,
+    where the name and its evidence cover ``EXEMPLAR_SHARE`` of those tokens; what is generic is
+    counted among those tokens ("its", "class", "year" peak everywhere)."""
+    rows = exemplar_rows(con)
+    nt = _terms(rows, normalise, vocab)
+    if not nt.terms:
+        return {}
+    _, is_name = _names(nt, vocab)
+    scan = _Scan(vectors, vocab.query, nt, min_sim)
+    namer = _Namer(scan, vocab.query, is_name, min_evidence, min_centroid)
+    for lo, plain, _ in scan.chunks():
+        namer.add(lo, plain.S, plain.n, plain.sims)
+    names = namer.names()
+    # A name must cover EXEMPLAR_SHARE of the neuron's exemplars (its word or one of its shown
+    # evidence terms at their peak): three words among twenty exemplars of punctuation name nothing.
+    peaks: dict[tuple[int, int], list[str]] = {}
+    for layer, neuron, _, token, _ in rows:
+        if (layer, neuron) in names:
+            peaks.setdefault((layer, neuron), []).append(normalise(token))
+    kept = {}
+    for key, (word, evidence, cos) in names.items():
+        said = {word, *evidence}
+        covered = sum(t in said or (t.endswith("s") and t[:-1] in said) for t in peaks[key])
+        if covered >= EXEMPLAR_SHARE * len(peaks[key]):
+            kept[key] = (word, evidence, cos)
+    return kept
 
 
 def concept_matches(con, check_sql: str, src: int) -> tuple[str | None, dict]:

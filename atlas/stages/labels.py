@@ -38,6 +38,11 @@ word, at probability ``TRANSLATION_MIN`` or more is *accepted*; ``concept_transl
 every first answer and says which. The search index gives an accepted word the matches of its
 reading beside its own ("famille" finds the neurons of "family") and says so.
 
+**Exemplars**: a neuron whose `out` terms name no concept may still fire on the words of one in
+the corpus (its top exemplars' peak tokens: "father, mother, parents"); the same scan names it
+from those ("fires on family: parents, father, mother", method ``exemplars: word vectors``).
+The `out` terms come first: they say what a neuron does, its exemplars only when it fires.
+
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
 """
@@ -53,8 +58,9 @@ import pyarrow as pa
 from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
 from atlas.config import CPU_EXAMPLES, GPU_TRANSLATIONS, LabelsConfig
 from atlas.model_examples import TEMPLATE, TRANSLATE, ask, translate     # torch is imported only to ask
-from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, FUNCTION_WORDS, LEXICON_MIN, POSTINGS,
-                                       Vocabulary, concepts, example_sets, read_phrases, vocabulary, with_phrases)
+from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, EXEMPLAR_SHARE, FUNCTION_WORDS,
+                                       LEXICON_MIN, POSTINGS, Vocabulary, concepts, example_sets, read_phrases,
+                                       vocabulary, with_phrases)
 from atlas.site.search import normalise
 from atlas.stages.contract import Context, digest, insert_arrow, update_from_arrow
 from atlas.store import finished_stage
@@ -62,6 +68,7 @@ from atlas.store import finished_stage
 TOKENS = 10             # top `out` tokens read per neuron
 SHOWN = 3               # tokens or evidence terms shown in a label
 NO_CONCEPT = "no clear concept"
+FIRES_ON = "fires on"    # a label named from the tokens a neuron fires on, not those it writes
 KIND_TOKENS = 10        # a cluster's most distinctive tokens read for its kind of token
 KIND_MIN, KIND_SHARE, PIECES_SHARE = 4, 0.4, 0.6    # how many of them one kind needs (token_kinds.dominant)
 KIND_MEMBERS = 0.2      # ... and the share of the members that must have one of its tokens
@@ -112,23 +119,26 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None, clustered: boo
         WHERE side = 'out' AND polarity = 'top' AND rank < {TOKENS}
         GROUP BY layer, neuron ORDER BY layer, neuron""").fetchall()
     concept: dict[tuple[int, int], tuple[str, list[str], float]] = {}
-    postings, info, groups = None, {}, {}
+    postings, info, groups, fired = None, {}, {}, {}
     if vectors is not None:
         with_corpus = vocab is None and _with_corpus(con)      # read only to make the vocabulary when not given
         members = {(layer, neuron): c for layer, neuron, c in con.execute(
             "SELECT layer, neuron, cluster_id FROM neurons WHERE cluster_id IS NOT NULL").fetchall()} if clustered else None
         found = concepts(con, vectors, normalise, _OUT_Z, with_corpus, lexicon,
                          cfg.label_min_sim, cfg.label_min_evidence, cfg.label_min_centroid, groups=members,
-                         examples=examples, vocab=vocab)
+                         examples=examples, vocab=vocab, exemplars=cfg.label_exemplars and _with_exemplars(con))
         concept, postings, info, groups = found.names, found.postings, found.info, found.group_names
+        fired = found.exemplar_names
     out = {k: [] for k in ("layer", "neuron", "label", "concept", "evidence", "tokens", "method", "score")}
     for layer, neuron, tokens in rows:
         merged = merged_tokens(tokens)
         found = concept.get((layer, neuron))
-        if found:
-            word, evidence, sim = found
+        on = found is None and fired.get((layer, neuron))
+        if found or on:
+            word, evidence, sim = found or on
             evidence = [t for t in evidence if t != word]         # the name itself is in the label already
-            label, method = f"{word}: {', '.join(evidence[:SHOWN])}", "word vectors"
+            label = f"{FIRES_ON + ' ' if on else ''}{word}: {', '.join(evidence[:SHOWN])}"
+            method = "exemplars: word vectors" if on else "word vectors"
         else:
             word, evidence, sim = None, [], None
             label = f"{NO_CONCEPT}: {' · '.join(merged[:SHOWN])}" if vectors is not None else " · ".join(merged[:SHOWN])
@@ -147,6 +157,10 @@ def compute_labels(con, cfg: LabelsConfig, vectors, lexicon=None, clustered: boo
 
 def _with_corpus(con) -> bool:
     return con.execute("SELECT count(*) FROM corpus_docs").fetchone()[0] > 0
+
+
+def _with_exemplars(con) -> bool:
+    return finished_stage(con, "exemplars") is not None and _with_corpus(con)
 
 
 def examples_asked(cfg: LabelsConfig, device_type: str) -> int:
@@ -308,6 +322,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     phrases = read_phrases(cfg.label_phrases, normalise)
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
+                                 exemplar_names={"share": EXEMPLAR_SHARE},
                                  examples={"asked": asked, "top": ASKED_TOP, "template": TEMPLATE,
                                            "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC, EXAMPLE_SIM]},
                                  translations={"asked": foreign, "template": TRANSLATE, "min": TRANSLATION_MIN,
@@ -348,19 +363,21 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
         named = name_clusters(con, names, exemplar_votes) if cluster is not None else 0
         by_kind = sum(v == KIND for v in names.column("named_by").to_pylist())
-        with_concept = con.execute("SELECT count(*) FROM neuron_labels WHERE concept IS NOT NULL").fetchone()[0]
+        with_concept, fires_on = con.execute("SELECT count(concept), count(concept) FILTER (WHERE method LIKE "
+                                             "'exemplars%') FROM neuron_labels").fetchone()
         seconds = round(time.perf_counter() - start, 2)
         record = {"examples": {k: v for k, v in asked_info.items() if k != "key"},
                   "translations": {**{k: v for k, v in read_info.items() if k != "key"},
                                    "accepted": sum(readings.column("accepted").to_pylist()) if readings is not None else 0}}
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
-                   with_concept=with_concept, clusters_named=named, clusters_named_by_kind=by_kind,
+                   with_concept=with_concept, concept_from_exemplars=fires_on, clusters_named=named, clusters_named_by_kind=by_kind,
                    concept_postings=0 if postings is None else postings.num_rows, phrases=len(phrases),
                    **record, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
-    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept, "clusters_named": named,
+    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept,
+            "concept_from_exemplars": fires_on, "clusters_named": named,
             "clusters_named_by_kind": by_kind, "resource": source, "examples": record["examples"],
             "translations": record["translations"]}

@@ -188,6 +188,57 @@ def test_clusters_by_term_profile_share_more_words_than_by_out_direction(tmp_pat
     assert abs(ratios["out"]["ratio"] - 1) < 0.1
 
 
+FAMILY = [" father", " mother", " sister", " brother", " parents"]
+
+
+def _fires_on(con, neuron: tuple[int, int], tokens: list[str], exemplars: int = 20) -> None:
+    """The neuron's top ``exemplars`` peak on ``tokens`` in turn (the rest of its exemplars keep their made-up words)."""
+    doc = con.execute("SELECT max(doc_id) + 1 FROM corpus_docs").fetchone()[0]
+    ids = []
+    for token in tokens:
+        found = con.execute("SELECT token_id FROM vocab WHERE token = ?", [token]).fetchone()
+        if found is None:
+            found = con.execute("SELECT max(token_id) + 1 FROM vocab").fetchone()
+            con.execute("INSERT INTO vocab VALUES (?, ?, ?)", [found[0], token, token])
+        ids.append(found[0])
+    con.execute("INSERT INTO corpus_docs (doc_id, source, text, token_ids) VALUES (?, 'test', ?, ?)",
+                [doc, "".join(tokens), ids])
+    for rank in range(exemplars):
+        con.execute("UPDATE exemplars SET doc_id = ?, token_pos = ? WHERE layer = ? AND neuron = ? "
+                    "AND polarity = 'max' AND rank = ?", [doc, rank % len(tokens), *neuron, rank])
+
+
+def test_a_neuron_that_writes_no_concept_is_named_by_the_words_it_fires_on(tmp_path):
+    store = concept_store(tmp_path / "atlas.duckdb", corpus=True)
+    labels = STAGES["labels"]
+    with Store(store) as s:
+        con = s.con
+        # The synthetic corpus's made-up words would be words of the query vocabulary ("supa"): no text.
+        con.execute("UPDATE corpus_docs SET text = ''")
+        _fires_on(con, (0, 3), FAMILY)                 # all 20 exemplars on family words
+        _fires_on(con, (1, 9), FAMILY)                 # writes colours: its `out` terms come first
+        _fires_on(con, (0, 4), FAMILY[:3], exemplars=3)   # 3 of 20: too few of its exemplars for a name
+        labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
+        rows = {(r[0], r[1]): r[2:] for r in con.execute(
+            "SELECT layer, neuron, label, concept, evidence, method FROM neuron_labels").fetchall()}
+        record = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'stage.labels'").fetchone()[0])
+        label, concept, evidence, method = rows[(0, 3)]
+        assert method == "exemplars: word vectors" and concept, rows[(0, 3)]
+        assert label == f"fires on {concept}: {', '.join(evidence[:3])}" and len(evidence) >= 2
+        assert set(evidence) <= {t.strip() for t in FAMILY} | {"parent"}, evidence
+        assert con.execute("SELECT label FROM neurons WHERE layer = 0 AND neuron = 3").fetchone()[0] == label
+        assert rows[(1, 9)][3] == "word vectors" and not rows[(1, 9)][0].startswith("fires on")
+        assert rows[(0, 4)][1] is None and rows[(0, 4)][0].startswith("no clear concept: ")
+        fired = [k for k, v in rows.items() if v[3].startswith("exemplars")]
+        assert record["concept_from_exemplars"] == len(fired) >= 1
+        assert record["concepts_exemplar_names"] >= len(fired)
+        # Without them the stage runs again (its fingerprint differs) and the neuron has no concept.
+        labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False),
+                   LabelsConfig(label_examples=0, label_exemplars=False))
+        assert con.execute("SELECT concept, method FROM neuron_labels WHERE layer = 0 AND neuron = 3").fetchone() \
+            == (None, "word vectors: none")
+
+
 def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):
     from atlas.bench.synthetic import synthetic_directions
     from atlas.config import ClusterConfig
