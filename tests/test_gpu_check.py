@@ -38,6 +38,8 @@ def test_rehearsal_writes_every_figure_and_the_log(tmp_path):
         # the labels stage asked the model for examples of 50 words and readings of 10 a language
         assert h["labels"][build]["examples"]["words"] == 50, h["labels"]
         assert h["labels"][build]["translations"]["languages"] == {"fr": 10, "es": 10, "de": 10, "it": 10}
+        # ... and reports how many neurons got a concept, and how many of those from their exemplars
+        assert 0 <= h["labels"][build]["concept_from_exemplars"] <= h["labels"][build]["with_concept"]
         assert h["tokens_per_s"][f"{build}_corpus_pass"] > 0
     assert h["tokens_per_s"]["bench_plain_forward"] > 0 and "gpu_peak_mb" in h
     assert d["figures"]["pytest"]["passed"] >= 5                       # the GPU tests ran, in bf16 on the CPU
