@@ -264,7 +264,8 @@ def cluster(out, model, device, dtype, quiet, **kw):
 @config_options(LabelsConfig)
 @quiet_option
 def labels(out, model, device, dtype, quiet, **kw):
-    """Label each neuron's concept from its decoded tokens (word vectors), and name clusters by them;
+    """Label each neuron's concept from its decoded tokens, or else from the tokens it fires on in the
+    corpus (word vectors), and name clusters by them;
     the model's own examples of each concept word ("The most common kinds of metal are") count as
     evidence for search and cluster names, and its readings of words of other languages ('The
     French word "couleur" means "') let search find them.

@@ -562,7 +562,8 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
              name_min_evidence: int = 3, min_centroid: float = 0.45, min_evidence: int = MIN_EVIDENCE,
              postings: int = POSTINGS, groups: dict | None = None, examples: dict | None = None,
              vocab: Vocabulary | None = None, exemplars: bool = False) -> Concepts:
-    """Concept names for labels and concept postings for search, from one scan of every query word.
+    """Concept names for labels and concept postings for search, from one scan of every query word
+    (and names from exemplars, ``exemplars``, from a second).
 
     **Postings**: per query word its ``postings`` strongest concept matches (see the module's docstring).
 
@@ -654,8 +655,8 @@ def _exemplar_names(con, vectors, normalise, vocab: Vocabulary, min_sim: float, 
                     min_centroid: float) -> dict:
     """{(layer, neuron): (word, evidence, centroid cosine)}: each neuron named as ``concepts``
     names it, from the tokens it fires on (``exemplar_rows``) in the place of its `out` terms,
-    where the name and its evidence cover ``EXEMPLAR_SHARE`` of those tokens; what is generic is
-    counted among those tokens ("its", "class", "year" peak everywhere)."""
+    where the name and its ``EVIDENCE`` closest evidence terms cover ``EXEMPLAR_SHARE`` of those
+    tokens; what is generic is counted among those tokens ("its", "class", "year" peak everywhere)."""
     rows = exemplar_rows(con)
     nt = _terms(rows, normalise, vocab)
     if not nt.terms:
@@ -666,8 +667,9 @@ def _exemplar_names(con, vectors, normalise, vocab: Vocabulary, min_sim: float, 
     for lo, plain, _ in scan.chunks():
         namer.add(lo, plain.S, plain.n, plain.sims)
     names = namer.names()
-    # A name must cover EXEMPLAR_SHARE of the neuron's exemplars (its word or one of its shown
-    # evidence terms at their peak): three words among twenty exemplars of punctuation name nothing.
+    # A name must cover EXEMPLAR_SHARE of the neuron's exemplars (its word or one of its EVIDENCE
+    # closest evidence terms at their peak; a plural peak counts for its singular, not the other
+    # way): three words among twenty exemplars of punctuation name nothing.
     peaks: dict[tuple[int, int], list[str]] = {}
     for layer, neuron, _, token, _ in rows:
         if (layer, neuron) in names:

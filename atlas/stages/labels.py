@@ -8,8 +8,8 @@ Its **concept** is the whole word of the word vectors' vocabulary near which its
 in the word vectors (cosine >= ``label_min_sim``), counting only terms other than the
 word itself (a plural and its singular count once) and needing at least
 ``label_min_evidence`` of them; the largest summed cosine wins. The label is then "animal: bird, mammal, monkey" (the word, then its
-evidence); without such a word it is "no clear concept: dog · cat" (the merged tokens),
-never an invented name. ``neuron_labels`` keeps label, concept, evidence, tokens, method
+evidence); without such a word, and without one among the tokens it fires on (**Exemplars**
+below), it is "no clear concept: dog · cat" (the merged tokens), never an invented name. ``neuron_labels`` keeps label, concept, evidence, tokens, method
 and score; ``neurons.label`` gets the label. The same scan gives the concept matches of
 search, kept in ``concept_postings`` for the render's index (``atlas.site.concept_source``).
 
