@@ -191,7 +191,8 @@ class LabelsConfig:
                 "from which the word names the neuron's concept; below it the label says there is no clear concept"})
     label_exemplars: bool = field(default=True, metadata={
         "help": "name a neuron whose decoded `out` terms name no concept from the words it fires on in the corpus "
-                "(its top exemplars' tokens): 'fires on family: parents, father, mother'"})
+                "(its top exemplars' tokens): 'fires on family: parents, father, mother'; and let search find "
+                "neurons by the words they fire on ('family' finds it: fires on words near 'family')"})
     label_examples: int = field(default=-1, metadata={
         "help": "concept words whose examples the model is asked for ('The most common kinds of metal are'), "
                 f"which then count as evidence for the word: -1 all on a GPU and the commonest {CPU_EXAMPLES:,} "

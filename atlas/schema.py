@@ -12,7 +12,7 @@ from typing import Callable
 
 import duckdb
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SIDES = ("in", "gate", "out")
 SIDE_STATS = ("norm", "logit_mean", "logit_std", "logit_skew", "logit_kurtosis")
 
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS descriptions (layer SMALLINT NOT NULL, neuron INTEGER
     score FLOAT, scorer VARCHAR, scorer_prompt_version VARCHAR, contexts SMALLINT, seed INTEGER,
     true_positive_rate FLOAT, true_negative_rate FLOAT, PRIMARY KEY (layer, neuron));
 CREATE TABLE IF NOT EXISTS concept_postings (word VARCHAR, layer SMALLINT, neuron INTEGER, n_ev SMALLINT,
-    sim_sum FLOAT, z DOUBLE, rank SMALLINT, evidence VARCHAR);
+    sim_sum FLOAT, z DOUBLE, rank SMALLINT, evidence VARCHAR, side VARCHAR);
 CREATE TABLE IF NOT EXISTS concept_examples (word VARCHAR, term VARCHAR, prob FLOAT, rank SMALLINT);
 CREATE TABLE IF NOT EXISTS concept_translations (word VARCHAR, language VARCHAR, term VARCHAR, prob FLOAT,
     accepted BOOLEAN);
@@ -137,10 +137,21 @@ def _v7_to_v8(con: duckdb.DuckDBPyConnection) -> None:
     creates the table, and the labels stage's fingerprint changed with it, so the next build fills it."""
 
 
+def _v8_to_v9(con: duckdb.DuckDBPyConnection) -> None:
+    """v9 keeps concept matches of the tokens a neuron fires on beside those of the tokens it writes
+    (concept_postings.side: 'out' or 'exemplars'); older rows are all 'out'. The labels stage's
+    fingerprint changed with it, so the next build adds the others."""
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    if "concept_postings" in tables:
+        con.execute("ALTER TABLE concept_postings ADD COLUMN IF NOT EXISTS side VARCHAR")
+        con.execute("UPDATE concept_postings SET side = 'out' WHERE side IS NULL")
+
+
 # Store migrations: MIGRATIONS[v] turns a v store into a v + 1 store, inside one transaction.
 # A store older than the oldest registered step is refused with a message that says so.
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5,
-                                                                 5: _v5_to_v6, 6: _v6_to_v7, 7: _v7_to_v8}
+                                                                 5: _v5_to_v6, 6: _v6_to_v7, 7: _v7_to_v8,
+                                                                 8: _v8_to_v9}
 
 # The public tables, in the order exports list them, each with the key its rows are sorted
 # by; stage_progress is bookkeeping and stays out.
@@ -160,7 +171,7 @@ EXPORT_TABLES = {
     "descriptions": "layer, neuron",
     "description_scores": "layer, neuron, rank",
     "neuron_labels": "layer, neuron",
-    "concept_postings": "word, layer, neuron",
+    "concept_postings": "word, side, layer, neuron",
     "concept_examples": "word, rank",
     "concept_translations": "language, word",
 }

@@ -263,7 +263,7 @@ def test_a_v1_store_gets_the_columns_v1_stages_added_on_the_side(tmp_path):
     with duckdb.connect(str(path)) as con:
         con.execute("CREATE TABLE clusters (cluster_id INTEGER PRIMARY KEY, size INTEGER, label VARCHAR, x FLOAT, y FLOAT)")
     with Store(path) as store:
-        assert store.meta("schema_version") == SCHEMA_VERSION == 8
+        assert store.meta("schema_version") == SCHEMA_VERSION == 9
         cols = {t: {r[0] for r in store.con.execute(f"DESCRIBE {t}").fetchall()} for t in ("neurons", "clusters")}
         assert {"clamp_value", "clamp_lift", "faithfulness"} <= cols["neurons"] and "cohesion" in cols["clusters"]
         assert store.con.execute("SELECT label, faithfulness FROM neurons").fetchall() == [("kept as it was", None)]
@@ -283,7 +283,7 @@ def test_a_v2_store_keeps_its_16_token_windows_as_lists(tmp_path):
                     "window_start INTEGER, window_activations FLOAT[16])")
         con.execute("INSERT INTO exemplars VALUES (0, 0, 'max', 0, 3, 20, 1.5, 1.0, 8, ?)", [window])
     with Store(path) as store:
-        assert store.meta("schema_version") == 8
+        assert store.meta("schema_version") == 9
         assert store.con.execute("SELECT window_activations FROM exemplars").fetchall() == [(window,)]
         assert dict(store.con.execute("DESCRIBE exemplars").fetchall()[i][:2] for i in range(10))["window_activations"] == "FLOAT[]"
         assert store.count("exemplar_samples") == 0
@@ -380,3 +380,13 @@ def test_a_v7_store_gains_an_empty_table_of_the_models_readings_of_other_languag
         "CREATE TABLE concept_examples (word VARCHAR, term VARCHAR, prob FLOAT, rank SMALLINT)",
         "INSERT INTO concept_examples VALUES ('metal', 'iron', 0.25, 0)"],
         "SELECT word, term, (SELECT count(*) FROM concept_translations) FROM concept_examples") == [("metal", "iron", 0)]
+
+
+def test_a_v8_stores_concept_postings_are_those_of_the_tokens_neurons_write(tmp_path):
+    """v9 keeps concept matches of the tokens a neuron fires on beside those of the tokens it writes
+    (concept_postings.side); a v8 store's rows were all of the second kind."""
+    assert _migrated(tmp_path, 8, [
+        "CREATE TABLE concept_postings (word VARCHAR, layer SMALLINT, neuron INTEGER, n_ev SMALLINT, "
+        "sim_sum FLOAT, z DOUBLE, rank SMALLINT, evidence VARCHAR)",
+        "INSERT INTO concept_postings VALUES ('animal', 29, 611, 3, 0.75, 9.5, 0, 'bird, mammal, monkey')"],
+        "SELECT word, evidence, side FROM concept_postings") == [("animal", "bird, mammal, monkey", "out")]

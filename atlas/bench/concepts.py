@@ -20,7 +20,12 @@ top 20 are scored:
 - recall@20: judged neurons in the top 20 / min(20, judged neurons).
 
 The ``tune`` part is the one whose numbers guided the concept search's settings; the
-``held_out`` part was not looked at until they were fixed, and is reported apart.
+``held_out`` part was not looked at until they were fixed, and is reported apart, as is
+``held_out_2``, written after they were fixed.
+
+The same judge reads the tokens a neuron fires on (its top ``RANKS`` exemplars' peak tokens),
+and a second summary scores each query against the neurons judged either way: concept search
+finds neurons by the tokens they fire on too.
 
 **Other languages** (``bench_other_languages``): the same categories asked in French,
 Spanish, German and Italian ("tier" for animal), each judged by its English query's judged
@@ -64,12 +69,16 @@ def other_languages() -> list[tuple[str, str, str]]:
     return [tuple(r) for r in data_json("concepts.json")["bench_other_languages"]]
 
 
-def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]]) -> dict[str, set[tuple[int, int]]]:
-    """Per query, the neurons judged to be about its category (see the module's docstring)."""
+WRITES = f"""SELECT layer, neuron, token FROM decoded_tokens WHERE side = 'out' AND polarity = 'top' AND rank < {RANKS}"""
+FIRES_ON = f"""SELECT e.layer, e.neuron, v.token FROM exemplars e JOIN corpus_docs c USING (doc_id)
+               JOIN vocab v ON v.token_id = c.token_ids[e.token_pos + 1] WHERE e.polarity = 'max' AND e.rank < {RANKS}"""
+
+
+def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]], tokens: str = WRITES) -> dict[str, set[tuple[int, int]]]:
+    """Per query, the neurons judged to be about its category (see the module's docstring), from
+    the tokens they write (``WRITES``) or those they fire on (``FIRES_ON``)."""
     terms: dict[tuple[int, int], set[str]] = {}
-    for layer, neuron, token in con.execute(f"""
-            SELECT layer, neuron, token FROM decoded_tokens
-            WHERE side = 'out' AND polarity = 'top' AND rank < {RANKS}""").fetchall():
+    for layer, neuron, token in con.execute(tokens).fetchall():
         t = normalise(token)
         # "in", "at", "be" are an inch, astatine and beryllium to WordNet; so are word pieces and
         # acronyms ("als": aluminium, "ALS": a disease): a term counts from a token that starts a
@@ -111,6 +120,8 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
         tmp = keep or tmp
         con = store.con
         judged = judged_neurons(con, wn, [c for cats in parts.values() for c in cats])
+        fires = judged_neurons(con, wn, [c for cats in parts.values() for c in cats], FIRES_ON) \
+            if {"exemplars", "corpus_docs"} <= {t for (t,) in con.execute("SHOW TABLES").fetchall()} else {}
         info = {}
         for name, concepts in (("before", False), ("after", True)):
             info[name] = write_index(con, Path(tmp) / name / INDEX_DIR, postings, concepts)
@@ -119,9 +130,12 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
         for part, cats in parts.items():
             for query, lemma, sense in cats:
                 j = judged[query]
-                row = {"part": part, "query": query, "synset": f"{lemma}.n.{sense:02d}", "judged": len(j)}
+                either = j | fires.get(query, set())
+                row = {"part": part, "query": query, "synset": f"{lemma}.n.{sense:02d}", "judged": len(j),
+                       "judged_either": len(either)}
                 for name in ("before", "after"):
-                    row[name] = score(search[name](query)["hits"], j)
+                    hits = search[name](query)["hits"]
+                    row[name], row[f"{name}_either"] = score(hits, j), score(hits, either)
                 rows.append(row)
         known = _whole_words()
         for word, lang, query in other_languages():
@@ -134,14 +148,21 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
             row["read_as"] = (found["aliases"].get(word) or [None])[0]
             rows.append(row)
         coherence = cluster_coherence(con)
-    summary = {}
+    summary, either = {}, {}
+    for part in parts:
+        scored = [r for r in rows if r["part"] == part and r["judged_either"]]
+        either[part] = {"queries": len(scored)}
+        for name in ("before", "after"):
+            for m in ("precision", "recall"):
+                either[part][f"{m}_{name}"] = round(statistics.mean(r[f"{name}_either"][m] for r in scored), 3) \
+                    if scored else None
     for part in [*parts, OTHER, WHOLE]:
         scored = [r for r in rows if (r["part"] == part or part == WHOLE and r.get("whole_word")) and r["judged"]]
         summary[part] = {"queries": len(scored)}
         for name in ("before", "after"):
             for m in ("precision", "recall"):
                 summary[part][f"{m}_{name}"] = round(statistics.mean(r[name][m] for r in scored), 3) if scored else None
-    return {"rows": rows, "summary": summary, "concepts": info["after"].get("concepts"), "coherence": coherence,
+    return {"rows": rows, "summary": summary, "summary_either": either, "concepts": info["after"].get("concepts"), "coherence": coherence,
             "translations": info["after"].get("translations", 0),
             "judge": {"wordnet": str(wn.root), "ranks": RANKS, "min_members": MIN_MEMBERS}}
 
@@ -169,11 +190,22 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def either_table(result: dict) -> str:
+    """Per part, the means when a neuron is judged by the tokens it writes or by those it fires on."""
+    fmt = (lambda v: "–" if v is None else f"{v:.2f}")
+    lines = ["judged by the tokens a neuron writes or those it fires on (its top 20 exemplars' peak tokens):",
+             "| part | queries | P@20 before | R@20 before | P@20 after | R@20 after |", "|---|---|---|---|---|---|"]
+    for part, s in result.get("summary_either", {}).items():
+        lines.append(f"| {part} | {s['queries']} | {fmt(s['precision_before'])} | {fmt(s['recall_before'])} | "
+                     f"{fmt(s['precision_after'])} | {fmt(s['recall_after'])} |")
+    return "\n".join(lines)
+
+
 def report(result: dict) -> str:
     """What ``atlas bench concepts`` prints: the table, the cluster coherence, and how many foreign
     queries the model read as an English word."""
     read = [r for r in result["rows"] if r["part"] == OTHER and r.get("read_as")]
-    return "\n".join([table(result), coherence_line(result["coherence"]),
+    return "\n".join([table(result), either_table(result), coherence_line(result["coherence"]),
                       f"other languages: {len(read)} of {sum(r['part'] == OTHER for r in result['rows'])} queries read "
                       f"by the model as an English word ({result['translations']:,} readings in the index, from the "
                       "labels stage's concept_translations)"])

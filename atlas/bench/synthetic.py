@@ -335,7 +335,7 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
         if concepts:
             with store.transaction():
                 postings = _concept_postings(n_layers, d_mlp, rng, concepts)
-                insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
+                insert_arrow(con, "concept_postings", postings, order="word, side, layer, neuron")
                 write_record(store, STAGES["labels"], "done", f"synthetic-{seed}", {}, resource={"name": "atlas.synthetic"},
                              concept_postings=postings.num_rows)
         if clamp:
@@ -355,21 +355,24 @@ def make_synthetic_store(path: str | Path, n_layers: int, d_mlp: int, vocab_size
 
 def _concept_postings(n_layers: int, d_mlp: int, rng: np.random.Generator, n_words: int,
                       per_word: int = POSTINGS) -> pa.Table:
-    """Concept postings shaped like the default atlas's: ``n_words`` words with 50 each, 2-10
-    evidence terms (median 2), strengths 6-40 σ (median 13), evidence strings of about 21 characters."""
+    """Concept postings shaped like the default atlas's: ``n_words`` words with 50 each of each side
+    (the tokens a neuron writes, those it fires on), 2-10 evidence terms (median 2), strengths 6-40 σ
+    (median 13, both sides: the labels stage scales the second's to the first's), evidence strings
+    of about 21 characters."""
     # The query words: made-up words as the vocabulary's, more of them than it has (as a lexicon's are).
     made_up = _vocab(2 * n_words + len(HOSTILE_TOKENS), np.random.default_rng(0))[len(HOSTILE_TOKENS):]
     names = sorted({w.strip() for w in made_up})[:n_words]
-    n = len(names) * per_word
+    n = len(names) * per_word * 2
     n_ev = np.minimum(2 + rng.geometric(0.6, n) - 1, 10)
     picked = rng.integers(0, len(names), (n, EVIDENCE))
     evidence = [", ".join(names[i] for i in row[:k]) for row, k in zip(picked.tolist(), np.minimum(n_ev, EVIDENCE).tolist())]
     return pa.table({
-        "word": pa.array(np.repeat(names, per_word)), "layer": pa.array(rng.integers(0, n_layers, n).astype(np.int16)),
+        "word": pa.array(np.repeat(names, per_word * 2)), "layer": pa.array(rng.integers(0, n_layers, n).astype(np.int16)),
         "neuron": pa.array(rng.integers(0, d_mlp, n).astype(np.int32)), "n_ev": pa.array(n_ev.astype(np.int16)),
         "sim_sum": pa.array((n_ev * rng.uniform(0.15, 0.3, n)).astype(np.float32)),
         "z": pa.array(np.exp(rng.normal(np.log(13), 0.5, n))), "rank": pa.array(rng.integers(0, 20, n).astype(np.int16)),
-        "evidence": pa.array(evidence, pa.string())})
+        "evidence": pa.array(evidence, pa.string()),
+        "side": pa.array(np.tile(np.repeat(["out", "exemplars"], per_word), len(names)))})
 
 
 def synthetic_directions(n_layers: int, d_mlp: int, d_model: int, seed: int = 0, families: int = 0):

@@ -37,8 +37,9 @@ too):
 The evidence terms travel with the posting, so a result says why it matched. One scan
 (``concepts``, run by the labels stage) gives both the postings, which the stage keeps in
 ``concept_postings`` for the search index, and each neuron's concept name from the same
-evidence. A second scan, for labels only, names neurons from the tokens they fire on in the
-corpus (``exemplar_rows``) instead of the tokens they write.
+evidence. A second scan does both from the tokens each neuron fires on in the corpus
+(``exemplar_rows``) instead of the tokens it writes: postings of side ``EXEMPLARS``, whose
+strengths are scaled so that both sides' medians agree, and names for labels.
 
 Every (term, word) pair is scored in chunks of words with numpy: the pairs at ``MIN_SIM``
 or more are too many (14 million on the default atlas) for a join in DuckDB.
@@ -204,12 +205,18 @@ def neuron_terms(con, normalise, z_sql: str, vocab: Vocabulary) -> NeuronTerms:
         ORDER BY d.layer, d.neuron, d.rank""").fetchall(), normalise, vocab)
 
 
+# An exemplar's strength, as for search's exemplar matches: σ from the neuron's mean activation.
+EXEMPLAR_Z = ("coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE)) / nullif(CAST(n.act_std AS DOUBLE), 0), "
+              "abs(CAST(e.norm_activation AS DOUBLE)))")
+
+
 def exemplar_rows(con) -> list[tuple]:
     """(layer, neuron, rank, token, strength) of the tokens each neuron fires on most in the corpus
-    (its top ``RANKS`` exemplars' peak tokens, a token once per exemplar), strength its activation."""
+    (its top ``RANKS`` exemplars' peak tokens, a token once per exemplar), strength ``EXEMPLAR_Z``."""
     return con.execute(f"""
-        SELECT e.layer, e.neuron, e.rank, v.token, abs(CAST(e.activation AS DOUBLE)) AS z
+        SELECT e.layer, e.neuron, e.rank, v.token, {EXEMPLAR_Z} AS z
         FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN vocab v ON v.token_id = c.token_ids[e.token_pos + 1]
+        JOIN neurons n USING (layer, neuron)
         WHERE e.polarity = 'max' AND e.rank < {RANKS}
         ORDER BY e.layer, e.neuron, e.rank""").fetchall()
 
@@ -356,6 +363,7 @@ class _Scan:
         self.A = sparse.csr_matrix((np.ones(len(rows)), (rows, nt.index[rows, cols])), shape=shape)
         self.Az = sparse.csr_matrix((nt.z[rows, cols] + 1, (rows, nt.index[rows, cols])), shape=shape)
         self.pairs = 0
+        self.keys = np.array(nt.keys, np.int64).reshape(-1, 2)
         self.term_array = pa.array(nt.terms, pa.string())
 
     def chunks(self, chunk: int = CHUNK):
@@ -555,7 +563,33 @@ class Concepts:
     exemplar_names: dict = None  # as ``names``, from the tokens each neuron fires on (``exemplars``)
 
 
-POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence")
+POSTINGS_COLUMNS = ("word", "layer", "neuron", "n_ev", "sim_sum", "z", "rank", "evidence", "side")
+OUT, EXEMPLARS = "out", "exemplars"     # concept_postings.side: the terms a neuron writes, or those it fires on
+
+
+def _add_postings(cols: dict, scan: "_Scan", lo: int, chunk: "_Chunk", query: pa.Array, postings: int,
+                  min_evidence: int, side: str) -> None:
+    """Append one chunk's postings to ``cols``: per word its ``postings`` strongest rows of the scan
+    with ``min_evidence`` evidence terms or more (the word itself is never among them)."""
+    neuron, col, count = _entries(chunk.n)
+    keep = count >= min_evidence
+    neuron, col, count, sim = neuron[keep], col[keep], count[keep], chunk.sims.data[keep]
+    z = _strength(count, sim, chunk.zs.data[keep])
+    order = np.lexsort((neuron, -z, col))                   # per word, strongest first, ties by (layer, neuron)
+    first = np.searchsorted(col[order], col[order], side="left")
+    order = order[np.arange(len(order)) - first < postings]
+    neuron, col = neuron[order], col[order]
+    top, best_rank = scan.evidence(chunk.S, neuron, col)
+    keys = scan.keys
+    cols["word"].append(query.take(pa.array(lo + col)))
+    cols["layer"].append(keys[neuron, 0])
+    cols["neuron"].append(keys[neuron, 1])
+    cols["n_ev"].append(count[order])
+    cols["sim_sum"].append(sim[order])
+    cols["z"].append(z[order])
+    cols["rank"].append(best_rank)
+    cols["evidence"].append(scan.joined(top))
+    cols["side"].append(pa.array([side] * len(order), pa.string()))
 
 
 def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=None, min_sim: float = MIN_SIM,
@@ -589,29 +623,10 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     generic, is_name = _names(nt, vocab)
     cols = {k: [] for k in POSTINGS_COLUMNS}
     scan = _Scan(vectors, vocab.query, nt, min_sim, examples) if nt.terms and vocab.query else None
-    keys = np.array(nt.keys, np.int64).reshape(-1, 2)
     query = pa.array(vocab.query, pa.string())
     namer = _Namer(scan, vocab.query, is_name, name_min_evidence, min_centroid)
     for lo, plain, asked in scan.chunks() if scan else ():
-        S, n, sims, zs = asked.S, asked.n, asked.sims, asked.zs
-        # Postings, from the evidence that is not the word itself.
-        neuron, col, count = _entries(n)
-        keep = count >= min_evidence
-        neuron, col, count, sim = neuron[keep], col[keep], count[keep], sims.data[keep]
-        z = _strength(count, sim, zs.data[keep])
-        order = np.lexsort((neuron, -z, col))                   # per word, strongest first, ties by (layer, neuron)
-        first = np.searchsorted(col[order], col[order], side="left")
-        order = order[np.arange(len(order)) - first < postings]
-        neuron, col = neuron[order], col[order]
-        top, best_rank = scan.evidence(S, neuron, col)
-        cols["word"].append(query.take(pa.array(lo + col)))
-        cols["layer"].append(keys[neuron, 0])
-        cols["neuron"].append(keys[neuron, 1])
-        cols["n_ev"].append(count[order])
-        cols["sim_sum"].append(sim[order])
-        cols["z"].append(z[order])
-        cols["rank"].append(best_rank)
-        cols["evidence"].append(scan.joined(top))
+        _add_postings(cols, scan, lo, asked, query, postings, min_evidence, OUT)
         # A neuron's name must pass a test in the word vectors (its terms' centroid near the name),
         # which knows nothing of the model's examples: names read the word vectors only.
         namer.add(lo, plain.S, plain.n, plain.sims)
@@ -620,17 +635,24 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
                                examples) \
         if groups and nt.terms else {}
     fired = time.perf_counter()
-    exemplar_names = _exemplar_names(con, vectors, normalise, vocab, min_sim, name_min_evidence, min_centroid) \
-        if exemplars else {}
+    exemplar_names = _exemplar_scan(con, vectors, normalise, vocab, min_sim, name_min_evidence, min_centroid,
+                                    examples, cols, postings, min_evidence) if exemplars else {}
     fired = time.perf_counter() - fired
     cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
     strings = (lambda parts: pa.concat_arrays(parts) if parts else pa.array([], pa.string()))
+    z, side = cat(cols["z"], np.float64), strings(cols["side"])
+    fires = pc.equal(side, EXEMPLARS).to_numpy(zero_copy_only=False).astype(bool) if len(side) else np.zeros(0, bool)
+    # A neuron's exemplars lie further out in its activations (median 47 σ on the default atlas)
+    # than its top `out` tokens in its logits (13 σ): the fires-on side's strengths are scaled so
+    # that both sides' medians agree, and a median match of either weighs the same.
+    scale = float(np.median(z[~fires]) / np.median(z[fires])) if fires.any() and (~fires).any() else 1.0
+    z[fires] *= scale
     table = pa.table({"word": strings(cols["word"]),
                       "layer": pa.array(cat(cols["layer"], np.int16)), "neuron": pa.array(cat(cols["neuron"], np.int32)),
                       "n_ev": pa.array(cat(cols["n_ev"], np.int16)),
                       "sim_sum": pa.array(np.round(cat(cols["sim_sum"], np.float64), 4).astype(np.float32)),
-                      "z": pa.array(cat(cols["z"], np.float64)), "rank": pa.array(cat(cols["rank"], np.int16)),
-                      "evidence": strings(cols["evidence"])})
+                      "z": pa.array(z), "rank": pa.array(cat(cols["rank"], np.int16)),
+                      "evidence": strings(cols["evidence"]), "side": side})
     info = {"vocabulary": len(vocab.query), "names": int(is_name.sum()), "generic": len(generic),
             "neuron_terms": len(nt.terms), "related_pairs": scan.pairs if scan else 0, "postings": table.num_rows,
             "seconds": round(time.perf_counter() - start, 2), "resource": vectors.source, "word_lists": vocab.source,
@@ -638,6 +660,7 @@ def concepts(con, vectors, normalise, z_sql: str, with_corpus: bool, lexicon=Non
     info["groups_named"] = len(group_names)
     if exemplars:
         info["exemplar_names"], info["exemplar_seconds"] = len(exemplar_names), round(fired, 2)
+        info["exemplar_postings"], info["exemplar_scale"] = int(fires.sum()), round(scale, 4)
     return Concepts(names, table, info, group_names, exemplar_names)
 
 
@@ -651,20 +674,23 @@ def _names(nt: NeuronTerms, vocab: Vocabulary) -> tuple[set[str], np.ndarray]:
                               for w in vocab.query], bool)
 
 
-def _exemplar_names(con, vectors, normalise, vocab: Vocabulary, min_sim: float, min_evidence: int,
-                    min_centroid: float) -> dict:
-    """{(layer, neuron): (word, evidence, centroid cosine)}: each neuron named as ``concepts``
-    names it, from the tokens it fires on (``exemplar_rows``) in the place of its `out` terms,
-    where the name and its ``EVIDENCE`` closest evidence terms cover ``EXEMPLAR_SHARE`` of those
+def _exemplar_scan(con, vectors, normalise, vocab: Vocabulary, min_sim: float, min_evidence: int, min_centroid: float,
+                   examples: dict | None, cols: dict, postings: int, posting_evidence: int) -> dict:
+    """The scan of the tokens each neuron fires on (``exemplar_rows``) in the place of its `out`
+    terms: postings of side ``EXEMPLARS`` appended to ``cols`` as ``concepts`` makes its own, and
+    {(layer, neuron): (word, evidence, centroid cosine)}, each neuron named as ``concepts`` names
+    it where the name and its ``EVIDENCE`` closest evidence terms cover ``EXEMPLAR_SHARE`` of those
     tokens; what is generic is counted among those tokens ("its", "class", "year" peak everywhere)."""
     rows = exemplar_rows(con)
     nt = _terms(rows, normalise, vocab)
     if not nt.terms:
         return {}
     _, is_name = _names(nt, vocab)
-    scan = _Scan(vectors, vocab.query, nt, min_sim)
+    scan = _Scan(vectors, vocab.query, nt, min_sim, examples)
     namer = _Namer(scan, vocab.query, is_name, min_evidence, min_centroid)
-    for lo, plain, _ in scan.chunks():
+    query = pa.array(vocab.query, pa.string())
+    for lo, plain, asked in scan.chunks():
+        _add_postings(cols, scan, lo, asked, query, postings, posting_evidence, EXEMPLARS)
         namer.add(lo, plain.S, plain.n, plain.sims)
     names = namer.names()
     # A name must cover EXEMPLAR_SHARE of the neuron's exemplars (its word or one of its EVIDENCE
@@ -683,12 +709,13 @@ def _exemplar_names(con, vectors, normalise, vocab: Vocabulary, min_sim: float, 
     return kept
 
 
-def concept_matches(con, check_sql: str, src: int) -> tuple[str | None, dict]:
+def concept_matches(con, check_sql: str, src: int, fires: int) -> tuple[str | None, dict]:
     """Concept matches as the SELECT of a search source, and where they came from: the store's
     ``concept_postings``, which the labels stage writes. Without any, (None, {"missing": why}).
 
     The SELECT gives the columns of the literal matches (term, layer, neuron, src, rank,
-    token_id, z, check) plus ``evidence``; the clamp check joins here, as for literal matches.
+    token_id, z, check) plus ``evidence``, src ``src`` for the tokens a neuron writes and ``fires``
+    for those it fires on; the clamp check joins here, as for literal matches.
     """
     record = finished_stage(con, "labels")
     if record is None:
@@ -698,10 +725,12 @@ def concept_matches(con, check_sql: str, src: int) -> tuple[str | None, dict]:
     if not record["concept_postings"]:
         why = record.get("resource", {}).get("missing")
         return None, {"missing": why or "the labels stage found no concept matches"}
-    n, words = con.execute("SELECT count(*), count(DISTINCT word) FROM concept_postings").fetchone()
+    n, words, fired = con.execute(f"SELECT count(*), count(DISTINCT word), count(*) FILTER (WHERE side = '{EXEMPLARS}') "
+                                  "FROM concept_postings").fetchone()
     select = f"""
-        SELECT c.word AS term, c.layer, c.neuron, {src} AS src, c.rank, -1 AS token_id, c.z,
+        SELECT c.word AS term, c.layer, c.neuron, CASE WHEN c.side = '{EXEMPLARS}' THEN {fires} ELSE {src} END AS src,
+               c.rank, -1 AS token_id, c.z,
                {check_sql} AS "check", c.evidence
         FROM concept_postings c JOIN neurons n USING (layer, neuron)"""
-    return select, {"postings": n, "words": words, "resource": record.get("resource"),
+    return select, {"postings": n, "words": words, "fires_on": fired, "resource": record.get("resource"),
                     "word_lists": record.get("concepts_word_lists"), "made_by": "labels stage"}

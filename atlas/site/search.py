@@ -67,17 +67,21 @@ from atlas.store import finished_stage
 
 INDEX_DIR = "search/idx"
 META_NAME = "meta.json"
-SCHEMA = 5              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
-                        # 4: per-direction counts and postings, neuron labels in labels/; 5: packed postings and evidence
+SCHEMA = 6              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
+                        # 4: per-direction counts and postings, neuron labels in labels/; 5: packed postings and evidence;
+                        # 6: concept matches of the tokens a neuron fires on (src 10)
 # Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
-# 8 a concept match (``atlas.site.concept_source``), whose "token" is its evidence terms,
-# 9 a word of the neuron's description (the describe stage).
+# 8 a concept match of the tokens a neuron writes (``atlas.site.concept_source``), whose "token"
+# is its evidence terms, 9 a word of the neuron's description (the describe stage), 10 a concept
+# match of the tokens it fires on in the corpus, its evidence as 8's.
 SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min",
-           "concept", "description")
+           "concept", "description", "concept fires")
 CONCEPT = 8
 DESCRIPTION = 9
+FIRES = 10
+EVIDENCED = (CONCEPT, FIRES)        # the sources whose token is a list of evidence terms
 DIRECTIONS = ("promotes", "suppresses", "reads")
-SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None)    # SOURCES -> DIRECTIONS index (None: no direction)
+SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None, 2)    # SOURCES -> DIRECTIONS index (None: no direction)
 LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
 # A posting's integers: strength x 100; rank, its rank in the source; variant, its token's place in the
 # term's ``t`` (for a concept match, how many evidence words it has in ``e``); check, the faithfulness
@@ -235,7 +239,7 @@ def extra_sources(con, check: str, concepts: bool) -> tuple[list[str], dict]:
     and ``evidence``, and what each reported. New sources (an LLM's description words ...) join here."""
     selects, info = [], {}
     if concepts:
-        select, info["concepts"] = concept_matches(con, check, CONCEPT)
+        select, info["concepts"] = concept_matches(con, check, CONCEPT, FIRES)
         if select is not None:
             selects.append(select)
     described = _description_terms(con)
@@ -305,7 +309,8 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                 QUALIFY row_number() OVER (PARTITION BY term, layer, neuron
                                            ORDER BY rank_score DESC, score DESC, z DESC, src, rank) = 1
             ), directed AS (
-                SELECT *, CASE WHEN src IN (4, 8) THEN 0 WHEN src = 5 THEN 1 WHEN src = 9 THEN 3 ELSE 2 END AS dir
+                SELECT *, CASE WHEN src IN ({OUT_TOP}, {CONCEPT}) THEN 0 WHEN src = 5 THEN 1 WHEN src = {DESCRIPTION} THEN 3
+                               ELSE 2 END AS dir
                 FROM best
             )
             SELECT *, row_number() OVER (PARTITION BY term ORDER BY rank_score DESC, layer, neuron) AS pos,
@@ -446,7 +451,7 @@ def entry_postings(entry: dict, layout: dict) -> list[tuple]:
     evidence, at = entry.get("e", ""), 0
     out = []
     for layer, neuron, strength, src, rank, variant, check in unpack(entry["p"], layout):
-        if src == CONCEPT:
+        if src in EVIDENCED:
             picked = []
             for _ in range(variant):        # a concept match's variant: how many evidence words
                 x = 0
@@ -497,14 +502,14 @@ _ROWS_SQL = f"""
     WITH rows AS (
         SELECT b.bucket, k.term, k.pos, k.n_total, k.n_promotes, k.n_suppresses, k.n_reads,
                k.layer, k.neuron, k.strength, k.src, k.rank, k."check",
-               CASE WHEN k.src = {CONCEPT} THEN NULL ELSE coalesce(k.evidence, v.token, k.term) END AS token,
-               CASE WHEN k.src = {CONCEPT} THEN string_split(coalesce(k.evidence, k.term), ', ') END AS evidence
+               CASE WHEN k.src IN {EVIDENCED} THEN NULL ELSE coalesce(k.evidence, v.token, k.term) END AS token,
+               CASE WHEN k.src IN {EVIDENCED} THEN string_split(coalesce(k.evidence, k.term), ', ') END AS evidence
         FROM search_kept k JOIN search_buckets b USING (term) LEFT JOIN vocab v USING (token_id)
     ), variants AS (
         SELECT term, token, row_number() OVER (PARTITION BY term ORDER BY min(pos)) - 1 AS variant
         FROM rows WHERE token IS NOT NULL GROUP BY term, token
     )
-    SELECT r.*, CASE WHEN r.src = {CONCEPT} THEN len(r.evidence) ELSE x.variant END AS variant
+    SELECT r.*, CASE WHEN r.src IN {EVIDENCED} THEN len(r.evidence) ELSE x.variant END AS variant
     FROM rows r LEFT JOIN variants x USING (term, token)"""
 
 # One JSON object per term of a shard, built in DuckDB: a default atlas has about three million
@@ -520,7 +525,7 @@ _SHARDS_SQL = """
         FROM (SELECT DISTINCT term, token, variant FROM search_rows WHERE token IS NOT NULL) GROUP BY term
     ), uses AS (
         SELECT term, pos, unnest(evidence) AS word, unnest(range(len(evidence))) AS i
-        FROM search_rows WHERE src = {concept}
+        FROM search_rows WHERE src IN {concept}
     ), words AS (
         SELECT term, word, row_number() OVER (PARTITION BY term ORDER BY count(*) DESC, word) - 1 AS w
         FROM uses GROUP BY term, word
@@ -568,7 +573,7 @@ def _write_shards(con, out_dir: Path, n_shards: int) -> tuple[list[int], dict]:
         bounds = con.execute("SELECT " + ", ".join(f'min("{f}"), max("{f}")' for f in POSTING_FIELDS)
                              + " FROM search_rows").fetchone()
         layout = posting_layout([b or 0 for b in bounds[0::2]], [b or 0 for b in bounds[1::2]])
-        cur = con.execute(_SHARDS_SQL.format(packed=_packed_sql(layout), concept=CONCEPT, varint_w=_varint_sql("w")))
+        cur = con.execute(_SHARDS_SQL.format(packed=_packed_sql(layout), concept=EVIDENCED, varint_w=_varint_sql("w")))
         while rows := cur.fetchmany(256):
             for bucket, text in rows:
                 data = _json_text(text).encode("utf-8")
@@ -735,6 +740,8 @@ def match_words(m: dict) -> str:
     token, src = show_token(m["token"]), m["source"]
     if src == SOURCES[CONCEPT]:
         what = f"promotes words near \u2018{m['term']}\u2019 via {m['token']}"
+    elif src == SOURCES[FIRES]:
+        what = f"fires on words near \u2018{m['term']}\u2019 in the corpus via {m['token']}"
     elif src == SOURCES[DESCRIPTION]:
         what = f"its description says \u2018{m['token']}\u2019"     # the word itself, or what a reading copied
     elif src.startswith("exemplar"):
@@ -751,7 +758,7 @@ def shown_strength(m: dict) -> str:
     """A literal or exemplar match's strength is in standard deviations of the neuron's own
     distribution ("8.42σ"); a concept or description match's is a score made from such
     strengths ("strength 51.85"), not a number of σ. atlas-search.js writes it the same way."""
-    if m["source"] in (SOURCES[CONCEPT], SOURCES[DESCRIPTION]):
+    if m["source"] in (SOURCES[CONCEPT], SOURCES[DESCRIPTION], SOURCES[FIRES]):
         return f"strength {m['strength']:.2f}"
     return f"{m['strength']:.2f}\u03c3"
 

@@ -41,7 +41,9 @@ reading beside its own ("famille" finds the neurons of "family") and says so.
 **Exemplars**: a neuron whose `out` terms name no concept may still fire on the words of one in
 the corpus (its top exemplars' peak tokens: "father, mother, parents"); the same scan names it
 from those ("fires on family: parents, father, mother", method ``exemplars: word vectors``).
-The `out` terms come first: they say what a neuron does, its exemplars only when it fires.
+The `out` terms come first: they say what a neuron does, its exemplars only when it fires. The
+same scan makes concept postings of the tokens a neuron fires on (``concept_postings.side``
+'exemplars'), which search shows as *reads* matches.
 
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
@@ -322,7 +324,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     phrases = read_phrases(cfg.label_phrases, normalise)
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
-                                 exemplar_names={"share": EXEMPLAR_SHARE},
+                                 exemplar_names={"share": EXEMPLAR_SHARE, "postings": "side; medians agree"},
                                  examples={"asked": asked, "top": ASKED_TOP, "template": TEMPLATE,
                                            "evidence": [EXAMPLE_TOP, EXAMPLE_GENERIC, EXAMPLE_SIM]},
                                  translations={"asked": foreign, "template": TRANSLATE, "min": TRANSLATION_MIN,
@@ -359,7 +361,7 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         store.set_meta("concept_translations", {k: v for k, v in read_info.items() if k != "reused"} or None)
         con.execute("DELETE FROM concept_postings")
         if postings is not None:
-            insert_arrow(con, "concept_postings", postings, order="word, layer, neuron")
+            insert_arrow(con, "concept_postings", postings, order="word, side, layer, neuron")
         update_from_arrow(con, "neurons", table.select(["layer", "neuron", "label"]))
         named = name_clusters(con, names, exemplar_votes) if cluster is not None else 0
         by_kind = sum(v == KIND for v in names.column("named_by").to_pylist())

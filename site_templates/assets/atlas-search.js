@@ -11,9 +11,9 @@
   var list = document.getElementById("atlas-search-results");
   var filter = document.getElementById("atlas-search-dir");
   var SHOWN = 50;
-  var SCHEMA = 5, MAX_WORDS = 8, CONCEPT = 8;     // as in atlas/site/search.py
+  var SCHEMA = 6, MAX_WORDS = 8, CONCEPT = 8, FIRES = 10;     // as in atlas/site/search.py
   var B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null];
+  var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null, 2];
   var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
@@ -84,7 +84,7 @@
         f += g[0];
       });
       var src = values[3], variant = values[5], token;
-      if (src === CONCEPT) {     // a concept match: `variant` evidence words, each a varint index into w
+      if (src === CONCEPT || src === FIRES) {     // a concept match: `variant` evidence words, each a varint index into w
         var picked = [];
         for (var n = 0; n < variant; n++) {
           var y = 0, d;
@@ -191,8 +191,9 @@
     var line = el("span", "atlas-search-match");
     var src = m.source, tok = el("code", null, showToken(m.token));
     var dir = el("span", "atlas-search-dir atlas-search-dir--" + (m.direction || "other"));
-    if (src === "concept") {
-      dir.textContent = "promotes words near \u2018" + m.term + "\u2019";
+    if (src === "concept" || src === "concept fires") {
+      dir.textContent = (src === "concept" ? "promotes words near \u2018" + m.term + "\u2019" :
+        "fires on words near \u2018" + m.term + "\u2019 in the corpus");
       line.appendChild(dir);
       line.appendChild(document.createTextNode(" via "));
       line.appendChild(el("code", "atlas-search-via", m.token));
@@ -212,7 +213,7 @@
       }
     }
     // Literal and exemplar strengths are in σ; a concept or description match's is a score (search.py's shown_strength).
-    var strength = src === "concept" || src === "description" ? "strength " + m.strength.toFixed(2) :
+    var strength = src === "concept" || src === "concept fires" || src === "description" ? "strength " + m.strength.toFixed(2) :
       m.strength.toFixed(2) + "\u03c3";
     line.appendChild(el("span", "atlas-search-why", ": \u2018" + m.term + "\u2019, " + src + " #" + m.rank + ", " + strength));
     return line;

@@ -99,7 +99,10 @@ def test_the_concept_benchmark_says_which_foreign_queries_the_model_read_as_engl
              "read_as": None, "before": scored, "after": scored}]
     summary = {"tune": {"queries": 1, "precision_before": 0.1, "recall_before": 0.5, "precision_after": 0.1,
                         "recall_after": 0.5}}
-    text = report({"rows": rows, "summary": summary, "coherence": {}, "translations": 1234})
+    either = {"tune": {"queries": 3, "precision_before": 0.05, "recall_before": 0.25, "precision_after": 0.4,
+                       "recall_after": 0.75}}
+    text = report({"rows": rows, "summary": summary, "summary_either": either, "coherence": {}, "translations": 1234})
+    assert "those it fires on" in text and "| tune | 3 | 0.05 | 0.25 | 0.40 | 0.75 |" in text
     assert "| ciudad (es, city; not a word-vector word; read as city) |" in text
     assert "| tier (de, animal) |" in text
     assert text.endswith("other languages: 1 of 2 queries read by the model as an English word (1,234 readings in the "

@@ -239,6 +239,33 @@ def test_a_neuron_that_writes_no_concept_is_named_by_the_words_it_fires_on(tmp_p
             == (None, "word vectors: none")
 
 
+def test_a_word_finds_the_neurons_that_fire_on_its_members_and_says_so(tmp_path):
+    """Concept matches of the tokens a neuron fires on: 'family' finds the neuron whose exemplars
+    peak on father, mother, sister ..., in the reads direction, with those words as its evidence."""
+    store = concept_store(tmp_path / "atlas.duckdb", corpus=True)
+    labels = STAGES["labels"]
+    with Store(store) as s:
+        con = s.con
+        con.execute("UPDATE corpus_docs SET text = ''")     # no made-up corpus words in the vocabulary
+        _fires_on(con, (0, 3), FAMILY)
+        labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
+        stored = {(r[0], r[1], r[2]): r[3] for r in con.execute(
+            "SELECT side, layer, neuron, evidence FROM concept_postings WHERE word = 'family'").fetchall()}
+        sides = dict(con.execute("SELECT side, count(*) FROM concept_postings GROUP BY side").fetchall())
+    family = {t.strip() for t in FAMILY} | {"parent"}
+    assert set(stored[("exemplars", 0, 3)].split(", ")) <= family and sides["out"] and sides["exemplars"]
+    assert ("out", 0, 3) not in stored            # it writes no family words
+    render(store, store.parent / "site", RenderConfig(workers=1, exports=False), progress=False)
+    site = store.parent / "site"
+    match = next(m for m in hits(site, "family")[(0, 3)]["matches"] if m["source"] == "concept fires")
+    assert match["direction"] == "reads" and set(match["token"].split(", ")) <= family
+    assert match_words(match).startswith("fires on words near \u2018family\u2019 in the corpus via ")
+    assert match_words(match).endswith(f", concept fires #{match['rank']}, strength {match['strength']:.2f}")
+    found = {d: {(h["layer"], h["neuron"]) for h in search(site, "family", limit=50, direction=d)["hits"]}
+             for d in ("reads", "promotes")}
+    assert (0, 3) in found["reads"] and (0, 3) not in found["promotes"]
+
+
 def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):
     from atlas.bench.synthetic import synthetic_directions
     from atlas.config import ClusterConfig

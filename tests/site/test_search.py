@@ -297,10 +297,14 @@ def test_a_synthetic_store_with_concept_postings_indexes_them(tmp_path):
     store = make_synthetic_store(tmp_path / "atlas.duckdb", 2, 64, vocab_size=512, concepts=200)
     with duckdb.connect(str(store), read_only=True) as con:
         rows, words = con.execute("SELECT count(*), count(DISTINCT word) FROM concept_postings").fetchone()
-        word, layer, neuron = con.execute("SELECT word, layer, neuron FROM concept_postings ORDER BY z DESC LIMIT 1"
-                                          ).fetchone()
+        best = {side: con.execute("SELECT word, layer, neuron FROM concept_postings WHERE side = ? ORDER BY z DESC "
+                                  "LIMIT 1", [side]).fetchone() for side in ("out", "exemplars")}
         info = write_index(con, tmp_path / INDEX_DIR, postings=100)
-    assert (rows, words) == (50 * 200, 200) and info["concepts"]["postings"] == rows
+    # 50 a word of each side: the tokens a neuron writes, and those it fires on
+    assert (rows, words) == (2 * 50 * 200, 200) and info["concepts"]["postings"] == rows
+    assert info["concepts"]["fires_on"] == rows // 2
     assert info["concepts"]["resource"] == {"name": "atlas.synthetic"}
-    hit = next(h for h in search(tmp_path, word, limit=100)["hits"] if (h["layer"], h["neuron"]) == (layer, neuron))
-    assert any(m["source"] == "concept" for m in hit["matches"])
+    for side, source in (("out", "concept"), ("exemplars", "concept fires")):
+        word, layer, neuron = best[side]
+        hit = next(h for h in search(tmp_path, word, limit=100)["hits"] if (h["layer"], h["neuron"]) == (layer, neuron))
+        assert any(m["source"] == source for m in hit["matches"]), (side, hit)

@@ -222,8 +222,9 @@ def concept_site(tmp_path_factory):
     with duckdb.connect(str(store)) as con:
         words = [w for (w,) in con.execute("SELECT DISTINCT word FROM concept_postings ORDER BY word").fetchall()]
     render(store, first, RenderConfig(workers=1), progress=False)
-    word = next(w for w in words if any(m["source"] == "concept" for h in search(first, w, limit=50)["hits"]
-                                        for m in h["matches"]))
+    # A word whose list holds concept matches of both sides: the tokens a neuron writes and those it fires on.
+    word = next(w for w in words if {"concept", "concept fires"} <= {m["source"] for h in search(first, w, limit=50)["hits"]
+                                                                    for m in h["matches"]})
     with duckdb.connect(str(store)) as con:      # as the labels stage would have kept it
         con.execute("INSERT INTO concept_translations VALUES ('parole', 'fr', ?, 0.9, true)", [word])
     render(store, site, RenderConfig(workers=1), progress=False)
@@ -241,9 +242,12 @@ def test_a_concept_match_shows_a_strength_not_sigmas(concept_site, browser):
     assert page.errors == []
     page.close()
     lines = [m for g in got for m in g["matches"]]
-    concept = [m for m in lines if ", concept #" in m]
-    other = [m for m in lines if ", concept #" not in m]
-    assert concept and all(re.search(r", concept #\d+, strength \d+\.\d\d$", m) for m in concept), concept
+    concept = [m for m in lines if re.search(r", concept (fires )?#", m)]
+    other = [m for m in lines if not re.search(r", concept (fires )?#", m)]
+    assert concept and all(re.search(r", concept (fires )?#\d+, strength \d+\.\d\d$", m) for m in concept), concept
+    # Both sides, each in its own words: the tokens a neuron writes, and those it fires on.
+    assert any(m.startswith("promotes words near \u2018" + term + "\u2019 via ") for m in concept), concept
+    assert any(m.startswith("fires on words near \u2018" + term + "\u2019 in the corpus via ") for m in concept), concept
     assert all(re.search(r" #\d+, \d+\.\d\d\u03c3$", m) for m in other), other
 
 
