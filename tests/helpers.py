@@ -493,7 +493,7 @@ def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
 
     Returns (folder of the shards, the postings' layout, per term what a reader must decode:
     ``n``, ``d`` and its postings as (layer, neuron, strength, src, rank, check, token), best first)."""
-    from atlas.site.search import CONCEPT, DESCRIPTION, _write_shards, shard_of
+    from atlas.site.search import CONCEPT, DESCRIPTION, EVIDENCED, FIRES, _write_shards, shard_of
 
     rng = random.Random(0)
     tokens = HOSTILE_TOKENS + ["dog", " dog", "Dog"]
@@ -504,10 +504,10 @@ def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
     for t, term in enumerate(terms):
         rows = []
         for pos in range(1, 2 + 60 * (t % 3)):
-            src = rng.choice([0, 1, 4, 5, 6, DESCRIPTION] + [CONCEPT, CONCEPT] * (term != "constructor"))
+            src = rng.choice([0, 1, 4, 5, 6, DESCRIPTION] + [CONCEPT, CONCEPT, FIRES] * (term != "constructor"))
             token_id = rng.randrange(len(tokens)) if src < CONCEPT else None
             evidence = None
-            if src == CONCEPT and rng.random() < 0.9:
+            if src in EVIDENCED and rng.random() < 0.9:
                 evidence = ", ".join(rng.sample(plain if t % 2 else hostile_words, rng.randint(1, 5)))
             rows.append(dict(term=term, pos=pos, layer=rng.choice([0, 79, rng.randrange(80)]),
                              neuron=rng.choice([0, 131_071, rng.randrange(131_072)]),
@@ -521,7 +521,7 @@ def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
         kept += rows
         expected[term] = {"n": n, "d": d, "postings": [
             (r["layer"], r["neuron"], r["strength"], r["src"], r["rank"], r["check"],
-             (r["evidence"] if r["evidence"] is not None else term) if r["src"] == CONCEPT
+             (r["evidence"] if r["evidence"] is not None else term) if r["src"] in EVIDENCED
              else tokens[r["token_id"]] if r["token_id"] is not None else term) for r in rows]}
     con = duckdb.connect()
     con.execute("CREATE TABLE vocab (token_id INTEGER, token VARCHAR)")

@@ -34,12 +34,15 @@ Definitions (also on the search page):
   about 5.7) times its score, plus the neuron's own concept match for the term where it
   has one; every other match weighs its score. A term's neurons are listed by that weight
   (the match shown is the one that gave it); without concept matches, by score.
-- **direction** of a match: ``promotes`` (top ``out`` tokens, and concept matches, which
-  are read from them), ``suppresses`` (bottom ``out`` tokens) or ``reads`` (``in``/``gate``
-  sides and corpus exemplars: what makes the neuron fire); a description word has none. A
-  neuron's direction for a term is its best match's; per term the index counts the neurons
-  of each direction, and keeps the ``search_postings // 2`` best of each beside the
-  ``search_postings`` best overall, so a direction filter still fills a page.
+- **direction** of a match: ``promotes`` (top ``out`` tokens, and concept matches read from
+  them), ``suppresses`` (bottom ``out`` tokens) or ``reads`` (``in``/``gate``
+  sides, corpus exemplars and concept matches of the tokens a neuron fires on: what makes the
+  neuron fire); a description word has none. The index keeps a neuron's best match of each
+  direction for a term, its best of all first (the one an unfiltered list shows; a direction
+  filter shows the best of that direction: a neuron may promote a word and fire on it); per
+  term it counts the neurons of each direction (a neuron in each of its directions), and keeps
+  the ``search_postings // 2`` best of each beside the ``search_postings`` best overall, so a
+  direction filter still fills a page.
 - A query is whitespace-separated words; with several, the whole phrase (its terms joined
   by one space, a multi-word token or concept) is looked up too and a match on it counts as
   matching every word. Neurons rank by how many of the words they match, then by their best
@@ -304,22 +307,39 @@ def write_index(con, out_dir: str | Path, postings: int = 100, concepts: bool = 
                 SELECT *, weight + CASE WHEN src = {OUT_TOP} THEN coalesce(max(CASE WHEN src = {CONCEPT} THEN weight END)
                                         OVER (PARTITION BY term, layer, neuron), 0) ELSE 0 END AS rank_score
                 FROM weighed
-            ), best AS (
-                SELECT * FROM joint
-                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron
-                                           ORDER BY rank_score DESC, score DESC, z DESC, src, rank) = 1
             ), directed AS (
                 SELECT *, CASE WHEN src IN ({OUT_TOP}, {CONCEPT}) THEN 0 WHEN src = 5 THEN 1 WHEN src = {DESCRIPTION} THEN 3
                                ELSE 2 END AS dir
+                FROM joint
+            ), best AS (
+                -- A neuron's best match of each direction (a neuron may promote a word and read it)
+                SELECT * FROM directed
+                QUALIFY row_number() OVER (PARTITION BY term, layer, neuron, dir
+                                           ORDER BY rank_score DESC, score DESC, z DESC, src, rank) = 1
+            ), firsts AS (
+                -- ... and its best of all, the one an unfiltered list shows
+                SELECT *, row_number() OVER (PARTITION BY term, layer, neuron
+                                             ORDER BY rank_score DESC, score DESC, z DESC, src, rank) = 1 AS first
                 FROM best
+            ), counted AS (
+                SELECT *, row_number() OVER (PARTITION BY term, first ORDER BY rank_score DESC, layer, neuron) AS first_pos,
+                       row_number() OVER (PARTITION BY term, dir ORDER BY rank_score DESC, layer, neuron) AS dir_pos,
+                       sum(CASE WHEN first THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_total,
+                       sum(CASE WHEN dir = 0 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_promotes,
+                       sum(CASE WHEN dir = 1 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_suppresses,
+                       sum(CASE WHEN dir = 2 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_reads
+                FROM firsts
+            ), kept AS (
+                SELECT *, (first AND first_pos <= {int(postings)}) OR (dir < 3 AND dir_pos <= {max(1, int(postings) // 2)})
+                          AS keep
+                FROM counted
+            ), chosen AS (
+                -- A neuron kept for one direction keeps its best match too, which an unfiltered list reads first.
+                SELECT * FROM kept QUALIFY keep OR (first AND bool_or(keep) OVER (PARTITION BY term, layer, neuron))
             )
-            SELECT *, row_number() OVER (PARTITION BY term ORDER BY rank_score DESC, layer, neuron) AS pos,
-                   row_number() OVER (PARTITION BY term, dir ORDER BY rank_score DESC, layer, neuron) AS dir_pos,
-                   count(*) OVER (PARTITION BY term) AS n_total,
-                   sum(CASE WHEN dir = 0 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_promotes,
-                   sum(CASE WHEN dir = 1 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_suppresses,
-                   sum(CASE WHEN dir = 2 THEN 1 ELSE 0 END) OVER (PARTITION BY term) AS n_reads
-            FROM directed QUALIFY pos <= {int(postings)} OR (dir < 3 AND dir_pos <= {max(1, int(postings) // 2)})""")
+            SELECT * EXCLUDE (first_pos, keep),
+                   row_number() OVER (PARTITION BY term ORDER BY rank_score DESC, layer, neuron, first DESC, dir) AS pos
+            FROM chosen""")
         n_postings, n_terms = con.execute("SELECT count(*), count(DISTINCT term) FROM search_kept").fetchone()
         # About 15 bytes a posting (8 of packed fields on the default atlas, the rest its share of the
         # evidence words) and 50 a term; shards a power of two so the count is easy to reason about.
@@ -656,9 +676,11 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
         if not entry:
             continue
         position = 0        # the neuron's place in this term's list (after the filter)
+        seen = set()        # a neuron's first posting of a term is its best match, the others its best of other directions
         for layer, neuron, strength, src, rk, check, token in entry_postings(entry, meta["posting"]):
-            if want is not None and SRC_DIRECTION[src] != want:
+            if want is not None and SRC_DIRECTION[src] != want or want is None and (layer, neuron) in seen:
                 continue
+            seen.add((layer, neuron))
             hit = hits.get((layer, neuron))
             if hit is None:
                 hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "label": None, "words": set(),

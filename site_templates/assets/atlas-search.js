@@ -123,11 +123,12 @@
       counts[term] = entry ? entry.n : 0;
       dirCounts[term] = want >= 0 ? (entry ? entry.d[want] : 0) : counts[term];
       if (!entry) return;
-      var position = 0;
+      var position = 0, seen = new Set();     // a neuron's first posting of a term is its best match
       entryPostings(entry, meta.posting).forEach(function (p) {
-        var src = p[3], check = p[5];
-        if (want >= 0 && SRC_DIRECTION[src] !== want) return;
-        var key = p[0] + "/" + p[1], hit = hits.get(key);
+        var src = p[3], check = p[5], key = p[0] + "/" + p[1];
+        if (want >= 0 ? SRC_DIRECTION[src] !== want : seen.has(key)) return;
+        seen.add(key);
+        var hit = hits.get(key);
         if (!hit) {
           hit = { layer: p[0], neuron: p[1], label: null, words: new Set(), best: position, score: 0,
                   faithfulness: check >= 0 ? check / 100 : null, matches: [] };

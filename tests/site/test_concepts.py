@@ -248,6 +248,7 @@ def test_a_word_finds_the_neurons_that_fire_on_its_members_and_says_so(tmp_path)
         con = s.con
         con.execute("UPDATE corpus_docs SET text = ''")     # no made-up corpus words in the vocabulary
         _fires_on(con, (0, 3), FAMILY)
+        _fires_on(con, (1, 5), [" dog", " cat", " horse", " puppy"])     # writes animals, fires on them too
         labels.run(Context(s, labels, "sha256:0", get_lm=None, progress=False), WORD_VECTORS_ONLY)
         stored = {(r[0], r[1], r[2]): r[3] for r in con.execute(
             "SELECT side, layer, neuron, evidence FROM concept_postings WHERE word = 'family'").fetchall()}
@@ -264,6 +265,13 @@ def test_a_word_finds_the_neurons_that_fire_on_its_members_and_says_so(tmp_path)
     found = {d: {(h["layer"], h["neuron"]) for h in search(site, "family", limit=50, direction=d)["hits"]}
              for d in ("reads", "promotes")}
     assert (0, 3) in found["reads"] and (0, 3) not in found["promotes"]
+    # A neuron that writes a category's members and fires on them is in both directions' lists,
+    # each with its match of that direction, and once, with its best match, in the whole list.
+    animal = {d: {(h["layer"], h["neuron"]): h for h in search(site, "animal", limit=50, direction=d)["hits"]}
+              for d in (None, "reads", "promotes")}
+    assert [m["source"] for m in animal["promotes"][(1, 5)]["matches"]] == ["concept"]
+    assert [m["source"] for m in animal["reads"][(1, 5)]["matches"]] == ["concept fires"]
+    assert len(animal[None][(1, 5)]["matches"]) == 1
 
 
 def test_a_cluster_is_named_by_the_concept_its_members_share(tmp_path):

@@ -308,3 +308,21 @@ def test_a_synthetic_store_with_concept_postings_indexes_them(tmp_path):
         word, layer, neuron = best[side]
         hit = next(h for h in search(tmp_path, word, limit=100)["hits"] if (h["layer"], h["neuron"]) == (layer, neuron))
         assert any(m["source"] == source for m in hit["matches"]), (side, hit)
+
+
+def test_the_page_and_python_share_the_index_constants():
+    """atlas-search.js reads what search.py writes: the schema, the sources whose token is their
+    evidence, and each source's direction, written twice (a source added to one alone would be
+    shown in the wrong direction or decoded as a token variant)."""
+    import re
+
+    from atlas.resources import TEMPLATES
+    from atlas.site.search import CONCEPT, FIRES, SCHEMA, SOURCES, SRC_DIRECTION
+
+    js = (TEMPLATES / "assets" / "atlas-search.js").read_text(encoding="utf-8")
+    consts = dict(re.findall(r"\b(SCHEMA|CONCEPT|FIRES) = (\d+)", js))
+    assert {k: int(v) for k, v in consts.items()} == {"SCHEMA": SCHEMA, "CONCEPT": CONCEPT, "FIRES": FIRES}
+    directions = re.search(r"SRC_DIRECTION = \[([^\]]*)\]", js).group(1)
+    assert [None if v.strip() == "null" else int(v) for v in directions.split(",")] == list(SRC_DIRECTION)
+    assert len(SRC_DIRECTION) == len(SOURCES) and SOURCES[FIRES] == "concept fires"
+    assert f'src === "{SOURCES[FIRES]}"' in js and f'src === "{SOURCES[CONCEPT]}"' in js

@@ -198,7 +198,8 @@ def test_hits_show_label_direction_and_why(search_site, browser):
     # A term whose best neurons match it literally (word vectors put some synthetic syllables
     # near each other, and concept matches of many such terms would fill the list).
     term = next(t for t in _some_terms(root / "atlas.duckdb")[1:]
-                if not any(m["source"] == "concept" for h in search(site, t, limit=50)["hits"] for m in h["matches"]))
+                if not any(m["source"] in ("concept", "concept fires") for h in search(site, t, limit=50)["hits"]
+                           for m in h["matches"]))
     page = search_page(browser, base, term)
     got = _dom_hits(page)
     assert [{k: g[k] for k in ("href", "label", "matches")} for g in got] == _want(site, term)
