@@ -22,7 +22,7 @@ _API = {
     "STAGES": "atlas.stages", "register": "atlas.stages", "Stage": "atlas.stages.contract",
     "Context": "atlas.stages.contract", "stale_stages": "atlas.stages.contract",
     "Store": "atlas.store", "load_model": "atlas.model.load", "render": "atlas.site.render",
-    "search": "atlas.site.search", "steer": "atlas.steer", "AtlasError": "atlas.errors",
+    "search": "atlas.site.search_query", "steer": "atlas.steer", "AtlasError": "atlas.errors",
 }
 __all__ = sorted(_API)
 

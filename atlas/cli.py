@@ -506,7 +506,7 @@ def search(path, query, limit, direction, as_json):
       atlas search out/smollm2 "new york" --limit 50 --json
       atlas search out/smollm2 money --direction suppresses
     """
-    from atlas.site.search import format_hits, search as run_search
+    from atlas.site.search_query import format_hits, search as run_search
     result = run_search(path, query, limit, direction)
     if as_json:
         _print_summary(result)

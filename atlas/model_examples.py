@@ -28,7 +28,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from atlas.site.search import normalise
+from atlas.site.index_format import normalise
 
 TEMPLATE = "The most common kinds of {word} are"
 # What a word of another language means to the model: its likeliest next word. Of five templates

@@ -404,7 +404,7 @@ def check_concepts(browser, site: Path, queries: list[str], min_hits: int = 1) -
 
     Returns the hits per query. Used on a synthetic atlas and by the smoke test on the default one.
     """
-    from atlas.site.search import search
+    from atlas.site.search_query import search
 
     found = {}
     with served(site) as base:
@@ -493,7 +493,8 @@ def packed_shards(folder: Path, n_shards: int = 4) -> tuple[Path, dict, dict]:
 
     Returns (folder of the shards, the postings' layout, per term what a reader must decode:
     ``n``, ``d`` and its postings as (layer, neuron, strength, src, rank, check, token), best first)."""
-    from atlas.site.search import CONCEPT, DESCRIPTION, EVIDENCED, FIRES, _write_shards, shard_of
+    from atlas.site.index_format import CONCEPT, DESCRIPTION, EVIDENCED, FIRES, shard_of
+    from atlas.site.search import _write_shards
 
     rng = random.Random(0)
     tokens = HOSTILE_TOKENS + ["dog", " dog", "Dog"]

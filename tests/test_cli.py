@@ -86,7 +86,7 @@ def test_every_command_has_help_with_an_example(command):
 def test_the_command_line_and_the_renderer_start_without_torch():
     """torch takes a second or more to import: `atlas search`, `serve`, help and render's page
     workers (fresh processes) must not pay it."""
-    code = ("import sys, atlas.cli, atlas.site.render, atlas.site.neuron_pages, atlas.site.clamp_sections, atlas.site.search, atlas.site.serve, atlas.publish.git; "
+    code = ("import sys, atlas.cli, atlas.site.render, atlas.site.neuron_pages, atlas.site.clamp_sections, atlas.site.search, atlas.site.search_query, atlas.site.serve, atlas.publish.git; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -47,7 +47,9 @@ from pathlib import Path
 from atlas.bench.wordnet import DEFAULT_DIR, WordNet
 from atlas.errors import AtlasError
 from atlas.resources import data_json
-from atlas.site.search import INDEX_DIR, normalise, rank, read_meta, shard_name, write_index
+from atlas.site.index_format import INDEX_DIR, normalise, shard_name
+from atlas.site.search import write_index
+from atlas.site.search_query import rank, read_meta
 from atlas.store import Store
 
 RANKS = 20

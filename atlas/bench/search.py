@@ -23,7 +23,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from atlas.resources import concepts
-from atlas.site.search import INDEX_DIR, META_NAME, query_terms, shard_name, shard_of
+from atlas.site.index_format import INDEX_DIR, META_NAME, query_terms, shard_name, shard_of
 from atlas.store import Store
 
 EVERYDAY = tuple(concepts("everyday")) + ("the", "and")      # and two words that every atlas has

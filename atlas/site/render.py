@@ -29,7 +29,7 @@ from atlas.site.exports import STORE_FILE, write_exports
 from atlas.site.frame import build_frame, page_site, site_url, theme_assets
 from atlas.site.neuron_json import FORMAT as JSON_FORMAT, VOCAB_FILE, vocab_json
 from atlas.site.neuron_pages import BIBTEX_SLOTS, bibtex, block_jobs, drawn_sides
-from atlas.site.search import SCHEMA as INDEX_SCHEMA
+from atlas.site.index_format import SCHEMA as INDEX_SCHEMA
 from atlas.site.search_page import write_search_site
 from atlas.site.templates import environment
 from atlas.site.text import html_safe_json, to_json

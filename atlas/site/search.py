@@ -2,12 +2,13 @@
 
 Typing "dog" finds the neurons whose decoded tokens (any side, top or bottom) or whose
 corpus exemplars are " dog", "Dog", "dog" ..., strongest first. The index is JSON under
-``search/idx/`` in the site, its postings packed in strings (see "the shards' format" below),
-sharded by a hash of the term, so a query fetches one small file per word however large the
-model is. The search page's script (``site_templates/assets/atlas-search.js``) and
-``atlas search`` read the same files and rank with the same rule; keep ``normalise``,
-``query_terms``, ``shard_of``, ``entry_postings`` and ``rank`` in step with their
-JavaScript twins.
+``search/idx/`` in the site, its postings packed in strings (``atlas.site.index_format``:
+the index's constants, terms, shards and packing), sharded by a hash of the term, so a query
+fetches one small file per word however large the model is. This module writes it; the search
+page's script (``site_templates/assets/atlas-search.js``) and ``atlas search``
+(``atlas.site.search_query``) read the same files and rank with the same rule; keep
+``normalise``, ``query_terms``, ``shard_of``, ``entry_postings`` and ``rank`` in step with
+their JavaScript twins.
 
 Definitions (also on the search page):
 
@@ -53,106 +54,20 @@ Definitions (also on the search page):
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
-import unicodedata
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 
 from atlas.errors import AtlasError
 from atlas.site.concept_source import LITERAL_GAIN, concept_matches
-from atlas.site.text import html_safe_json, show_token, to_json, visible
+from atlas.site.index_format import (B64, CONCEPT, DESCRIPTION, EVIDENCED, FIRES, LABEL_CHUNK, META_NAME, OUT_TOP,
+                                     POSTING_FIELDS, SCHEMA, SHARD_BYTES, SOURCES, normalise, posting_layout,
+                                     query_terms_all, shard_name, shard_of)
+from atlas.site.text import html_safe_json, to_json
 from atlas.store import finished_stage
-
-INDEX_DIR = "search/idx"
-META_NAME = "meta.json"
-SCHEMA = 6              # 2: postings carry the clamp check (faithfulness); 3: concept and description matches;
-                        # 4: per-direction counts and postings, neuron labels in labels/; 5: packed postings and evidence;
-                        # 6: concept matches of the tokens a neuron fires on (src 10)
-# Where a match was found: src codes 0-5 are (side, polarity) of decoded_tokens, 6-7 exemplars,
-# 8 a concept match of the tokens a neuron writes (``atlas.site.concept_source``), whose "token"
-# is its evidence terms, 9 a word of the neuron's description (the describe stage), 10 a concept
-# match of the tokens it fires on in the corpus, its evidence as 8's.
-SOURCES = ("in top", "in bottom", "gate top", "gate bottom", "out top", "out bottom", "exemplar max", "exemplar min",
-           "concept", "description", "concept fires")
-CONCEPT = 8
-DESCRIPTION = 9
-FIRES = 10
-EVIDENCED = (CONCEPT, FIRES)        # the sources whose token is a list of evidence terms
-DIRECTIONS = ("promotes", "suppresses", "reads")
-SRC_DIRECTION = (2, 2, 2, 2, 0, 1, 2, 2, 0, None, 2)    # SOURCES -> DIRECTIONS index (None: no direction)
-LABEL_CHUNK = 256       # neurons per label file, labels/<layer>/<neuron // LABEL_CHUNK>.json: a list of labels
-# A posting's integers: strength x 100; rank, its rank in the source; variant, its token's place in the
-# term's ``t`` (for a concept match, how many evidence words it has in ``e``); check, the faithfulness
-# x 100 (-1: none). How they are packed: "the shards' format" below.
-POSTING_FIELDS = ("layer", "neuron", "strength", "src", "rank", "variant", "check")
-B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"      # URL-safe base 64: JSON- and HTML-safe
-SAFE_INT = 2 ** 53      # a JavaScript number holds every integer below it exactly: the limit of one packed group
-OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
-SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
-MAX_WORDS = 8           # words of a query that are searched, which bounds its download
-_MARKERS = ("\u0120", "\u2581")      # Ġ and ▁ count as a leading space; elsewhere they are letters
-
-
-# -- terms ------------------------------------------------------------------------------
-def _edge(ch: str) -> bool:
-    """Punctuation, symbol, separator or control: stripped from both ends of a term."""
-    return unicodedata.category(ch)[0] in "PSZC"
-
-
-def normalise(text: str | None) -> str:
-    """The search term of a token or query word ('' when nothing searchable is left)."""
-    if not text:
-        return ""
-    t = unicodedata.normalize("NFKC", text)
-    i, j = 0, len(t)
-    while i < j and (t[i] in _MARKERS or _edge(t[i])):
-        i += 1
-    while j > i and _edge(t[j - 1]):
-        j -= 1
-    return t[i:j].lower()
-
-
-def query_terms(query: str) -> list[str]:
-    """Distinct terms of a query, in order; words are split at separators and control characters."""
-    return query_terms_all(query)[:MAX_WORDS]
-
-
-def query_terms_all(query: str) -> list[str]:
-    """Every distinct term of a text, in order (``query_terms`` keeps the first ``MAX_WORDS``)."""
-    words, word = [], []
-    for ch in query:
-        cat = unicodedata.category(ch)
-        if cat[0] == "Z" or cat == "Cc":
-            words.append("".join(word))
-            word = []
-        else:
-            word.append(ch)
-    words.append("".join(word))
-    terms: list[str] = []
-    for w in words:
-        t = normalise(w)
-        if t and t not in terms:
-            terms.append(t)
-    return terms
-
-
-def shard_of(term: str, n_shards: int) -> int:
-    """FNV-1a (32 bit) of the term's UTF-8 bytes, modulo the shard count."""
-    h = 0x811C9DC5
-    for b in term.encode("utf-8"):
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return h % n_shards
-
-
-def shard_name(shard: int, n_shards: int) -> str:
-    width = max(1, len(f"{n_shards - 1:x}"))
-    return f"{shard:0{width}x}.json"
-
 
 # -- building the index ------------------------------------------------------------------
 def _tables(con) -> set[str]:
@@ -176,11 +91,6 @@ def _term_table(con) -> pa.Table:
 def _side_stat(stat: str) -> str:
     return (f"CAST(CASE d.side WHEN 'in' THEN n.in_{stat} WHEN 'gate' THEN n.gate_{stat} "
             f"ELSE n.out_{stat} END AS DOUBLE)")
-
-
-def score(strength: int, src: int, check: int) -> int:
-    """A match's score from its strength and its neuron's faithfulness (both x 100; -1: not measured)."""
-    return (strength * (50 + check) + 50) // 100 if src == OUT_TOP and check >= 0 else strength
 
 
 def _check_sql(con) -> str:
@@ -398,94 +308,6 @@ def _concept_meta(info: dict | None):
             "word_lists": info.get("word_lists")}
 
 
-# -- the shards' format -------------------------------------------------------------------
-# A shard is a JSON object, term -> entry, and an entry is
-#   n: neurons matching the term in all; d: of them, how many promote, suppress, read it;
-#   p: the kept postings, best first, packed: per posting a fixed number of base-64 digits
-#      (``B64``) holding its ``POSTING_FIELDS`` in mixed radix, laid out by meta.json's
-#      ``posting`` (``posting_layout``);
-#   t: the token variants of its literal and description matches, in order of first use (a
-#      posting's ``variant`` is its place there);
-#   w, e (only with concept matches): the words of their evidence lists, the most used first,
-#      as one string joined by spaces (a list where a word holds a space), and the concept
-#      matches' evidence in posting order, each word as its index in w, a base-64 varint
-#      (``_varint_sql``); a concept posting's ``variant`` is its number of evidence words.
-# On the default atlas a posting takes 8 characters where the JSON lists of integers took
-# 21, and the concept matches' evidence 19.2 MB (words 14.7, indices 4.5) where its text took 28.2.
-def _digits(n: int) -> int:
-    """Base-64 digits that hold the numbers 0 to n - 1 (at least one)."""
-    d = 1
-    while 64 ** d < n:
-        d += 1
-    return d
-
-
-def posting_layout(low: list[int], high: list[int]) -> dict:
-    """The packing of postings whose ``POSTING_FIELDS`` range over ``low``..``high``.
-
-    Each field is stored as value - min in its radix (max - min + 1; a constant field takes
-    none), fields after fields in groups whose product of radices stays below ``SAFE_INT``, so
-    JavaScript unpacks a group exactly; ``groups`` is per group (fields, digits).
-    """
-    radix = [h - lo + 1 for lo, h in zip(low, high)]
-    groups, product, count = [], 1, 0
-    for r in radix:
-        if count and product * r > SAFE_INT:
-            groups.append([count, _digits(product)])
-            product, count = 1, 0
-        product, count = product * r, count + 1
-    groups.append([count, _digits(product)])
-    return {"fields": list(POSTING_FIELDS), "min": list(low), "radix": radix, "groups": groups}
-
-
-_B64_VALUE = {c: i for i, c in enumerate(B64)}
-
-
-def unpack(text: str, layout: dict) -> list[list[int]]:
-    """The postings of a packed ``p``: per posting its ``POSTING_FIELDS``, best first."""
-    low, radix, groups = layout["min"], layout["radix"], layout["groups"]
-    width = sum(d for _, d in groups)
-    out = []
-    for start in range(0, len(text), width):
-        values, at, f = [], start, 0
-        for count, digits in groups:
-            x = 0
-            for ch in text[at:at + digits]:
-                x = x * 64 + _B64_VALUE[ch]
-            at += digits
-            group = []
-            for r in reversed(radix[f:f + count]):
-                x, v = divmod(x, r)
-                group.append(v)
-            values.extend(reversed(group))
-            f += count
-        out.append([v + m for v, m in zip(values, low)])
-    return out
-
-
-def entry_postings(entry: dict, layout: dict) -> list[tuple]:
-    """(layer, neuron, strength, src, rank, check, token) per kept posting of a term's entry, best first;
-    a concept match's token is its evidence, "bird, mammal, monkey"."""
-    words = entry.get("w", [])
-    words = words.split(" ") if isinstance(words, str) else words
-    evidence, at = entry.get("e", ""), 0
-    out = []
-    for layer, neuron, strength, src, rank, variant, check in unpack(entry["p"], layout):
-        if src in EVIDENCED:
-            picked = []
-            for _ in range(variant):        # a concept match's variant: how many evidence words
-                x = 0
-                while (d := _B64_VALUE[evidence[at]]) >= 32:     # varint digits: 32 and up, more follow
-                    x, at = x * 32 + d - 32, at + 1
-                x, at = x * 32 + d, at + 1
-                picked.append(words[x])
-            token = ", ".join(picked)
-        else:
-            token = entry["t"][variant]
-        out.append((layer, neuron, strength, src, rank, check, token))
-    return out
-
-
 def _b64_sql(expr: str, digits: int) -> str:
     """SQL: the non-negative integer ``expr`` in ``digits`` base-64 digits, most significant first."""
     return " || ".join(f"substr('{B64}', CAST(({expr}) // {64 ** k} % 64 AS INTEGER) + 1, 1)"
@@ -641,182 +463,3 @@ def _write_labels(con, out_dir: Path) -> list[int]:
     flush()
     return sizes
 
-
-# -- querying ------------------------------------------------------------------------------
-def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, direction: str | None = None,
-         labels: Callable[[int, int], list] | None = None) -> dict:
-    """Rank the neurons for ``query`` from shards that ``load(shard_number)`` returns.
-
-    ``direction``: one of ``DIRECTIONS`` to keep only matches of that direction, or None for all.
-    ``labels(layer, chunk)``: a label file's list, to label the hits returned (None: no labels).
-    Returns the query's terms, per term how many neurons match in all (``counts``) and in
-    the direction (``direction_counts``), the whole phrase and its count where the index
-    has it, how many neurons match any word among the kept postings and how many match
-    every word, and the first ``limit`` hits, best first, each with its label.
-    """
-    if direction is not None and direction not in DIRECTIONS:
-        raise AtlasError(f"direction {direction!r}: give one of {', '.join(DIRECTIONS)}")
-    want = None if direction is None else DIRECTIONS.index(direction)
-    terms = query_terms(query)
-    phrase = " ".join(terms) if len(terms) > 1 else None
-    shards: dict[int, dict] = {}
-    hits: dict[tuple[int, int], dict] = {}
-    counts: dict[str, int] = {}
-    direction_counts: dict[str, int] = {}
-    aliases: dict[str, list[str]] = {}      # term -> [the English word the model reads it as, its language]
-    for term in terms + ([phrase] if phrase else []):
-        b = shard_of(term, meta["shards"])
-        if b not in shards:
-            shards[b] = load(b)
-        entry = shards[b].get(term)
-        if entry and entry.get("a"):
-            aliases[term] = entry["a"]
-        counts[term] = entry["n"] if entry else 0
-        direction_counts[term] = (entry["d"][want] if entry else 0) if want is not None else counts[term]
-        if not entry:
-            continue
-        position = 0        # the neuron's place in this term's list (after the filter)
-        seen = set()        # a neuron's first posting of a term is its best match, the others its best of other directions
-        for layer, neuron, strength, src, rk, check, token in entry_postings(entry, meta["posting"]):
-            if want is not None and SRC_DIRECTION[src] != want or want is None and (layer, neuron) in seen:
-                continue
-            seen.add((layer, neuron))
-            hit = hits.get((layer, neuron))
-            if hit is None:
-                hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "label": None, "words": set(),
-                                               "best": position, "score": 0,
-                                               "faithfulness": check / 100 if check >= 0 else None, "matches": []}
-            hit["words"].update(terms if term == phrase else [term])
-            hit["best"] = min(hit["best"], position)
-            hit["score"] += score(strength, src, check)
-            d = SRC_DIRECTION[src]
-            hit["matches"].append({"term": term, "token": token, "source": meta["sources"][src],
-                                   "direction": DIRECTIONS[d] if d is not None else None,
-                                   "rank": rk, "strength": strength / 100})
-            position += 1
-    for h in hits.values():
-        h["words"] = len(h["words"])
-    ordered = sorted(hits.values(), key=lambda h: (-h["words"], h["best"], -h["score"], h["layer"], h["neuron"]))
-    for h in ordered:
-        h["score"] /= 100
-        h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
-        del h["best"]
-    chunks: dict[tuple[int, int], list] = {}
-    for h in ordered[:limit] if labels else []:
-        key = (h["layer"], h["neuron"] // meta["label_chunk"])
-        if key not in chunks:
-            chunks[key] = labels(*key)
-        h["label"] = chunks[key][h["neuron"] % meta["label_chunk"]]
-    if phrase:      # the phrase is a lookup, not a word: report it apart
-        phrase_count = counts.pop(phrase), direction_counts.pop(phrase)
-    return {"terms": terms, "direction": direction, "counts": counts, "direction_counts": direction_counts,
-            "aliases": aliases,
-            "phrase": {"text": phrase, "count": phrase_count[0], "direction_count": phrase_count[1]} if phrase else None,
-            "shards": sorted(shards), "matched": len(ordered),
-            "match_all": sum(1 for h in ordered if h["words"] == len(terms)), "hits": ordered[:limit]}
-
-
-def index_dir(path: str | Path) -> Path:
-    """The concept index of a site: ``path`` is the build directory (holding site/) or the site itself."""
-    path = Path(path)
-    for candidate in (path / "site" / INDEX_DIR, path / INDEX_DIR):
-        if (candidate / META_NAME).is_file():
-            return candidate
-    raise AtlasError(f"no search index at {path} (expected {path / 'site' / INDEX_DIR / META_NAME}); "
-                     "run `atlas render` first")
-
-
-def read_meta(idx: Path) -> dict:
-    """The meta.json of the index in ``idx``, refused in words when this atlas cannot read its layout."""
-    try:
-        meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise AtlasError(f"{idx / META_NAME} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-        raise AtlasError(f"{idx} holds a search index of schema {meta.get('schema') if isinstance(meta, dict) else None}; "
-                         f"this atlas reads {SCHEMA}: render the site again")
-    return meta
-
-
-def search(path: str | Path, query: str, limit: int = 20, direction: str | None = None) -> dict:
-    """Search the built site at ``path`` as its search page does; see ``rank``."""
-    if limit < 1:
-        raise AtlasError(f"--limit {limit}: give at least 1 (the neurons to list)")
-    idx = index_dir(path)
-    meta = read_meta(idx)
-    if not query_terms(query):
-        raise AtlasError(f"the query {query!r} has no words to search for")
-
-    def load(b: int) -> dict:
-        path = idx / shard_name(b, meta["shards"])
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-    def labels(layer: int, chunk: int) -> list:
-        return json.loads((idx / "labels" / str(layer) / f"{chunk}.json").read_text(encoding="utf-8"))
-
-    return rank(query, meta, load, limit, direction, labels)
-
-
-def match_words(m: dict) -> str:
-    """One match in words: its direction, the token, and why it matched (word, side, rank, strength)."""
-    token, src = show_token(m["token"]), m["source"]
-    if src == SOURCES[CONCEPT]:
-        what = f"promotes words near \u2018{m['term']}\u2019 via {m['token']}"
-    elif src == SOURCES[FIRES]:
-        what = f"fires on words near \u2018{m['term']}\u2019 in the corpus via {m['token']}"
-    elif src == SOURCES[DESCRIPTION]:
-        what = f"its description says \u2018{m['token']}\u2019"     # the word itself, or what a reading copied
-    elif src.startswith("exemplar"):
-        what = f"fires {'on' if src.endswith('max') else 'most negatively on'} {token} in the corpus"
-    elif src.startswith("out"):
-        what = f"{'promotes' if src.endswith('top') else 'suppresses'} {token}"
-    else:
-        side = src.split()[0]
-        what = f"reads {token}{' negatively' if src.endswith('bottom') else ''} ({side} side)"
-    return f"{what}: \u2018{m['term']}\u2019, {src} #{m['rank']}, {shown_strength(m)}"
-
-
-def shown_strength(m: dict) -> str:
-    """A literal or exemplar match's strength is in standard deviations of the neuron's own
-    distribution ("8.42σ"); a concept or description match's is a score made from such
-    strengths ("strength 51.85"), not a number of σ. atlas-search.js writes it the same way."""
-    if m["source"] in (SOURCES[CONCEPT], SOURCES[DESCRIPTION], SOURCES[FIRES]):
-        return f"strength {m['strength']:.2f}"
-    return f"{m['strength']:.2f}\u03c3"
-
-
-def status_line(result: dict) -> str:
-    """What matched, in one sentence whose numbers agree with the list; the search page's statusLine twin."""
-    terms, d = result["terms"], result["direction"]
-    verb = {"promotes": "promote", "suppresses": "suppress", "reads": "read"}.get(d)
-    parts = []
-    for t in terms:
-        read = result.get("aliases", {}).get(t)
-        part = (f"\u2018{t}\u2019" + (f" (the model's {read[1]} for \u2018{read[0]}\u2019)" if read else "")
-                + f": {result['counts'][t]:,} neurons match")
-        parts.append(part + (f", {result['direction_counts'][t]:,} {verb} it" if verb else ""))
-    ph = result["phrase"]
-    if ph and ph["count"]:
-        parts.append(f"the phrase \u2018{ph['text']}\u2019: {ph['count']:,}" + (f", {ph['direction_count']:,} {verb} it" if verb else ""))
-    line = "; ".join(parts)
-    if len(terms) > 1:
-        line += f"; {result['match_all']:,} of those kept match every word"
-    shown = len(result["hits"])
-    if not shown:
-        return line + "; none to show" + (f" that {verb} these words" if verb else "")
-    return line + f"; showing the best {shown:,}" + (f" that {verb} them" if verb else "")
-
-
-def format_hits(result: dict) -> list[str]:
-    """The lines ``atlas search`` prints: the status line, then one line per neuron."""
-    lines = [status_line(result)]
-    if not result["hits"]:
-        return lines
-    lines.append(f"{'#':>3}  {'neuron':<12}{'score':>7}  {'pushed':>6}  label | why it matched")
-    for i, h in enumerate(result["hits"], 1):
-        why = " · ".join(match_words(m) for m in h["matches"])
-        pushed = "–" if h["faithfulness"] is None else f"{h['faithfulness']:.2f}"
-        label = visible(h["label"]) or "(no label)"          # text on one line, its spaces as spaces
-        lines.append(f"{i:>3}  {'L%d/N%d' % (h['layer'], h['neuron']):<12}{h['score']:>7.2f}  {pushed:>6}  "
-                     f"{label} | {why}")
-    return lines

@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from atlas.site.search import INDEX_DIR, SCHEMA, write_index
+from atlas.site.index_format import INDEX_DIR, SCHEMA
+from atlas.site.search import write_index
 from atlas.site.text import script_json
 
 

@@ -294,7 +294,7 @@ def term_profiles(con, n_rows: int, seed: int) -> np.ndarray:
     from scipy.sparse import csr_matrix
     from sklearn.decomposition import TruncatedSVD
 
-    from atlas.site.search import normalise
+    from atlas.site.index_format import normalise
 
     rows = con.execute(f"""
         SELECT row_number() OVER (ORDER BY layer, neuron) - 1 AS row, list(token) FROM (

@@ -63,7 +63,7 @@ from atlas.model_examples import TEMPLATE, TRANSLATE, ask, translate     # torch
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, EXEMPLAR_SHARE, FUNCTION_WORDS,
                                        LEXICON_MIN, POSTINGS, Vocabulary, concepts, example_sets, read_phrases,
                                        vocabulary, with_phrases)
-from atlas.site.search import normalise
+from atlas.site.index_format import normalise
 from atlas.stages.contract import Context, digest, insert_arrow, update_from_arrow
 from atlas.store import finished_stage
 

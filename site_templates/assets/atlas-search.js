@@ -1,7 +1,7 @@
 // The search page: concept search over the sharded token index in idx/, and full-text
 // (full-text search with pagefind was removed with the site budgets: see the README).
-// normalise, queryTerms, shardOf and rank are twins of those in atlas/site/search.py: the
-// command line and this page must give the same ranking. Every string from the index is
+// normalise, queryTerms, shardOf and rank are twins of those in atlas/site/index_format.py and
+// search_query.py: the command line and this page must give the same ranking. Every string from the index is
 // untrusted (token text, labels) and reaches the page through textContent only.
 (function () {
   "use strict";
@@ -11,13 +11,13 @@
   var list = document.getElementById("atlas-search-results");
   var filter = document.getElementById("atlas-search-dir");
   var SHOWN = 50;
-  var SCHEMA = 6, MAX_WORDS = 8, CONCEPT = 8, FIRES = 10;     // as in atlas/site/search.py
+  var SCHEMA = 6, MAX_WORDS = 8, CONCEPT = 8, FIRES = 10;     // as in atlas/site/index_format.py
   var B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
   var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null, 2];
   var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
   var SPLIT = /[\p{Z}\p{Cc}]/u;
 
-  // The term of a token or query word: see atlas/site/search.py for the definition.
+  // The term of a token or query word: see atlas/site/search.py for the definition (index_format.py for the code).
   function normalise(text) {
     if (!text) return "";
     // Strip in two steps like the Python loop: leading markers and edge characters first,
@@ -62,7 +62,7 @@
   }
 
   // The postings of a term's entry, best first, each [layer, neuron, strength, src, rank, check, token]:
-  // the twin of entry_postings() in atlas/site/search.py, which describes the format. A group of
+  // the twin of entry_postings() in atlas/site/index_format.py, which describes the format. A group of
   // fields is read as one number, below 2^53, so that the arithmetic is exact.
   function entryPostings(entry, layout) {
     var low = layout.min, radix = layout.radix, groups = layout.groups, width = 0;
@@ -108,7 +108,7 @@
 
   // Neurons by number of query words matched (the whole phrase counts as all), then best place
   // in one word's list, then summed score, then (layer, neuron); a direction filter first
-  // drops the other directions' matches. The twin of rank() in atlas/site/search.py.
+  // drops the other directions' matches. The twin of rank() in atlas/site/search_query.py.
   function rank(terms, meta, shards, direction) {
     // No prototype: a query word such as "constructor" must not find Object's own keys.
     var hits = new Map(), counts = {}, dirCounts = {}, aliases = Object.create(null);
@@ -158,7 +158,7 @@
     return result;
   }
 
-  // The status line: the same sentence as status_line() in atlas/site/search.py.
+  // The status line: the same sentence as status_line() in atlas/site/search_query.py.
   function statusLine(r) {
     var verb = r.direction ? VERB[r.direction] : null, n = function (x) { return x.toLocaleString("en"); };
     var parts = r.terms.map(function (t) {

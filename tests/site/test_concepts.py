@@ -10,7 +10,9 @@ import pytest
 from atlas import wordvec
 from atlas.config import LabelsConfig, RenderConfig
 from atlas.site.render import render
-from atlas.site.search import INDEX_DIR, META_NAME, match_words, search, status_line, write_index
+from atlas.site.index_format import INDEX_DIR, META_NAME
+from atlas.site.search import write_index
+from atlas.site.search_query import match_words, search, status_line
 from atlas.stages import STAGES
 from atlas.stages.contract import Context
 from atlas.stages.labels import merged_tokens
@@ -78,7 +80,7 @@ def test_literal_matches_come_first_when_they_are_the_best_evidence(site):
 def test_concept_matches_need_words_that_are_no_function_words(site):
     from atlas import lexicon
     from atlas.site.concept_source import vocabulary
-    from atlas.site.search import normalise
+    from atlas.site.index_format import normalise
 
     if lexicon.load()[0] is None:
         pytest.skip("pyspellchecker is not installed (scripts/setup)")
@@ -381,7 +383,7 @@ def test_the_models_examples_of_a_word_count_as_its_evidence(tmp_path):
     EXAMPLE_SIM or its own, whichever is more; the other terms keep their cosine."""
     from atlas import lexicon as lexicon_mod
     from atlas.site.concept_source import EXAMPLE_SIM, concepts
-    from atlas.site.search import normalise
+    from atlas.site.index_format import normalise
     from atlas.stages.labels import _OUT_Z
 
     store = concept_store(tmp_path / "atlas.duckdb")

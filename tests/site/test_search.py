@@ -17,8 +17,10 @@ from atlas.pipeline import Build
 from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.site.text import visible
-from atlas.site.search import (DIRECTIONS, INDEX_DIR, META_NAME, SCHEMA, SOURCES, SRC_DIRECTION, normalise, query_terms,
-                               score, search, shard_name, shard_of, write_index)
+from atlas.site.index_format import (DIRECTIONS, INDEX_DIR, META_NAME, SCHEMA, SOURCES, SRC_DIRECTION, normalise,
+                                     query_terms, shard_name, shard_of)
+from atlas.site.search import write_index
+from atlas.site.search_query import score, search
 from atlas.bench.synthetic import make_synthetic_store
 from helpers import assert_one_line_error, atlas, hostile, packed_shards
 
@@ -250,7 +252,8 @@ def test_cli_errors_are_one_line(site, tmp_path):
 
 def test_label_files_keep_each_neuron_at_its_place(tmp_path):
     """labels/<layer>/<chunk>.json: a neuron's label at neuron % LABEL_CHUNK, null for gaps and unlabelled ones."""
-    from atlas.site.search import LABEL_CHUNK, _write_labels
+    from atlas.site.index_format import LABEL_CHUNK
+    from atlas.site.search import _write_labels
 
     con = duckdb.connect()
     con.execute(f"""CREATE TABLE neurons AS SELECT * FROM (VALUES (0, 0, 'a'), (0, 2, '<b>'), (0, {LABEL_CHUNK}, NULL),
@@ -277,7 +280,7 @@ def test_shard_text_from_duckdb_is_what_the_site_json_writer_writes():
 def test_packed_shards_decode_to_the_postings_written(tmp_path):
     """Every term's packed postings, variants, evidence words and reading (a word of another
     language) read back as the rows they were written from, hostile text included, with field ranges that take two packed groups."""
-    from atlas.site.search import SAFE_INT, entry_postings, shard_of
+    from atlas.site.index_format import SAFE_INT, entry_postings, shard_of
 
     folder, layout, expected = packed_shards(tmp_path / "idx")
     assert len(layout["groups"]) >= 2          # 80 x 131,072 neurons and 31-bit strengths do not fit one number
@@ -324,7 +327,7 @@ def test_the_page_and_python_share_the_index_constants():
     import re
 
     from atlas.resources import TEMPLATES
-    from atlas.site.search import CONCEPT, FIRES, SCHEMA, SOURCES, SRC_DIRECTION
+    from atlas.site.index_format import CONCEPT, FIRES, SCHEMA, SOURCES, SRC_DIRECTION
 
     js = (TEMPLATES / "assets" / "atlas-search.js").read_text(encoding="utf-8")
     consts = dict(re.findall(r"\b(SCHEMA|CONCEPT|FIRES) = (\d+)", js))

@@ -18,7 +18,8 @@ from atlas.bench.synthetic import make_synthetic_store
 from atlas.config import RenderConfig
 from atlas.site.render import render
 from atlas.bench.synthetic import HOSTILE_LABELS
-from atlas.site.search import SCHEMA, match_words, normalise, search, status_line
+from atlas.site.index_format import SCHEMA, normalise
+from atlas.site.search_query import match_words, search, status_line
 from atlas.site.text import show_token, visible
 from helpers import check_concepts, packed_shards, result_links, search_page, served, watch_errors
 
@@ -123,7 +124,8 @@ def test_hostile_tokens_show_as_text(search_site, browser):
 
 
 def test_page_and_python_agree_on_terms_and_shards(search_site, browser, tmp_path):
-    from atlas.site.search import SCHEMA, OUT_TOP, entry_postings, query_terms, score, shard_of
+    from atlas.site.index_format import OUT_TOP, SCHEMA, entry_postings, query_terms, shard_of
+    from atlas.site.search_query import score
 
     _, base = search_site
     samples = [" Dog", "\u0120dog", "\u2581DOG", "dog.", "(Dog)", "don't", "\uff24\uff4f\uff47", "Stra\u00dfe", "ΟΔΟΣ",

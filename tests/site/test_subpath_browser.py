@@ -13,7 +13,7 @@ import pytest
 from atlas.bench.synthetic import make_synthetic_store
 from atlas.config import RenderConfig
 from atlas.site.render import render
-from atlas.site.search import normalise
+from atlas.site.index_format import normalise
 from helpers import search_page, served, watch_errors
 
 pytestmark = pytest.mark.browser
