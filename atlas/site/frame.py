@@ -44,6 +44,18 @@ PAGES_CSS = "atlas-pages.css"                  # written by theme_assets
 URL_SAFE = "-._~:/[]@!$()*+,;=%"                # what check_site_url lets through, left as it is
 
 
+
+def labels_summary(meta: dict) -> dict | None:
+    """What the method page says about the neurons' labels: the labels stage's settings and counts
+    (None where it has not run)."""
+    record = meta.get("stage.labels") or {}
+    if record.get("status") != "done":
+        return None
+    resource = record.get("resource") or {}
+    return {"config": record.get("config", {}), "neurons": record.get("neurons"), "with_concept": record.get("with_concept"),
+            "from_exemplars": record.get("concept_from_exemplars"), "vectors": resource.get("name"),
+            "vectors_version": resource.get("version"), "missing": resource.get("missing")}
+
 def site_url(cfg: RenderConfig) -> str:
     """The site's absolute URL with one trailing slash, or '' for a site of relative links.
 
@@ -125,7 +137,8 @@ def build_frame(store: Store, meta: dict, layer_sizes: list[int], site: Path, si
             hook_point=meta.get("hook_point", ""), top_k=decode_cfg.get("top_k", "k"),
             bottom_k=decode_cfg.get("bottom_k", "k"), clusters=clusters.summary(store.con),
             corpus=meta.get("corpus") if has_corpus(store.con) else None,
-            clamp=clamp_summary(store.con), describe=describe_summary(store.con)), encoding="utf-8")
+            clamp=clamp_summary(store.con), describe=describe_summary(store.con),
+            labels=labels_summary(meta)), encoding="utf-8")
         layer_md = env.get_template("frame/layer.md")
         for layer, size in enumerate(layer_sizes):
             (docs / "layers" / f"{layer}.md").write_text(layer_md.render(

@@ -260,6 +260,13 @@ def test_a_word_finds_the_neurons_that_fire_on_its_members_and_says_so(tmp_path)
     assert ("out", 0, 3) not in stored            # it writes no family words
     render(store, store.parent / "site", RenderConfig(workers=1, exports=False), progress=False)
     site = store.parent / "site"
+    # The method page says how labels are made, and how many came from each side here.
+    with duckdb.connect(str(store), read_only=True) as con:
+        named, fired = con.execute("SELECT count(concept), count(concept) FILTER (WHERE method LIKE 'exemplars%') "
+                                   "FROM neuron_labels").fetchone()
+    method = " ".join((site / "method" / "index.html").read_text(encoding="utf-8").split())
+    assert "From the tokens it fires on" in method and fired >= 1
+    assert f"Here: {named} of 128 neurons have a concept, {fired} of them from the tokens they fire on." in method
     match = next(m for m in hits(site, "family")[(0, 3)]["matches"] if m["source"] == "concept fires")
     assert match["direction"] == "reads" and set(match["token"].split(", ")) <= family
     assert match_words(match).startswith("fires on words near \u2018family\u2019 in the corpus via ")
