@@ -47,6 +47,7 @@ from pathlib import Path
 from atlas.bench.wordnet import DEFAULT_DIR, WordNet
 from atlas.errors import AtlasError
 from atlas.resources import data_json
+from atlas.site.concept_source import exemplar_rows
 from atlas.site.index_format import INDEX_DIR, normalise, shard_name
 from atlas.site.search import write_index
 from atlas.site.search_query import rank, read_meta
@@ -71,16 +72,15 @@ def other_languages() -> list[tuple[str, str, str]]:
     return [tuple(r) for r in data_json("concepts.json")["bench_other_languages"]]
 
 
-WRITES = f"""SELECT layer, neuron, token FROM decoded_tokens WHERE side = 'out' AND polarity = 'top' AND rank < {RANKS}"""
-FIRES_ON = f"""SELECT e.layer, e.neuron, v.token FROM exemplars e JOIN corpus_docs c USING (doc_id)
-               JOIN vocab v ON v.token_id = c.token_ids[e.token_pos + 1] WHERE e.polarity = 'max' AND e.rank < {RANKS}"""
-
-
-def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]], tokens: str = WRITES) -> dict[str, set[tuple[int, int]]]:
+def judged_neurons(con, wn: WordNet, cats: list[tuple[str, str, int]], fires_on: bool = False
+                   ) -> dict[str, set[tuple[int, int]]]:
     """Per query, the neurons judged to be about its category (see the module's docstring), from
-    the tokens they write (``WRITES``) or those they fire on (``FIRES_ON``)."""
+    the tokens they write or, ``fires_on``, those they fire on (the labels stage's ``exemplar_rows``)."""
+    rows = [(layer, neuron, token) for layer, neuron, _, token, _ in exemplar_rows(con)] if fires_on else \
+        con.execute(f"SELECT layer, neuron, token FROM decoded_tokens "
+                    f"WHERE side = 'out' AND polarity = 'top' AND rank < {RANKS}").fetchall()
     terms: dict[tuple[int, int], set[str]] = {}
-    for layer, neuron, token in con.execute(tokens).fetchall():
+    for layer, neuron, token in rows:
         t = normalise(token)
         # "in", "at", "be" are an inch, astatine and beryllium to WordNet; so are word pieces and
         # acronyms ("als": aluminium, "ALS": a disease): a term counts from a token that starts a
@@ -122,7 +122,7 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
         tmp = keep or tmp
         con = store.con
         judged = judged_neurons(con, wn, [c for cats in parts.values() for c in cats])
-        fires = judged_neurons(con, wn, [c for cats in parts.values() for c in cats], FIRES_ON) \
+        fires = judged_neurons(con, wn, [c for cats in parts.values() for c in cats], fires_on=True) \
             if {"exemplars", "corpus_docs"} <= {t for (t,) in con.execute("SHOW TABLES").fetchall()} else {}
         info = {}
         for name, concepts in (("before", False), ("after", True)):
@@ -150,23 +150,22 @@ def run(store_path: str, wordnet: str | Path = DEFAULT_DIR, postings: int = 100,
             row["read_as"] = (found["aliases"].get(word) or [None])[0]
             rows.append(row)
         coherence = cluster_coherence(con)
-    summary, either = {}, {}
-    for part in parts:
-        scored = [r for r in rows if r["part"] == part and r["judged_either"]]
-        either[part] = {"queries": len(scored)}
-        for name in ("before", "after"):
-            for m in ("precision", "recall"):
-                either[part][f"{m}_{name}"] = round(statistics.mean(r[f"{name}_either"][m] for r in scored), 3) \
-                    if scored else None
-    for part in [*parts, OTHER, WHOLE]:
-        scored = [r for r in rows if (r["part"] == part or part == WHOLE and r.get("whole_word")) and r["judged"]]
-        summary[part] = {"queries": len(scored)}
-        for name in ("before", "after"):
-            for m in ("precision", "recall"):
-                summary[part][f"{m}_{name}"] = round(statistics.mean(r[name][m] for r in scored), 3) if scored else None
+    either = {part: _means([r for r in rows if r["part"] == part and r["judged_either"]], "_either") for part in parts}
+    summary = {part: _means([r for r in rows if (r["part"] == part or part == WHOLE and r.get("whole_word"))
+                             and r["judged"]]) for part in [*parts, OTHER, WHOLE]}
     return {"rows": rows, "summary": summary, "summary_either": either, "concepts": info["after"].get("concepts"), "coherence": coherence,
             "translations": info["after"].get("translations", 0),
             "judge": {"wordnet": str(wn.root), "ranks": RANKS, "min_members": MIN_MEMBERS}}
+
+
+def _means(scored: list[dict], suffix: str = "") -> dict:
+    """The mean precision and recall, before and after, of rows scored against their judged
+    neurons (``suffix`` "_either": against those judged either way)."""
+    out = {"queries": len(scored)}
+    for name in ("before", "after"):
+        for m in ("precision", "recall"):
+            out[f"{m}_{name}"] = round(statistics.mean(r[name + suffix][m] for r in scored), 3) if scored else None
+    return out
 
 
 def _whole_words() -> set[str]:

@@ -205,7 +205,7 @@ def neuron_terms(con, normalise, z_sql: str, vocab: Vocabulary) -> NeuronTerms:
         ORDER BY d.layer, d.neuron, d.rank""").fetchall(), normalise, vocab)
 
 
-# An exemplar's strength, as for search's exemplar matches: σ from the neuron's mean activation.
+# An exemplar's strength, here and in search's exemplar matches: σ from the neuron's mean activation.
 EXEMPLAR_Z = ("coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE)) / nullif(CAST(n.act_std AS DOUBLE), 0), "
               "abs(CAST(e.norm_activation AS DOUBLE)))")
 

@@ -62,7 +62,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from atlas.errors import AtlasError
-from atlas.site.concept_source import LITERAL_GAIN, concept_matches
+from atlas.site.concept_source import EXEMPLAR_Z, LITERAL_GAIN, concept_matches
 from atlas.site.index_format import (B64, CONCEPT, DESCRIPTION, EVIDENCED, FIRES, LABEL_CHUNK, META_NAME, OUT_TOP,
                                      POSTING_FIELDS, SCHEMA, SHARD_BYTES, SOURCES, normalise, posting_layout,
                                      query_terms_all, shard_name, shard_of)
@@ -140,9 +140,7 @@ def _matches_sql(with_exemplars: bool, check: str = "-1") -> str:
         UNION ALL
         SELECT t.term, e.layer, e.neuron, CASE WHEN e.polarity = 'max' THEN 6 ELSE 7 END AS src,
                e.rank, t.token_id,
-               coalesce(abs(CAST(e.activation AS DOUBLE) - CAST(n.act_mean AS DOUBLE))
-                          / nullif(CAST(n.act_std AS DOUBLE), 0), abs(CAST(e.norm_activation AS DOUBLE))) AS z,
-               {check} AS "check", NULL::VARCHAR AS evidence
+               {EXEMPLAR_Z} AS z, {check} AS "check", NULL::VARCHAR AS evidence
         FROM exemplars e JOIN corpus_docs c USING (doc_id) JOIN neurons n USING (layer, neuron)
         JOIN search_terms t ON t.token_id = c.token_ids[e.token_pos + 1]"""
 
