@@ -60,7 +60,7 @@ def random_model(dest: Path, shape: str, tok_dir: Path, layers: int | None) -> d
 
 def build(out: Path, model: str, device: str, max_tokens: int, context: int, clamp_budget: int,
           attribution_rows: int, save=lambda result: None, label_examples: int = -1,
-          label_translations: int = -1) -> dict:
+          label_translations: int = -1, skip: tuple[str, ...] = ()) -> dict:
     """Every stage in order; ``save`` gets the figures so far after each one, so a killed build keeps them.
 
     The labels stage runs last, after render (``atlas build`` runs it before): the model's
@@ -75,6 +75,7 @@ def build(out: Path, model: str, device: str, max_tokens: int, context: int, cla
     cfgs = {"decode": DecodeConfig(), "exemplars": ex, "cluster": ClusterConfig(),
             "clamp": ClampConfig(clamp_budget=clamp_budget), "render": RenderConfig(),
             "labels": LabelsConfig(label_examples=label_examples, label_translations=label_translations)}
+    cfgs = {name: cfg for name, cfg in cfgs.items() if name not in skip}
     for cfg in cfgs.values():
         cfg.validate()
     check_corpus(ex)
@@ -129,6 +130,8 @@ def main() -> None:
     b.add_argument("--attribution-rows", type=int, default=64)
     b.add_argument("--label-examples", type=int, default=-1)
     b.add_argument("--label-translations", type=int, default=-1)
+    b.add_argument("--skip", action="append", default=[], choices=["render"],
+                   help="leave this stage out (the check's default build: render is timed elsewhere)")
     a = ap.parse_args()
     if a.cmd == "tokenizer":
         print(json.dumps({"tokenizer": tokenizer(a.dest, a.source)}))
@@ -150,7 +153,7 @@ def main() -> None:
             tmp.write_text(json.dumps({**made, **r}, indent=2, default=str))
             tmp.replace(a.json)
         save(build(a.out, a.model, a.device, a.max_tokens, a.context, a.clamp_budget, a.attribution_rows, save,
-                   a.label_examples, a.label_translations))
+                   a.label_examples, a.label_translations, tuple(a.skip)))
 
 
 if __name__ == "__main__":

