@@ -526,7 +526,8 @@ def info(out, as_json, neuron):
       atlas info out/smollm2
       atlas info out/smollm2 --neuron L13/N777
     """
-    from atlas.pipeline import store_path
+    from atlas.pipeline import SITE_NAME, store_path
+    from atlas.site.render import site_status
     from atlas.stages import STAGES
     from atlas.stages.contract import stale_stages
     from atlas.store import Store
@@ -538,8 +539,9 @@ def info(out, as_json, neuron):
         counts = {t: store.count(t) for t in ("neurons", "decoded_tokens", "vocab", "clusters",
                                               "corpus_docs", "exemplars", "attributions")}
         stale = stale_stages(store.con, STAGES)
+    site = site_status(Path(out) / SITE_NAME, meta)
     if as_json:
-        _print_summary({"meta": meta, "counts": counts, "stale": stale})
+        _print_summary({"meta": meta, "counts": counts, "stale": stale, "site": site})
         return
     model = meta.get("model", {})
     click.echo(f"atlas of {model.get('id', '?')} ({model.get('architecture', '?')}, "
@@ -553,6 +555,17 @@ def info(out, as_json, neuron):
             click.echo(f"  stage {name}: {value.get('status')} (fingerprint {value.get('fingerprint')}{why})")
     for table, n in counts.items():
         click.echo(f"  {table}: {n:,} rows")
+    click.echo(f"  site: {_site_line(site, out)}")
+
+
+def _site_line(site: dict, out) -> str:
+    state = site["state"]
+    if state == "behind":
+        return (f"behind the store ({', '.join(site['changed'])} changed since it was rendered); "
+                f"`atlas render --out {out}` or `atlas build` renders it again")
+    if state == "current":
+        return "rendered from the store's current stages"
+    return state + (f": {site['why']}" if site.get("why") else "")
 
 
 def _print_neuron(store, address: str, as_json: bool) -> None:

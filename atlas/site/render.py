@@ -109,6 +109,31 @@ def _inputs_fingerprint(meta: dict, cfg: RenderConfig) -> str:
     return h.hexdigest()[:16]
 
 
+def stage_marks(meta: dict) -> dict[str, str]:
+    """The fingerprint of each finished stage in ``meta``: what a site records it was rendered from."""
+    return {k[6:]: v.get("fingerprint") for k, v in sorted(meta.items())
+            if k.startswith("stage.") and isinstance(v, dict) and v.get("status") == "done"}
+
+
+def site_status(site_dir: Path, meta: dict) -> dict:
+    """Whether the site in ``site_dir`` was rendered from the store's current stages, for ``atlas info``.
+
+    Only the store's side is compared: render's own settings are not known here (``atlas render``
+    compares everything and skips an up-to-date site)."""
+    try:
+        marker = json.loads((site_dir / SITE_MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"state": "not rendered"}
+    except (OSError, ValueError):
+        return {"state": "unreadable", "why": f"{SITE_MARKER} cannot be read"}
+    rendered = marker.get("stages")
+    if rendered is None:
+        return {"state": "unknown", "why": "rendered by an atlas that did not record its stages"}
+    now = stage_marks(meta)
+    changed = sorted(n for n in set(now) | set(rendered) if now.get(n) != rendered.get(n))
+    return {"state": "behind", "changed": changed} if changed else {"state": "current"}
+
+
 def _up_to_date(site_dir: Path, inputs: str) -> bool:
     try:
         return json.loads((site_dir / SITE_MARKER).read_text(encoding="utf-8")).get("inputs") == inputs
@@ -189,6 +214,7 @@ def render(store_path: str | Path, site_dir: str | Path, cfg: RenderConfig = Ren
             (building / SITE_MARKER).write_text(to_json({
                 "inputs": inputs, "model": model["id"], "weights_hash": meta.get("weights_hash"), "created_at": meta["created_at"],
                 "render_version": __version__, "neurons": sum(layer_sizes), "layers": len(layer_sizes),
+                "stages": stage_marks(meta),          # what `atlas info` compares the store with
                 # What every neuron page's script shares: the tables its reproduce snippet reads,
                 # whether the store is inside the site, the decoded tables it draws, and the bins
                 # of every neuron's histogram.

@@ -17,7 +17,7 @@ import sys
 import duckdb
 import pytest
 
-from atlas.config import ClampConfig, DecodeConfig, ExemplarConfig, RenderConfig
+from atlas.config import ClampConfig, DecodeConfig, ExemplarConfig, LabelsConfig, RenderConfig
 from atlas.errors import AtlasError
 from atlas.pipeline import Build, build
 from atlas.stages import STAGES
@@ -63,6 +63,7 @@ def test_a_decode_rerun_makes_the_later_stages_stale_and_build_restores_them(tmp
     assert not any(first[s].get("skipped") for s in STAGES), first
     store = out / "atlas.duckdb"
     assert _stale(store) == {}
+    assert _site(out) == {"state": "current"}
 
     # Decode alone, with another top-k: it replaces every neuron row.
     Build(out, model, device="cpu", progress=False).decode(DecodeConfig(top_k=4, bottom_k=2))
@@ -79,6 +80,9 @@ def test_a_decode_rerun_makes_the_later_stages_stale_and_build_restores_them(tmp
     info_json = subprocess.run([sys.executable, "-m", "atlas", "info", str(out), "--json"], capture_output=True,
                                text=True, timeout=120)
     assert set(json.loads(info_json.stdout)["stale"]) == set(LATER)
+    # ... and that the site was rendered from the stages before.
+    assert json.loads(info_json.stdout)["site"] == {"state": "behind", "changed": ["decode"]}
+    assert "site: behind the store (decode changed since it was rendered)" in info.stdout
 
     # Render refuses a store whose stages disagree, naming them.
     with pytest.raises(AtlasError, match="stale"):
@@ -94,6 +98,22 @@ def test_a_decode_rerun_makes_the_later_stages_stale_and_build_restores_them(tmp
     with duckdb.connect(str(store), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM neurons WHERE normaliser IS NULL OR cluster_id IS NULL").fetchone()[0] == 0
         assert con.execute("SELECT count(*) FROM neurons WHERE clamp_value IS NOT NULL").fetchone()[0] == 16
+    assert _site(out) == {"state": "current"}
+
+    # A lone labels rerun stales no stage (render is not one), but the site is now behind the
+    # store until it is rendered again: `atlas info` says so rather than "done" alone.
+    b = Build(out, model, device="cpu", progress=False)
+    b.labels(LabelsConfig(label_exemplars=False))
+    assert _stale(store) == {} and _site(out) == {"state": "behind", "changed": ["labels"]}
+    assert not b.render(RENDER).get("skipped")
+    assert _site(out) == {"state": "current"}
+
+
+def _site(out) -> dict:
+    info = subprocess.run([sys.executable, "-m", "atlas", "info", str(out), "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    return json.loads(info.stdout)["site"]
 
 
 def test_every_stage_declares_registered_inputs_and_only_earlier_ones():
