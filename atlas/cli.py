@@ -562,7 +562,7 @@ def _site_line(site: dict, out) -> str:
     state = site["state"]
     if state == "behind":
         return (f"behind the store ({', '.join(site['changed'])} changed since it was rendered); "
-                f"`atlas render --out {out}` or `atlas build` renders it again")
+                f"`atlas render {out}` or `atlas build` renders it again")
     if state == "current":
         return "rendered from the store's current stages"
     return state + (f": {site['why']}" if site.get("why") else "")

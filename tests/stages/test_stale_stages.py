@@ -83,6 +83,7 @@ def test_a_decode_rerun_makes_the_later_stages_stale_and_build_restores_them(tmp
     # ... and that the site was rendered from the stages before.
     assert json.loads(info_json.stdout)["site"] == {"state": "behind", "changed": ["decode"]}
     assert "site: behind the store (decode changed since it was rendered)" in info.stdout
+    assert f"`atlas render {out}` or `atlas build` renders it again" in info.stdout     # a command that runs
 
     # Render refuses a store whose stages disagree, naming them.
     with pytest.raises(AtlasError, match="stale"):
