@@ -4,7 +4,8 @@
 
 Writes the search part of a site (page and concept index) for the store into OUT without rendering neuron pages, so a
 458,752-neuron synthetic store can be measured in minutes. Bytes per query are counted
-from the files a query fetches (index meta plus one shard per word); with ``--browser``
+from the files a query fetches (index meta plus one shard per word, and the whole phrase's for
+several words); with ``--browser``
 headless Chromium loads ``search/?q=...`` in a fresh context per query and every response
 body is counted.
 """
@@ -29,11 +30,18 @@ from atlas.store import Store
 EVERYDAY = tuple(concepts("everyday")) + ("the", "and")      # and two words that every atlas has
 
 
+def query_files(idx: Path, meta: dict, query: str) -> list[Path]:
+    """The index files one query fetches: the meta, and the shards of its words and, for several
+    words, of the whole phrase, as the page fetches them (atlas-search.js; its label files aside)."""
+    terms = query_terms(query)
+    terms += [" ".join(terms)] if len(terms) > 1 else []
+    return [idx / META_NAME] + [idx / shard_name(b, meta["shards"])
+                                for b in sorted({shard_of(t, meta["shards"]) for t in terms})]
+
+
 def query_bytes(idx: Path, meta: dict, query: str) -> tuple[int, int]:
-    """(raw, gzip) bytes of the index files one query fetches."""
-    files = [idx / META_NAME] + [idx / shard_name(b, meta["shards"])
-                                 for b in sorted({shard_of(t, meta["shards"]) for t in query_terms(query)})]
-    raw = [f.read_bytes() for f in files]
+    """(raw, gzip) bytes of the index files one query fetches (``query_files``)."""
+    raw = [f.read_bytes() for f in query_files(idx, meta, query)]
     return sum(map(len, raw)), sum(len(gzip.compress(r, 6)) for r in raw)
 
 

@@ -35,7 +35,7 @@ POSTING_FIELDS = ("layer", "neuron", "strength", "src", "rank", "variant", "chec
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"      # URL-safe base 64: JSON- and HTML-safe
 SAFE_INT = 2 ** 53      # a JavaScript number holds every integer below it exactly: the limit of one packed group
 OUT_TOP = 4             # the source whose matches the clamp check weighs (SOURCES[4])
-SHARD_BYTES = 32_768    # aimed-at mean shard size; a query fetches one shard per word
+SHARD_BYTES = 16_384    # aimed-at mean shard size; a query fetches one shard per word (and one for its phrase)
 MAX_WORDS = 8           # words of a query that are searched, which bounds its download
 _MARKERS = ("\u0120", "\u2581")      # Ġ and ▁ count as a leading space; elsewhere they are letters
 

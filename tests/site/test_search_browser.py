@@ -299,6 +299,32 @@ def test_direction_filter_changes_the_list_and_the_url(search_site, browser):
     page.close()
 
 
+def test_the_bench_counts_the_index_files_the_page_fetches(search_site, browser):
+    """`atlas bench search`'s bytes per query are those of the files the page asks for: for two words,
+    the meta, each word's shard and the whole phrase's (its label files are counted apart)."""
+    from atlas.bench.search import query_files
+    from atlas.site.index_format import shard_of
+
+    root, base = search_site
+    idx = root / "www" / PREFIX / "search" / "idx"
+    meta = json.loads((idx / "meta.json").read_text(encoding="utf-8"))
+    n = meta["shards"]
+    terms = _some_terms(root / "atlas.duckdb")
+    # two words whose phrase lies in a shard of its own, which counting the words alone would miss
+    a, b = next((a, b) for a in terms for b in terms
+                if a != b and shard_of(f"{a} {b}", n) not in {shard_of(a, n), shard_of(b, n)})
+    for query in (a, f"{a} {b}", f"{b} {a} {a}"):
+        page = watch_errors(browser.new_page())
+        asked = []
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(base + "search/?q=" + urllib.parse.quote(query))
+        page.wait_for_selector("#atlas-search-status[data-state=done]", timeout=60_000)
+        fetched = sorted({u.split("/search/idx/", 1)[1] for u in asked if "/search/idx/" in u and "/labels/" not in u})
+        assert fetched == sorted(f.name for f in query_files(idx, meta, query)), query
+        assert page.errors == []
+        page.close()
+
+
 def test_two_words_rank_neurons_matching_both_first(search_site, browser):
     root, base = search_site
     site = root / "www" / PREFIX
