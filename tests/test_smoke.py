@@ -179,4 +179,24 @@ def test_a_category_of_two_words_is_searched_as_one_concept_in_chromium(default_
     assert found["phrase"]["count"] > 0
     by_phrase = [h for h in found["hits"] if any(m["term"] == "body part" for m in h["matches"])]
     assert len(by_phrase) >= 10, found["hits"][:3]
+    # The phrase is the concept asked for: its matches come first, in the phrase's own order.
+    assert found["hits"][:len(by_phrase)] == by_phrase
+    place = {(h["layer"], h["neuron"]): i for i, h in enumerate(_phrase_list(default_atlas / "site", "body part"))}
+    assert [place[(h["layer"], h["neuron"])] for h in by_phrase] == sorted(place[(h["layer"], h["neuron"])]
+                                                                          for h in by_phrase)
     assert check_concepts(browser, default_atlas / "site", ["body part"])["body part"] == len(found["hits"])
+
+
+def _phrase_list(site, phrase: str) -> list[dict]:
+    """The phrase's own postings in the index, best first, one a neuron (as `rank` reads them)."""
+    from atlas.site.index_format import INDEX_DIR, META_NAME, entry_postings, shard_name, shard_of
+
+    idx = site / INDEX_DIR
+    meta = json.loads((idx / META_NAME).read_text(encoding="utf-8"))
+    entry = json.loads((idx / shard_name(shard_of(phrase, meta["shards"]), meta["shards"])).read_text(encoding="utf-8"))[phrase]
+    out, seen = [], set()
+    for layer, neuron, *_ in entry_postings(entry, meta["posting"]):
+        if (layer, neuron) not in seen:
+            seen.add((layer, neuron))
+            out.append({"layer": layer, "neuron": neuron})
+    return out

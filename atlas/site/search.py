@@ -46,7 +46,9 @@ Definitions (also on the search page):
   direction filter still fills a page.
 - A query is whitespace-separated words; with several, the whole phrase (its terms joined
   by one space, a multi-word token or concept) is looked up too and a match on it counts as
-  matching every word. Neurons rank by how many of the words they match, then by their best
+  matching every word. Neurons rank by how many of the words they match, then by their place
+  in the phrase's own list where it has one (a known phrase is the concept asked for: "body
+  part" lists its matches before neurons that write "part"), then by their best
   position in any one word's list (so the words' best neurons alternate: "new york" lists
   York neurons beside New ones), then by the sum of their scores, then by (layer, neuron).
   A direction filter keeps only the matches of that direction before ranking.

@@ -16,6 +16,9 @@ from atlas.site.index_format import (CONCEPT, DESCRIPTION, DIRECTIONS, FIRES, IN
 from atlas.site.text import show_token, visible
 
 
+NOT_IN_PHRASE = 2 ** 30     # a hit's place in the query phrase's list where it is not in it: after every place
+
+
 def score(strength: int, src: int, check: int) -> int:
     """A match's score from its strength and its neuron's faithfulness (both x 100; -1: not measured)."""
     return (strength * (50 + check) + 50) // 100 if src == OUT_TOP and check >= 0 else strength
@@ -62,10 +65,12 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
             hit = hits.get((layer, neuron))
             if hit is None:
                 hit = hits[(layer, neuron)] = {"layer": layer, "neuron": neuron, "label": None, "words": set(),
-                                               "best": position, "score": 0,
+                                               "phrase": NOT_IN_PHRASE, "best": position, "score": 0,
                                                "faithfulness": check / 100 if check >= 0 else None, "matches": []}
             hit["words"].update(terms if term == phrase else [term])
             hit["best"] = min(hit["best"], position)
+            if term == phrase:
+                hit["phrase"] = min(hit["phrase"], position)
             hit["score"] += score(strength, src, check)
             d = SRC_DIRECTION[src]
             hit["matches"].append({"term": term, "token": token, "source": meta["sources"][src],
@@ -74,11 +79,13 @@ def rank(query: str, meta: dict, load: Callable[[int], dict], limit: int = 20, d
             position += 1
     for h in hits.values():
         h["words"] = len(h["words"])
-    ordered = sorted(hits.values(), key=lambda h: (-h["words"], h["best"], -h["score"], h["layer"], h["neuron"]))
+    # A known phrase is the concept asked for: its own list's order comes before single words' lists.
+    ordered = sorted(hits.values(), key=lambda h: (-h["words"], h["phrase"], h["best"], -h["score"], h["layer"],
+                                                   h["neuron"]))
     for h in ordered:
         h["score"] /= 100
         h["url"] = f"neurons/{h['layer']}/{h['neuron']}/"
-        del h["best"]
+        del h["best"], h["phrase"]
     chunks: dict[tuple[int, int], list] = {}
     for h in ordered[:limit] if labels else []:
         key = (h["layer"], h["neuron"] // meta["label_chunk"])

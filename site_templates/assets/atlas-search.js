@@ -12,6 +12,7 @@
   var filter = document.getElementById("atlas-search-dir");
   var SHOWN = 50;
   var SCHEMA = 6, MAX_WORDS = 8, CONCEPT = 8, FIRES = 10;     // as in atlas/site/index_format.py
+  var NOT_IN_PHRASE = 1073741824;                               // as in atlas/site/search_query.py (2 ** 30)
   var B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
   var DIRECTIONS = ["promotes", "suppresses", "reads"], SRC_DIRECTION = [2, 2, 2, 2, 0, 1, 2, 2, 0, null, 2];
   var VERB = { promotes: "promote", suppresses: "suppress", reads: "read" };
@@ -106,9 +107,10 @@
     return src === outTop && check >= 0 ? Math.floor((strength * (50 + check) + 50) / 100) : strength;
   }
 
-  // Neurons by number of query words matched (the whole phrase counts as all), then best place
-  // in one word's list, then summed score, then (layer, neuron); a direction filter first
-  // drops the other directions' matches. The twin of rank() in atlas/site/search_query.py.
+  // Neurons by number of query words matched (the whole phrase counts as all), then place in
+  // the phrase's own list (a known phrase is the concept asked for; NOT_IN_PHRASE where absent),
+  // then best place in one word's list, then summed score, then (layer, neuron); a direction
+  // filter first drops the other directions' matches. The twin of rank() in atlas/site/search_query.py.
   function rank(terms, meta, shards, direction) {
     // No prototype: a query word such as "constructor" must not find Object's own keys.
     var hits = new Map(), counts = {}, dirCounts = {}, aliases = Object.create(null);
@@ -130,12 +132,13 @@
         seen.add(key);
         var hit = hits.get(key);
         if (!hit) {
-          hit = { layer: p[0], neuron: p[1], label: null, words: new Set(), best: position, score: 0,
+          hit = { layer: p[0], neuron: p[1], label: null, words: new Set(), phrase: NOT_IN_PHRASE, best: position, score: 0,
                   faithfulness: check >= 0 ? check / 100 : null, matches: [] };
           hits.set(key, hit);
         }
         (term === phrase ? terms : [term]).forEach(function (t) { hit.words.add(t); });
         hit.best = Math.min(hit.best, position);
+        if (term === phrase) hit.phrase = Math.min(hit.phrase, position);
         hit.score += score(p[2], src, check, outTop);
         var d = SRC_DIRECTION[src];
         hit.matches.push({ term: term, token: p[6], source: meta.sources[src],
@@ -145,7 +148,8 @@
     });
     hits.forEach(function (h) { h.words = h.words.size; });
     var ordered = Array.from(hits.values()).sort(function (a, b) {
-      return b.words - a.words || a.best - b.best || b.score - a.score || a.layer - b.layer || a.neuron - b.neuron;
+      return b.words - a.words || a.phrase - b.phrase || a.best - b.best || b.score - a.score ||
+        a.layer - b.layer || a.neuron - b.neuron;
     });
     ordered.forEach(function (h) { h.score /= 100; });
     var result = { terms: terms, direction: direction, counts: counts, dirCounts: dirCounts, aliases: aliases,

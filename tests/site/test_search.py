@@ -328,10 +328,12 @@ def test_the_page_and_python_share_the_index_constants():
 
     from atlas.resources import TEMPLATES
     from atlas.site.index_format import CONCEPT, FIRES, SCHEMA, SOURCES, SRC_DIRECTION
+    from atlas.site.search_query import NOT_IN_PHRASE
 
     js = (TEMPLATES / "assets" / "atlas-search.js").read_text(encoding="utf-8")
-    consts = dict(re.findall(r"\b(SCHEMA|CONCEPT|FIRES) = (\d+)", js))
-    assert {k: int(v) for k, v in consts.items()} == {"SCHEMA": SCHEMA, "CONCEPT": CONCEPT, "FIRES": FIRES}
+    consts = dict(re.findall(r"\b(SCHEMA|CONCEPT|FIRES|NOT_IN_PHRASE) = (\d+)", js))
+    assert {k: int(v) for k, v in consts.items()} == {"SCHEMA": SCHEMA, "CONCEPT": CONCEPT, "FIRES": FIRES,
+                                                      "NOT_IN_PHRASE": NOT_IN_PHRASE}
     directions = re.search(r"SRC_DIRECTION = \[([^\]]*)\]", js).group(1)
     assert [None if v.strip() == "null" else int(v) for v in directions.split(",")] == list(SRC_DIRECTION)
     assert len(SRC_DIRECTION) == len(SOURCES) and SOURCES[FIRES] == "concept fires"
